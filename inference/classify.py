@@ -1,0 +1,62 @@
+"""Per-node malignancy: a small 3D CNN on a crop around the node, plus the rule category."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.networks import classifier_scalars
+from inference.preprocess import normalise
+
+CROP = 32  # voxels on each side of the classifier's input cube
+MIN_FIELD = 32  # the cube covers at least this many working voxels (mm at 1 mm spacing)
+
+
+def crop_around(
+    image_hu_w: np.ndarray, mask_w: np.ndarray, centre_w, extent_w: float
+) -> np.ndarray:
+    """(2, CROP, CROP, CROP): normalised CT and node mask in a cube 1.4x the node's extent.
+
+    The cube is scaled to the node so that small and large nodes fill the input alike; the
+    classifier gets the node's size from the measurements it is given beside the crop.
+    """
+    field = int(max(MIN_FIELD, np.ceil(1.4 * extent_w)))
+    image = _box(image_hu_w, centre_w, field, -1000.0)
+    mask = _box(mask_w.astype(np.float32), centre_w, field, 0.0)
+    both = torch.from_numpy(np.stack([normalise(image), mask]))[None]
+    if field != CROP:
+        both = F.interpolate(both, size=(CROP,) * 3, mode="trilinear", align_corners=False)
+    return both[0].numpy()
+
+
+def _box(a: np.ndarray, centre, size: int, fill: float) -> np.ndarray:
+    out = np.full((size,) * 3, fill, dtype=np.float32)
+    lo = np.rint(np.asarray(centre)).astype(int) - size // 2
+    src, dst = [], []
+    for ax in range(3):
+        s0, s1 = max(lo[ax], 0), min(lo[ax] + size, a.shape[ax])
+        if s1 <= s0:
+            return out
+        src.append(slice(s0, s1))
+        dst.append(slice(s0 - lo[ax], s1 - lo[ax]))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def malignancy_probabilities(
+    classifier: torch.nn.Module,
+    crops: list[np.ndarray],
+    axes_mm: list[tuple[float, float]],
+    device: torch.device,
+) -> list[float]:
+    """Probability of malignancy for each crop with its (short, long) axis in mm."""
+    if not crops:
+        return []
+    x = torch.from_numpy(np.stack(crops)).to(device)
+    s = torch.tensor(
+        [classifier_scalars(sa, la) for sa, la in axes_mm], dtype=torch.float32, device=device
+    )
+    with torch.inference_mode():
+        p = torch.sigmoid(classifier(x, s).float())
+    return [float(v) for v in p.cpu()]

@@ -1,0 +1,131 @@
+"""Model directories: weights plus a model card that names them and pins their checksums.
+
+A model directory holds `model_card.json` and the weight files it lists. Loading refuses a
+directory whose card is missing a field or whose weights do not match the card's SHA-256,
+so that a node never runs weights nobody can name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inference.networks import NodeClassifier, build_segmenter
+
+CARD_NAME = "model_card.json"
+REQUIRED_FIELDS = (
+    "name",
+    "version",
+    "training_data",
+    "intended_use",
+    "not_for_clinical_use",
+    "working_spacing_mm",
+    "segmenter",
+    "classifier",
+    "weights",
+)
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "nodal-ln-demo"
+
+
+class ModelCardError(ValueError):
+    """The model directory cannot be trusted: card missing or incomplete, checksum mismatch."""
+
+
+@dataclass
+class LoadedModel:
+    card: dict
+    segmenter: nn.Module
+    classifier: nn.Module
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+    @property
+    def working_spacing(self) -> float:
+        return float(self.card["working_spacing_mm"])
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_card(model_dir: Path) -> dict:
+    """Read and check the card and the checksums of the weights it lists."""
+    model_dir = Path(model_dir)
+    card_path = model_dir / CARD_NAME
+    if not card_path.is_file():
+        raise ModelCardError(
+            f"no {CARD_NAME} in model directory {model_dir}; every model needs a card"
+        )
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelCardError(f"{card_path} is not valid JSON: {e}") from e
+    missing = [k for k in REQUIRED_FIELDS if k not in card]
+    if missing:
+        raise ModelCardError(f"{card_path} lacks the field(s) {', '.join(missing)}")
+    for role in ("segmenter", "classifier"):
+        entry = card["weights"].get(role)
+        if not entry or "file" not in entry or "sha256" not in entry:
+            raise ModelCardError(f"{card_path}: weights.{role} needs 'file' and 'sha256'")
+        path = model_dir / entry["file"]
+        if not path.is_file():
+            raise ModelCardError(f"weights file {entry['file']} named by the card is missing")
+        actual = sha256(path)
+        if actual != entry["sha256"]:
+            raise ModelCardError(
+                f"checksum of {entry['file']} is {actual[:12]}..., the card says "
+                f"{entry['sha256'][:12]}...; the weights were changed or the card is stale"
+            )
+    return card
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedModel:
+    model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
+    card = read_card(model_dir)
+    dev = pick_device(device)
+    seg = build_segmenter(tuple(card["segmenter"]["channels"]), card["segmenter"]["res_units"])
+    cls = NodeClassifier(card["classifier"]["width"])
+    for role, net in (("segmenter", seg), ("classifier", cls)):
+        state = torch.load(
+            model_dir / card["weights"][role]["file"], map_location="cpu", weights_only=True
+        )
+        net.load_state_dict(state)
+        net.to(dev).eval()
+    return LoadedModel(card=card, segmenter=seg, classifier=cls, device=dev)
+
+
+def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn.Module) -> Path:
+    """Write weights and a card with their checksums (the card fields come from the caller)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    card = dict(card)
+    card["weights"] = {}
+    for role, net in (("segmenter", segmenter), ("classifier", classifier)):
+        path = model_dir / f"{role}.pt"
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        torch.save(state, path)
+        card["weights"][role] = {"file": path.name, "sha256": sha256(path)}
+    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return model_dir

@@ -1,0 +1,460 @@
+"""Synthetic chest/abdomen CT phantoms with lymph nodes of known size, shape and label.
+
+No real CT with lymph-node labels is available offline, so nodal trains and evaluates its
+demo model on these phantoms. They are built to make the task honest:
+
+* A body of subcutaneous fat, a muscle wall, ribs, spine and paraspinal muscles; above the
+  diaphragm lungs (with pulmonary vessels), trachea, oesophagus, heart, aorta, SVC and small
+  mediastinal vessels; below it liver, spleen, kidneys, psoas muscles, aorta, IVC and bowel
+  loops with fluid, air or oral contrast.
+* Contrast phase (arterial, venous, unenhanced) is drawn per phantom. In the unenhanced
+  phase vessels have node-like density (35-50 HU), and muscle, bowel walls and the
+  oesophagus always do, so an intensity window alone cannot find the nodes.
+* Lymph nodes are ellipsoids (one principal axis along z, rotated in plane) placed in fat
+  (mediastinal, hilar, axillary, para-aortic, mesenteric stations), short axis 4-35 mm,
+  some round, some oval, some with a necrotic centre, some with a fatty hilum.
+* Each node's label follows a documented points rule (see `criterion_score`), after which
+  a fraction of labels is flipped (label noise). Both labels are kept in the ground truth.
+* Partial-volume blur and correlated noise are applied last.
+
+Everything derives from one integer seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+# Tissue codes of the label map that the generator keeps beside the image.
+AIR, FAT, FAT_MEDIASTINUM, FAT_AXILLA, FAT_ABDOMEN = 0, 1, 2, 3, 4
+MUSCLE, BONE, LUNG, VESSEL, ORGAN, BOWEL, AIRWAY, OESOPHAGUS = 5, 6, 7, 8, 9, 10, 11, 12
+NODE = 20
+FAT_CODES = (FAT, FAT_MEDIASTINUM, FAT_AXILLA, FAT_ABDOMEN)
+#: Soft-tissue structures with node-like density that are not nodes (hard negatives).
+DISTRACTOR_CODES = (MUSCLE, VESSEL, BOWEL, OESOPHAGUS, ORGAN)
+
+STATIONS = {
+    "mediastinal": FAT_MEDIASTINUM,
+    "axillary": FAT_AXILLA,
+    "abdominal": FAT_ABDOMEN,
+}
+
+PHASES = {
+    # phase: (arterial blood, venous blood, organ enhancement, node enhancement)
+    "arterial": (300.0, 150.0, 30.0, 15.0),
+    "venous": (170.0, 165.0, 50.0, 20.0),
+    "unenhanced": (42.0, 40.0, 0.0, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    rows: int = 384
+    columns: int = 384
+    pixel_spacing_mm: float = 0.95
+    slices: int = 96
+    slice_spacing_mm: float = 2.0
+    nodes: tuple[int, int] = (3, 9)  # inclusive range of the number of nodes
+    noise_hu: float = 12.0
+    label_noise: float = 0.05
+    region: str = "auto"  # chest | abdomen | auto (diaphragm somewhere in the volume)
+
+
+@dataclass(frozen=True)
+class NodeTruth:
+    index: int  # value in the label map
+    station: str
+    centre_lps_mm: tuple[float, float, float]
+    semi_axes_mm: tuple[float, float, float]  # in-plane a >= b, then c along z
+    rotation_deg: float  # in-plane rotation of the a axis from +x
+    short_axis_mm: float  # 2b: axial short axis
+    long_axis_mm: float  # 2a: axial long axis
+    volume_mm3: float  # analytic ellipsoid volume
+    round: bool  # short/long >= 0.8
+    necrosis: bool
+    fatty_hilum: bool
+    score: int
+    malignant_criterion: bool  # the documented rule, before label noise
+    malignant: bool  # after label noise (what a training set would hold)
+
+
+@dataclass
+class Phantom:
+    hu: np.ndarray = field(repr=False)  # int16, (k, j, i)
+    labels: np.ndarray = field(repr=False)  # uint8 node index map (0 = no node)
+    tissue: np.ndarray = field(repr=False)  # uint8 tissue codes
+    affine: np.ndarray = field(repr=False)  # (k, j, i, 1) -> LPS mm
+    nodes: list[NodeTruth]
+    seed: int
+    phase: str
+
+    def ground_truth(self) -> dict:
+        return {
+            "seed": self.seed,
+            "contrast_phase": self.phase,
+            "criterion": CRITERION_TEXT,
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+
+CRITERION_TEXT = (
+    "points = 2 if short axis >= 15 mm, 1 if 10-15 mm (RECIST 1.1 nodal classes); "
+    "+1 if round (short/long >= 0.8, Steinkamp 1994); +2 if central necrosis (Som 1992); "
+    "-2 if a fatty hilum is present (benign sign, Node-RADS). Malignant if points >= 2."
+)
+
+
+def criterion_score(short_axis_mm: float, round_: bool, necrosis: bool, hilum: bool) -> int:
+    score = 2 if short_axis_mm >= 15 else 1 if short_axis_mm >= 10 else 0
+    return score + int(round_) + 2 * int(necrosis) - 2 * int(hilum)
+
+
+def phantom_affine(spec: PhantomSpec, z0: float) -> np.ndarray:
+    """Axial geometry centred on the body: (k, j, i) -> LPS."""
+    ps, ss = spec.pixel_spacing_mm, spec.slice_spacing_mm
+    affine = np.eye(4)
+    affine[:3, 0] = (0.0, 0.0, ss)
+    affine[:3, 1] = (0.0, ps, 0.0)
+    affine[:3, 2] = (ps, 0.0, 0.0)
+    affine[:3, 3] = (-(spec.columns - 1) * ps / 2, -(spec.rows - 1) * ps / 2, z0)
+    return affine
+
+
+class _Canvas:
+    """Paints tissue into an image and a tissue map, in millimetre coordinates."""
+
+    def __init__(self, spec: PhantomSpec, affine: np.ndarray):
+        self.shape = (spec.slices, spec.rows, spec.columns)
+        self.hu = np.full(self.shape, -1000.0, dtype=np.float32)
+        self.tissue = np.zeros(self.shape, dtype=np.uint8)
+        self.spacing = np.array([affine[2, 0], affine[1, 1], affine[0, 2]])  # k, j, i
+        self.origin = np.array([affine[2, 3], affine[1, 3], affine[0, 3]])  # z, y, x
+
+    def axes_mm(self, lo_mm, hi_mm):
+        """Index slices and mm coordinates (z, y, x) of the box [lo, hi] (z, y, x order)."""
+        lo = np.floor((np.asarray(lo_mm) - self.origin) / self.spacing).astype(int)
+        hi = np.ceil((np.asarray(hi_mm) - self.origin) / self.spacing).astype(int) + 1
+        lo = np.clip(lo, 0, self.shape)
+        hi = np.clip(hi, 0, self.shape)
+        if np.any(hi <= lo):
+            return None
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        coords = [self.origin[d] + np.arange(lo[d], hi[d]) * self.spacing[d] for d in range(3)]
+        return sl, np.meshgrid(*coords, indexing="ij", sparse=True)
+
+    def paint(self, sl, mask, hu, code, where=None):
+        if where is not None:
+            mask = mask & np.isin(self.tissue[sl], where)
+        self.hu[sl][mask] = hu if np.isscalar(hu) else hu[mask]
+        self.tissue[sl][mask] = code
+        return mask
+
+    def ellipsoid(self, centre_zyx, semi_zyx, hu, code, rot=0.0, where=None):
+        c, s = np.asarray(centre_zyx, float), np.asarray(semi_zyx, float)
+        r = s.max()
+        box = self.axes_mm(c - (s[0], r, r), c + (s[0], r, r))
+        if box is None:
+            return None, None
+        sl, (z, y, x) = box
+        dx, dy = x - c[2], y - c[1]
+        u = dx * math.cos(rot) + dy * math.sin(rot)
+        v = -dx * math.sin(rot) + dy * math.cos(rot)
+        mask = ((z - c[0]) / s[0]) ** 2 + (v / s[1]) ** 2 + (u / s[2]) ** 2 <= 1.0
+        return sl, self.paint(sl, mask, hu, code, where)
+
+    def tube(self, points_zyx, radius, hu, code, where=None):
+        """Union of spheres along a densely sampled path."""
+        pts = _densify(np.asarray(points_zyx, float), step=max(radius * 0.5, 0.7))
+        for p in pts:
+            self.ellipsoid(p, (radius, radius, radius), hu, code, where=where)
+
+    def slab_ellipse(self, z_range, centre_yx, semi_yx, hu, code, where=None, scale=None):
+        """An elliptic cylinder along z; `scale(z)` may shrink it slice by slice."""
+        k0 = max(0, int(np.floor((z_range[0] - self.origin[0]) / self.spacing[0])))
+        k1 = min(self.shape[0], int(np.ceil((z_range[1] - self.origin[0]) / self.spacing[0])))
+        y = self.origin[1] + np.arange(self.shape[1])[:, None] * self.spacing[1]
+        x = self.origin[2] + np.arange(self.shape[2])[None, :] * self.spacing[2]
+        for k in range(k0, k1):
+            z = self.origin[0] + k * self.spacing[0]
+            f = 1.0 if scale is None else scale(z)
+            if f <= 0.05:
+                continue
+            m = ((y - centre_yx[0]) / (semi_yx[0] * f)) ** 2 + (
+                (x - centre_yx[1]) / (semi_yx[1] * f)
+            ) ** 2 <= 1.0
+            sl = (slice(k, k + 1), slice(None), slice(None))
+            self.paint(sl, m[None], hu, code, where)
+
+
+def _densify(points: np.ndarray, step: float) -> np.ndarray:
+    out = [points[0]]
+    for a, b in zip(points[:-1], points[1:], strict=True):
+        n = max(1, int(np.linalg.norm(b - a) / step))
+        out.extend(a + (b - a) * t for t in np.linspace(0, 1, n + 1)[1:])
+    return np.array(out)
+
+
+def _random_walk(rng, start, n, step, drift, bounds_lo, bounds_hi):
+    pts = [np.asarray(start, float)]
+    d = np.asarray(drift, float) + rng.normal(0, 0.3, 3)
+    for _ in range(n):
+        d = 0.7 * d + 0.3 * (np.asarray(drift) + rng.normal(0, 0.8, 3))
+        d /= np.linalg.norm(d) + 1e-9
+        nxt = np.clip(pts[-1] + d * step, bounds_lo, bounds_hi)
+        pts.append(nxt)
+    return np.array(pts)
+
+
+def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
+    """Build one phantom; the same seed and spec always give the same phantom."""
+    spec = spec or PhantomSpec()
+    rng = np.random.default_rng(seed)
+    height = spec.slices * spec.slice_spacing_mm
+    region = (
+        spec.region
+        if spec.region != "auto"
+        else str(rng.choice(["mixed", "mixed", "chest", "abdomen"]))
+    )
+    # z = 0 at the diaphragm dome; choose where the volume sits relative to it.
+    if region == "chest":
+        z0 = rng.uniform(5, 40)
+    elif region == "abdomen":
+        z0 = -height - rng.uniform(0, 40)
+    else:
+        z0 = -height * rng.uniform(0.3, 0.7)
+    affine = phantom_affine(spec, z0)
+    cv = _Canvas(spec, affine)
+    zlo, zhi = z0 - 30, z0 + height + 30
+    phase = str(rng.choice(list(PHASES)))
+    art, ven, organ_enh, node_enh = PHASES[phase]
+
+    # Body wall: fat, muscle ring, ribs.
+    A, B = rng.uniform(140, 165), rng.uniform(100, 120)
+    fat_t, mus_t = rng.uniform(8, 25), rng.uniform(7, 14)
+    cy = rng.uniform(-5, 5)
+    cv.slab_ellipse((zlo, zhi), (cy, 0), (B, A), -100.0, FAT)
+    cv.slab_ellipse((zlo, zhi), (cy, 0), (B - fat_t, A - fat_t), 45.0, MUSCLE)
+    Bc, Ac = B - fat_t - mus_t, A - fat_t - mus_t
+    cv.slab_ellipse((zlo, zhi), (cy, 0), (Bc, Ac), -100.0, FAT)  # the cavity, refined below
+    for side in (-1, 1):  # axillary fat pads in the upper chest, lateral, outside the ribs
+        cv.ellipsoid(
+            (rng.uniform(60, 110), cy - 5, side * (A - fat_t - 4)), (70, 38, 24), -100.0, FAT_AXILLA
+        )
+
+    # Spine and paraspinal muscles (posterior = +y).
+    sy = cy + Bc - 38
+    for side in (-1, 1):
+        cv.slab_ellipse(
+            (zlo, zhi), (sy + 30, side * 30), (18, 20), 50.0, MUSCLE, where=(FAT, MUSCLE)
+        )
+    cv.slab_ellipse((zlo, zhi), (sy, 0), (18, 20), 700.0, BONE)
+    cv.slab_ellipse((zlo, zhi), (sy, 0), (16, 18), 230.0, BONE)
+    cv.slab_ellipse((zlo, zhi), (sy + 30, 0), (8, 8), 15.0, ORGAN)
+    for zd in np.arange(zlo + rng.uniform(0, 30), zhi, 30.0):
+        cv.slab_ellipse((zd, zd + 6), (sy, 0), (18, 20), 85.0, ORGAN)
+
+    # Chest above z = 0: lungs, airway, mediastinal organs and vessels.
+    def dome(z):
+        return float(np.clip(z / 45.0, 0, 1)) ** 0.5
+
+    cv.slab_ellipse((0, zhi), (cy, 0), (Bc, Ac), -100.0, FAT_MEDIASTINUM, where=(FAT,))
+    for side in (-1, 1):
+        cv.slab_ellipse(
+            (0, zhi), (cy + 5, side * Ac * 0.5), (Bc * 0.85, Ac * 0.42), -850.0, LUNG, scale=dome
+        )
+    for zr in np.arange(zlo + rng.uniform(0, 25), zhi, 25.0):  # ribs: bone arc at the cavity wall
+        cv.slab_ellipse((zr, zr + 8), (cy, 0), (Bc + 5, Ac + 5), 550.0, BONE, where=(MUSCLE,))
+    heart_z = rng.uniform(25, 60)
+    _, heart = cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (45, 48, 58), 40.0, ORGAN)
+    cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (32, 34, 42), ven, VESSEL)
+    carina = heart_z + rng.uniform(40, 60)
+    cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 9.0, 40.0, AIRWAY)
+    cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 7.5, -950.0, AIRWAY)
+    for side in (-1, 1):
+        path = [(carina, cy, 0), (carina - 20, cy + 5, side * 40)]
+        cv.tube(path, 6.0, 40.0, AIRWAY, where=(FAT_MEDIASTINUM, LUNG))
+        cv.tube(path, 4.5, -950.0, AIRWAY, where=(AIRWAY,))
+    oy, ox = sy - 28, rng.uniform(-8, 8)
+    cv.tube([(5, oy, ox), (zhi, oy - 3, ox + rng.uniform(-5, 5))], 7.5, 42.0, OESOPHAGUS)
+    if rng.random() < 0.5:
+        cv.tube([(5, oy, ox), (zhi, oy - 3, ox)], 2.0, -900.0, OESOPHAGUS, where=(OESOPHAGUS,))
+    ax, ay = 22 + rng.uniform(-5, 5), sy - 25
+    cv.tube([(zlo, ay + 5, 5), (0, ay, ax), (zhi, ay, ax)], 12.0, art, VESSEL)  # descending aorta
+    cv.tube([(heart_z + 30, cy - 0.3 * Bc, 5), (zhi, cy - 0.3 * Bc + 10, 5)], 14.0, art, VESSEL)
+    cv.tube([(heart_z + 20, cy - 0.4 * Bc, 20), (carina - 5, cy - 0.1 * Bc, 35)], 12.0, ven, VESSEL)
+    cv.tube([(heart_z + 20, cy - 0.25 * Bc, -30), (zhi, cy - 0.2 * Bc, -25)], 9.0, ven, VESSEL)
+    for _ in range(rng.integers(4, 8)):  # small mediastinal vessels: node-like in cross-section
+        start = (max(5.0, zlo), cy + rng.uniform(-0.5, 0.5) * Bc, rng.uniform(-35, 35))
+        path = _random_walk(rng, start, 40, 6.0, (1, 0, 0), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac))
+        hu = float(rng.choice([art, ven, rng.uniform(35, 55)]))
+        cv.tube(path, rng.uniform(2.5, 6.5), hu, VESSEL, where=(FAT_MEDIASTINUM,))
+    for _ in range(rng.integers(10, 20)):  # pulmonary vessels
+        side = rng.choice([-1, 1])
+        start = (rng.uniform(5, zhi), cy, side * 25)
+        path = _random_walk(
+            rng, start, 12, 7.0, (0, 0, side), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac)
+        )
+        cv.tube(path, rng.uniform(1.0, 3.0), ven, VESSEL, where=(LUNG,))
+
+    # Abdomen below z = 0.
+    cv.slab_ellipse((zlo, 0), (cy, 0), (Bc, Ac), -100.0, FAT_ABDOMEN, where=(FAT,))
+    cv.ellipsoid((-60, cy - 10, -55), (80, 0.8 * Bc, 0.55 * Ac), 60.0 + organ_enh, ORGAN)  # liver
+    cv.ellipsoid((-50, cy + 0.4 * Bc, 0.6 * Ac), (50, 40, 30), 50.0 + organ_enh, ORGAN)  # spleen
+    for side in (-1, 1):
+        kz = rng.uniform(-140, -100)
+        cv.ellipsoid((kz, sy - 10, side * 68), (55, 33, 26), 35.0 + 3 * organ_enh, ORGAN)
+        cv.tube([(-100, sy, side * 35), (zlo, sy - 15, side * 55)], 11.0, 50.0, MUSCLE)  # psoas
+    cv.tube([(zlo, sy - 25, 8), (0, sy - 25, 12)], 10.5, art, VESSEL)  # abdominal aorta
+    cv.tube([(zlo, sy - 25, -25), (0, sy - 30, -30)], 11.0, ven, VESSEL)  # IVC
+    for _ in range(rng.integers(5, 10)):  # bowel loops: wall with fluid, air or oral contrast
+        start = (rng.uniform(zlo, -40), cy - rng.uniform(0, 0.6) * Bc, rng.uniform(-0.6, 0.6) * Ac)
+        drift = rng.normal(0, 1, 3)
+        path = _random_walk(
+            rng, start, 20, 8.0, drift, (zlo, cy - Bc, -Ac), (-20, cy + 0.3 * Bc, Ac)
+        )
+        r = rng.uniform(7, 14)
+        content = float(rng.choice([15.0, -900.0, 220.0, rng.uniform(20, 45)]))
+        cv.tube(path, r, 40.0 + organ_enh / 2, BOWEL, where=(FAT_ABDOMEN,))
+        cv.tube(path, r - 2.5, content, BOWEL, where=(BOWEL,))
+    for _ in range(rng.integers(3, 6)):  # mesenteric vessels
+        start = (rng.uniform(zlo, -20), cy - rng.uniform(0, 0.5) * Bc, rng.uniform(-0.5, 0.5) * Ac)
+        path = _random_walk(
+            rng, start, 25, 6.0, rng.normal(0, 1, 3), (zlo, cy - Bc, -Ac), (0, cy + Bc, Ac)
+        )
+        cv.tube(
+            path,
+            rng.uniform(2, 5),
+            float(rng.choice([art, ven, 45.0])),
+            VESSEL,
+            where=(FAT_ABDOMEN,),
+        )
+
+    labels = np.zeros(cv.shape, dtype=np.uint8)
+    nodes = _place_nodes(rng, cv, labels, spec, node_enh)
+
+    # Texture, partial-volume blur and correlated noise.
+    hu = cv.hu
+    fat = np.isin(cv.tissue, FAT_CODES)
+    hu += np.where(fat, 1.0, 0.0) * _smooth_noise(rng, cv.shape, 2.0, 8.0)
+    lung = cv.tissue == LUNG
+    hu += np.where(lung, 1.0, 0.0) * _smooth_noise(rng, cv.shape, 1.5, 40.0)
+    pv = (0.7 / 1.0, 0.6, 0.6) if spec.slice_spacing_mm <= 1.5 else (0.45, 0.6, 0.6)
+    hu = ndimage.gaussian_filter(hu, pv)
+    hu += _smooth_noise(rng, cv.shape, 0.7, spec.noise_hu)
+    hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return Phantom(
+        hu=hu, labels=labels, tissue=cv.tissue, affine=affine, nodes=nodes, seed=seed, phase=phase
+    )
+
+
+def _smooth_noise(rng, shape, sigma, std):
+    n = rng.standard_normal(shape, dtype=np.float32)
+    n = ndimage.gaussian_filter(n, sigma)
+    return n * (std / (n.std() + 1e-6))
+
+
+def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_enh: float):
+    count = int(rng.integers(spec.nodes[0], spec.nodes[1] + 1))
+    pools = {name: np.flatnonzero(cv.tissue == code) for name, code in STATIONS.items()}
+    pools = {k: v for k, v in pools.items() if v.size > 2000}
+    names = list(pools)
+    weights = np.array([{"mediastinal": 3, "axillary": 1, "abdominal": 3}[n] for n in names], float)
+    nodes: list[NodeTruth] = []
+    occupied = np.zeros(cv.shape, dtype=bool)
+    for _ in range(count):
+        for _attempt in range(60):
+            sa = float(np.exp(rng.uniform(math.log(4.0), math.log(35.0))))
+            ratio = float(rng.choice([rng.uniform(0.8, 1.0), rng.uniform(0.4, 0.8)]))
+            la = min(sa / ratio, 55.0)
+            ratio = sa / la
+            zext = rng.uniform(sa, la) if la > sa else sa
+            station = str(rng.choice(names, p=weights / weights.sum()))
+            idx = np.unravel_index(rng.choice(pools[station]), cv.shape)
+            centre = cv.origin + np.array(idx) * cv.spacing
+            semi = np.array([zext / 2, sa / 2, la / 2])
+            rot = rng.uniform(0, math.pi)
+            box = cv.axes_mm(centre - semi.max() - 2, centre + semi.max() + 2)
+            if box is None:
+                continue
+            sl, (z, y, x) = box
+            dx, dy = x - centre[2], y - centre[1]
+            u = dx * math.cos(rot) + dy * math.sin(rot)
+            v = -dx * math.sin(rot) + dy * math.cos(rot)
+            q = ((z - centre[0]) / semi[0]) ** 2 + (v / semi[1]) ** 2 + (u / semi[2]) ** 2
+            inner, halo = q <= 1.0, q <= 1.6
+            full = np.prod([s.stop - s.start for s in sl]) == inner.size and inner.any()
+            if not full or _touches_edge(sl, cv.shape):
+                continue
+            if occupied[sl][halo].any() or np.isin(cv.tissue[sl][inner], FAT_CODES).mean() < 0.9:
+                continue
+            necrosis = sa >= 8 and rng.random() < 0.3
+            hilum = sa >= 7 and not necrosis and rng.random() < 0.4
+            round_ = ratio >= 0.8
+            base = rng.uniform(30, 55) + node_enh
+            tex = _smooth_noise(rng, inner.shape, 1.5, 6.0)
+            value = base + tex
+            if necrosis:
+                f = rng.uniform(0.45, 0.65)
+                value = np.where(q <= f * f, rng.uniform(5, 18) + tex * 0.5, value)
+            if hilum:
+                ang = rng.uniform(0, 2 * math.pi)
+                hu_, hv = 0.75 * semi[2] * math.cos(ang), 0.75 * semi[1] * math.sin(ang)
+                hq = (
+                    ((z - centre[0]) / (0.6 * semi[0])) ** 2
+                    + ((u - hu_) / (0.55 * semi[2])) ** 2
+                    + ((v - hv) / (0.55 * semi[1])) ** 2
+                )
+                value = np.where(hq <= 1.0, -90.0 + tex, value)
+            cv.hu[sl][inner] = value[inner]
+            cv.tissue[sl][inner] = NODE
+            occupied[sl] |= halo
+            labels[sl][inner] = len(nodes) + 1
+            score = criterion_score(sa, round_, necrosis, hilum)
+            mal = score >= 2
+            noisy = (not mal) if rng.random() < spec.label_noise else mal
+            lps = (float(centre[2]), float(centre[1]), float(centre[0]))
+            nodes.append(
+                NodeTruth(
+                    index=len(nodes) + 1,
+                    station=station,
+                    centre_lps_mm=tuple(round(c, 3) for c in lps),
+                    semi_axes_mm=(round(la / 2, 3), round(sa / 2, 3), round(zext / 2, 3)),
+                    rotation_deg=round(math.degrees(rot), 3),
+                    short_axis_mm=round(sa, 3),
+                    long_axis_mm=round(la, 3),
+                    volume_mm3=round(4 / 3 * math.pi * semi.prod(), 2),
+                    round=round_,
+                    necrosis=necrosis,
+                    fatty_hilum=hilum,
+                    score=score,
+                    malignant_criterion=mal,
+                    malignant=noisy,
+                )
+            )
+            break
+    return nodes
+
+
+def _touches_edge(sl, shape) -> bool:
+    return any(s.start == 0 or s.stop == n for s, n in zip(sl, shape, strict=True))
+
+
+def write_phantom(phantom: Phantom, out_dir: Path, **series_kwargs) -> list[Path]:
+    """Write the phantom as a DICOM CT series plus `ground_truth.json` (and the label map)."""
+    from inference.ct_series import write_ct_series
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series_kwargs.setdefault("uid_seed", f"nodal-phantom-{phantom.seed}")
+    series_kwargs.setdefault(
+        "series_description", f"Phantom CT seed {phantom.seed} ({phantom.phase})"
+    )
+    paths = write_ct_series(phantom.hu, phantom.affine, out_dir, **series_kwargs)
+    (out_dir / "ground_truth.json").write_text(json.dumps(phantom.ground_truth(), indent=2))
+    np.savez_compressed(out_dir / "labels.npz", labels=phantom.labels, affine=phantom.affine)
+    return paths

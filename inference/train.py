@@ -1,0 +1,237 @@
+"""`nodal train`: train the segmenter and the classifier, write a model directory.
+
+From phantoms (the default: reproducible from seeds) or from a site's labelled images
+(`--data DIR` with `cases.json`, see docs/training.md). The same code path trains both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from inference import phantoms
+from inference.model_store import save_model
+from inference.networks import NodeClassifier, build_segmenter, classifier_scalars
+from inference.preprocess import normalise
+from inference.training_data import (
+    Case,
+    classifier_samples,
+    file_case,
+    phantom_case,
+    segmentation_patches,
+)
+
+log = logging.getLogger(__name__)
+
+#: Seeds below this are for training; evaluation uses seeds from EVAL_SEED_BASE up.
+EVAL_SEED_BASE = 1_000_000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cases: int = 48
+    seed: int = 0
+    working_spacing_mm: float = 1.0
+    patch: int = 64
+    patches_per_case: int = 48
+    seg_steps: int = 1800
+    seg_batch: int = 4
+    seg_channels: tuple[int, ...] = (16, 32, 64, 128)
+    cls_epochs: int = 30
+    cls_width: int = 16
+    workers: int = 2
+    name: str = "nodal-ln-demo"
+    version: str = "0.1.0"
+
+
+def training_spec(seed: int) -> phantoms.PhantomSpec:
+    """Vary the native geometry so the model sees many scanners' grids."""
+    rng = np.random.default_rng([seed, 7])
+    ps = float(rng.uniform(0.75, 1.0))
+    ss = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]))
+    n = int(math.ceil(380 / ps))
+    return phantoms.PhantomSpec(
+        rows=n,
+        columns=n,
+        pixel_spacing_mm=ps,
+        slices=int(150 / ss),
+        slice_spacing_mm=ss,
+        nodes=(5, 12),
+        noise_hu=float(rng.uniform(8, 18)),
+    )
+
+
+def _phantom_samples(args) -> tuple:
+    seed, cfg = args
+    torch.set_num_threads(1)
+    case = phantom_case(seed, training_spec(seed), cfg.working_spacing_mm)
+    return _samples(case, seed, cfg)
+
+
+def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
+    rng = np.random.default_rng([seed, 11])
+    imgs, masks = segmentation_patches(case, cfg.patches_per_case, cfg.patch, rng)
+    crops, scalars, labels = classifier_samples(case, rng)
+    return imgs, masks, crops, scalars, labels
+
+
+def collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
+    t0 = time.time()
+    if data_dir is None:
+        if cfg.seed + cfg.cases > EVAL_SEED_BASE:
+            raise ValueError("training seeds must stay below the evaluation seeds")
+        jobs = [(cfg.seed + i, cfg) for i in range(cfg.cases)]
+        with ProcessPoolExecutor(cfg.workers) as pool:
+            parts = list(pool.map(_phantom_samples, jobs))
+    else:
+        listing = json.loads((Path(data_dir) / "cases.json").read_text())
+        parts = [
+            _samples(
+                file_case(
+                    Path(data_dir) / c["image"], Path(data_dir) / c["label"], cfg.working_spacing_mm
+                ),
+                i,
+                cfg,
+            )
+            for i, c in enumerate(listing["cases"])
+        ]
+    imgs = np.concatenate([p[0] for p in parts])
+    masks = np.concatenate([p[1] for p in parts])
+    crops = [c for p in parts for c in p[2]]
+    scalars = [s for p in parts for s in p[3]]
+    labels = [lab for p in parts for lab in p[4]]
+    log.info(
+        "collected %d patches and %d node crops in %.0f s", len(imgs), len(crops), time.time() - t0
+    )
+    return imgs, masks, crops, scalars, labels
+
+
+def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    dims = [d for d in (2, 3, 4) if rng.random() < 0.5]
+    return x.flip(dims) if dims else x
+
+
+def train_segmenter(cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 3])
+    net = build_segmenter(cfg.seg_channels)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2e-3, total_steps=cfg.seg_steps, pct_start=0.1
+    )
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    net.train()
+    t0 = time.time()
+    for step in range(cfg.seg_steps):
+        idx = rng.integers(0, len(imgs), cfg.seg_batch)
+        hu = torch.from_numpy(imgs[idx].astype(np.float32))[:, None]
+        hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
+        x = normalise(hu)
+        y = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
+        both = _flip(torch.cat([x, y], 1), rng)
+        x, y = both[:, :1], both[:, 1:]
+        opt.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == cfg.seg_steps - 1:
+            log.info(
+                "segmenter step %d/%d loss %.4f (%.0f s)",
+                step,
+                cfg.seg_steps,
+                loss.item(),
+                time.time() - t0,
+            )
+    return net.eval()
+
+
+def train_classifier(cfg: TrainConfig, crops, scalars, labels) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng([cfg.seed, 5])
+    net = NodeClassifier(cfg.cls_width)
+    y_all = torch.tensor(labels, dtype=torch.float32)
+    pos = float(y_all.mean()) if len(labels) else 0.5
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - pos) / max(pos, 1e-3)))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    batch = 16
+    steps = cfg.cls_epochs * max(1, len(crops) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1
+    )
+    x_all = np.stack(crops) if crops else np.zeros((0, 2, 1, 1, 1), np.float16)
+    s_all = torch.tensor([classifier_scalars(sa, la) for sa, la in scalars], dtype=torch.float32)
+    net.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = rng.integers(0, len(crops), batch)
+        x = _flip(torch.from_numpy(x_all[idx].astype(np.float32)), rng)
+        if rng.random() < 0.5:
+            x = x.transpose(3, 4)  # in-plane transpose: orientation is not a malignancy sign
+        opt.zero_grad()
+        loss = loss_fn(net(x, s_all[idx]), y_all[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log.info(
+                "classifier step %d/%d loss %.4f (%.0f s)",
+                step,
+                steps,
+                loss.item(),
+                time.time() - t0,
+            )
+    return net.eval()
+
+
+def train(out_dir: Path, cfg: TrainConfig, data_dir: Path | None = None, command: str = "") -> Path:
+    imgs, masks, crops, scalars, labels = collect(cfg, data_dir)
+    seg = train_segmenter(cfg, imgs, masks)
+    cls = train_classifier(cfg, crops, scalars, labels)
+    synthetic = data_dir is None
+    card = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "training_data": (
+            f"{cfg.cases} synthetic CT phantoms (inference/phantoms.py, seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
+            f" {len(imgs)} patches, {len(crops)} labelled nodes"
+            if synthetic
+            else f"site data from {Path(data_dir).name}: {len(crops)} labelled nodes"
+        ),
+        "intended_use": (
+            "Demonstration and integration testing of the nodal pipeline. Trained on synthetic "
+            "phantoms only; NOT for clinical use, NOT a medical device. Train on your own labelled "
+            "CT (e.g. LNQ2023, TCIA CT Lymph Nodes) with `nodal train --data` before any evaluation."
+            if synthetic
+            else "Site-trained model; validate locally before use."
+        ),
+        "not_for_clinical_use": synthetic,
+        "working_spacing_mm": cfg.working_spacing_mm,
+        "segmenter": {
+            "architecture": "monai.networks.nets.UNet",
+            "channels": list(cfg.seg_channels),
+            "res_units": 1,
+            "roi_size": [96, 96, 96],
+            "threshold": 0.5,
+        },
+        "classifier": {
+            "architecture": "inference.networks.NodeClassifier",
+            "width": cfg.cls_width,
+            "crop_voxels": 64,
+        },
+        "training": {
+            "command": command,
+            "config": {k: v for k, v in cfg.__dict__.items()},
+            "torch": torch.__version__,
+        },
+    }
+    return save_model(out_dir, card, seg, cls)

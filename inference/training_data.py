@@ -1,0 +1,147 @@
+"""Training cases on the working grid, from phantoms or from a site's labelled images.
+
+A case is the CT resampled to the working spacing, a node instance map on the same grid
+(0 = background, n = node n), per-node malignancy labels where known, and optionally a map
+of hard negatives (node-like structures that are not nodes) to sample patches from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from inference import phantoms
+from inference.classify import crop_around
+from inference.preprocess import Grid, to_working
+
+
+@dataclass
+class Case:
+    image: np.ndarray  # float32 HU on the working grid
+    nodes: np.ndarray  # uint8/uint16 node instance map
+    malignant: dict[int, bool]  # node index -> label (may be empty)
+    axes_mm: dict[int, tuple[float, float]]  # node index -> (short, long) axis
+    hard_negative: np.ndarray | None = None  # bool
+
+
+def nearest(array: np.ndarray, grid: Grid) -> np.ndarray:
+    """Carry a label map from the native grid to the working grid (nearest neighbour)."""
+    idx = [
+        np.clip(np.rint(np.arange(w) * s + lo).astype(int), 0, n - 1)
+        for w, s, lo, n in zip(
+            grid.working_shape, grid.scale, grid.crop_lo, array.shape, strict=True
+        )
+    ]
+    return array[np.ix_(*idx)]
+
+
+def phantom_case(seed: int, spec: phantoms.PhantomSpec, working_spacing: float) -> Case:
+    ph = phantoms.generate(seed, spec)
+    spacing = tuple(float(np.linalg.norm(ph.affine[:3, a])) for a in range(3))
+    image, grid = to_working(ph.hu.astype(np.float32), spacing, working_spacing)
+    nodes = nearest(ph.labels, grid)
+    tissue = nearest(ph.tissue, grid)
+    hard = np.isin(tissue, phantoms.DISTRACTOR_CODES)
+    return Case(
+        image=image,
+        nodes=nodes,
+        malignant={n.index: n.malignant for n in ph.nodes},
+        axes_mm={n.index: (n.short_axis_mm, n.long_axis_mm) for n in ph.nodes},
+        hard_negative=hard,
+    )
+
+
+def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Case:
+    """A site's case: CT (NIfTI file or DICOM folder) and a label image on the same grid.
+
+    Label convention: 0 background, 1 lymph node (benign or unknown), 2 malignant node.
+    Nodes are the connected components of the label > 0.
+    """
+    import nibabel as nib
+
+    image_path, label_path = Path(image_path), Path(label_path)
+    if image_path.is_dir():
+        from inference.dicom_volume import load_series
+
+        vol = load_series(image_path)
+        hu, spacing = vol.array, vol.spacing
+        lab = np.asarray(nib.load(str(label_path)).dataobj)
+        lab = np.transpose(lab, (2, 1, 0)) if lab.shape[::-1] == hu.shape else lab
+    else:
+        img = nib.load(str(image_path))
+        hu = np.asarray(img.dataobj, dtype=np.float32)
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        lab = np.asarray(nib.load(str(label_path)).dataobj)
+    if lab.shape != hu.shape:
+        raise ValueError(f"label {label_path.name} has shape {lab.shape}, image {hu.shape}")
+    image, grid = to_working(hu.astype(np.float32), spacing, working_spacing)
+    lab_w = nearest(lab.astype(np.uint8), grid)
+    inst, n = ndimage.label(lab_w > 0)
+    malignant = {}
+    for i, sl in enumerate(ndimage.find_objects(inst), start=1):
+        malignant[i] = bool((lab_w[sl][inst[sl] == i] == 2).mean() > 0.5)
+    axes = {}
+    for i, sl in enumerate(ndimage.find_objects(inst), start=1):
+        ext = sorted((s.stop - s.start) * working_spacing for s in sl[1:])
+        axes[i] = (ext[0], ext[1])
+    return Case(image=image, nodes=inst.astype(np.uint16), malignant=malignant, axes_mm=axes)
+
+
+def segmentation_patches(case: Case, count: int, size: int, rng: np.random.Generator):
+    """Patches centred on nodes (40 %), on hard negatives (30 %) and anywhere in the body."""
+    body = case.image > -500
+    pools = [np.flatnonzero(case.nodes > 0), None, np.flatnonzero(body)]
+    if case.hard_negative is not None:
+        pools[1] = np.flatnonzero(case.hard_negative)
+    images, masks = [], []
+    for _ in range(count):
+        r = rng.random()
+        pool = pools[0] if r < 0.4 else pools[1] if r < 0.7 else pools[2]
+        if pool is None or pool.size == 0:
+            pool = pools[2]
+        c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(
+            -12, 13, 3
+        )
+        images.append(_patch(case.image, c, size, -1000.0))
+        masks.append(_patch((case.nodes > 0).astype(np.uint8), c, size, 0))
+    return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
+
+
+def _patch(a: np.ndarray, centre, size: int, fill) -> np.ndarray:
+    out = np.full((size,) * 3, fill, dtype=a.dtype)
+    lo = np.asarray(centre) - size // 2
+    src, dst = [], []
+    for ax in range(3):
+        s0, s1 = max(lo[ax], 0), min(lo[ax] + size, a.shape[ax])
+        if s1 <= s0:
+            return out
+        src.append(slice(s0, s1))
+        dst.append(slice(s0 - lo[ax], s1 - lo[ax]))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def classifier_samples(case: Case, rng: np.random.Generator):
+    """One crop per labelled node, its mask jittered by a voxel of dilation or erosion."""
+    crops, scalars, labels = [], [], []
+    objects = ndimage.find_objects(case.nodes)
+    for idx, sl in enumerate(objects, start=1):
+        if sl is None or idx not in case.malignant:
+            continue
+        mask = case.nodes == idx
+        j = rng.integers(-1, 2)
+        if j > 0:
+            mask = ndimage.binary_dilation(mask)
+        elif j < 0 and mask.sum() > 30:
+            mask = ndimage.binary_erosion(mask)
+        centre = ndimage.center_of_mass(mask[sl])
+        centre = [c + s.start for c, s in zip(centre, sl, strict=True)]
+        extent = max(s.stop - s.start for s in sl)
+        crops.append(crop_around(case.image, mask, centre, extent).astype(np.float16))
+        sa, la = case.axes_mm[idx]
+        scalars.append((sa + rng.normal(0, 0.6), la + rng.normal(0, 0.8)))
+        labels.append(case.malignant[idx])
+    return crops, scalars, labels
