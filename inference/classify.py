@@ -14,7 +14,7 @@ MIN_FIELD = 32  # the cube covers at least this many working voxels (mm at 1 mm 
 
 
 def crop_around(
-    image_hu_w: np.ndarray, mask_w: np.ndarray, centre_w, extent_w: float
+    image_hu_w: np.ndarray, mask_w: np.ndarray, centre_w, extent_w: float, label: int | None = None
 ) -> np.ndarray:
     """(2, CROP, CROP, CROP): normalised CT and node mask in a cube 1.4x the node's extent.
 
@@ -23,7 +23,9 @@ def crop_around(
     """
     field = int(max(MIN_FIELD, np.ceil(1.4 * extent_w)))
     image = _box(image_hu_w, centre_w, field, -1000.0)
-    mask = _box(mask_w.astype(np.float32), centre_w, field, 0.0)
+    mask = _box(mask_w, centre_w, field, 0.0)
+    if label is not None:  # mask_w is a label map
+        mask = (mask == label).astype(np.float32)
     both = torch.from_numpy(np.stack([normalise(image), mask]))[None]
     if field != CROP:
         both = F.interpolate(both, size=(CROP,) * 3, mode="trilinear", align_corners=False)
@@ -31,7 +33,7 @@ def crop_around(
 
 
 def _box(a: np.ndarray, centre, size: int, fill: float) -> np.ndarray:
-    out = np.full((size,) * 3, fill, dtype=np.float32)
+    out = np.full((size,) * 3, fill, dtype=np.float32)  # also for bool or label input
     lo = np.rint(np.asarray(centre)).astype(int) - size // 2
     src, dst = [], []
     for ax in range(3):

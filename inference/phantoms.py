@@ -259,80 +259,82 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         cv.slab_ellipse((zd, zd + 6), (sy, 0), (18, 20), 85.0, ORGAN)
 
     # Chest above z = 0: lungs, airway, mediastinal organs and vessels.
-    def dome(z):
-        return float(np.clip(z / 45.0, 0, 1)) ** 0.5
+    if zhi > 15:
+        def dome(z):
+            return float(np.clip(z / 45.0, 0, 1)) ** 0.5
 
-    cv.slab_ellipse((0, zhi), (cy, 0), (Bc, Ac), -100.0, FAT_MEDIASTINUM, where=(FAT,))
-    for side in (-1, 1):
-        cv.slab_ellipse(
-            (0, zhi), (cy + 5, side * Ac * 0.5), (Bc * 0.85, Ac * 0.42), -850.0, LUNG, scale=dome
-        )
-    for zr in np.arange(zlo + rng.uniform(0, 25), zhi, 25.0):  # ribs: bone arc at the cavity wall
-        cv.slab_ellipse((zr, zr + 8), (cy, 0), (Bc + 5, Ac + 5), 550.0, BONE, where=(MUSCLE,))
-    heart_z = rng.uniform(25, 60)
-    _, heart = cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (45, 48, 58), 40.0, ORGAN)
-    cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (32, 34, 42), ven, VESSEL)
-    carina = heart_z + rng.uniform(40, 60)
-    cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 9.0, 40.0, AIRWAY)
-    cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 7.5, -950.0, AIRWAY)
-    for side in (-1, 1):
-        path = [(carina, cy, 0), (carina - 20, cy + 5, side * 40)]
-        cv.tube(path, 6.0, 40.0, AIRWAY, where=(FAT_MEDIASTINUM, LUNG))
-        cv.tube(path, 4.5, -950.0, AIRWAY, where=(AIRWAY,))
-    oy, ox = sy - 28, rng.uniform(-8, 8)
-    cv.tube([(5, oy, ox), (zhi, oy - 3, ox + rng.uniform(-5, 5))], 7.5, 42.0, OESOPHAGUS)
-    if rng.random() < 0.5:
-        cv.tube([(5, oy, ox), (zhi, oy - 3, ox)], 2.0, -900.0, OESOPHAGUS, where=(OESOPHAGUS,))
-    ax, ay = 22 + rng.uniform(-5, 5), sy - 25
-    cv.tube([(zlo, ay + 5, 5), (0, ay, ax), (zhi, ay, ax)], 12.0, art, VESSEL)  # descending aorta
-    cv.tube([(heart_z + 30, cy - 0.3 * Bc, 5), (zhi, cy - 0.3 * Bc + 10, 5)], 14.0, art, VESSEL)
-    cv.tube([(heart_z + 20, cy - 0.4 * Bc, 20), (carina - 5, cy - 0.1 * Bc, 35)], 12.0, ven, VESSEL)
-    cv.tube([(heart_z + 20, cy - 0.25 * Bc, -30), (zhi, cy - 0.2 * Bc, -25)], 9.0, ven, VESSEL)
-    for _ in range(rng.integers(4, 8)):  # small mediastinal vessels: node-like in cross-section
-        start = (max(5.0, zlo), cy + rng.uniform(-0.5, 0.5) * Bc, rng.uniform(-35, 35))
-        path = _random_walk(rng, start, 40, 6.0, (1, 0, 0), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac))
-        hu = float(rng.choice([art, ven, rng.uniform(35, 55)]))
-        cv.tube(path, rng.uniform(2.5, 6.5), hu, VESSEL, where=(FAT_MEDIASTINUM,))
-    for _ in range(rng.integers(10, 20)):  # pulmonary vessels
-        side = rng.choice([-1, 1])
-        start = (rng.uniform(5, zhi), cy, side * 25)
-        path = _random_walk(
-            rng, start, 12, 7.0, (0, 0, side), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac)
-        )
-        cv.tube(path, rng.uniform(1.0, 3.0), ven, VESSEL, where=(LUNG,))
+        cv.slab_ellipse((0, zhi), (cy, 0), (Bc, Ac), -100.0, FAT_MEDIASTINUM, where=(FAT,))
+        for side in (-1, 1):
+            cv.slab_ellipse(
+                (0, zhi), (cy + 5, side * Ac * 0.5), (Bc * 0.85, Ac * 0.42), -850.0, LUNG, scale=dome
+            )
+        for zr in np.arange(zlo + rng.uniform(0, 25), zhi, 25.0):  # ribs: bone arc at the cavity wall
+            cv.slab_ellipse((zr, zr + 8), (cy, 0), (Bc + 5, Ac + 5), 550.0, BONE, where=(MUSCLE,))
+        heart_z = rng.uniform(25, 60)
+        _, heart = cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (45, 48, 58), 40.0, ORGAN)
+        cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (32, 34, 42), ven, VESSEL)
+        carina = heart_z + rng.uniform(40, 60)
+        cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 9.0, 40.0, AIRWAY)
+        cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 7.5, -950.0, AIRWAY)
+        for side in (-1, 1):
+            path = [(carina, cy, 0), (carina - 20, cy + 5, side * 40)]
+            cv.tube(path, 6.0, 40.0, AIRWAY, where=(FAT_MEDIASTINUM, LUNG))
+            cv.tube(path, 4.5, -950.0, AIRWAY, where=(AIRWAY,))
+        oy, ox = sy - 28, rng.uniform(-8, 8)
+        cv.tube([(5, oy, ox), (zhi, oy - 3, ox + rng.uniform(-5, 5))], 7.5, 42.0, OESOPHAGUS)
+        if rng.random() < 0.5:
+            cv.tube([(5, oy, ox), (zhi, oy - 3, ox)], 2.0, -900.0, OESOPHAGUS, where=(OESOPHAGUS,))
+        ax, ay = 22 + rng.uniform(-5, 5), sy - 25
+        cv.tube([(zlo, ay + 5, 5), (0, ay, ax), (zhi, ay, ax)], 12.0, art, VESSEL)  # descending aorta
+        cv.tube([(heart_z + 30, cy - 0.3 * Bc, 5), (zhi, cy - 0.3 * Bc + 10, 5)], 14.0, art, VESSEL)
+        cv.tube([(heart_z + 20, cy - 0.4 * Bc, 20), (carina - 5, cy - 0.1 * Bc, 35)], 12.0, ven, VESSEL)
+        cv.tube([(heart_z + 20, cy - 0.25 * Bc, -30), (zhi, cy - 0.2 * Bc, -25)], 9.0, ven, VESSEL)
+        for _ in range(rng.integers(4, 8)):  # small mediastinal vessels: node-like in cross-section
+            start = (max(5.0, zlo), cy + rng.uniform(-0.5, 0.5) * Bc, rng.uniform(-35, 35))
+            path = _random_walk(rng, start, 40, 6.0, (1, 0, 0), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac))
+            hu = float(rng.choice([art, ven, rng.uniform(35, 55)]))
+            cv.tube(path, rng.uniform(2.5, 6.5), hu, VESSEL, where=(FAT_MEDIASTINUM,))
+        for _ in range(rng.integers(10, 20)):  # pulmonary vessels
+            side = rng.choice([-1, 1])
+            start = (rng.uniform(5, zhi), cy, side * 25)
+            path = _random_walk(
+                rng, start, 12, 7.0, (0, 0, side), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac)
+            )
+            cv.tube(path, rng.uniform(1.0, 3.0), ven, VESSEL, where=(LUNG,))
 
     # Abdomen below z = 0.
-    cv.slab_ellipse((zlo, 0), (cy, 0), (Bc, Ac), -100.0, FAT_ABDOMEN, where=(FAT,))
-    cv.ellipsoid((-60, cy - 10, -55), (80, 0.8 * Bc, 0.55 * Ac), 60.0 + organ_enh, ORGAN)  # liver
-    cv.ellipsoid((-50, cy + 0.4 * Bc, 0.6 * Ac), (50, 40, 30), 50.0 + organ_enh, ORGAN)  # spleen
-    for side in (-1, 1):
-        kz = rng.uniform(-140, -100)
-        cv.ellipsoid((kz, sy - 10, side * 68), (55, 33, 26), 35.0 + 3 * organ_enh, ORGAN)
-        cv.tube([(-100, sy, side * 35), (zlo, sy - 15, side * 55)], 11.0, 50.0, MUSCLE)  # psoas
-    cv.tube([(zlo, sy - 25, 8), (0, sy - 25, 12)], 10.5, art, VESSEL)  # abdominal aorta
-    cv.tube([(zlo, sy - 25, -25), (0, sy - 30, -30)], 11.0, ven, VESSEL)  # IVC
-    for _ in range(rng.integers(5, 10)):  # bowel loops: wall with fluid, air or oral contrast
-        start = (rng.uniform(zlo, -40), cy - rng.uniform(0, 0.6) * Bc, rng.uniform(-0.6, 0.6) * Ac)
-        drift = rng.normal(0, 1, 3)
-        path = _random_walk(
-            rng, start, 20, 8.0, drift, (zlo, cy - Bc, -Ac), (-20, cy + 0.3 * Bc, Ac)
-        )
-        r = rng.uniform(7, 14)
-        content = float(rng.choice([15.0, -900.0, 220.0, rng.uniform(20, 45)]))
-        cv.tube(path, r, 40.0 + organ_enh / 2, BOWEL, where=(FAT_ABDOMEN,))
-        cv.tube(path, r - 2.5, content, BOWEL, where=(BOWEL,))
-    for _ in range(rng.integers(3, 6)):  # mesenteric vessels
-        start = (rng.uniform(zlo, -20), cy - rng.uniform(0, 0.5) * Bc, rng.uniform(-0.5, 0.5) * Ac)
-        path = _random_walk(
-            rng, start, 25, 6.0, rng.normal(0, 1, 3), (zlo, cy - Bc, -Ac), (0, cy + Bc, Ac)
-        )
-        cv.tube(
-            path,
-            rng.uniform(2, 5),
-            float(rng.choice([art, ven, 45.0])),
-            VESSEL,
-            where=(FAT_ABDOMEN,),
-        )
+    if zlo < -45:
+        cv.slab_ellipse((zlo, 0), (cy, 0), (Bc, Ac), -100.0, FAT_ABDOMEN, where=(FAT,))
+        cv.ellipsoid((-60, cy - 10, -55), (80, 0.8 * Bc, 0.55 * Ac), 60.0 + organ_enh, ORGAN)  # liver
+        cv.ellipsoid((-50, cy + 0.4 * Bc, 0.6 * Ac), (50, 40, 30), 50.0 + organ_enh, ORGAN)  # spleen
+        for side in (-1, 1):
+            kz = rng.uniform(-140, -100)
+            cv.ellipsoid((kz, sy - 10, side * 68), (55, 33, 26), 35.0 + 3 * organ_enh, ORGAN)
+            cv.tube([(-100, sy, side * 35), (zlo, sy - 15, side * 55)], 11.0, 50.0, MUSCLE)  # psoas
+        cv.tube([(zlo, sy - 25, 8), (0, sy - 25, 12)], 10.5, art, VESSEL)  # abdominal aorta
+        cv.tube([(zlo, sy - 25, -25), (0, sy - 30, -30)], 11.0, ven, VESSEL)  # IVC
+        for _ in range(rng.integers(5, 10)):  # bowel loops: wall with fluid, air or oral contrast
+            start = (rng.uniform(zlo, -40), cy - rng.uniform(0, 0.6) * Bc, rng.uniform(-0.6, 0.6) * Ac)
+            drift = rng.normal(0, 1, 3)
+            path = _random_walk(
+                rng, start, 20, 8.0, drift, (zlo, cy - Bc, -Ac), (-20, cy + 0.3 * Bc, Ac)
+            )
+            r = rng.uniform(7, 14)
+            content = float(rng.choice([15.0, -900.0, 220.0, rng.uniform(20, 45)]))
+            cv.tube(path, r, 40.0 + organ_enh / 2, BOWEL, where=(FAT_ABDOMEN,))
+            cv.tube(path, r - 2.5, content, BOWEL, where=(BOWEL,))
+        for _ in range(rng.integers(3, 6)):  # mesenteric vessels
+            start = (rng.uniform(zlo, -20), cy - rng.uniform(0, 0.5) * Bc, rng.uniform(-0.5, 0.5) * Ac)
+            path = _random_walk(
+                rng, start, 25, 6.0, rng.normal(0, 1, 3), (zlo, cy - Bc, -Ac), (0, cy + Bc, Ac)
+            )
+            cv.tube(
+                path,
+                rng.uniform(2, 5),
+                float(rng.choice([art, ven, 45.0])),
+                VESSEL,
+                where=(FAT_ABDOMEN,),
+            )
 
     labels = np.zeros(cv.shape, dtype=np.uint8)
     nodes = _place_nodes(rng, cv, labels, spec, node_enh)

@@ -36,6 +36,9 @@ class Grid:
     def to_native(self, kji_working: np.ndarray) -> np.ndarray:
         return np.asarray(kji_working, float) * self.scale + np.array(self.crop_lo, float)
 
+    def to_working_axis(self, axis: int, native_index: np.ndarray) -> np.ndarray:
+        return (np.asarray(native_index, float) - self.crop_lo[axis]) / self.scale[axis]
+
     def to_working(self, kji_native: np.ndarray) -> np.ndarray:
         return (np.asarray(kji_native, float) - np.array(self.crop_lo, float)) / self.scale
 

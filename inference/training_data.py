@@ -136,7 +136,8 @@ def classifier_samples(case: Case, rng: np.random.Generator):
         if j > 0:
             mask = ndimage.binary_dilation(mask)
         elif j < 0 and mask.sum() > 30:
-            mask = ndimage.binary_erosion(mask)
+            eroded = ndimage.binary_erosion(mask)
+            mask = eroded if eroded.any() else mask
         centre = ndimage.center_of_mass(mask[sl])
         centre = [c + s.start for c, s in zip(centre, sl, strict=True)]
         extent = max(s.stop - s.start for s in sl)

@@ -1,0 +1,52 @@
+# The two commands: `make run` and `make test`. Both set up everything on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the tests talk to (real peers, 127.0.0.1 only).
+PEERS  := dcmtk dicom3tools
+PEER_BINARIES := storescu dciodvfy dsrdump
+
+.PHONY: run test lint peers install train evaluate bench clean
+
+run: $(STAMP)
+	$(BIN)/nodal demo
+
+test: $(STAMP) peers
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+install: $(STAMP)
+
+# torch first and pinned: the CPU build of 2.13.0 is what `pip install torch==2.13.0`
+# finds on these machines; anything else would pull the CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+peers:
+	@missing=""; for b in $(PEER_BINARIES); do command -v $$b >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test peers: $(PEERS)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(PEERS) >/dev/null; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The recorded commands behind the shipped demo weights and benchmarks/RESULTS.md.
+train: $(STAMP)
+	$(BIN)/nodal train --out inference/models/nodal-ln-demo --cases 80 --seg-steps 2000 --cls-epochs 40
+
+evaluate: $(STAMP)
+	$(BIN)/nodal evaluate --cases 20 --json
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache

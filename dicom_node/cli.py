@@ -1,0 +1,208 @@
+"""The `nodal` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dicom_node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("nodal")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(f"nodal: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args, settings) or 0
+    except (ValueError, FileNotFoundError) as e:  # VolumeError, ModelCardError, ... are ValueErrors
+        print(f"nodal: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nodal", description="DICOM AI node for lymph nodes on CT")
+    p.add_argument("--config", help="YAML configuration (default: $NODAL_CONFIG or embedded defaults)")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    c = sub.add_parser("process", help="analyse one CT series offline and write the results")
+    c.add_argument("input", type=Path, help="folder (or file) with the DICOM instances of one CT series")
+    c.add_argument("--out", type=Path, required=True, help="folder for findings.json and the DICOM results")
+    c.set_defaults(func=cmd_process)
+
+    c = sub.add_parser("demo", help="generate a phantom CT study and process it (what `make run` does)")
+    c.add_argument("--seed", type=int, default=2_000_000)
+    c.add_argument("--dir", type=Path, default=None, help="work folder (default: <data_dir>/demo)")
+    c.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("phantom", help="write a synthetic CT phantom series and its ground truth")
+    c.add_argument("--seed", type=int, required=True)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--rows", type=int, default=384)
+    c.add_argument("--slices", type=int, default=96)
+    c.add_argument("--pixel-spacing", type=float, default=0.95)
+    c.add_argument("--slice-spacing", type=float, default=2.0)
+    c.set_defaults(func=cmd_phantom)
+
+    c = sub.add_parser("train", help="train the segmenter and classifier, write a model directory")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--data", type=Path, default=None, help="site data folder with cases.json (default: phantoms)")
+    c.add_argument("--cases", type=int, default=48, help="number of phantoms (ignored with --data)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seg-steps", type=int, default=1800)
+    c.add_argument("--cls-epochs", type=int, default=30)
+    c.add_argument("--version", default="0.1.0")
+    c.add_argument("--name", default="nodal-ln-demo")
+    c.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
+    c.add_argument("--cases", type=int, default=20)
+    c.add_argument("--seed", type=int, default=None, help="first seed (default: the first held-out seed)")
+    c.add_argument("--json", action="store_true", help="print JSON only")
+    c.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("config", help="check the configuration and print the effective values")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def _model(settings: Settings):
+    import torch
+
+    from inference.model_store import load_model
+
+    if settings.inference.threads:
+        torch.set_num_threads(settings.inference.threads)
+    return load_model(settings.inference.model_dir, settings.inference.device)
+
+
+def _pipeline_settings(settings: Settings):
+    from inference.pipeline import PipelineSettings
+
+    inf = settings.inference
+    return PipelineSettings(
+        threshold=inf.threshold,
+        min_volume_mm3=inf.min_node_volume_mm3,
+        roi=inf.sliding_window.roi,
+        overlap=inf.sliding_window.overlap,
+        batch_size=inf.sliding_window.batch_size,
+    )
+
+
+def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict:
+    """Load, analyse, write findings.json; returns the findings document."""
+    from inference.dicom_volume import load_series
+    from inference.pipeline import analyse
+
+    vs = settings.volume
+    volume = load_series(
+        input_path, min_slices=vs.min_slices, max_tilt_degrees=vs.max_tilt_degrees, gap_factor=vs.gap_factor
+    )
+    model = model or _model(settings)
+    analysis = analyse(volume, model, _pipeline_settings(settings))
+    out.mkdir(parents=True, exist_ok=True)
+    doc = analysis.findings.to_json()
+    (out / "findings.json").write_text(json.dumps(doc, indent=2) + "\n")
+    log.info("stage seconds: %s", {k: round(v, 2) for k, v in analysis.seconds.items()})
+    return doc
+
+
+def findings_table(doc: dict) -> str:
+    head = f"{'node':<6} {'short mm':>8} {'long mm':>8} {'vol mm3':>9} {'HU':>6} {'p(malig)':>8}  size class"
+    lines = [f"model {doc['model']['name']} {doc['model']['version']}: {len(doc['nodes'])} node(s)", head]
+    for n in doc["nodes"]:
+        lines.append(
+            f"{n['label']:<6} {n['short_axis_mm']:>8.1f} {n['long_axis_mm']:>8.1f} {n['volume_mm3']:>9.0f} "
+            f"{n['mean_hu']:>6.0f} {n['malignancy_probability']:>8.2f}  {n['size_category']}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_process(args, settings: Settings) -> int:
+    doc = process(args.input, args.out, settings)
+    print(findings_table(doc))
+    print(f"results in {args.out}")
+    return 0
+
+
+def cmd_phantom(args, settings: Settings) -> int:
+    from inference import phantoms
+
+    spec = phantoms.PhantomSpec(
+        rows=args.rows, columns=args.rows, slices=args.slices,
+        pixel_spacing_mm=args.pixel_spacing, slice_spacing_mm=args.slice_spacing,
+    )
+    ph = phantoms.generate(args.seed, spec)
+    paths = phantoms.write_phantom(ph, args.out / "dicom")
+    (args.out / "ground_truth.json").write_text(json.dumps(ph.ground_truth(), indent=2) + "\n")
+    print(f"{len(paths)} CT slices and ground truth ({len(ph.nodes)} nodes) in {args.out}")
+    return 0
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from inference import phantoms
+
+    work = args.dir or settings.node.data_dir / "demo"
+    ct = work / f"phantom-{args.seed}"
+    if not (ct / "dicom").is_dir():
+        ph = phantoms.generate(args.seed)
+        phantoms.write_phantom(ph, ct / "dicom")
+        (ct / "ground_truth.json").write_text(json.dumps(ph.ground_truth(), indent=2) + "\n")
+    truth = json.loads((ct / "ground_truth.json").read_text())
+    doc = process(ct / "dicom", work / "results", settings)
+    print(findings_table(doc))
+    print(f"\nground truth ({ct / 'ground_truth.json'}):")
+    for n in sorted(truth["nodes"], key=lambda n: -n["volume_mm3"]):
+        print(
+            f"  {n['station']:<12} short {n['short_axis_mm']:5.1f} mm  long {n['long_axis_mm']:5.1f} mm"
+            f"  {'malignant' if n['malignant_criterion'] else 'benign'}"
+        )
+    print(f"results in {work / 'results'}")
+    return 0
+
+
+def cmd_train(args, settings: Settings) -> int:
+    from inference.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        cases=args.cases, seed=args.seed, seg_steps=args.seg_steps, cls_epochs=args.cls_epochs,
+        version=args.version, name=args.name,
+    )
+    command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
+    out = train(args.out, cfg, args.data, command=command)
+    print(f"model written to {out}")
+    return 0
+
+
+def cmd_evaluate(args, settings: Settings) -> int:
+    from inference.evaluate import evaluate
+    from inference.train import EVAL_SEED_BASE
+
+    result = evaluate(
+        _model(settings), args.cases, args.seed if args.seed is not None else EVAL_SEED_BASE,
+        settings=_pipeline_settings(settings),
+    )
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def cmd_config(args, settings: Settings) -> int:
+    import yaml
+
+    print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

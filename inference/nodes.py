@@ -1,0 +1,120 @@
+"""Nodes from a probability map: components on the native grid and their measurements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from inference import rules
+from inference.classify import crop_around
+from inference.findings import AxisLine
+from inference.measure import axial_diameters
+from inference.preprocess import Grid
+from inference.volume import Volume
+
+
+@dataclass
+class Candidate:
+    mask: np.ndarray  # native bool mask in bbox
+    bbox: tuple[int, int, int, int, int, int]
+    soft: np.ndarray  # native probability in bbox
+    crop: np.ndarray | None = None  # classifier input
+
+
+def components(
+    volume: Volume,
+    image_w: np.ndarray,
+    prob: np.ndarray,
+    grid: Grid,
+    threshold: float,
+    min_volume_mm3: float,
+) -> list[Candidate]:
+    """Connected components of the working-grid probability, each carried to the native grid."""
+    labels, _ = ndimage.label(prob >= threshold)
+    voxel_w = float(np.prod(grid.working_spacing))
+    out = []
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        comp = labels[sl] == idx
+        if comp.sum() * voxel_w < min_volume_mm3 * 0.5:
+            continue
+        lo_w = np.array([max(0, x.start - 2) for x in sl])
+        hi_w = np.array([min(n, x.stop + 2) for x, n in zip(sl, labels.shape, strict=True)])
+        box_w = tuple(slice(a, b) for a, b in zip(lo_w, hi_w, strict=True))
+        own = ndimage.binary_dilation(labels[box_w] == idx, iterations=2)
+        local = np.where(own, prob[box_w], 0.0)
+        lo_n = np.maximum(np.floor(grid.to_native(lo_w)).astype(int), 0)
+        hi_n = np.minimum(np.ceil(grid.to_native(hi_w - 1)).astype(int) + 1, volume.shape)
+        axes = [np.arange(a, b) for a, b in zip(lo_n, hi_n, strict=True)]
+        coords = np.meshgrid(
+            *[grid.to_working_axis(ax, a) - lo_w[ax] for ax, a in enumerate(axes)], indexing="ij"
+        )
+        soft = ndimage.map_coordinates(local, coords, order=1, mode="constant", cval=0.0)
+        mask = soft >= threshold
+        lab, n = ndimage.label(mask)
+        if n == 0:
+            continue
+        if n > 1:
+            sizes = ndimage.sum_labels(mask, lab, range(1, n + 1))
+            mask = lab == (int(np.argmax(sizes)) + 1)
+        bbox = (*(int(v) for v in lo_n), *(int(v) for v in hi_n))
+        centre = [c + x.start for c, x in zip(ndimage.center_of_mass(comp), sl, strict=True)]
+        extent = max(x.stop - x.start for x in sl)
+        crop = crop_around(image_w, labels, centre, extent, label=idx)
+        out.append(
+            Candidate(
+                mask=mask, bbox=bbox, soft=np.where(mask, soft, np.minimum(soft, 0.49)), crop=crop
+            )
+        )
+    return out
+
+
+def measure_node(volume: Volume, c: Candidate) -> dict | None:
+    """Key slice, RECIST diameters, centroid, volume, mean HU and flags of one node."""
+    k0, j0, i0, k1, j1, i1 = c.bbox
+    vox = float(np.prod(volume.spacing))
+    volume_mm3 = float(c.mask.sum()) * vox
+    areas = c.mask.sum(axis=(1, 2))
+    key_local = int(np.argmax(areas))
+    key = k0 + key_local
+    try:
+        d = axial_diameters(c.soft[key_local], volume.spacing[1:])
+    except ValueError:
+        return None
+
+    def line(endpoints, length) -> AxisLine:
+        jis = [(j0 + r, i0 + q) for r, q in endpoints]
+        lps = volume.to_lps(np.array([(key, j, i) for j, i in jis]))
+        return AxisLine(
+            length_mm=float(length),
+            endpoints_lps_mm=tuple(tuple(float(v) for v in p) for p in lps),  # type: ignore[arg-type]
+            endpoints_pixel=tuple((float(i) + 0.5, float(j) + 0.5) for j, i in jis),  # type: ignore[arg-type]
+        )
+
+    idx = np.argwhere(c.mask) + np.array([k0, j0, i0])
+    centroid_voxel = idx.mean(axis=0)
+    hu = volume.array[k0:k1, j0:j1, i0:i1]
+    dist = ndimage.distance_transform_edt(c.mask, sampling=volume.spacing)
+    core = dist >= 0.5 * dist.max()
+    flags = rules.shape_flags(
+        d.short_mm,
+        d.long_mm,
+        float(hu[core].mean()) if core.any() else np.nan,
+        float(hu[c.mask & ~core].mean()) if (c.mask & ~core).any() else np.nan,
+    )
+    return {
+        "bbox": c.bbox,
+        "mask": c.mask,
+        "crop": c.crop,
+        "key_slice": key,
+        "long": line(d.long_endpoints, d.long_mm),
+        "short": line(d.short_endpoints, d.short_mm),
+        "centroid_voxel": tuple(float(v) for v in centroid_voxel),
+        "centroid_lps": tuple(float(v) for v in volume.to_lps(centroid_voxel)),
+        "volume_mm3": volume_mm3,
+        "mean_hu": float(hu[c.mask].mean()),
+        "flags": flags,
+    }

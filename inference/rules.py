@@ -1,0 +1,34 @@
+"""The rule-based baseline reported beside the network's probability.
+
+Size classes follow RECIST 1.1 for lymph nodes (short axis); shape and necrosis flags
+follow Steinkamp et al. 1994 (round: short/long >= 0.8 here) and Som 1992 (central
+necrosis). See docs/model.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SIZE_NORMAL = "normal (<10 mm)"
+SIZE_NON_TARGET = "pathological non-target (10-15 mm)"
+SIZE_TARGET = "pathological target (>=15 mm)"
+SIZE_CATEGORIES = (SIZE_NORMAL, SIZE_NON_TARGET, SIZE_TARGET)
+FLAG_ROUND = "round"
+FLAG_NECROSIS = "central low attenuation"
+
+
+def size_category(short_axis_mm: float) -> str:
+    if short_axis_mm >= 15.0:
+        return SIZE_TARGET
+    if short_axis_mm >= 10.0:
+        return SIZE_NON_TARGET
+    return SIZE_NORMAL
+
+
+def shape_flags(short_axis_mm: float, long_axis_mm: float, core_hu: float, rim_hu: float) -> tuple[str, ...]:
+    flags = []
+    if long_axis_mm > 0 and short_axis_mm / long_axis_mm >= 0.8:
+        flags.append(FLAG_ROUND)
+    if short_axis_mm >= 8.0 and np.isfinite(core_hu) and core_hu < rim_hu - 15.0:
+        flags.append(FLAG_NECROSIS)
+    return tuple(flags)

@@ -1,0 +1,23 @@
+"""The evaluation's own arithmetic: AUC and detection matching."""
+
+import numpy as np
+import pytest
+
+from inference.evaluate import auc, match
+
+
+def test_auc():
+    assert auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert auc([0.5, 0.5], [False, True]) == 0.5
+    assert auc([0.3, 0.4], [True, True]) is None
+
+
+def test_match_counts_overlap_and_false_positives():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:5, 2:5, 2:5] = 1
+    hit = np.ones((3, 3, 3), bool)
+    miss = np.ones((2, 2, 2), bool)
+    out = match(labels, [((2, 2, 2, 5, 5, 5), hit), ((7, 7, 7, 9, 9, 9), miss)])
+    assert out[0].gt == 1 and out[0].dice == pytest.approx(1.0)
+    assert out[1].gt == 0

@@ -1,0 +1,48 @@
+"""Model directories: a card that names the weights and pins their checksums, or no model."""
+
+import json
+import shutil
+
+import pytest
+
+from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, load_model, read_card
+
+
+def test_shipped_demo_model_loads_and_says_what_it_is():
+    model = load_model(DEFAULT_MODEL_DIR, "cpu")
+    card = model.card
+    assert card["not_for_clinical_use"] is True
+    assert "synthetic" in card["training_data"] and "NOT for clinical use" in card["intended_use"]
+    assert model.working_spacing > 0
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    return shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "m")
+
+
+def test_missing_card_is_refused(model_copy):
+    (model_copy / "model_card.json").unlink()
+    with pytest.raises(ModelCardError, match="no model_card.json"):
+        read_card(model_copy)
+
+
+def test_missing_field_is_refused(model_copy):
+    card = json.loads((model_copy / "model_card.json").read_text())
+    del card["intended_use"]
+    (model_copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match="intended_use"):
+        read_card(model_copy)
+
+
+def test_changed_weights_are_refused(model_copy):
+    with open(model_copy / "segmenter.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelCardError, match="checksum of segmenter.pt"):
+        load_model(model_copy, "cpu")
+
+
+def test_missing_weights_are_refused(model_copy):
+    (model_copy / "classifier.pt").unlink()
+    with pytest.raises(ModelCardError, match="classifier.pt named by the card is missing"):
+        read_card(model_copy)
