@@ -36,8 +36,7 @@ from sr_templates.sources import prepare_sources  # noqa: E402
 from sr_templates.synthetic import ellipsoid_finding, paint, study_findings  # noqa: E402
 from sr_templates.uids import ResultUIDs, uid_from_names  # noqa: E402
 
-#: The size classes `inference.rules` reports (RECIST 1.1 short axis).
-CATEGORIES = ("normal (<10 mm)", "pathological non-target (10-15 mm)", "pathological target (>=15 mm)")
+from inference.rules import SIZE_CATEGORIES as CATEGORIES  # noqa: E402
 
 
 def make_case(slices: int, size: int, nodes: int, folder: Path):

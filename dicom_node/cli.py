@@ -21,14 +21,40 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"nodal: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     try:
         return args.func(args, settings) or 0
     except (ValueError, FileNotFoundError) as e:  # VolumeError, ModelCardError, ... are ValueErrors
         print(f"nodal: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logger from `logging`; chatty libraries (pynetdicom logs per instance) held at WARNING."""
+    handler = logging.StreamHandler()
+    if settings.logging.json_lines:
+        handler.setFormatter(_JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.logging.level)
+    quiet = max(logging.WARNING, root.level)
+    for name in ("highdicom", "pynetdicom", "urllib3", "dicomweb_client", "uvicorn", "orthanc_api_client"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("train", help="train the segmenter and classifier, write a model directory")
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--data", type=Path, default=None, help="site data folder with cases.json (default: phantoms)")
+    c.add_argument(
+        "--data", type=Path, default=None, help="site data folder with cases.json (default: phantoms)"
+    )
     c.add_argument("--cases", type=int, default=48, help="number of phantoms (ignored with --data)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--seg-steps", type=int, default=1800)
@@ -74,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="check the configuration and print the effective values")
     c.set_defaults(func=cmd_config)
+
+    c = sub.add_parser("serve", help="run the node: DIMSE and STOW-RS receivers, workers, delivery, REST API")
+    c.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("echo", help="C-ECHO a DICOM peer: a destination name or AE@HOST:PORT")
+    c.add_argument("peer", help="destination name from the configuration, or AE@HOST:PORT")
+    c.add_argument("--timeout", type=float, default=10.0)
+    c.set_defaults(func=cmd_echo)
     return p
 
 
@@ -114,8 +150,35 @@ def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     doc = analysis.findings.to_json()
     (out / "findings.json").write_text(json.dumps(doc, indent=2) + "\n")
+    from sr_templates import write_results
+
+    written = write_results(
+        source_datasets(input_path, analysis.findings),
+        analysis.findings,
+        out,
+        result_images=settings.results.result_images,
+        omit_empty_frames=settings.results.omit_empty_frames,
+    )
+    doc["result_files"] = [p.name for p in written]
     log.info("stage seconds: %s", {k: round(v, 2) for k, v in analysis.seconds.items()})
     return doc
+
+
+def source_datasets(input_path: Path, findings) -> list:
+    """The analysed series' datasets; pixel data is read from disk only where it is used."""
+    import pydicom
+
+    wanted = {ref.sop_instance_uid for ref in findings.slices}
+    paths = sorted(p for p in input_path.rglob("*") if p.is_file()) if input_path.is_dir() else [input_path]
+    out = []
+    for p in paths:
+        try:
+            ds = pydicom.dcmread(p, defer_size=4096)
+        except Exception:  # not DICOM: ground truth, notes, DICOMDIR companions
+            continue
+        if ds.get("SOPInstanceUID") in wanted:
+            out.append(ds)
+    return out
 
 
 def findings_table(doc: dict) -> str:
@@ -132,7 +195,7 @@ def findings_table(doc: dict) -> str:
 def cmd_process(args, settings: Settings) -> int:
     doc = process(args.input, args.out, settings)
     print(findings_table(doc))
-    print(f"results in {args.out}")
+    print(f"results in {args.out}: findings.json, {', '.join(doc['result_files'])}")
     return 0
 
 
@@ -140,8 +203,11 @@ def cmd_phantom(args, settings: Settings) -> int:
     from inference import phantoms
 
     spec = phantoms.PhantomSpec(
-        rows=args.rows, columns=args.rows, slices=args.slices,
-        pixel_spacing_mm=args.pixel_spacing, slice_spacing_mm=args.slice_spacing,
+        rows=args.rows,
+        columns=args.rows,
+        slices=args.slices,
+        pixel_spacing_mm=args.pixel_spacing,
+        slice_spacing_mm=args.slice_spacing,
     )
     ph = phantoms.generate(args.seed, spec)
     paths = phantoms.write_phantom(ph, args.out / "dicom")
@@ -176,8 +242,12 @@ def cmd_train(args, settings: Settings) -> int:
     from inference.train import TrainConfig, train
 
     cfg = TrainConfig(
-        cases=args.cases, seed=args.seed, seg_steps=args.seg_steps, cls_epochs=args.cls_epochs,
-        version=args.version, name=args.name,
+        cases=args.cases,
+        seed=args.seed,
+        seg_steps=args.seg_steps,
+        cls_epochs=args.cls_epochs,
+        version=args.version,
+        name=args.name,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command)
@@ -190,7 +260,9 @@ def cmd_evaluate(args, settings: Settings) -> int:
     from inference.train import EVAL_SEED_BASE
 
     result = evaluate(
-        _model(settings), args.cases, args.seed if args.seed is not None else EVAL_SEED_BASE,
+        _model(settings),
+        args.cases,
+        args.seed if args.seed is not None else EVAL_SEED_BASE,
         settings=_pipeline_settings(settings),
     )
     print(json.dumps(result, indent=None if args.json else 2))
@@ -202,6 +274,25 @@ def cmd_config(args, settings: Settings) -> int:
 
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
     return 0
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    from dicom_node.serve import serve
+
+    return serve(settings)
+
+
+def cmd_echo(args, settings: Settings) -> int:
+    from dicom_node.echo import echo, resolve_peer
+
+    try:
+        peer = resolve_peer(args.peer, settings)
+    except ValueError as e:
+        print(f"nodal: {e}", file=sys.stderr)
+        return 2
+    result = echo(settings.node.ae_title, peer, args.timeout)
+    print(result.message)
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

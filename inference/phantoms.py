@@ -63,6 +63,7 @@ class PhantomSpec:
     noise_hu: float = 12.0
     label_noise: float = 0.05
     region: str = "auto"  # chest | abdomen | auto (diaphragm somewhere in the volume)
+    phase: str = "auto"  # arterial | venous | unenhanced | auto (drawn from the seed)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     cv = _Canvas(spec, affine)
     zlo, zhi = z0 - 30, z0 + height + 30
     phase = str(rng.choice(list(PHASES)))
+    phase = phase if spec.phase == "auto" else spec.phase
     art, ven, organ_enh, node_enh = PHASES[phase]
 
     # Body wall: fat, muscle ring, ribs.

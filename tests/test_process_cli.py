@@ -1,0 +1,71 @@
+"""`nodal process` end to end on a phantom: finds its nodes, writes valid result objects."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from inference import phantoms
+
+SPEC = phantoms.PhantomSpec(rows=288, columns=288, pixel_spacing_mm=1.25, slices=64, slice_spacing_mm=2.5)
+
+
+def nodal(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *map(str, args)], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("process")
+    ph = phantoms.generate(1_500_001, SPEC)
+    phantoms.write_phantom(ph, root / "ct")
+    res = nodal("process", root / "ct", "--out", root / "out")
+    assert res.returncode == 0, res.stderr
+    return ph, root, res
+
+
+@pytest.mark.slow
+def test_finds_the_nodes(processed):
+    ph, root, res = processed
+    doc = json.loads((root / "out" / "findings.json").read_text())
+    assert {"study_instance_uid", "series_instance_uid", "model", "nodes"} <= set(doc)
+    found = np.array([n["centroid_lps_mm"] for n in doc["nodes"]]).reshape(-1, 3)
+    for node in ph.nodes:
+        if node.short_axis_mm < 8:
+            continue
+        dist = np.linalg.norm(found - np.array(node.centre_lps_mm), axis=1).min() if len(found) else np.inf
+        assert dist < node.short_axis_mm / 2, f"node of {node.short_axis_mm:.1f} mm not found"
+        best = min(doc["nodes"], key=lambda n: np.linalg.norm(np.subtract(n["centroid_lps_mm"], node.centre_lps_mm)))
+        assert best["short_axis_mm"] == pytest.approx(node.short_axis_mm, abs=2.0)
+        assert 0.0 <= best["malignancy_probability"] <= 1.0
+    assert "LN-1" in res.stdout  # the findings table
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_result_objects_pass_dciodvfy(processed):
+    _, root, _ = processed
+    if not shutil.which("dciodvfy"):
+        pytest.skip("dciodvfy (Debian dicom3tools) not installed; `make test` installs it")
+    files = sorted((root / "out").glob("*.dcm"))
+    assert {"seg.dcm", "sr.dcm"} <= {f.name for f in files}
+    for f in files:
+        out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, (f.name, errors)
+
+
+def test_missing_slice_is_refused_with_a_clear_message(tmp_path):
+    ph = phantoms.generate(5, phantoms.PhantomSpec(rows=64, columns=64, pixel_spacing_mm=6.0, slices=12,
+                                                   slice_spacing_mm=5.0, nodes=(0, 0)))
+    paths = phantoms.write_phantom(ph, tmp_path / "ct")
+    paths[5].unlink()
+    res = nodal("process", tmp_path / "ct", "--out", tmp_path / "out")
+    assert res.returncode == 1
+    assert "MissingSlicesError" in res.stderr and "gap" in res.stderr
+    assert not (tmp_path / "out" / "findings.json").exists()
