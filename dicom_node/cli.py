@@ -250,7 +250,7 @@ def cmd_train(args, settings: Settings) -> int:
         name=args.name,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
-    out = train(args.out, cfg, args.data, command=command)
+    out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")
     print(f"model written to {out}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -84,7 +85,25 @@ def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
     return imgs, masks, crops, scalars, labels
 
 
-def collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
+def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = None) -> tuple:
+    """Training samples; phantom samples are cached per (seed, cases, patch settings)."""
+    cache = None
+    if data_dir is None and cache_dir is not None:
+        key = f"s{cfg.seed}-n{cfg.cases}-p{cfg.patch}x{cfg.patches_per_case}-w{cfg.working_spacing_mm}"
+        cache = Path(cache_dir) / f"samples-{key}.pkl"
+        if cache.is_file():
+            log.info("using cached training samples %s", cache)
+            with open(cache, "rb") as f:
+                return pickle.load(f)
+    samples = _collect(cfg, data_dir)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache, "wb") as f:
+            pickle.dump(samples, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return samples
+
+
+def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
     t0 = time.time()
     if data_dir is None:
         if cfg.seed + cfg.cases > EVAL_SEED_BASE:
@@ -193,8 +212,14 @@ def train_classifier(cfg: TrainConfig, crops, scalars, labels) -> torch.nn.Modul
     return net.eval()
 
 
-def train(out_dir: Path, cfg: TrainConfig, data_dir: Path | None = None, command: str = "") -> Path:
-    imgs, masks, crops, scalars, labels = collect(cfg, data_dir)
+def train(
+    out_dir: Path,
+    cfg: TrainConfig,
+    data_dir: Path | None = None,
+    command: str = "",
+    cache_dir: Path | None = None,
+) -> Path:
+    imgs, masks, crops, scalars, labels = collect(cfg, data_dir, cache_dir)
     seg = train_segmenter(cfg, imgs, masks)
     cls = train_classifier(cfg, crops, scalars, labels)
     synthetic = data_dir is None
@@ -217,7 +242,7 @@ def train(out_dir: Path, cfg: TrainConfig, data_dir: Path | None = None, command
         "not_for_clinical_use": synthetic,
         "working_spacing_mm": cfg.working_spacing_mm,
         "segmenter": {
-            "architecture": "monai.networks.nets.UNet",
+            "architecture": "monai.networks.nets.UNet + 1x1x1 conv head",
             "channels": list(cfg.seg_channels),
             "res_units": 1,
             "roi_size": [96, 96, 96],
