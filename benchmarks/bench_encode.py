@@ -30,13 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.ct_series import write_ct_series  # noqa: E402
 from inference.findings import ModelInfo, SliceRef  # noqa: E402
+from inference.rules import SIZE_CATEGORIES as CATEGORIES  # noqa: E402
 from sr_templates import build_results  # noqa: E402
 from sr_templates.result_images import build_result_images  # noqa: E402
 from sr_templates.sources import prepare_sources  # noqa: E402
 from sr_templates.synthetic import ellipsoid_finding, paint, study_findings  # noqa: E402
 from sr_templates.uids import ResultUIDs, uid_from_names  # noqa: E402
-
-from inference.rules import SIZE_CATEGORIES as CATEGORIES  # noqa: E402
 
 
 def make_case(slices: int, size: int, nodes: int, folder: Path):

@@ -22,6 +22,7 @@ Everything derives from one integer seed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -158,7 +159,8 @@ class _Canvas:
     def ellipsoid(self, centre_zyx, semi_zyx, hu, code, rot=0.0, where=None):
         c, s = np.asarray(centre_zyx, float), np.asarray(semi_zyx, float)
         r = s.max()
-        box = self.axes_mm(c - (s[0], r, r), c + (s[0], r, r))
+        half = np.array((s[0], r, r))
+        box = self.axes_mm(c - half, c + half)
         if box is None:
             return None, None
         sl, (z, y, x) = box
@@ -194,7 +196,7 @@ class _Canvas:
 
 def _densify(points: np.ndarray, step: float) -> np.ndarray:
     out = [points[0]]
-    for a, b in zip(points[:-1], points[1:], strict=True):
+    for a, b in itertools.pairwise(points):
         n = max(1, int(np.linalg.norm(b - a) / step))
         out.extend(a + (b - a) * t for t in np.linspace(0, 1, n + 1)[1:])
     return np.array(out)
@@ -273,7 +275,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         for zr in np.arange(zlo + rng.uniform(0, 25), zhi, 25.0):  # ribs: bone arc at the cavity wall
             cv.slab_ellipse((zr, zr + 8), (cy, 0), (Bc + 5, Ac + 5), 550.0, BONE, where=(MUSCLE,))
         heart_z = rng.uniform(25, 60)
-        _, heart = cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (45, 48, 58), 40.0, ORGAN)
+        cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (45, 48, 58), 40.0, ORGAN)
         cv.ellipsoid((heart_z, cy - 0.35 * Bc, 18), (32, 34, 42), ven, VESSEL)
         carina = heart_z + rng.uniform(40, 60)
         cv.tube([(carina, cy, 0), (zhi, cy - 5, 0)], 9.0, 40.0, AIRWAY)

@@ -72,7 +72,7 @@ def to_working(
     box = body_box(hu) if crop else tuple(slice(0, n) for n in hu.shape)
     native = hu[box]
     shape_w = tuple(
-        max(1, int(round((n - 1) * s / working_spacing)) + 1)
+        max(1, round((n - 1) * s / working_spacing) + 1)
         for n, s in zip(native.shape, spacing, strict=True)
     )
     out = resample(native, shape_w)

@@ -59,7 +59,7 @@ def training_spec(seed: int) -> phantoms.PhantomSpec:
     rng = np.random.default_rng([seed, 7])
     ps = float(rng.uniform(0.75, 1.0))
     ss = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]))
-    n = int(math.ceil(380 / ps))
+    n = math.ceil(380 / ps)
     return phantoms.PhantomSpec(
         rows=n,
         columns=n,
@@ -227,7 +227,8 @@ def train(
         "name": cfg.name,
         "version": cfg.version,
         "training_data": (
-            f"{cfg.cases} synthetic CT phantoms (inference/phantoms.py, seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
+            f"{cfg.cases} synthetic CT phantoms (inference/phantoms.py, "
+            f"seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
             f" {len(imgs)} patches, {len(crops)} labelled nodes"
             if synthetic
             else f"site data from {Path(data_dir).name}: {len(crops)} labelled nodes"

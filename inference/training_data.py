@@ -79,7 +79,7 @@ def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Cas
         raise ValueError(f"label {label_path.name} has shape {lab.shape}, image {hu.shape}")
     image, grid = to_working(hu.astype(np.float32), spacing, working_spacing)
     lab_w = nearest(lab.astype(np.uint8), grid)
-    inst, n = ndimage.label(lab_w > 0)
+    inst, _ = ndimage.label(lab_w > 0)
     malignant = {}
     for i, sl in enumerate(ndimage.find_objects(inst), start=1):
         malignant[i] = bool((lab_w[sl][inst[sl] == i] == 2).mean() > 0.5)

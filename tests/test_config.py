@@ -59,7 +59,7 @@ def test_every_wrong_key_gets_a_line(tmp_path):
 
 def test_ae_title_longer_than_16_is_refused(monkeypatch):
     monkeypatch.setenv("NODAL_NODE__AE_TITLE", "A" * 17)
-    with pytest.raises(ConfigError, match="node.ae_title"):
+    with pytest.raises(ConfigError, match=r"node\.ae_title"):
         load_settings()
 
 

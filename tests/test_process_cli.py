@@ -40,7 +40,9 @@ def test_finds_the_nodes(processed):
             continue
         dist = np.linalg.norm(found - np.array(node.centre_lps_mm), axis=1).min() if len(found) else np.inf
         assert dist < node.short_axis_mm / 2, f"node of {node.short_axis_mm:.1f} mm not found"
-        best = min(doc["nodes"], key=lambda n: np.linalg.norm(np.subtract(n["centroid_lps_mm"], node.centre_lps_mm)))
+        best = min(
+            doc["nodes"], key=lambda n: np.linalg.norm(np.subtract(n["centroid_lps_mm"], node.centre_lps_mm))
+        )
         assert best["short_axis_mm"] == pytest.approx(node.short_axis_mm, abs=2.0)
         assert 0.0 <= best["malignancy_probability"] <= 1.0
     assert "LN-1" in res.stdout  # the findings table
