@@ -4,13 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the tests talk to (real peers, 127.0.0.1 only).
-PEERS  := dcmtk dicom3tools
-PEER_BINARIES := storescu dciodvfy dsrdump
+PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb
+PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc
+PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 .PHONY: run test lint peers install train evaluate bench clean
 
+# The node with the embedded defaults (conf/node.yaml): DIMSE on 11112, HTTP (API, STOW-RS) on
+# 8080, data in var/. `$(BIN)/nodal demo` still analyses one generated phantom offline.
 run: $(STAMP)
-	$(BIN)/nodal demo
+	$(BIN)/nodal serve
 
 test: $(STAMP) peers
 	$(BIN)/ruff check .
@@ -28,7 +31,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 peers:
-	@missing=""; for b in $(PEER_BINARIES); do command -v $$b >/dev/null || missing=1; done; \
+	@missing=""; for b in $(PEER_BINARIES); do command -v $$b >/dev/null || test -x /usr/sbin/$$b || missing=1; done; \
+	for f in $(PEER_FILES); do test -e $$f || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers: $(PEERS)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
@@ -40,7 +44,7 @@ lint: $(STAMP)
 
 # The recorded commands behind the shipped demo weights and benchmarks/RESULTS.md.
 train: $(STAMP)
-	$(BIN)/nodal train --out inference/models/nodal-ln-demo --cases 80 --seg-steps 2000 --cls-epochs 40
+	$(BIN)/nodal train --out inference/models/nodal-ln-demo --cases 80 --seg-steps 2000 --cls-epochs 25
 
 evaluate: $(STAMP)
 	$(BIN)/nodal evaluate --cases 20 --json

@@ -7,25 +7,27 @@ from monai.networks.nets import UNet
 from torch import nn
 
 
+HEAD_FEATURES = 4  # U-Net outputs feeding the 1x1x1 head (more costs full-resolution compute)
+
+
 def build_segmenter(channels: tuple[int, ...] = (16, 32, 64, 128), res_units: int = 1) -> nn.Module:
     """MONAI U-Net with a 1x1x1 convolution head: one CT channel in, one node logit out.
 
     The head matters: MONAI's U-Net ends in an up-sampling layer whose instance norm, with a
     single output channel, normalises the logits of each window to zero mean and unit
     variance, which caps how confident the network can become (seen as logits stuck near
-    zero). Giving the U-Net `channels[0]` outputs and a plain convolution after it removes
-    the cap.
+    zero). Giving the U-Net a few outputs and a plain convolution after it removes the cap.
     """
     unet = UNet(
         spatial_dims=3,
         in_channels=1,
-        out_channels=channels[0],
+        out_channels=HEAD_FEATURES,
         channels=tuple(channels),
         strides=(2,) * (len(channels) - 1),
         num_res_units=res_units,
         norm="instance",
     )
-    return nn.Sequential(unet, nn.Conv3d(channels[0], 1, kernel_size=1))
+    return nn.Sequential(unet, nn.Conv3d(HEAD_FEATURES, 1, kernel_size=1))
 
 
 #: Scalar measurements the classifier head sees beside the crop (mm, scaled by 1/20).

@@ -42,7 +42,8 @@ class TrainConfig:
     cases: int = 48
     seed: int = 0
     working_spacing_mm: float = 1.0
-    patch: int = 64
+    patch: int = 64  # stored patch side
+    train_crop: int = 48  # random crop of the stored patch seen per step
     patches_per_case: int = 48
     seg_steps: int = 1800
     seg_batch: int = 4
@@ -152,10 +153,12 @@ def train_segmenter(cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray) -> to
     t0 = time.time()
     for step in range(cfg.seg_steps):
         idx = rng.integers(0, len(imgs), cfg.seg_batch)
-        hu = torch.from_numpy(imgs[idx].astype(np.float32))[:, None]
+        o = rng.integers(0, cfg.patch - cfg.train_crop + 1, 3)
+        crop = (idx, *(slice(a, a + cfg.train_crop) for a in o))
+        hu = torch.from_numpy(imgs[crop].astype(np.float32))[:, None]
         hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
         x = normalise(hu)
-        y = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
+        y = torch.from_numpy(masks[crop].astype(np.float32))[:, None]
         both = _flip(torch.cat([x, y], 1), rng)
         x, y = both[:, :1], both[:, 1:]
         opt.zero_grad()

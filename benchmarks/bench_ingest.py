@@ -1,0 +1,205 @@
+"""Ingest benchmark: Orthanc pushes a 300-slice 512x512 CT study to nodal over DIMSE.
+
+Measured in one run, against the same Orthanc and the same cached phantom:
+- `discard_stock`: a pynetdicom SCP that returns success at once (pynetdicom defaults:
+  16 KiB PDU, Nagle on);
+- `discard_tuned`: the same with nodal's network settings (128 KiB PDU, TCP_NODELAY), so
+  the ratio to it is the cost of durability alone;
+- `nodal`: `nodal serve` with the embedded defaults (durable fsync spool, index), then
+  the analysis and the C-STORE of SEG, SR and result images back to Orthanc;
+- `nodal_syncfs`: ingest only, with `spool.durability: syncfs`.
+
+Rates are instances per second between the first and the last instance received.
+`turnaround_s` is from the last instance received to the results stored in Orthanc, less
+the quiet period (i.e. from study completion). Needs the Debian peers (`make peers`).
+
+    .venv/bin/python -m benchmarks.bench_ingest            # prints one JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from peers import Nodal, Orthanc, free_port, model_dir, node_config, wait_until  # noqa: E402
+
+from benchmarks.run import phantom_series  # noqa: E402
+
+RESULT_MODALITIES = {"SEG", "SR", "OT"}
+
+
+def discard_scp_rate(orthanc: Orthanc, study_id: str, tuned: bool) -> float:
+    """Instances per second into a pynetdicom SCP that stores nothing."""
+    import socket
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    stamps: list[float] = []
+
+    def on_store(event) -> int:
+        stamps.append(time.perf_counter())
+        return 0x0000
+
+    def on_open(event) -> None:
+        if tuned:
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE(ae_title="DISCARD")
+    if tuned:
+        ae.maximum_pdu_size = 131072
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)],
+    )
+    try:
+        register(orthanc, "discard", "DISCARD", port)
+        push(orthanc, study_id, "discard")
+    finally:
+        server.shutdown()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def register(orthanc: Orthanc, name: str, aet: str, port: int) -> None:
+    requests.put(
+        f"{orthanc.url}/modalities/{name}", json={"AET": aet, "Host": "127.0.0.1", "Port": port}, timeout=10
+    ).raise_for_status()
+
+
+def push(orthanc: Orthanc, study_id: str, modality: str) -> None:
+    r = requests.post(
+        f"{orthanc.url}/modalities/{modality}/store",
+        json={"Resources": [study_id], "Synchronous": True},
+        timeout=600,
+    )
+    r.raise_for_status()
+
+
+def results_in_orthanc(orthanc: Orthanc, study_id: str) -> bool:
+    series = requests.get(f"{orthanc.url}/studies/{study_id}/series", timeout=10).json()
+    return {s["MainDicomTags"].get("Modality") for s in series} >= RESULT_MODALITIES
+
+
+def nodal_run(
+    orthanc: Orthanc, study_id: str, folder: Path, model: Path, analyse: bool, durability: str
+) -> dict:
+    port = free_port()
+    cfg = node_config(
+        folder / "var",
+        port,
+        model,
+        allowed_callers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        destinations=[{"name": "pacs", "kind": "reply"}],
+    )
+    cfg["jobs"]["workers"] = 1 if analyse else 0
+    cfg["spool"]["durability"] = durability
+    cfg["inference"].pop("threads")  # all cores, as `nodal serve` would
+    register(orthanc, "nodal-bench", "NODAL", port)
+    nodal = Nodal(folder, cfg).start(timeout=120, ready_path="/readyz" if analyse else "/healthz")
+    try:
+        push(orthanc, study_id, "nodal-bench")
+        db = folder / "var" / "index.sqlite3"
+        first, last, n = (
+            sqlite3.connect(db)
+            .execute("SELECT min(received_at), max(received_at), count(*) FROM instances")
+            .fetchone()
+        )
+        out = {"instances": n, "rate_per_s": round((n - 1) / (last - first), 1), "durability": durability}
+        if analyse:
+            wait_until(lambda: results_in_orthanc(orthanc, study_id), 900, "results in Orthanc", every=0.2)
+            stored = time.time()
+            completed, job_seconds = (
+                sqlite3.connect(db)
+                .execute(
+                    "SELECT s.completed_at, j.seconds FROM studies s JOIN jobs j ON j.study_uid = s.study_uid"
+                )
+                .fetchone()
+            )
+            out |= {
+                "turnaround_s": round(stored - completed, 1),
+                "last_instance_to_results_s": round(stored - last, 1),
+                "quiet_period_s": round(completed - last, 1),
+                "stage_seconds": json.loads(job_seconds or "{}"),
+            }
+        return out
+    finally:
+        nodal.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=3_000_300)
+    p.add_argument(
+        "--nodal-dir",
+        type=Path,
+        default=None,
+        help="parent folder for nodal's data (default: the temporary folder); /dev/shm shows the "
+        "software cost alone, since fsync on tmpfs does not reach a disk (not durable)",
+    )
+    args = p.parse_args()
+    model = model_dir()
+    if model is None:
+        raise SystemExit("no model: train one (make train) or set NODAL_TEST_MODEL_DIR")
+    series = phantom_series(300, args.seed)
+    with (
+        tempfile.TemporaryDirectory(prefix="nodal-bench-ingest-") as tmp,
+        tempfile.TemporaryDirectory(prefix="nodal-bench-data-", dir=args.nodal_dir) as nodal_tmp,
+    ):
+        root, nodal_root = Path(tmp), Path(nodal_tmp)
+        orthanc = Orthanc(root / "orthanc").start()
+        try:
+            client = orthanc.client()
+            for f in sorted(series.glob("*.dcm")):
+                client.upload_file(f)
+            [study_id] = requests.get(f"{orthanc.url}/studies", timeout=10).json()
+            stock = discard_scp_rate(orthanc, study_id, tuned=False)
+            tuned = discard_scp_rate(orthanc, study_id, tuned=True)
+            syncfs = nodal_run(
+                orthanc, study_id, nodal_root / "nodal-syncfs", model, analyse=False, durability="syncfs"
+            )
+            node = nodal_run(orthanc, study_id, nodal_root / "nodal", model, analyse=True, durability="fsync")
+            tuned2 = discard_scp_rate(orthanc, study_id, tuned=True)
+        finally:
+            orthanc.stop()
+    tuned_rate = (tuned + tuned2) / 2
+    print(
+        json.dumps(
+            {
+                "benchmark": "ingest-300x512x512",
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "date": str(date.today()),
+                "model": str(model.name),
+                "nodal_data_on": str(args.nodal_dir or tempfile.gettempdir()),
+                "discard_stock_per_s": round(stock, 1),
+                "discard_tuned_per_s": round(tuned_rate, 1),
+                "nodal": node,
+                "nodal_syncfs": syncfs,
+                "ratio_vs_stock": round(node["rate_per_s"] / stock, 2),
+                "ratio_vs_tuned": round(node["rate_per_s"] / tuned_rate, 2),
+                "ratio_syncfs_vs_stock": round(syncfs["rate_per_s"] / stock, 2),
+                "ratio_syncfs_vs_tuned": round(syncfs["rate_per_s"] / tuned_rate, 2),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Receiving one instance, whichever way it came: check, store durably once, index.
+
+`Receiver.store_bytes` (C-STORE) and `Receiver.store_temp` (STOW-RS part already in the
+spool's temporary folder) return a `StoreResult` only once the file is durable, or once
+it was refused for a stated reason. A SOP Instance UID already stored is acknowledged as
+success and not written again.
+
+The index rows are written by one background thread (`Indexer`) in batches, while the
+receiving threads wait for their next fsync: the disk, not the database, sets the pace.
+The spool is the record: files acknowledged but not yet indexed when the process dies
+are indexed by `reconcile` at the next start. Whoever reads study state (completion,
+the API, the end of an association) calls `Receiver.flush()` first.
+
+`Transfers` remembers which studies each open association (or STOW request) brought, so
+that completion can use the shorter quiet period once all of them were released.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import case, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dicom_node.index import Database, Instance, Series, Study, now
+from dicom_node.spool import InstanceHeader, InvalidInstanceError, Spool, read_header, relative_path
+
+log = logging.getLogger("nodal.ingest")
+
+# DIMSE status codes (PS3.4 Annex B) used by both receivers.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+class Outcome(enum.StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Source:
+    via: str  # dimse | stow
+    transfer_id: str  # the association or request that brought the instance
+    calling_ae: str = ""
+    peer_host: str = ""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: Outcome
+    status: int  # DIMSE status: 0x0000 or the failure code
+    header: InstanceHeader | None = None
+    reason: str = ""
+
+
+class Transfers:
+    """Open associations / requests and the studies each one brought (in memory)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._studies: dict[str, set[str]] = {}
+
+    def begin(self, transfer_id: str) -> None:
+        with self._lock:
+            self._studies.setdefault(transfer_id, set())
+
+    def touch(self, transfer_id: str, study_uid: str) -> None:
+        with self._lock:
+            self._studies.setdefault(transfer_id, set()).add(study_uid)
+
+    def end(self, transfer_id: str) -> set[str]:
+        """Forget the transfer; return its studies that no other open transfer is bringing."""
+        with self._lock:
+            mine = self._studies.pop(transfer_id, set())
+            still_open = set().union(*self._studies.values()) if self._studies else set()
+        return mine - still_open
+
+    def open_studies(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._studies.values()) if self._studies else set()
+
+
+class Receiver:
+    def __init__(self, spool: Spool, db: Database, min_free_bytes: int = 0):
+        self.spool = spool
+        self.db = db
+        self.min_free_bytes = min_free_bytes
+        self.transfers = Transfers()
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self.indexer = Indexer(db, spool.root)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every acknowledged instance is in the index (False on timeout)."""
+        return self.indexer.flush(timeout)
+
+    def close(self) -> None:
+        self.indexer.close()
+
+    def store_bytes(
+        self,
+        data: bytes,
+        source: Source,
+        expected_sop_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> StoreResult:
+        """Store a Part 10 byte string (preamble, meta, dataset as received)."""
+        try:
+            header = read_header(data)
+        except InvalidInstanceError as e:
+            return _refused(CANNOT_UNDERSTAND, str(e), source)
+        if expected_sop_uid is not None and header.sop_instance_uid != expected_sop_uid.rstrip("\0 "):
+            return _refused(
+                DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request", source, header
+            )
+        if expected_sop_class_uid is not None and header.sop_class_uid != expected_sop_class_uid.rstrip(
+            "\0 "
+        ):
+            return _refused(
+                DATASET_MISMATCH, "SOP Class UID differs from the C-STORE request", source, header
+            )
+        return self._store(header, source, data, None)
+
+    def store_temp(self, temp: Path, source: Source, expected_study_uid: str | None = None) -> StoreResult:
+        """Store a Part 10 file already written to the spool's temporary folder (consumed)."""
+        try:
+            header = read_header(temp)
+        except InvalidInstanceError as e:
+            self.spool.discard(temp)
+            return _refused(CANNOT_UNDERSTAND, str(e), source)
+        if expected_study_uid is not None and header.study_instance_uid != expected_study_uid:
+            self.spool.discard(temp)
+            return _refused(
+                PROCESSING_FAILURE,
+                "Study Instance UID differs from the study in the request URL",
+                source,
+                header,
+            )
+        return self._store(header, source, None, temp)
+
+    def _store(
+        self, header: InstanceHeader, source: Source, data: bytes | None, temp: Path | None
+    ) -> StoreResult:
+        """Store `data` (or the temporary file `temp`) unless its SOP Instance UID is known.
+
+        A file appears under its final name only once it is durable, so an existing final
+        path is a stored copy (a stat, not a query); the index's primary key catches the
+        same SOP Instance UID arriving under another study or series.
+        """
+        sop = header.sop_instance_uid
+        rel = relative_path(header)
+        final = self.spool.root / rel
+        with self._stripes[zlib.crc32(sop.encode()) % len(self._stripes)]:
+            if final.exists():
+                return self._duplicate(header, source, temp)
+            if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
+                if temp is not None:
+                    self.spool.discard(temp)
+                return _refused(OUT_OF_RESOURCES, "spool disk almost full", source, header)
+            try:
+                if temp is None:
+                    temp = self.spool.write_temp(data or b"")
+                self.spool.commit(temp, rel)
+            except OSError as e:
+                if temp is not None:
+                    self.spool.discard(temp)
+                log.error("could not store an instance durably: %s", e.strerror or type(e).__name__)
+                return _refused(OUT_OF_RESOURCES, f"storage error: {e.strerror or type(e).__name__}", source)
+            self.indexer.submit(Pending(header, str(rel), final.stat().st_size, source, now()))
+        self.transfers.touch(source.transfer_id, header.study_instance_uid)
+        return StoreResult(Outcome.STORED, SUCCESS, header)
+
+    def _duplicate(self, header: InstanceHeader, source: Source, temp: Path | None) -> StoreResult:
+        if temp is not None:
+            self.spool.discard(temp)
+        self.transfers.touch(source.transfer_id, header.study_instance_uid)
+        return StoreResult(Outcome.DUPLICATE, SUCCESS, header)
+
+    def release(self, transfer_id: str, released: bool) -> None:
+        """The association or request ended; `released` False means aborted."""
+        studies = self.transfers.end(transfer_id)
+        if not released or not studies:
+            return
+        self.flush()
+        t = now()
+        with self.db.session() as s:
+            for uid in studies:
+                study = s.get(Study, uid)
+                if study is not None:
+                    study.released_at = t
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A durable instance waiting for its index row."""
+
+    header: InstanceHeader
+    rel: str  # path relative to the spool root
+    size: int
+    source: Source
+    t: float  # when it was acknowledged
+
+
+def index_batch(db: Database, items: list[Pending]) -> list[Pending]:
+    """Index `items` in one transaction; return those whose SOP Instance UID was already
+    indexed (under another path: the same instance sent in another series or study)."""
+    duplicates: list[Pending] = []
+    with db.session() as s:
+        sops = [p.header.sop_instance_uid for p in items]
+        known = set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sops))))
+        for p in items:
+            if p.header.sop_instance_uid in known:
+                duplicates.append(p)
+                continue
+            known.add(p.header.sop_instance_uid)
+            _index_one(s, p.header, p.rel, p.size, p.source, p.t)
+    return duplicates
+
+
+def _index_one(s: Session, h: InstanceHeader, rel: str, size: int, source: Source, t: float) -> None:
+    """Insert the instance and bring its study and series up to date (Core statements)."""
+    studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
+    done = s.execute(
+        update(studies)
+        .where(studies.c.study_uid == h.study_instance_uid)
+        .values(
+            last_received_at=case((studies.c.last_received_at > t, studies.c.last_received_at), else_=t),
+            pending=True,
+            purged_at=None,
+            instance_count=studies.c.instance_count + 1,
+        )
+    ).rowcount
+    if not done:
+        s.execute(
+            insert(studies).values(
+                study_uid=h.study_instance_uid,
+                first_received_at=t,
+                last_received_at=t,
+                pending=True,
+                completions=0,
+                instance_count=1,
+            )
+        )
+    done = s.execute(
+        update(series)
+        .where(series.c.series_uid == h.series_instance_uid)
+        .values(
+            instance_count=series.c.instance_count + 1,
+            frame_count=series.c.frame_count + h.frames,
+            pending=True,
+            last_received_at=t,
+            calling_ae=source.calling_ae[:16],
+        )
+    ).rowcount
+    if not done:
+        s.execute(
+            insert(series).values(
+                series_uid=h.series_instance_uid,
+                study_uid=h.study_instance_uid,
+                modality=h.modality,
+                sop_class_uid=h.sop_class_uid,
+                image_type="\\".join(h.image_type),
+                slice_thickness_mm=h.slice_thickness_mm,
+                description=h.series_description,
+                instance_count=1,
+                frame_count=h.frames,
+                pending=True,
+                last_received_at=t,
+                calling_ae=source.calling_ae[:16],
+            )
+        )
+    s.execute(
+        insert(instances).values(
+            sop_uid=h.sop_instance_uid,
+            series_uid=h.series_instance_uid,
+            study_uid=h.study_instance_uid,
+            sop_class_uid=h.sop_class_uid,
+            transfer_syntax_uid=h.transfer_syntax_uid,
+            path=rel,
+            size=size,
+            frames=h.frames,
+            received_at=t,
+            via=source.via,
+            calling_ae=source.calling_ae[:16],
+            peer_host=source.peer_host[:64],
+        )
+    )
+
+
+class Indexer:
+    """One thread writing index rows in batches of up to `BATCH` instances."""
+
+    BATCH = 256
+
+    def __init__(self, db: Database, spool_root: Path):
+        self.db = db
+        self.spool_root = spool_root
+        self._q: queue.Queue[Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Pending) -> None:
+        self._q.put(item)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._q.all_tasks_done:
+            while self._q.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._q.all_tasks_done.wait(left):
+                    return False
+        return True
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join(60)
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            batch, stop = ([] if first is None else [first]), first is None
+            while not stop and len(batch) < self.BATCH:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._write(batch)
+            for _ in range(len(batch) + (1 if stop else 0)):
+                self._q.task_done()
+            if stop:
+                return
+
+    def _write(self, batch: list[Pending]) -> None:
+        while True:
+            try:
+                duplicates = index_batch(self.db, batch)
+                break
+            except SQLAlchemyError as e:  # the files are safe on disk; keep trying
+                log.error("index write failed (%s); retrying in 1 s", type(e).__name__)
+                time.sleep(1.0)
+        for dup in duplicates:
+            self._drop_duplicate(dup)
+
+    def _drop_duplicate(self, dup: Pending) -> None:
+        with self.db.session() as s:
+            kept = s.scalar(select(Instance.path).where(Instance.sop_uid == dup.header.sop_instance_uid))
+        if kept != dup.rel:
+            (self.spool_root / dup.rel).unlink(missing_ok=True)
+            log.info("an instance already held under another series was received again; kept the first copy")
+
+
+def _refused(status: int, reason: str, source: Source, header: InstanceHeader | None = None) -> StoreResult:
+    log.warning(
+        "refused an instance from %s (%s, %s): %s",
+        source.calling_ae or "-",
+        source.via,
+        source.peer_host,
+        reason,
+    )
+    return StoreResult(Outcome.REFUSED, status, header, reason)
+
+
+def reconcile(spool: Spool, db: Database) -> tuple[int, int]:
+    """After a crash: drop unacknowledged temporary files, index spool files the index lost.
+
+    Returns (temporary files removed, files re-indexed).
+    """
+    removed = spool.clear_temp()
+    recovered = 0
+    with db.session() as s:
+        known = set(s.scalars(select(Instance.path)))
+    for path in spool.files():
+        rel = str(path.relative_to(spool.root))
+        if rel in known:
+            continue
+        try:
+            header = read_header(path)
+        except InvalidInstanceError as e:
+            log.warning("spool file %s is not a readable instance (%s); left in place", rel, e)
+            continue
+        if str(relative_path(header)) != rel:
+            log.warning("spool file %s does not match its own UIDs; left in place", rel)
+            continue
+        source = Source(via="recovered", transfer_id="reconcile", calling_ae=header.source_ae)
+        if index_batch(db, [Pending(header, rel, path.stat().st_size, source, path.stat().st_mtime)]):
+            log.warning("spool file %s repeats an indexed SOP Instance UID; left in place", rel)
+            continue
+        recovered += 1
+    if removed or recovered:
+        log.info(
+            "spool reconciled: %d unacknowledged temporary file(s) removed, %d re-indexed", removed, recovered
+        )
+    return removed, recovered

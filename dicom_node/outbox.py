@@ -1,0 +1,178 @@
+"""The outbox: result files on disk, one delivery row per destination and instance.
+
+`deliver_due` sends every due delivery, grouped by job and destination so that one
+association (or one STOW-RS request) carries a job's results. Each instance's outcome is
+recorded on its own row: delivered, or attempted again after an exponential backoff
+(`retry_initial_seconds` doubling up to `retry_max_seconds`), so only the instances that
+failed are sent again. A delivery still undelivered at `expires_at` becomes failed and
+shows in the API; `POST /api/jobs/{id}/retry` queues it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dicom_node.config import Settings
+from dicom_node.index import Database, Delivery, DeliveryState, Job
+from dicom_node.senders import NoRoute, Outgoing, Sender, make_sender
+
+log = logging.getLogger("nodal.outbox")
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the `attempts`-th failed attempt."""
+    return min(maximum, initial * 2 ** max(0, attempts - 1))
+
+
+@dataclass(frozen=True)
+class Batch:
+    job_id: int
+    destination: str
+    reply_ae: str
+    deliveries: tuple[tuple[int, Outgoing], ...]  # (delivery id, what to send)
+
+
+def expire(db: Database, t: float) -> int:
+    """Deliveries past their expiry become failed."""
+    with db.session() as s:
+        rows = s.scalars(
+            select(Delivery).where(Delivery.state == DeliveryState.PENDING, Delivery.expires_at <= t)
+        ).all()
+        for d in rows:
+            d.state = DeliveryState.FAILED
+            d.last_error = f"expired after {d.attempts} attempt(s); last error: {d.last_error or 'none'}"
+            log.error(
+                "job %d: delivery to %s expired after %d attempt(s)", d.job_id, d.destination, d.attempts
+            )
+    return len(rows)
+
+
+def due_batches(db: Database, outbox: Path, t: float, limit: int = 500) -> list[Batch]:
+    with db.session() as s:
+        rows = s.execute(
+            select(Delivery, Job.reply_ae)
+            .join(Job, Job.id == Delivery.job_id)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= t)
+            .order_by(Delivery.job_id, Delivery.destination, Delivery.id)
+            .limit(limit)
+        ).all()
+    groups: dict[tuple[int, str], list] = {}
+    reply: dict[int, str] = {}
+    for d, reply_ae in rows:
+        groups.setdefault((d.job_id, d.destination), []).append(
+            (d.id, Outgoing(d.sop_uid, d.sop_class_uid, outbox / d.file))
+        )
+        reply[d.job_id] = reply_ae
+    return [Batch(job, dest, reply[job], tuple(items)) for (job, dest), items in groups.items()]
+
+
+def record(
+    db: Database,
+    batch: Batch,
+    errors: dict[str, str | None],
+    settings: Settings,
+    t: float,
+    final: bool = False,
+) -> None:
+    """Store each instance's outcome; `final` errors fail at once instead of being retried."""
+    dl = settings.delivery
+    with db.session() as s:
+        for delivery_id, item in batch.deliveries:
+            d = s.get(Delivery, delivery_id)
+            if d is None or d.state != DeliveryState.PENDING:
+                continue  # cancelled meanwhile (superseded)
+            d.attempts += 1
+            error = errors.get(item.sop_uid, "no outcome reported")
+            if error is None:
+                d.state, d.delivered_at, d.last_error = DeliveryState.DELIVERED, t, None
+            elif final:
+                d.state, d.last_error = DeliveryState.FAILED, error
+            else:
+                d.last_error = error
+                d.next_attempt_at = t + backoff(d.attempts, dl.retry_initial_seconds, dl.retry_max_seconds)
+    sent = sum(1 for e in errors.values() if e is None)
+    failed = [e for e in errors.values() if e is not None]
+    if failed:
+        log.warning(
+            "job %d -> %s: %d delivered, %d to retry (%s)",
+            batch.job_id,
+            batch.destination,
+            sent,
+            len(failed),
+            failed[0],
+        )
+    else:
+        log.info("job %d -> %s: %d result instance(s) delivered", batch.job_id, batch.destination, sent)
+
+
+def deliver_due(
+    db: Database,
+    settings: Settings,
+    outbox: Path,
+    t: float,
+    sender_for: Callable[[object, Settings, str], Sender] = make_sender,
+) -> int:
+    """Attempt every due delivery once; returns the number of instances attempted."""
+    expire(db, t)
+    destinations = {d.name: d for d in settings.destinations}
+    attempted = 0
+    for batch in due_batches(db, outbox, t):
+        items = [item for _, item in batch.deliveries]
+        dest = destinations.get(batch.destination)
+        if dest is None:
+            why = f"destination {batch.destination!r} is no longer configured"
+            record(
+                db, batch, dict.fromkeys((i.sop_uid for i in items), why), settings, time.time(), final=True
+            )
+            continue
+        try:
+            sender = sender_for(dest, settings, batch.reply_ae)
+        except NoRoute as e:  # nowhere to send: retrying cannot help
+            record(
+                db,
+                batch,
+                dict.fromkeys((i.sop_uid for i in items), str(e)),
+                settings,
+                time.time(),
+                final=True,
+            )
+            continue
+        missing = {i.sop_uid: "result file missing from the outbox" for i in items if not i.path.is_file()}
+        present = [i for i in items if i.sop_uid not in missing]
+        errors = missing | (_send(sender, dest.name, present) if present else {})
+        record(db, batch, errors, settings, time.time())
+        attempted += len(items)
+    return attempted
+
+
+def _send(sender: Sender, name: str, items: list[Outgoing]) -> dict[str, str | None]:
+    try:
+        return sender.send(items)
+    except Exception as e:  # a sender bug must not stop the loop; the instances are retried
+        log.exception("sending to %s failed unexpectedly", name)
+        return {i.sop_uid: f"{type(e).__name__}: {e}" for i in items}
+
+
+class DeliveryLoop(threading.Thread):
+    def __init__(self, db: Database, settings: Settings, outbox: Path):
+        super().__init__(daemon=True, name="delivery")
+        self.db, self.settings, self.outbox = db, settings, outbox
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.settings.delivery.check_interval_seconds):
+            try:
+                deliver_due(self.db, self.settings, self.outbox, time.time())
+            except Exception:
+                log.exception("delivery round failed; trying again")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._halt.set()
+        self.join(timeout)

@@ -1,0 +1,233 @@
+"""The DIMSE receiver: C-ECHO and C-STORE SCP (pynetdicom).
+
+Every association request is checked against `allowed_callers` (calling AE title and,
+where given, the host it must come from); a rejection is logged with its reason and
+answered "rejected-permanent, calling AE title not recognised" (1, 1, 3). Each C-STORE
+dataset is written as received (`event.encoded_dataset(include_meta=False)`: no decode
+and re-encode) behind a file meta header, and answered only after `Receiver` made it
+durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from pydicom import uid as tsuid
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import AllowedCaller, Settings
+from dicom_node.ingest import Receiver, Source
+
+log = logging.getLogger("nodal.scp")
+
+STORAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+    # Accepted (and skipped by routing) so that a PACS forwarding whole studies, our own
+    # results included, does not see failures.
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage",
+}
+
+TRANSFER_SYNTAXES = [
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian,
+    tsuid.JPEGBaseline8Bit,
+    tsuid.JPEGExtended12Bit,
+    tsuid.JPEGLossless,
+    tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLSLossless,
+    tsuid.JPEGLSNearLossless,
+    tsuid.JPEG2000Lossless,
+    tsuid.JPEG2000,
+    tsuid.HTJ2KLossless,
+    tsuid.HTJ2KLosslessRPCL,
+    tsuid.HTJ2K,
+    tsuid.RLELossless,
+]
+
+REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03  # A-ASSOCIATE-RJ (1, 1, 3)
+
+
+@dataclass(frozen=True)
+class CallerRule:
+    ae_title: str
+    addresses: frozenset[str] | None  # None: any host
+
+
+def caller_rules(callers: list[AllowedCaller]) -> list[CallerRule]:
+    """Resolve each caller's host once at start-up (a name that does not resolve matches nothing)."""
+    rules = []
+    for c in callers:
+        addresses = None
+        if c.host:
+            try:
+                addresses = frozenset(info[4][0] for info in socket.getaddrinfo(c.host, None))
+            except OSError as e:
+                log.warning(
+                    "allowed caller %s: host %r does not resolve (%s); it cannot connect",
+                    c.ae_title,
+                    c.host,
+                    e,
+                )
+                addresses = frozenset()
+        rules.append(CallerRule(c.ae_title.strip(), addresses))
+    return rules
+
+
+def check_caller(rules: list[CallerRule], calling_ae: str, address: str) -> str | None:
+    """None when the caller may connect, else the reason it may not."""
+    if not rules:
+        return None
+    known = [r for r in rules if r.ae_title == calling_ae.strip()]
+    if not known:
+        return f"calling AE title {calling_ae.strip()!r} is not in allowed_callers"
+    if any(r.addresses is None or address in r.addresses for r in known):
+        return None
+    return f"calling AE title {calling_ae.strip()!r} is allowed, but not from host {address}"
+
+
+class DimseServer:
+    def __init__(self, settings: Settings, receiver: Receiver):
+        self.settings = settings
+        self.receiver = receiver
+        self.rules = caller_rules(settings.allowed_callers)
+        self.ae = self._make_ae()
+        self._server = None
+        self._lock = threading.Lock()
+        self.rejected = 0
+
+    def _make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
+        ae.acse_timeout = 30
+        ae.require_called_aet = False  # modalities often get the called AE wrong; callers are checked
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        node = self.settings.node
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        self._server = self.ae.start_server(
+            (node.bind_address, node.dimse_port), block=False, evt_handlers=handlers
+        )
+        if not self.rules:
+            log.warning("allowed_callers is empty: associations from any calling AE are accepted")
+        log.info("DIMSE receiver %s listening on %s:%d", node.ae_title, node.bind_address, node.dimse_port)
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop listening, let open associations finish for `grace_seconds`, abort the rest."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self._acceptors() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for assoc in self._acceptors():
+            log.warning("aborting an open association at shutdown (its unacknowledged instance is resent)")
+            assoc.abort()
+        self._server = None
+
+    def _acceptors(self) -> list:
+        return [a for a in self.ae.active_associations if a.is_acceptor]
+
+    # -- handlers (run in each association's thread) --
+
+    def _on_open(self, event) -> None:
+        if self.settings.node.tcp_nodelay:
+            sock = event.assoc.dul.socket.socket
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event) -> None:
+        calling = event.assoc.requestor.primitive.calling_ae_title
+        address = event.assoc.requestor.address
+        reason = check_caller(self.rules, calling, address)
+        if reason is None:
+            return
+        with self._lock:
+            self.rejected += 1
+        log.warning("association from %s rejected: %s", address, reason)
+        event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
+        event.assoc.kill()
+
+    def _on_established(self, event) -> None:
+        req = event.assoc.requestor
+        self.receiver.transfers.begin(_transfer_id(event.assoc))
+        log.info("association from %s@%s:%s accepted", req.ae_title, req.address, req.port)
+
+    def _on_echo(self, event) -> int:
+        log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return 0x0000
+
+    def _on_store(self, event) -> int:
+        req = event.request
+        assoc = event.assoc
+        source = Source(
+            via="dimse",
+            transfer_id=_transfer_id(assoc),
+            calling_ae=assoc.requestor.ae_title,
+            peer_host=assoc.requestor.address,
+        )
+        result = self.receiver.store_bytes(
+            part10(event, source.calling_ae),
+            source,
+            expected_sop_uid=str(req.AffectedSOPInstanceUID),
+            expected_sop_class_uid=str(req.AffectedSOPClassUID),
+        )
+        return result.status
+
+    def _on_released(self, event) -> None:
+        self.receiver.release(_transfer_id(event.assoc), released=True)
+
+    def _on_aborted(self, event) -> None:
+        self.receiver.release(_transfer_id(event.assoc), released=False)
+
+    def _on_closed(self, event) -> None:
+        self.receiver.release(_transfer_id(event.assoc), released=False)  # no-op after release
+
+
+def part10(event, calling_ae: str) -> bytes:
+    """The dataset bytes as received, behind a preamble and a file meta header that also names
+    the sender (Source Application Entity Title), so a recovered file still knows its caller."""
+    meta = event.file_meta
+    if calling_ae.strip():
+        meta.SourceApplicationEntityTitle = calling_ae.strip()
+    return b"".join(
+        (b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(include_meta=False))
+    )
+
+
+def _transfer_id(assoc) -> str:
+    return f"dimse-{id(assoc):x}"

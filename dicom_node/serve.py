@@ -1,0 +1,166 @@
+"""`nodal serve`: every part of the node in one process (workers in child processes).
+
+Start-up: reconcile the spool with the index (files an earlier run wrote but never
+indexed; temporary files it never acknowledged), re-queue jobs whose worker is gone,
+start the workers, the DIMSE receiver, the HTTP server (API + STOW-RS), the delivery and
+retention loops. The main thread then completes quiet studies and supervises workers.
+
+SIGTERM or SIGINT: stop accepting (DIMSE listener closed, open associations get a few
+seconds, HTTP finishes its requests), let running jobs finish for
+`jobs.shutdown_grace_seconds` and re-queue the rest, stop delivery after its current
+batch, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import uvicorn
+
+from dicom_node.api import create_app
+from dicom_node.completion import complete_due_studies
+from dicom_node.config import ReplyDestination, Settings
+from dicom_node.index import Database
+from dicom_node.ingest import Receiver, reconcile
+from dicom_node.jobs import requeue_lost
+from dicom_node.outbox import DeliveryLoop
+from dicom_node.retention import RetentionLoop
+from dicom_node.scp import DimseServer
+from dicom_node.spool import Spool
+from dicom_node.worker import WorkerPool
+
+log = logging.getLogger("nodal.serve")
+
+ASSOCIATION_GRACE_SECONDS = 10.0
+LEASE_CHECK_SECONDS = 5.0
+
+
+class StartupError(RuntimeError):
+    """A part of the node could not start (a port in use, an unwritable folder)."""
+
+
+class Node:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        data = settings.node.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.index_url())
+        self.spool = Spool(data / "spool", settings.spool.durability)
+        self.outbox = data / "outbox"
+        self.outbox.mkdir(exist_ok=True)
+        self.receiver = Receiver(self.spool, self.db, settings.spool.min_free_mb * 2**20)
+        self.scp = DimseServer(settings, self.receiver)
+        self.workers = WorkerPool(settings, self.db)
+        self.delivery = DeliveryLoop(self.db, settings, self.outbox)
+        self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
+        app = create_app(settings, self.db, self.receiver, self.workers.ready)
+        config = uvicorn.Config(
+            app,
+            host=settings.node.bind_address,
+            port=settings.node.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self.http = uvicorn.Server(config)
+        self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
+        self._last_lease_check = 0.0
+
+    def start(self) -> None:
+        reconcile(self.spool, self.db)
+        lost = requeue_lost(self.db, self.settings, time.time())
+        if lost:
+            log.warning("%d job(s) left running by an earlier run were taken up again", lost)
+        self.workers.start()
+        self._http_thread.start()
+        deadline = time.monotonic() + 15
+        while not self.http.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise StartupError(
+                    f"the HTTP server could not listen on {self.settings.node.bind_address}:"
+                    f"{self.settings.node.http_port} (port in use?)"
+                )
+            time.sleep(0.05)
+        try:
+            self.scp.start()
+        except OSError as e:
+            raise StartupError(
+                f"the DIMSE receiver could not listen on port {self.settings.node.dimse_port}: {e.strerror}"
+            ) from None
+        self.delivery.start()
+        self.retention.start()
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        s = self.settings
+        dests = ", ".join(f"{d.name} ({d.kind})" for d in s.destinations)
+        log.info(
+            "nodal serve: AE %s on DIMSE port %d, HTTP port %d (API, STOW-RS), data in %s, %d worker(s); "
+            "destinations: %s",
+            s.node.ae_title,
+            s.node.dimse_port,
+            s.node.http_port,
+            s.node.data_dir,
+            s.jobs.workers,
+            dests or f"none (results stay in {self.outbox} and the API)",
+        )
+        if any(isinstance(d, ReplyDestination) for d in s.destinations) and not any(
+            c.port for c in s.allowed_callers
+        ):
+            log.warning("a reply destination is configured but no allowed_callers entry has a port")
+
+    def tick(self) -> None:
+        """One round of the main loop: complete quiet studies, supervise workers, check leases."""
+        self.receiver.flush(timeout=5.0)  # acknowledged instances are in the index first
+        t = time.time()
+        complete_due_studies(self.db, self.settings, self.receiver.transfers.open_studies(), t)
+        self.workers.supervise()
+        if t - self._last_lease_check >= LEASE_CHECK_SECONDS:
+            self._last_lease_check = t
+            requeue_lost(self.db, self.settings, t)
+
+    def stop(self) -> None:
+        log.info("shutting down: no new associations or requests")
+        self.scp.stop(ASSOCIATION_GRACE_SECONDS)
+        self.http.should_exit = True
+        self._http_thread.join(ASSOCIATION_GRACE_SECONDS)
+        self.receiver.close()  # every acknowledged instance indexed
+        self.retention.stop()
+        grace = self.settings.jobs.shutdown_grace_seconds
+        log.info("waiting up to %.0f s for running jobs", grace)
+        self.workers.stop(grace)
+        self.delivery.stop()
+        self.spool.close()
+        self.db.close()
+        log.info("stopped")
+
+
+def serve(settings: Settings) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        if stop.is_set():
+            raise SystemExit(1)  # a second signal: leave now
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node = Node(settings)
+    try:
+        node.start()
+    except StartupError as e:
+        log.error("%s", e)
+        node.workers.stop(0)
+        return 1
+    interval = settings.completion.check_interval_seconds
+    while not stop.wait(interval):
+        try:
+            node.tick()
+        except Exception:
+            log.exception("main loop round failed; going on")
+    node.stop()
+    return 0

@@ -1,0 +1,284 @@
+"""The spool: received instances as files, written durably before anyone is told "stored".
+
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, each file
+the instance exactly as received with a DICOM file meta header (Part 10). Temporary files
+live in ``<root>/.tmp`` on the same file system, so that the final step is a rename.
+
+A file is durable when its data and its directory entry have reached the disk:
+- ``fsync`` (portable POSIX): fsync the temporary file, rename it, fsync the folder;
+- ``syncfs`` (Linux): rename, then one ``syncfs`` of the spool file system, shared by
+  every writer that finished its rename before the call started (group commit). Cheaper
+  when the spool has a file system of its own; slower when other programs write a lot to
+  the same one.
+
+UIDs become path components only after `check_uid` accepted them: digits and dots, at
+most 64 characters, so no name can leave the spool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+TMP_DIR = ".tmp"
+
+_HEADER_TAGS = [
+    Tag(t)
+    for t in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "ImageType",
+        "SliceThickness",
+        "SeriesDescription",
+        "NumberOfFrames",
+        "SharedFunctionalGroupsSequence",
+    )
+]
+
+
+class InvalidInstanceError(ValueError):
+    """The instance cannot be stored: unreadable, or a UID is missing or malformed."""
+
+
+def check_uid(value: object, what: str) -> str:
+    """Return `value` as a UID string, or raise InvalidInstanceError naming `what`."""
+    uid = str(value or "").rstrip("\0 ")
+    if not uid:
+        raise InvalidInstanceError(f"{what} is missing")
+    if len(uid) > 64:
+        raise InvalidInstanceError(f"{what} is longer than 64 characters ({len(uid)})")
+    if not UID_RE.match(uid):
+        raise InvalidInstanceError(f"{what} is not a UID (only digits and dots are allowed)")
+    return uid
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the index and the routing rules need from one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    image_type: tuple[str, ...] = ()
+    slice_thickness_mm: float | None = None
+    series_description: str = ""
+    frames: int = 1
+    source_ae: str = ""  # file meta Source Application Entity Title (the C-STORE caller)
+
+
+def read_header(source: bytes | Path) -> InstanceHeader:
+    """Parse the header of a Part 10 file (bytes or a path); pixel data is not read."""
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else source
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
+    except Exception as e:
+        raise InvalidInstanceError(f"not a readable DICOM Part 10 file: {type(e).__name__}") from None
+    return replace(header_of(ds, ts), source_ae=source_ae)
+
+
+def header_of(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
+    try:
+        image_type = ds.get("ImageType") or ()
+        image_type = (image_type,) if isinstance(image_type, str) else tuple(str(v) for v in image_type)
+        return InstanceHeader(
+            sop_class_uid=check_uid(ds.get("SOPClassUID"), "SOP Class UID"),
+            sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+            study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
+            series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
+            transfer_syntax_uid=check_uid(transfer_syntax_uid, "Transfer Syntax UID"),
+            modality=str(ds.get("Modality", "") or "")[:16],
+            image_type=tuple(v.upper().strip() for v in image_type)[:8],
+            slice_thickness_mm=_thickness(ds),
+            series_description=str(ds.get("SeriesDescription", "") or "")[:64],
+            frames=max(1, int(ds.get("NumberOfFrames", 1) or 1)),
+        )
+    except InvalidInstanceError:
+        raise
+    except Exception as e:  # a malformed value (e.g. a non-numeric IS)
+        raise InvalidInstanceError(f"malformed header: {type(e).__name__}") from None
+
+
+def _thickness(ds: Dataset) -> float | None:
+    value = ds.get("SliceThickness")
+    if value in (None, ""):
+        try:
+            value = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
+        except (AttributeError, IndexError):
+            return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def relative_path(header: InstanceHeader) -> Path:
+    """Where an instance lives under the spool root; all three parts are checked UIDs."""
+    return Path(header.study_instance_uid) / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
+
+
+class _GroupSync:
+    """One syncfs shared by every caller whose rename finished before it started."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+        libc_name = ctypes.util.find_library("c") or "libc.so.6"
+        self._syncfs = ctypes.CDLL(libc_name, use_errno=True).syncfs
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while True:
+                if self._done >= mine:
+                    return
+                if not self._running:
+                    self._running = True
+                    target = self._requested
+                    break
+                self._cond.wait()
+        ok = False
+        try:
+            if self._syncfs(self._fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self._done = max(self._done, target)
+                self._cond.notify_all()
+
+
+class Spool:
+    """Durable instance files under `root`."""
+
+    def __init__(self, root: Path, durability: Literal["fsync", "syncfs"] = "fsync"):
+        self.root = Path(root)
+        self.tmp = self.root / TMP_DIR
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.durability = durability
+        self._root_fd = os.open(self.root, os.O_RDONLY)
+        self._group = _GroupSync(self._root_fd) if durability == "syncfs" else None
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        os.close(self._root_fd)
+
+    def temp_path(self) -> Path:
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+        return self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
+
+    def write_temp(self, data: bytes) -> Path:
+        """Write `data` to a new temporary file (not yet durable)."""
+        path = self.temp_path()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        return path
+
+    def commit(self, temp: Path, rel: Path) -> Path:
+        """Make the temporary file `temp` durable under `rel`; return the final path."""
+        final = self.root / rel
+        if self._group is None:
+            _ensure_dir(final.parent, self.root)
+            fsync_path(temp)
+            os.replace(temp, final)
+            fsync_dir(final.parent)
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
+            self._group.sync()
+        return final
+
+    def discard(self, temp: Path) -> None:
+        temp.unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def clear_temp(self) -> int:
+        """Delete what an earlier run left in the temporary folder (never acknowledged)."""
+        n = 0
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def files(self) -> Iterator[Path]:
+        """Every instance file in the spool (for reconciliation with the index)."""
+        for study in self.root.iterdir():
+            if study.name == TMP_DIR or not study.is_dir():
+                continue
+            for series in study.iterdir():
+                if series.is_dir():
+                    yield from series.glob("*.dcm")
+
+
+def _ensure_dir(folder: Path, root: Path) -> None:
+    """Create `folder` (and missing parents below `root`), each new entry made durable."""
+    if folder.is_dir() or folder == root:
+        return
+    _ensure_dir(folder.parent, root)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(folder.parent)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file in `folder` and the folder itself (results in the outbox)."""
+    for p in folder.iterdir():
+        if p.is_file():
+            fsync_path(p)
+    fsync_dir(folder)

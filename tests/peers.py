@@ -1,0 +1,238 @@
+"""Helpers for tests against real peers on 127.0.0.1: Orthanc and `nodal serve` as subprocesses.
+
+Orthanc runs with a generated configuration in a temporary folder (its own ports, nodal
+as a DICOM modality, the DICOMweb plugin) and never as a system service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "inference" / "models" / "nodal-ln-demo"
+DICOMWEB_PLUGINS = [
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def missing_binaries(*names: str) -> list[str]:
+    return [n for n in names if shutil.which(n) is None]
+
+
+def orthanc_binary() -> str | None:
+    return (
+        shutil.which("Orthanc")
+        or shutil.which("orthanc")
+        or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+    )
+
+
+def dicomweb_plugin() -> Path | None:
+    return next((p for p in DICOMWEB_PLUGINS if p.exists()), None)
+
+
+def model_dir() -> Path | None:
+    """The shipped model if present, else a development model (NODAL_TEST_MODEL_DIR or /tmp/m-smoke)."""
+    if (SHIPPED_MODEL / "model_card.json").is_file():
+        return SHIPPED_MODEL
+    for candidate in (os.environ.get("NODAL_TEST_MODEL_DIR"), "/tmp/m-smoke"):
+        if candidate and (Path(candidate) / "model_card.json").is_file():
+            return Path(candidate)
+    return None
+
+
+class Orthanc:
+    """An Orthanc server in a temporary folder with its own ports."""
+
+    def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict[str, list] | None = None):
+        self.folder = folder
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen | None = None
+
+    def config(self) -> dict:
+        plugin = dicomweb_plugin()
+        return {
+            "Name": f"nodal-test-{self.aet}",
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": self.modalities,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "MaximumPduLength": 131072,
+            "StableAge": 3600,
+            "Plugins": [str(plugin)] if plugin else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+        }
+
+    def start(self, timeout: float = 30) -> Orthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.folder / "orthanc.json"
+        cfg.write_text(json.dumps(self.config(), indent=1))
+        log = open(self.folder / "orthanc.log", "ab")  # noqa: SIM115 (kept open for the process)
+        self.proc = subprocess.Popen([orthanc_binary(), str(cfg)], stdout=log, stderr=log, cwd=self.folder)
+        wait_until(self.alive, timeout, "Orthanc to answer")
+        return self
+
+    def alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"Orthanc exited with {self.proc.returncode}; see {self.folder / 'orthanc.log'}"
+            )
+        try:
+            return requests.get(f"{self.url}/system", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self):
+        from orthanc_api_client import OrthancApiClient
+
+        return OrthancApiClient(self.url)
+
+
+class Nodal:
+    """`nodal serve` with a generated configuration, as a subprocess."""
+
+    def __init__(self, folder: Path, config: dict):
+        self.folder = folder
+        self.config = config
+        self.http = f"http://127.0.0.1:{config['node']['http_port']}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = folder / "nodal.log"
+
+    def start(self, timeout: float = 90, ready_path: str = "/readyz") -> Nodal:
+        """Start and wait for `ready_path` to answer 200 (/healthz for a node without workers)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.folder / "node.yaml"
+        cfg.write_text(yaml.safe_dump(self.config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NODAL_")}
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "--config", str(cfg), "serve"],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            env=env,
+        )
+        try:
+            wait_until(lambda: self.ready(ready_path), timeout, f"nodal to answer {ready_path}")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; nodal's log ends:\n{self.log()[-3000:]}") from None
+        return self
+
+    def ready(self, path: str = "/readyz") -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"nodal exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        log = self.log()
+        if "cannot load the model" in log:
+            raise RuntimeError(
+                "nodal's worker cannot load the model:\n" + log[log.index("cannot load the model") :][:1500]
+            )
+        try:
+            return requests.get(f"{self.http}{path}", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def api(self, path: str):
+        r = requests.get(f"{self.http}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all (the workers die with it)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def node_config(data_dir: Path, dimse_port: int, model: Path, **sections) -> dict:
+    """A test configuration: short quiet periods and retries, one worker, the given model."""
+    cfg = {
+        "node": {
+            "ae_title": "NODAL",
+            "dimse_port": dimse_port,
+            "http_port": free_port(),
+            "data_dir": str(data_dir),
+            "bind_address": "127.0.0.1",
+        },
+        "completion": {"quiet_seconds": 2.0, "after_release_seconds": 1.0, "check_interval_seconds": 0.5},
+        "jobs": {
+            "workers": 1,
+            "lease_seconds": 6.0,
+            "retry_delay_seconds": 1.0,
+            "shutdown_grace_seconds": 5.0,
+        },
+        "delivery": {"retry_initial_seconds": 1.0, "retry_max_seconds": 2.0, "check_interval_seconds": 0.5},
+        "inference": {"model_dir": str(model), "threads": 2},
+        "spool": {"min_free_mb": 0},
+        "retention": {"min_free_gb": 0.0},
+    }
+    for key, value in sections.items():
+        cfg[key] = value
+    return cfg

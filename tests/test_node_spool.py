@@ -1,0 +1,171 @@
+"""Spool and ingest: UIDs checked before they name files, durable writes, one copy per SOP Instance UID."""
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import func, select
+
+from dicom_node.index import Database, Instance, Series, Study
+from dicom_node.ingest import CANNOT_UNDERSTAND, SUCCESS, Outcome, Receiver, Source, reconcile
+from dicom_node.spool import InvalidInstanceError, Spool, check_uid, read_header
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def part10(sop="1.2.3.4.5", study="1.2.3", series="1.2.3.4", modality="CT", **extra) -> bytes:
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.Modality = modality
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "2.5"
+    ds.SeriesDescription = "Thorax"
+    for k, v in extra.items():
+        setattr(ds, k, v)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(params=["fsync", "syncfs"])
+def receiver(tmp_path, request):
+    db = Database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    spool = Spool(tmp_path / "spool", request.param)
+    r = Receiver(spool, db)
+    yield r
+    r.close()
+    spool.close()
+    db.close()
+
+
+SRC = Source(via="dimse", transfer_id="a1", calling_ae="CT1", peer_host="10.0.0.5")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "../../etc/passwd", "1.2/3", "1.2.3\\4", "1." + "2" * 70, "1..2", ".1.2", "1.2.", "a.b", "1.2 3"],
+)
+def test_malformed_uids_are_refused(bad):
+    with pytest.raises(InvalidInstanceError):
+        check_uid(bad, "SOP Instance UID")
+
+
+def test_good_uid_passes_trailing_padding_removed():
+    assert check_uid("1.2.840.10008.1.2\0", "x") == "1.2.840.10008.1.2"
+
+
+def test_header_fields(tmp_path):
+    h = read_header(part10())
+    assert (h.sop_instance_uid, h.study_instance_uid, h.series_instance_uid) == (
+        "1.2.3.4.5",
+        "1.2.3",
+        "1.2.3.4",
+    )
+    assert h.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and h.slice_thickness_mm == 2.5
+    assert h.transfer_syntax_uid == ExplicitVRLittleEndian
+
+
+def test_stored_as_received_durably_and_indexed(receiver):
+    data = part10()
+    r = receiver.store_bytes(data, SRC, expected_sop_uid="1.2.3.4.5")
+    assert r.outcome is Outcome.STORED and r.status == SUCCESS
+    path = receiver.spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    assert path.read_bytes() == data  # byte for byte, meta header included
+    assert not list(receiver.spool.tmp.iterdir())
+    receiver.flush()
+    with receiver.db.session() as s:
+        inst = s.get(Instance, "1.2.3.4.5")
+        assert inst.calling_ae == "CT1" and inst.path == "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+        assert s.get(Study, "1.2.3").pending and s.get(Series, "1.2.3.4").instance_count == 1
+
+
+def test_repeated_sop_instance_stored_once(receiver):
+    receiver.store_bytes(part10(), SRC)
+    again = receiver.store_bytes(part10(SeriesDescription="changed"), SRC)
+    assert again.outcome is Outcome.DUPLICATE and again.status == SUCCESS
+    receiver.flush()
+    with receiver.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 1
+        assert s.get(Study, "1.2.3").instance_count == 1
+    stored = pydicom.dcmread(receiver.spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm")
+    assert stored.SeriesDescription == "Thorax"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("field", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+def test_path_traversal_uid_never_reaches_the_disk(receiver, tmp_path, field):
+    data = part10(**{field: "../../../escaped"}) if field != "SOPInstanceUID" else part10(sop="../../x")
+    r = receiver.store_bytes(data, SRC)
+    assert r.outcome is Outcome.REFUSED and r.status == CANNOT_UNDERSTAND
+    assert "UID" in r.reason
+    assert not any(p.is_file() for p in tmp_path.rglob("*") if p.suffix == ".dcm")
+
+
+def test_not_dicom_is_refused(receiver):
+    r = receiver.store_bytes(b"hello" * 100, SRC)
+    assert r.outcome is Outcome.REFUSED and r.status == CANNOT_UNDERSTAND
+
+
+def test_command_and_dataset_uid_mismatch_is_refused(receiver):
+    r = receiver.store_bytes(part10(), SRC, expected_sop_uid="1.2.3.4.6")
+    assert r.outcome is Outcome.REFUSED and r.status == 0xA900
+
+
+def test_disk_almost_full_refuses_with_out_of_resources(receiver):
+    receiver.min_free_bytes = 1 << 62
+    r = receiver.store_bytes(part10(), SRC)
+    assert r.outcome is Outcome.REFUSED and r.status == 0xA700
+
+
+def test_release_marks_study_released_abort_does_not(receiver):
+    receiver.transfers.begin("a1")
+    receiver.store_bytes(part10(), SRC)
+    receiver.transfers.begin("a2")
+    receiver.store_bytes(part10(sop="1.2.3.4.6"), Source(via="dimse", transfer_id="a2"))
+    receiver.release("a1", released=True)  # a2 still brings the study
+    with receiver.db.session() as s:
+        assert s.get(Study, "1.2.3").released_at is None
+    receiver.release("a2", released=True)
+    with receiver.db.session() as s:
+        assert s.get(Study, "1.2.3").released_at is not None
+    receiver.transfers.begin("a3")
+    receiver.store_bytes(part10(sop="1.2.9.1", study="1.2.9", series="1.2.9.1.1"), Source("dimse", "a3"))
+    receiver.release("a3", released=False)
+    receiver.flush()
+    with receiver.db.session() as s:
+        assert s.get(Study, "1.2.9").released_at is None
+
+
+def test_reconcile_indexes_lost_files_and_drops_temporaries(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
+    spool = Spool(tmp_path / "spool")
+    rel = Path("1.2.3") / "1.2.3.4" / "1.2.3.4.5.dcm"
+    (spool.root / rel).parent.mkdir(parents=True)
+    (spool.root / rel).write_bytes(part10())  # on disk, index lost (power cut)
+    (spool.tmp / "half.part").write_bytes(b"partial")  # never acknowledged
+    assert reconcile(spool, db) == (1, 1)
+    assert pydicom.dcmread(spool.root / rel).file_meta.get("SourceApplicationEntityTitle") is None
+    with db.session() as s:
+        assert s.get(Instance, "1.2.3.4.5").via == "recovered"
+        assert s.get(Study, "1.2.3").pending
+    assert reconcile(spool, db) == (0, 0)
+
+
+def test_same_sop_instance_under_another_series_is_stored_once(receiver):
+    receiver.store_bytes(part10(), SRC)
+    receiver.store_bytes(part10(series="1.2.3.9"), SRC)  # acknowledged; the index keeps the first
+    receiver.flush()
+    assert not (receiver.spool.root / "1.2.3" / "1.2.3.9" / "1.2.3.4.5.dcm").exists()
+    assert (receiver.spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm").exists()
+    with receiver.db.session() as s:
+        assert s.get(Instance, "1.2.3.4.5").series_uid == "1.2.3.4"
