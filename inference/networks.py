@@ -6,7 +6,6 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-
 HEAD_FEATURES = 4  # U-Net outputs feeding the 1x1x1 head (more costs full-resolution compute)
 
 
