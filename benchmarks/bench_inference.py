@@ -29,7 +29,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dicom_node.cli import source_datasets
+    from dicom_node.analysis import source_datasets
+    from dicom_node.cli import series_files
     from inference.dicom_volume import load_series
     from inference.model_store import load_model
     from inference.pipeline import analyse
@@ -44,7 +45,8 @@ def main() -> None:
     analysis = analyse(volume, model)
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        write_results(source_datasets(args.series, analysis.findings), analysis.findings, Path(out))
+        wanted = {ref.sop_instance_uid for ref in analysis.findings.slices}
+        write_results(source_datasets(series_files(args.series), wanted), analysis.findings, Path(out))
     t_write = time.perf_counter() - t
     if model.device.type == "cuda":
         torch.cuda.synchronize()

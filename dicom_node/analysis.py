@@ -39,7 +39,6 @@ class JobInput:
 
 def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobOutcome:
     """Load the series, analyse it, write SEG/SR/result images to ``outbox/job-<id>``."""
-    from dicom_node.cli import _pipeline_settings
     from inference.dicom_volume import VolumeError, load_series
     from inference.pipeline import analyse
     from sr_templates import write_results
@@ -55,13 +54,13 @@ def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobO
     except VolumeError as e:
         name = type(e).__name__
         raise NotAnalysable(f"{name}: {e}", skipped=name in _SKIP_ERRORS) from None
-    analysis = analyse(volume, model, _pipeline_settings(settings))
+    analysis = analyse(volume, model, pipeline_settings(settings))
     name = f"job-{job.job_id}"
     tmp = outbox / f".{name}.tmp"
     final = outbox / name
     shutil.rmtree(tmp, ignore_errors=True)
     written = write_results(
-        _sources(job.paths, {ref.sop_instance_uid for ref in analysis.findings.slices}),
+        source_datasets(job.paths, {ref.sop_instance_uid for ref in analysis.findings.slices}),
         analysis.findings,
         tmp,
         result_images=settings.results.result_images,
@@ -75,10 +74,28 @@ def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobO
     return JobOutcome(name, files, len(analysis.findings.findings), dict(analysis.seconds))
 
 
-def _sources(paths: list[Path], wanted: set[str]) -> list:
+def pipeline_settings(settings: Settings):
+    """The inference settings of the configuration, as the pipeline takes them."""
+    from inference.pipeline import PipelineSettings
+
+    inf = settings.inference
+    return PipelineSettings(
+        threshold=inf.threshold,
+        min_volume_mm3=inf.min_node_volume_mm3,
+        roi=inf.sliding_window.roi,
+        overlap=inf.sliding_window.overlap,
+        batch_size=inf.sliding_window.batch_size,
+    )
+
+
+def source_datasets(paths: list[Path], wanted: set[str]) -> list:
+    """The analysed instances among `paths`; pixel data is read only where it is used."""
     out = []
     for p in paths:
-        ds = pydicom.dcmread(p, defer_size=4096)
+        try:
+            ds = pydicom.dcmread(p, defer_size=4096)
+        except Exception:  # not DICOM: ground truth, notes, DICOMDIR companions
+            continue
         if ds.get("SOPInstanceUID") in wanted:
             out.append(ds)
     return out

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dicom_node.analysis import pipeline_settings, source_datasets
 from dicom_node.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("nodal")
@@ -123,19 +124,6 @@ def _model(settings: Settings):
     return load_model(settings.inference.model_dir, settings.inference.device)
 
 
-def _pipeline_settings(settings: Settings):
-    from inference.pipeline import PipelineSettings
-
-    inf = settings.inference
-    return PipelineSettings(
-        threshold=inf.threshold,
-        min_volume_mm3=inf.min_node_volume_mm3,
-        roi=inf.sliding_window.roi,
-        overlap=inf.sliding_window.overlap,
-        batch_size=inf.sliding_window.batch_size,
-    )
-
-
 def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict:
     """Load, analyse, write findings.json; returns the findings document."""
     from inference.dicom_volume import load_series
@@ -146,14 +134,14 @@ def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict
         input_path, min_slices=vs.min_slices, max_tilt_degrees=vs.max_tilt_degrees, gap_factor=vs.gap_factor
     )
     model = model or _model(settings)
-    analysis = analyse(volume, model, _pipeline_settings(settings))
+    analysis = analyse(volume, model, pipeline_settings(settings))
     out.mkdir(parents=True, exist_ok=True)
     doc = analysis.findings.to_json()
     (out / "findings.json").write_text(json.dumps(doc, indent=2) + "\n")
     from sr_templates import write_results
 
     written = write_results(
-        source_datasets(input_path, analysis.findings),
+        source_datasets(series_files(input_path), {ref.sop_instance_uid for ref in analysis.findings.slices}),
         analysis.findings,
         out,
         result_images=settings.results.result_images,
@@ -164,21 +152,8 @@ def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict
     return doc
 
 
-def source_datasets(input_path: Path, findings) -> list:
-    """The analysed series' datasets; pixel data is read from disk only where it is used."""
-    import pydicom
-
-    wanted = {ref.sop_instance_uid for ref in findings.slices}
-    paths = sorted(p for p in input_path.rglob("*") if p.is_file()) if input_path.is_dir() else [input_path]
-    out = []
-    for p in paths:
-        try:
-            ds = pydicom.dcmread(p, defer_size=4096)
-        except Exception:  # not DICOM: ground truth, notes, DICOMDIR companions
-            continue
-        if ds.get("SOPInstanceUID") in wanted:
-            out.append(ds)
-    return out
+def series_files(input_path: Path) -> list[Path]:
+    return sorted(p for p in input_path.rglob("*") if p.is_file()) if input_path.is_dir() else [input_path]
 
 
 def findings_table(doc: dict) -> str:
@@ -263,7 +238,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
         _model(settings),
         args.cases,
         args.seed if args.seed is not None else EVAL_SEED_BASE,
-        settings=_pipeline_settings(settings),
+        settings=pipeline_settings(settings),
     )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
