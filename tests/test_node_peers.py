@@ -215,7 +215,12 @@ def test_stow_in_and_stow_out_to_orthanc_dicomweb(tmp_path, orthanc):
         assert len(response.ReferencedSOPSequence) == len(paths) and "FailedSOPSequence" not in response
         wait_until(lambda: results_arrived(orthanc, study_uid), 300, "results in Orthanc via STOW-RS")
         [job] = jobs_of(nodal, study_uid)
-        assert nodal.api(f"/api/jobs/{job['id']}")["deliveries"]["pacs-web"]["delivered"] >= 2
+        # Orthanc holds the results a moment before the sender records the delivery
+        wait_until(
+            lambda: nodal.api(f"/api/jobs/{job['id']}")["deliveries"]["pacs-web"]["delivered"] >= 2,
+            30,
+            "the delivery recorded in the API",
+        )
     finally:
         assert nodal.stop() == 0
 
