@@ -20,6 +20,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from inference import phantoms
+from inference.classify import CROP
 from inference.model_store import save_model
 from inference.networks import NodeClassifier, build_segmenter, classifier_scalars
 from inference.preprocess import normalise
@@ -255,7 +256,7 @@ def train(
         "classifier": {
             "architecture": "inference.networks.NodeClassifier",
             "width": cfg.cls_width,
-            "crop_voxels": 64,
+            "crop_voxels": CROP,
         },
         "training": {
             "command": command,
