@@ -153,20 +153,20 @@ class ReplyDestination(_Destination):
     timeout_seconds: float = Field(60.0, gt=0)
 
 
-class DicomwebDestination(_Destination):
+class _HttpDestination(_Destination):
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_seconds: float = Field(60.0, gt=0)
+
+
+class DicomwebDestination(_HttpDestination):
     kind: Literal["dicomweb"]
     url: str = Field(pattern=r"^https?://", description="the STOW-RS base, e.g. http://pacs:8042/dicom-web")
-    username: str | None = None
-    password: SecretStr | None = None
-    timeout_seconds: float = Field(60.0, gt=0)
 
 
-class OrthancDestination(_Destination):
+class OrthancDestination(_HttpDestination):
     kind: Literal["orthanc"]
     url: str = Field(pattern=r"^https?://", description="Orthanc's REST root, e.g. http://pacs:8042")
-    username: str | None = None
-    password: SecretStr | None = None
-    timeout_seconds: float = Field(60.0, gt=0)
 
 
 Destination = Annotated[
