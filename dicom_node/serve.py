@@ -120,7 +120,9 @@ class Node:
         self.workers.supervise()
         if t - self._last_lease_check >= LEASE_CHECK_SECONDS:
             self._last_lease_check = t
-            requeue_lost(self.db, self.settings, t)
+            lost = requeue_lost(self.db, self.settings, t)
+            if lost:
+                log.warning("%d job(s) whose worker was lost were taken up again", lost)
 
     def stop(self) -> None:
         log.info("shutting down: no new associations or requests")

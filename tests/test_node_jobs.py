@@ -1,6 +1,7 @@
 """Jobs: completion creates them, leases recover crashed work, supersede, retry; outbox re-sends failures."""
 
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -156,6 +157,41 @@ def test_job_of_a_dead_local_process_is_requeued_at_once(node):
     assert requeue_lost(db, s, time.time()) == 1
     with db.session() as ses:
         assert ses.get(Job, job.id).state == JobState.QUEUED
+
+
+def test_job_of_a_killed_but_unreaped_worker_is_requeued_at_once(node):
+    """A SIGKILLed worker whose new parent never reaps it lingers as a zombie: it is dead."""
+    import socket
+    import subprocess
+
+    db, receiver, _ = node
+    s = settings()
+    receive(receiver)
+    complete(db, s)
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 10
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    try:
+        job = claim(db, f"{socket.gethostname()}:{zombie.pid}:w0", 600, later())
+        assert requeue_lost(db, s, time.time()) == 1
+        with db.session() as ses:
+            assert ses.get(Job, job.id).state == JobState.QUEUED
+    finally:
+        zombie.wait()
+
+
+def test_job_of_a_live_local_process_is_left_running(node):
+    import os
+    import socket
+
+    db, receiver, _ = node
+    s = settings()
+    receive(receiver)
+    complete(db, s)
+    claim(db, f"{socket.gethostname()}:{os.getppid()}:w0", 600, later())
+    assert requeue_lost(db, s, time.time()) == 0
 
 
 def test_failed_job_retried_on_request(node):
