@@ -115,6 +115,12 @@ def nodal_run(
     try:
         push(orthanc, study_id, "nodal-bench")
         db = folder / "var" / "index.sqlite3"
+        sent = len(requests.get(f"{orthanc.url}/studies/{study_id}/instances", timeout=10).json())
+        wait_until(  # the index follows the acknowledgements by up to a batch window
+            lambda: sqlite3.connect(db).execute("SELECT count(*) FROM instances").fetchone()[0] >= sent,
+            30,
+            "every instance in the index",
+        )
         first, last, n = (
             sqlite3.connect(db)
             .execute("SELECT min(received_at), max(received_at), count(*) FROM instances")

@@ -170,14 +170,17 @@ class Receiver:
                 return _refused(OUT_OF_RESOURCES, "spool disk almost full", source, header)
             try:
                 if temp is None:
-                    temp = self.spool.write_temp(data or b"")
-                self.spool.commit(temp, rel)
+                    size = len(data or b"")
+                    self.spool.store(data or b"", rel)
+                else:
+                    size = temp.stat().st_size
+                    self.spool.commit(temp, rel)
             except OSError as e:
                 if temp is not None:
                     self.spool.discard(temp)
                 log.error("could not store an instance durably: %s", e.strerror or type(e).__name__)
                 return _refused(OUT_OF_RESOURCES, f"storage error: {e.strerror or type(e).__name__}", source)
-            self.indexer.submit(Pending(header, str(rel), final.stat().st_size, source, now()))
+            self.indexer.submit(Pending(header, str(rel), size, source, now()))
         self.transfers.touch(source.transfer_id, header.study_instance_uid)
         return StoreResult(Outcome.STORED, SUCCESS, header)
 
@@ -214,94 +217,129 @@ class Pending:
 
 def index_batch(db: Database, items: list[Pending]) -> list[Pending]:
     """Index `items` in one transaction; return those whose SOP Instance UID was already
-    indexed (under another path: the same instance sent in another series or study)."""
+    indexed (under another path: the same instance sent in another series or study).
+
+    One statement per study, one per series and one multi-row insert for the instances,
+    however many instances the batch holds: the indexer's share of the GIL stays small."""
     duplicates: list[Pending] = []
+    fresh: list[Pending] = []
     with db.session() as s:
         sops = [p.header.sop_instance_uid for p in items]
         known = set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sops))))
         for p in items:
             if p.header.sop_instance_uid in known:
                 duplicates.append(p)
-                continue
-            known.add(p.header.sop_instance_uid)
-            _index_one(s, p.header, p.rel, p.size, p.source, p.t)
+            else:
+                known.add(p.header.sop_instance_uid)
+                fresh.append(p)
+        if fresh:
+            _index(s, fresh)
     return duplicates
 
 
-def _index_one(s: Session, h: InstanceHeader, rel: str, size: int, source: Source, t: float) -> None:
-    """Insert the instance and bring its study and series up to date (Core statements)."""
-    studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
+def _index(s: Session, items: list[Pending]) -> None:
+    """Insert the instances and bring their studies and series up to date (Core statements)."""
+    studies: dict[str, list[Pending]] = {}
+    series: dict[str, list[Pending]] = {}
+    for p in items:
+        studies.setdefault(p.header.study_instance_uid, []).append(p)
+        series.setdefault(p.header.series_instance_uid, []).append(p)
+    for uid, group in studies.items():
+        _upsert_study(s, uid, group)
+    for uid, group in series.items():
+        _upsert_series(s, uid, group)
+    s.execute(
+        insert(Instance.__table__),
+        [
+            {
+                "sop_uid": p.header.sop_instance_uid,
+                "series_uid": p.header.series_instance_uid,
+                "study_uid": p.header.study_instance_uid,
+                "sop_class_uid": p.header.sop_class_uid,
+                "transfer_syntax_uid": p.header.transfer_syntax_uid,
+                "path": p.rel,
+                "size": p.size,
+                "frames": p.header.frames,
+                "received_at": p.t,
+                "via": p.source.via,
+                "calling_ae": p.source.calling_ae[:16],
+                "peer_host": p.source.peer_host[:64],
+            }
+            for p in items
+        ],
+    )
+
+
+def _upsert_study(s: Session, uid: str, group: list[Pending]) -> None:
+    table = Study.__table__
+    first, last = min(p.t for p in group), max(p.t for p in group)
     done = s.execute(
-        update(studies)
-        .where(studies.c.study_uid == h.study_instance_uid)
+        update(table)
+        .where(table.c.study_uid == uid)
         .values(
-            last_received_at=case((studies.c.last_received_at > t, studies.c.last_received_at), else_=t),
+            last_received_at=case((table.c.last_received_at > last, table.c.last_received_at), else_=last),
             pending=True,
             purged_at=None,
-            instance_count=studies.c.instance_count + 1,
+            instance_count=table.c.instance_count + len(group),
         )
     ).rowcount
     if not done:
         s.execute(
-            insert(studies).values(
-                study_uid=h.study_instance_uid,
-                first_received_at=t,
-                last_received_at=t,
+            insert(table).values(
+                study_uid=uid,
+                first_received_at=first,
+                last_received_at=last,
                 pending=True,
                 completions=0,
-                instance_count=1,
+                instance_count=len(group),
             )
         )
+
+
+def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
+    table = Series.__table__
+    latest = max(group, key=lambda p: p.t)
+    frames = sum(p.header.frames for p in group)
     done = s.execute(
-        update(series)
-        .where(series.c.series_uid == h.series_instance_uid)
+        update(table)
+        .where(table.c.series_uid == uid)
         .values(
-            instance_count=series.c.instance_count + 1,
-            frame_count=series.c.frame_count + h.frames,
+            instance_count=table.c.instance_count + len(group),
+            frame_count=table.c.frame_count + frames,
             pending=True,
-            last_received_at=t,
-            calling_ae=source.calling_ae[:16],
+            last_received_at=latest.t,
+            calling_ae=latest.source.calling_ae[:16],
         )
     ).rowcount
     if not done:
+        h = group[0].header
         s.execute(
-            insert(series).values(
-                series_uid=h.series_instance_uid,
+            insert(table).values(
+                series_uid=uid,
                 study_uid=h.study_instance_uid,
                 modality=h.modality,
                 sop_class_uid=h.sop_class_uid,
                 image_type="\\".join(h.image_type),
                 slice_thickness_mm=h.slice_thickness_mm,
                 description=h.series_description,
-                instance_count=1,
-                frame_count=h.frames,
+                instance_count=len(group),
+                frame_count=frames,
                 pending=True,
-                last_received_at=t,
-                calling_ae=source.calling_ae[:16],
+                last_received_at=latest.t,
+                calling_ae=latest.source.calling_ae[:16],
             )
         )
-    s.execute(
-        insert(instances).values(
-            sop_uid=h.sop_instance_uid,
-            series_uid=h.series_instance_uid,
-            study_uid=h.study_instance_uid,
-            sop_class_uid=h.sop_class_uid,
-            transfer_syntax_uid=h.transfer_syntax_uid,
-            path=rel,
-            size=size,
-            frames=h.frames,
-            received_at=t,
-            via=source.via,
-            calling_ae=source.calling_ae[:16],
-            peer_host=source.peer_host[:64],
-        )
-    )
 
 
 class Indexer:
-    """One thread writing index rows in batches of up to `BATCH` instances."""
+    """One thread writing index rows in batches of up to `BATCH` instances.
+
+    After the first pending instance it gathers for up to `WINDOW` seconds: a sender that
+    stores one instance at a time then costs one transaction per window, not per instance.
+    Acknowledgements never wait for the index (the spool is the record)."""
 
     BATCH = 256
+    WINDOW = 0.1
 
     def __init__(self, db: Database, spool_root: Path):
         self.db = db
@@ -331,9 +369,10 @@ class Indexer:
         while True:
             first = self._q.get()
             batch, stop = ([] if first is None else [first]), first is None
+            deadline = time.monotonic() + self.WINDOW
             while not stop and len(batch) < self.BATCH:
                 try:
-                    item = self._q.get_nowait()
+                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:

@@ -188,6 +188,7 @@ class Spool:
         self._group = _GroupSync(self._root_fd) if durability == "syncfs" else None
         self._counter = 0
         self._lock = threading.Lock()
+        self._dirs: set[Path] = set()
 
     def close(self) -> None:
         os.close(self._root_fd)
@@ -198,31 +199,59 @@ class Spool:
             n = self._counter
         return self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
 
-    def write_temp(self, data: bytes) -> Path:
-        """Write `data` to a new temporary file (not yet durable)."""
+    def write_temp(self, data: bytes, synced: bool = False) -> Path:
+        """Write `data` to a new temporary file (durable only with `synced`)."""
         path = self.temp_path()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if synced:
+                os.fsync(fd)
         finally:
             os.close(fd)
         return path
 
-    def commit(self, temp: Path, rel: Path) -> Path:
-        """Make the temporary file `temp` durable under `rel`; return the final path."""
+    def store(self, data: bytes, rel: Path) -> Path:
+        """Write `data` durably under `rel` (one open of the file); return the final path."""
+        temp = self.write_temp(data, synced=self._group is None)
+        try:
+            return self.commit(temp, rel, synced=True)
+        except OSError:
+            self.discard(temp)
+            raise
+
+    def commit(self, temp: Path, rel: Path, synced: bool = False) -> Path:
+        """Make the temporary file `temp` (already fsynced if `synced`) durable under `rel`;
+        return the final path."""
         final = self.root / rel
         if self._group is None:
-            _ensure_dir(final.parent, self.root)
-            fsync_path(temp)
-            os.replace(temp, final)
+            self._ensure_dir(final.parent)
+            if not synced:
+                fsync_path(temp)
+            try:
+                os.replace(temp, final)
+            except FileNotFoundError:  # the folder was removed since (retention): make it again
+                self._dirs.discard(final.parent)
+                self._ensure_dir(final.parent)
+                os.replace(temp, final)
             fsync_dir(final.parent)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
             self._group.sync()
         return final
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """`_ensure_dir`, remembering folders already known to exist durably (no stat per file)."""
+        if folder in self._dirs:
+            return
+        _ensure_dir(folder, self.root)
+        with self._lock:
+            if len(self._dirs) > 10_000:
+                self._dirs.clear()
+            self._dirs.add(folder)
 
     def discard(self, temp: Path) -> None:
         temp.unlink(missing_ok=True)

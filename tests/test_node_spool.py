@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from dicom_node.index import Database, Instance, Series, Study
 from dicom_node.ingest import CANNOT_UNDERSTAND, SUCCESS, Outcome, Receiver, Source, reconcile
-from dicom_node.spool import InvalidInstanceError, Spool, check_uid, read_header
+from dicom_node.spool import InvalidInstanceError, Spool, check_uid, read_header, relative_path
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -133,6 +133,7 @@ def test_release_marks_study_released_abort_does_not(receiver):
     receiver.transfers.begin("a2")
     receiver.store_bytes(part10(sop="1.2.3.4.6"), Source(via="dimse", transfer_id="a2"))
     receiver.release("a1", released=True)  # a2 still brings the study
+    assert receiver.flush()
     with receiver.db.session() as s:
         assert s.get(Study, "1.2.3").released_at is None
     receiver.release("a2", released=True)
@@ -169,3 +170,12 @@ def test_same_sop_instance_under_another_series_is_stored_once(receiver):
     assert (receiver.spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm").exists()
     with receiver.db.session() as s:
         assert s.get(Instance, "1.2.3.4.5").series_uid == "1.2.3.4"
+
+
+def test_study_folder_removed_by_retention_is_made_again(receiver):
+    import shutil
+
+    assert receiver.store_bytes(part10(), SRC).status == 0
+    shutil.rmtree(receiver.spool.root / "1.2.3")
+    r = receiver.store_bytes(part10(sop="1.2.3.4.6"), SRC)
+    assert r.status == 0 and (receiver.spool.root / relative_path(r.header)).is_file()
