@@ -93,7 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cls-epochs", type=int, default=30)
     c.add_argument("--version", default="0.1.0")
     c.add_argument("--name", default="nodal-ln-demo")
+    c.add_argument(
+        "--verifier-cases", type=int, default=24, help="phantoms to fit the candidate verifier on (0: none)"
+    )
     c.set_defaults(func=cmd_train)
+
+    c = sub.add_parser(
+        "train-verifier", help="fit the candidate verifier of an existing model on training phantoms"
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument("--cases", type=int, default=24)
+    c.add_argument("--keep-share", type=float, default=0.98, help="share of true nodes the threshold keeps")
+    c.set_defaults(func=cmd_train_verifier)
 
     c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
     c.add_argument("--cases", type=int, default=20)
@@ -227,6 +238,27 @@ def cmd_train(args, settings: Settings) -> int:
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")
     print(f"model written to {out}")
+    if args.verifier_cases and args.data is None:
+        args.model_dir, args.cases, args.keep_share = out, args.verifier_cases, 0.98
+        return cmd_train_verifier(args, settings)
+    if args.data is not None:
+        from inference.train_verifier import train_verifier_on_site
+
+        report = train_verifier_on_site(out, args.data)
+        print(
+            json.dumps({"verifier": report})
+            if report
+            else "candidate verifier not fitted: cases.json lists no verifier_cases (see docs/training.md)"
+        )
+    return 0
+
+
+def cmd_train_verifier(args, settings: Settings) -> int:
+    from inference.train_verifier import train_verifier
+
+    cache = settings.node.data_dir / "train-cache"
+    report = train_verifier(args.model_dir, args.cases, keep_share=args.keep_share, cache_dir=cache)
+    print(json.dumps({"verifier": report}))
     return 0
 
 

@@ -29,16 +29,20 @@ THRESHOLD_BASELINE_HU = (15.0, 80.0)
 
 def phantom_volume(ph: phantoms.Phantom) -> Volume:
     """The phantom as a loaded volume, without a round trip through DICOM files."""
-    series = deterministic_uid("nodal-phantom", str(ph.seed), "series")
+    return array_volume(ph.hu.astype(np.float32), ph.affine, "nodal-phantom", str(ph.seed))
+
+
+def array_volume(hu: np.ndarray, affine: np.ndarray, *key: str) -> Volume:
+    """A volume from an array in HU (slice, row, column) and its affine; UIDs derived from `key`."""
+    series = deterministic_uid(*key, "series")
+    slices = tuple(SliceRef(deterministic_uid(series, str(k)), CT_IMAGE_STORAGE) for k in range(hu.shape[0]))
     return Volume(
-        array=ph.hu.astype(np.float32),
-        affine=ph.affine,
-        slices=tuple(
-            SliceRef(deterministic_uid(series, str(k)), CT_IMAGE_STORAGE) for k in range(ph.hu.shape[0])
-        ),
-        study_instance_uid=deterministic_uid("nodal-phantom", str(ph.seed), "study"),
+        array=hu,
+        affine=affine,
+        slices=slices,
+        study_instance_uid=deterministic_uid(*key, "study"),
         series_instance_uid=series,
-        frame_of_reference_uid=deterministic_uid("nodal-phantom", str(ph.seed), "for"),
+        frame_of_reference_uid=deterministic_uid(*key, "for"),
     )
 
 

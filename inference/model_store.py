@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from inference.networks import NodeClassifier, build_segmenter
+from inference.verify import Verifier
 
 CARD_NAME = "model_card.json"
 REQUIRED_FIELDS = (
@@ -29,6 +30,7 @@ REQUIRED_FIELDS = (
     "classifier",
     "weights",
 )
+OPTIONAL_ROLES = {"verifier"}  # candidate verification (inference.verify), when the model has one
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "nodal-ln-demo"
 
 
@@ -42,6 +44,7 @@ class LoadedModel:
     segmenter: nn.Module
     classifier: nn.Module
     device: torch.device
+    verifier: Verifier | None = None
 
     @property
     def name(self) -> str:
@@ -79,7 +82,7 @@ def read_card(model_dir: Path) -> dict:
     missing = [k for k in REQUIRED_FIELDS if k not in card]
     if missing:
         raise ModelCardError(f"{card_path} lacks the field(s) {', '.join(missing)}")
-    for role in ("segmenter", "classifier"):
+    for role in ("segmenter", "classifier", *(OPTIONAL_ROLES & card["weights"].keys())):
         entry = card["weights"].get(role)
         if not entry or "file" not in entry or "sha256" not in entry:
             raise ModelCardError(f"{card_path}: weights.{role} needs 'file' and 'sha256'")
@@ -113,7 +116,20 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         )
         net.load_state_dict(state)
         net.to(dev).eval()
-    return LoadedModel(card=card, segmenter=seg, classifier=cls, device=dev)
+    entry = card["weights"].get("verifier")
+    verifier = Verifier.load(model_dir / entry["file"]) if entry else None
+    return LoadedModel(card=card, segmenter=seg, classifier=cls, device=dev, verifier=verifier)
+
+
+def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:
+    """Store `verifier` in the model directory and pin it in the card."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    path = verifier.save(model_dir, fit_report)
+    card["weights"]["verifier"] = {"file": path.name, "sha256": sha256(path)}
+    card["verifier"] = {"module": "inference.verify", "fit": fit_report}
+    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return path
 
 
 def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn.Module) -> Path:

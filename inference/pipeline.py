@@ -1,8 +1,9 @@
 """The inference job: a CT volume and a loaded model in, per-node findings out.
 
 volume -> working grid -> U-Net probability -> connected components -> per node: mask on
-the native grid, RECIST diameters, volume, mean HU -> classifier probability and rule
-category -> `StudyFindings`.
+the native grid, RECIST diameters, volume, mean HU -> verification (drop what is not a
+node, when the model has a verifier) -> classifier probability and rule category ->
+`StudyFindings`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from inference import rules
+import numpy as np
+
+from inference import rules, verify
 from inference.classify import malignancy_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
-from inference.nodes import components, measure_node
+from inference.nodes import Candidate, components, measure_node
 from inference.preprocess import to_working
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
@@ -37,9 +40,10 @@ class Analysis:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
 
 
-def analyse(
+def detect(
     volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None
-) -> Analysis:
+) -> tuple[list[tuple[Candidate, dict]], dict[str, float]]:
+    """Segment and measure: every measured candidate (before verification) and stage times."""
     s = settings or PipelineSettings()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -60,11 +64,43 @@ def analyse(
     t = time.perf_counter()
     candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3)
     measured = [
-        m
-        for m in (measure_node(volume, c) for c in candidates)
+        (c, m)
+        for c, m in ((c, measure_node(volume, c)) for c in candidates)
         if m is not None and m["volume_mm3"] >= s.min_volume_mm3
     ]
     seconds["measure"] = time.perf_counter() - t
+    return measured, seconds
+
+
+def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> np.ndarray:
+    """The verification features of one measured candidate (see inference.verify)."""
+    k0, j0, i0, k1, j1, i1 = candidate.bbox
+    margin = verify.shell_margin(volume.spacing)
+    lo = [max(0, a - m) for a, m in zip((k0, j0, i0), margin, strict=True)]
+    hi = [min(n, b + m) for b, m, n in zip((k1, j1, i1), margin, volume.shape, strict=True)]
+    return verify.features(
+        measured["mask"],
+        volume.array[k0:k1, j0:j1, i0:i1],
+        candidate.soft,
+        volume.spacing,
+        measured["short"].length_mm,
+        measured["long"].length_mm,
+        hu_around=volume.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]],
+        offset=(k0 - lo[0], j0 - lo[1], i0 - lo[2]),
+    )
+
+
+def analyse(
+    volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None
+) -> Analysis:
+    measured_pairs, seconds = detect(volume, model, settings)
+    if model.verifier is not None and measured_pairs:
+        t = time.perf_counter()
+        x = np.stack([candidate_features(volume, c, m) for c, m in measured_pairs])
+        keep = model.verifier.keep(x)
+        measured_pairs = [pair for pair, k in zip(measured_pairs, keep, strict=True) if k]
+        seconds["verify"] = time.perf_counter() - t
+    measured = [m for _, m in measured_pairs]
 
     t = time.perf_counter()
     probs = malignancy_probabilities(

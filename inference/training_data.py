@@ -54,12 +54,10 @@ def phantom_case(seed: int, spec: phantoms.PhantomSpec, working_spacing: float) 
     )
 
 
-def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Case:
-    """A site's case: CT (NIfTI file or DICOM folder) and a label image on the same grid.
-
-    Label convention: 0 background, 1 lymph node (benign or unknown), 2 malignant node.
-    Nodes are the connected components of the label > 0.
-    """
+def read_site_case(image_path: Path, label_path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """A site's CT (NIfTI file or DICOM folder) in HU as (slice, row, column), its voxel
+    spacing in that order, and its label image on the same grid (0 background, 1 lymph
+    node, benign or unknown, 2 malignant node)."""
     import nibabel as nib
 
     image_path, label_path = Path(image_path), Path(label_path)
@@ -70,14 +68,20 @@ def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Cas
         hu, spacing = vol.array, vol.spacing
         lab = np.asarray(nib.load(str(label_path)).dataobj)
         lab = np.transpose(lab, (2, 1, 0)) if lab.shape[::-1] == hu.shape else lab
-    else:
+    else:  # NIfTI arrays are (x, y, z): turn them into nodal's (slice, row, column) order
         img = nib.load(str(image_path))
-        hu = np.asarray(img.dataobj, dtype=np.float32)
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        lab = np.asarray(nib.load(str(label_path)).dataobj)
+        hu = np.transpose(np.asarray(img.dataobj, dtype=np.float32), (2, 1, 0))
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])[::-1]
+        lab = np.transpose(np.asarray(nib.load(str(label_path)).dataobj), (2, 1, 0))
     if lab.shape != hu.shape:
         raise ValueError(f"label {label_path.name} has shape {lab.shape}, image {hu.shape}")
-    image, grid = to_working(hu.astype(np.float32), spacing, working_spacing)
+    return hu.astype(np.float32), spacing, lab
+
+
+def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Case:
+    """A site's case on the working grid. Nodes are the connected components of the label > 0."""
+    hu, spacing, lab = read_site_case(image_path, label_path)
+    image, grid = to_working(hu, spacing, working_spacing)
     lab_w = nearest(lab.astype(np.uint8), grid)
     inst, _ = ndimage.label(lab_w > 0)
     malignant = {}

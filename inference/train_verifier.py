@@ -1,0 +1,117 @@
+"""Fit the candidate verifier (inference.verify) of a trained model on training phantoms.
+
+The model's own segmenter runs on phantoms with training seeds (`VERIFIER_SEED_BASE` up:
+apart from the segmenter's seeds and far below the evaluation seeds); each measured
+candidate is labelled node or not by its overlap with the phantom's ground truth (the
+same matching `nodal evaluate` uses), and the logistic verifier is fitted on them. Per-
+phantom features are cached (keyed by the segmenter's checksum), so a refit is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from inference import phantoms, verify
+from inference.evaluate import array_volume, match, phantom_volume
+from inference.model_store import LoadedModel, add_verifier, load_model
+from inference.pipeline import PipelineSettings, candidate_features, detect
+from inference.train import EVAL_SEED_BASE, training_spec
+from inference.training_data import read_site_case
+from inference.volume import Volume
+
+log = logging.getLogger("nodal.train")
+
+VERIFIER_SEED_BASE = 500_000
+
+
+def labelled_candidates(
+    model: LoadedModel, volume: Volume, labels: np.ndarray, settings: PipelineSettings
+) -> tuple:
+    """Features of the candidates found in `volume`, each labelled by overlap with the node
+    instance map `labels` (same grid; 0 = no node)."""
+    pairs, _ = detect(volume, model, settings)
+    if not pairs:
+        return np.zeros((0, len(verify.FEATURES))), np.zeros(0, bool)
+    x = np.stack([candidate_features(volume, c, m) for c, m in pairs])
+    matches = match(labels, [(m["bbox"], m["mask"]) for _, m in pairs])
+    return x, np.array([m.gt != 0 for m in matches])
+
+
+def phantom_candidates(model: LoadedModel, seed: int, settings: PipelineSettings) -> tuple:
+    ph = phantoms.generate(seed, training_spec(seed))
+    return labelled_candidates(model, phantom_volume(ph), ph.labels, settings)
+
+
+def site_candidates(model: LoadedModel, image: Path, label: Path, settings: PipelineSettings) -> tuple:
+    """A site case (see docs/training.md) kept apart from the segmenter's training cases."""
+    hu, spacing, lab = read_site_case(image, label)
+    nodes, _ = ndimage.label(lab > 0)
+    volume = array_volume(hu, np.diag([*spacing, 1.0]), "nodal-site-case", str(image))
+    return labelled_candidates(model, volume, nodes, settings)
+
+
+def train_verifier_on_site(model_dir: Path, data_dir: Path, keep_share: float = 0.98) -> dict | None:
+    """Fit on the `verifier_cases` of `data_dir/cases.json`; None when it lists none."""
+    listing = json.loads((Path(data_dir) / "cases.json").read_text())
+    cases = listing.get("verifier_cases") or []
+    if not cases:
+        return None
+    model = load_model(model_dir)
+    settings = PipelineSettings()
+    parts = [
+        site_candidates(model, Path(data_dir) / c["image"], Path(data_dir) / c["label"], settings)
+        for c in cases
+    ]
+    return _fit_and_store(model_dir, parts, keep_share, {"site_cases": len(cases)})
+
+
+def train_verifier(
+    model_dir: Path,
+    cases: int = 24,
+    seed: int = VERIFIER_SEED_BASE,
+    keep_share: float = 0.98,
+    cache_dir: Path | None = None,
+    settings: PipelineSettings | None = None,
+) -> dict:
+    """Fit and store the verifier of the model in `model_dir` on phantoms; return the fit report."""
+    if seed + cases > EVAL_SEED_BASE:
+        raise ValueError(f"verifier seeds must stay below the evaluation seeds ({EVAL_SEED_BASE})")
+    model = load_model(model_dir)
+    settings = settings or PipelineSettings()
+    features_key = hashlib.sha256(" ".join(verify.FEATURES).encode()).hexdigest()[:8]
+    key = f'{model.card["weights"]["segmenter"]["sha256"][:16]}-{features_key}'
+    parts = []
+    for n in range(cases):
+        cached = cache_dir / f"verifier-{key}-{seed + n}.npz" if cache_dir else None
+        if cached is not None and cached.is_file():
+            with np.load(cached) as z:
+                x, y = z["x"], z["y"]
+        else:
+            t = time.perf_counter()
+            x, y = phantom_candidates(model, seed + n, settings)
+            log.info(
+                "verifier phantom %d/%d: %d candidate(s), %d node(s), %.0f s",
+                n + 1, cases, len(y), int(y.sum()), time.perf_counter() - t,
+            )
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cached, x=x, y=y)
+        parts.append((x, y))
+    source = {"phantoms": cases, "seeds": [seed, seed + cases - 1]}
+    return _fit_and_store(model_dir, parts, keep_share, source)
+
+
+def _fit_and_store(model_dir: Path, parts: list[tuple], keep_share: float, source: dict) -> dict:
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    verifier, report = verify.fit(x, y, keep_share=keep_share)
+    report |= source
+    add_verifier(model_dir, verifier, report)
+    return report
