@@ -104,7 +104,8 @@ def check_caller(rules: list[CallerRule], calling_ae: str, address: str) -> tupl
         return CALLING_AE_UNKNOWN, f"calling AE title {calling_ae.strip()!r} is not in allowed_callers"
     if any(r.addresses is None or address in r.addresses for r in known):
         return None
-    return HOST_NOT_ALLOWED, f"calling AE title {calling_ae.strip()!r} is allowed, but not from {address}"
+    why = f"calling AE title {calling_ae.strip()!r} is allowed, but not from host {address}"
+    return HOST_NOT_ALLOWED, why
 
 
 class DimseServer:
