@@ -11,25 +11,13 @@ record of the whole run holds the patient's name, ID or birth date.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import pydicom
 import pytest
 import requests
-import yaml
-from peers import (
-    Nodal,
-    Orthanc,
-    free_port,
-    missing_binaries,
-    model_dir,
-    node_config,
-    orthanc_binary,
-    wait_until,
-)
-from test_monitoring import DEPLOY, dashboard_exprs
+from peers import Nodal, Orthanc, Prometheus, free_port, model_dir, node_config, skip_reason, wait_until
+from test_monitoring import dashboard_exprs
 
 from inference import phantoms
 from inference.ct_series import PatientInfo
@@ -41,83 +29,8 @@ PHI = ("Quorvatz", "Zyxwena", "PID-8675309-QX", "8675309", "19230517", "1923-05-
 SPEC = phantoms.PhantomSpec(rows=256, columns=256, pixel_spacing_mm=1.45, slices=48, slice_spacing_mm=2.5)
 
 
-def _skip_reason() -> str | None:
-    missing = missing_binaries("storescu", "echoscu", "prometheus")
-    if orthanc_binary() is None:
-        missing.append("Orthanc")
-    if missing:
-        return f"peer binaries missing: {', '.join(missing)} (`make peers` installs them)"
-    if model_dir() is None:
-        return "no model: inference/models/nodal-ln-demo/model_card.json absent and no NODAL_TEST_MODEL_DIR"
-    return None
-
-
-if (_why := _skip_reason()) is not None:
+if (_why := skip_reason("storescu", "echoscu", "prometheus")) is not None:
     pytest.skip(_why, allow_module_level=True)
-
-
-class Prometheus:
-    """A Prometheus server in a temporary folder scraping one target every second."""
-
-    def __init__(self, folder: Path, target: str):
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.target = target
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Prometheus:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(DEPLOY / "prometheus" / "alerts.yml", self.folder / "alerts.yml")
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": "nodal", "static_configs": [{"targets": [self.target]}]}],
-        }
-        (self.folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-        log = open(self.folder / "prometheus.log", "ab")  # noqa: SIM115 (kept open for the process)
-        self.proc = subprocess.Popen(
-            [
-                shutil.which("prometheus"),
-                f"--config.file={self.folder / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.folder / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=log,
-            stderr=log,
-            cwd=self.folder,
-        )
-        wait_until(self.alive, 60, "Prometheus to answer")
-        return self
-
-    def alive(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"Prometheus exited; see {self.folder / 'prometheus.log'}")
-        try:
-            return requests.get(f"{self.url}/-/ready", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    def query(self, expr: str) -> list[dict]:
-        r = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
-        body = r.json()
-        if r.status_code != 200 or body.get("status") != "success":
-            raise AssertionError(f"Prometheus refused {expr!r}: {body.get('error', r.text)}")
-        return body["data"]["result"]
-
-    def value(self, expr: str) -> float | None:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 def test_prometheus_sees_a_study_go_through_and_no_phi_is_logged_or_audited(tmp_path):
