@@ -62,7 +62,7 @@ ASSOCIATIONS_ACCEPTED = Counter(
 )
 ASSOCIATIONS_REJECTED = Counter(
     "nodal_associations_rejected_total",
-    "DIMSE associations rejected, by reason (calling_ae_unknown, host_not_allowed)",
+    "DIMSE associations rejected, by reason (calling_ae_unknown, host_not_allowed, association_limit)",
     ["reason"],
     registry=REGISTRY,
 )

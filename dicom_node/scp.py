@@ -92,7 +92,9 @@ def caller_rules(callers: list[AllowedCaller]) -> list[CallerRule]:
     return rules
 
 
-CALLING_AE_UNKNOWN, HOST_NOT_ALLOWED = "calling_ae_unknown", "host_not_allowed"  # metric label values
+# Rejection reasons (the values of the metric label `reason`).
+CALLING_AE_UNKNOWN, HOST_NOT_ALLOWED = "calling_ae_unknown", "host_not_allowed"
+ASSOCIATION_LIMIT = "association_limit"  # node.max_associations reached (pynetdicom rejects, 2-3-2)
 
 
 def check_caller(rules: list[CallerRule], calling_ae: str, address: str) -> tuple[str, str] | None:
@@ -139,6 +141,7 @@ class DimseServer:
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -192,8 +195,6 @@ class DimseServer:
             reason,
             extra={"event": "association", "outcome": "rejected", "reason": code},
         )
-        event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
-        event.assoc.kill()
         audit.record(
             self.db,
             audit.Event(
@@ -201,6 +202,32 @@ class DimseServer:
                 audit.FAILURE,
                 actor=str(calling).strip(),
                 peer=address,
+                detail={"reason": reason},
+            ),
+        )
+        event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
+        event.assoc.kill()
+
+    def _on_rejected(self, event) -> None:
+        """pynetdicom rejected the request itself: node.max_associations associations are open."""
+        if not event.assoc.is_acceptor:
+            return
+        req = event.assoc.requestor
+        reason = f"{self.settings.node.max_associations} associations already open (node.max_associations)"
+        metrics.ASSOCIATIONS_REJECTED.labels(ASSOCIATION_LIMIT).inc()
+        log.warning(
+            "association from %s rejected: %s",
+            req.address,
+            reason,
+            extra={"event": "association", "outcome": "rejected", "reason": ASSOCIATION_LIMIT},
+        )
+        audit.record(
+            self.db,
+            audit.Event(
+                "association",
+                audit.FAILURE,
+                actor=str(req.ae_title).strip(),
+                peer=req.address,
                 detail={"reason": reason},
             ),
         )

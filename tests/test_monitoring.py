@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from peers import wait_until
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
@@ -24,7 +25,7 @@ from test_node_spool import part10
 from dicom_node import audit, metrics
 from dicom_node.api import create_app
 from dicom_node.config import Settings
-from dicom_node.index import Job, JobState
+from dicom_node.index import Database, Job, JobState
 from dicom_node.ingest import Source
 from dicom_node.logs import JsonFormatter
 from dicom_node.observe import JobWatcher, read_state
@@ -309,3 +310,67 @@ def test_dashboard_and_alerts_name_only_metrics_nodal_exposes():
         "spool",
     ):
         assert needed in titles, needed
+
+
+def test_associations_counted_open_accepted_and_rejected_by_reason(tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    from test_node_scp import free_port
+
+    from dicom_node.ingest import Receiver
+    from dicom_node.scp import DimseServer
+    from dicom_node.spool import Spool
+
+    port = free_port()
+    s = Settings.model_validate(
+        {
+            "node": {"dimse_port": port, "bind_address": "127.0.0.1", "max_associations": 1},
+            "allowed_callers": [{"ae_title": "CT1"}],
+        }
+    )
+    db = Database(f"sqlite:///{tmp_path / 'i.sqlite3'}")
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(spool, db)
+    server = DimseServer(s, receiver)
+    server.start()
+    before = {
+        r: sample("nodal_associations_rejected_total", reason=r)
+        for r in ("calling_ae_unknown", "association_limit")
+    }
+    accepted = sample("nodal_associations_accepted_total")
+
+    def associate(calling):
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", port, ae_title="NODAL")
+
+    try:
+        first = associate("CT1")
+        assert first.is_established and sample("nodal_associations_active") >= 1
+        second = associate("CT1")  # over node.max_associations
+        assert second.is_rejected
+        assert not associate("NOBODY").is_established
+        first.release()
+        wait_until(lambda: sample("nodal_associations_active") == 0, 5, "the association to end", 0.05)
+        assert sample("nodal_associations_accepted_total") == accepted + 1
+        assert (
+            sample("nodal_associations_rejected_total", reason="association_limit")
+            == before["association_limit"] + 1
+        )
+        assert (
+            sample("nodal_associations_rejected_total", reason="calling_ae_unknown")
+            == before["calling_ae_unknown"] + 1
+        )
+        # pynetdicom reports its own rejection after answering it
+        wait_until(lambda: len(audit.query(db, event="association")) == 3, 5, "3 audit events", 0.05)
+        events = audit.query(db, event="association")
+        assert sorted((e["actor"], e["outcome"]) for e in events) == [
+            ("CT1", "failure"),
+            ("CT1", "success"),
+            ("NOBODY", "failure"),
+        ]
+    finally:
+        server.stop(1)
+        receiver.close()
+        spool.close()
+        db.close()
