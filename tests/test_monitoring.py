@@ -374,3 +374,13 @@ def test_associations_counted_open_accepted_and_rejected_by_reason(tmp_path):
         receiver.close()
         spool.close()
         db.close()
+
+
+def test_docs_list_every_metric():
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    names = set(metrics.STATE_HELP)
+    for c in nodal_collectors():
+        [family] = c.describe()
+        names.add(f"{family.name}_total" if isinstance(c, Counter) else family.name)
+    missing = sorted(n for n in names if f"`{n}`" not in doc)
+    assert not missing, f"docs/monitoring.md lacks {missing}"
