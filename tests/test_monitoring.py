@@ -384,3 +384,26 @@ def test_docs_list_every_metric():
         names.add(f"{family.name}_total" if isinstance(c, Counter) else family.name)
     missing = sorted(n for n in names if f"`{n}`" not in doc)
     assert not missing, f"docs/monitoring.md lacks {missing}"
+
+
+def test_workers_publish_their_model_to_the_pool_for_model_info():
+    from types import SimpleNamespace
+
+    import torch
+
+    from dicom_node.worker import WorkerPool, _publish_model
+
+    pool = WorkerPool(Settings.model_validate({"jobs": {"workers": 2}}), db=None)  # not started
+    model = SimpleNamespace(name="nodal-ln-demo", version="0.3.1", device=torch.device("cpu"))
+    slot = pool._slots[1]
+    _publish_model(slot, model)
+    assert pool.models() == []  # published, but not ready yet
+    slot.ready.value = 1
+    assert pool.models() == [{"name": "nodal-ln-demo", "version": "0.3.1", "device": "cpu"}]
+    assert pool.gpu_bytes() == {}  # a CPU worker reports no GPU memory
+    [info] = [
+        m
+        for m in metrics.state_metrics(metrics.NodeState(models=pool.models()))
+        if m.name == "nodal_model_info"
+    ]
+    assert info.samples[0].labels == {"name": "nodal-ln-demo", "version": "0.3.1", "device": "cpu"}
