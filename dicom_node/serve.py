@@ -62,10 +62,13 @@ class Node:
         app = create_app(settings, self.db, self.receiver, self.workers.ready)
         self.http = _http_server(app, settings.node.bind_address, settings.node.http_port)
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
-        self.monitoring: uvicorn.Server | None = None
+        self.monitoring: uvicorn.Server | None = None  # /metrics, /healthz, /readyz on their own port
         if settings.node.monitoring_port is not None:
             mon = monitoring_app(probes(settings, self.db, self.receiver, self.workers.ready))
             self.monitoring = _http_server(mon, settings.node.bind_address, settings.node.monitoring_port)
+            self._monitoring_thread = threading.Thread(
+                target=self.monitoring.run, name="monitoring", daemon=True
+            )
         self._last_lease_check = 0.0
         self.watcher = JobWatcher(self.db, bool(settings.destinations), time.time())
         metrics.STATE.read = lambda: read_state(
@@ -80,8 +83,9 @@ class Node:
         self.workers.start()
         _start_http(self.http, self._http_thread, self.settings.node.bind_address, "HTTP")
         if self.monitoring is not None:
-            thread = threading.Thread(target=self.monitoring.run, name="monitoring", daemon=True)
-            _start_http(self.monitoring, thread, self.settings.node.bind_address, "monitoring HTTP")
+            _start_http(
+                self.monitoring, self._monitoring_thread, self.settings.node.bind_address, "monitoring"
+            )
         try:
             self.scp.start()
         except OSError as e:
@@ -134,8 +138,6 @@ class Node:
         self.scp.stop(ASSOCIATION_GRACE_SECONDS)
         self.http.should_exit = True
         self._http_thread.join(ASSOCIATION_GRACE_SECONDS)
-        if self.monitoring is not None:
-            self.monitoring.should_exit = True
         self.receiver.close()  # every acknowledged instance indexed
         self.retention.stop()
         grace = self.settings.jobs.shutdown_grace_seconds
@@ -144,6 +146,9 @@ class Node:
         self.delivery.stop()
         self.watcher.poll(time.time())
         audit.record(self.db, audit.Event("application_stop", actor="nodal"))
+        if self.monitoring is not None:  # probes and metrics answer until the end
+            self.monitoring.should_exit = True
+            self._monitoring_thread.join(ASSOCIATION_GRACE_SECONDS)
         metrics.STATE.read = None
         self.spool.close()
         self.db.close()

@@ -110,7 +110,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
         finally:
             with slot.job_id.get_lock():
                 slot.job_id.value = 0
-            _publish_gpu(slot, model, peak=True)
+            _publish_gpu(slot, model)
     db.close()
 
 
@@ -121,17 +121,15 @@ def _publish_model(slot, model) -> None:
     _publish_gpu(slot, model)
 
 
-def _publish_gpu(slot, model, peak: bool = False) -> None:
-    """GPU memory the model's process holds (CUDA only); after a job, the job's peak."""
+def _publish_gpu(slot, model) -> None:
+    """GPU memory this process holds (CUDA only): what torch's caching allocator reserved,
+    which keeps what the largest job needed. Published after loading, after each job and
+    while idle."""
     if model.device.type != "cuda":
         return
     import torch
 
-    held = torch.cuda.memory_reserved(model.device)
-    if peak:
-        held = max(held, torch.cuda.max_memory_reserved(model.device))
-        torch.cuda.reset_peak_memory_stats(model.device)
-    slot.gpu_bytes.value = int(held)
+    slot.gpu_bytes.value = int(torch.cuda.memory_reserved(model.device))
 
 
 def run_one(
