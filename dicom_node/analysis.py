@@ -9,6 +9,7 @@ so the outbox only ever holds complete result sets.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobO
     from sr_templates import write_results
 
     vs = settings.volume
+    t = time.perf_counter()
     try:
         volume = load_series(
             job.paths,
@@ -54,7 +56,9 @@ def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobO
     except VolumeError as e:
         name = type(e).__name__
         raise NotAnalysable(f"{name}: {e}", skipped=name in _SKIP_ERRORS) from None
+    loaded = time.perf_counter() - t
     analysis = analyse(volume, model, pipeline_settings(settings))
+    t = time.perf_counter()
     name = f"job-{job.job_id}"
     tmp = outbox / f".{name}.tmp"
     final = outbox / name
@@ -71,7 +75,10 @@ def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobO
     tmp.rename(final)
     fsync_dir(outbox)
     files = [_result_file(final / p.name, name) for p in written]
-    return JobOutcome(name, files, len(analysis.findings.findings), dict(analysis.seconds))
+    seconds = {"load": loaded, **analysis.seconds, "encode": time.perf_counter() - t}
+    threshold = settings.inference.malignancy_threshold
+    malignant = sum(1 for f in analysis.findings.findings if f.malignancy_probability >= threshold)
+    return JobOutcome(name, files, len(analysis.findings.findings), seconds, malignant)
 
 
 def pipeline_settings(settings: Settings):

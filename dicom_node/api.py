@@ -5,7 +5,8 @@
 - `POST /api/jobs/{id}/retry`: run a finished job again, or re-send its failed deliveries
 - `GET /api/studies?limit=&offset=`, `GET /api/studies/{uid}`: studies, their series and
   routing decisions
-- `GET /healthz` (alive), `GET /readyz` (a worker has the model loaded, DB and spool writable)
+- `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.audit`)
+- `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.monitoring`)
 
 Thin endpoints over `jobs` and the index; no patient data is returned (UIDs, counts,
 states, reasons and times only). Times are ISO 8601 UTC.
@@ -14,19 +15,19 @@ states, reasons and times only). Times are ISO 8601 UTC.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
+from dicom_node import audit
 from dicom_node.config import Settings
 from dicom_node.dicomweb import stow_router
 from dicom_node.index import Database, Delivery, Job, Series, Study, now
 from dicom_node.ingest import Receiver
 from dicom_node.jobs import JobConflict, retry
+from dicom_node.monitoring import Probes, monitoring_router
 
 
 def iso(t: float | None) -> str | None:
@@ -96,19 +97,20 @@ def study_json(study: Study, jobs: dict[str, int]) -> dict:
 def create_app(settings: Settings, db: Database, receiver: Receiver, ready: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
+    app.include_router(monitoring_router(probes(settings, db, receiver, ready)))
 
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "alive"}
-
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        checks = {
-            "model_loaded": ready(),
-            "spool_writable": os.access(receiver.spool.tmp, os.W_OK),
-            "database": _db_ok(db),
-        }
-        return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
+    @app.get("/api/audit")
+    def audit_events(
+        event: str | None = None,
+        since: str | None = Query(None, description="ISO 8601 time or epoch seconds"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict:
+        if event and event not in audit.EVENTS:
+            raise HTTPException(400, f"unknown event {event!r}; one of {', '.join(audit.EVENTS)}")
+        rows = audit.query(db, event, _parse_since(since), limit)
+        for r in rows:
+            r["at"] = iso(r["at"])
+        return {"events": rows}
 
     @app.get("/api/jobs")
     def list_jobs(
@@ -202,10 +204,19 @@ def _job_counts(s, study_uids: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _db_ok(db: Database) -> bool:
+def probes(settings: Settings, db: Database, receiver: Receiver, ready: Callable[[], bool]) -> Probes:
+    return Probes(db, receiver.spool.tmp, settings.spool.min_free_mb * 2**20, ready)
+
+
+def _parse_since(since: str | None) -> float | None:
+    if not since:
+        return None
     try:
-        with db.session() as s:
-            s.execute(select(1))
-        return True
-    except Exception:
-        return False
+        return float(since)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(since)
+    except ValueError:
+        raise HTTPException(400, f"since={since!r} is neither ISO 8601 nor epoch seconds") from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dicom_node.analysis import pipeline_settings, source_datasets
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.logs import configure_logging
 
 log = logging.getLogger("nodal")
 
@@ -28,34 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # VolumeError, ModelCardError, ... are ValueErrors
         print(f"nodal: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-
-
-class _JsonLines(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def configure_logging(settings: Settings) -> None:
-    """Root logger from `logging`; chatty libraries (pynetdicom logs per instance) held at WARNING."""
-    handler = logging.StreamHandler()
-    if settings.logging.json_lines:
-        handler.setFormatter(_JsonLines())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.logging.level)
-    quiet = max(logging.WARNING, root.level)
-    for name in ("highdicom", "pynetdicom", "urllib3", "dicomweb_client", "uvicorn", "orthanc_api_client"):
-        logging.getLogger(name).setLevel(quiet)
 
 
 def _parser() -> argparse.ArgumentParser:

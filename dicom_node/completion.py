@@ -15,6 +15,8 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
+from dicom_node.audit import study_key
 from dicom_node.config import Settings
 from dicom_node.index import Database, Job, JobState, Series, Study
 from dicom_node.jobs import supersede_older
@@ -92,12 +94,17 @@ def complete_study(s: Session, study: Study, settings: Settings, t: float) -> li
         series.routing = decision.reason
         jobs.append(job)
         log.info(
-            "job %d: series of %d instance(s) %s (%s)",
+            "job %d (study %s): series of %d instance(s) %s (%s)",
             job.id,
+            study_key(study.study_uid),
             series.instance_count,
             "queued" if decision.selected else "skipped",
             decision.reason,
+            extra={"event": "job", "job_id": job.id, "state": job.state},
         )
+    metrics.STUDIES_COMPLETED.inc()
+    if study.completions == 0:
+        metrics.RECEIVE_TO_COMPLETE.observe(max(0.0, t - study.first_received_at))
     study.pending = False
     study.completed_at = t
     study.completions += 1

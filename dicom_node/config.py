@@ -47,6 +47,9 @@ class NodeSection(_Section):
     ae_title: str = Field("NODAL", min_length=1, max_length=16, pattern=AE_TITLE)
     dimse_port: int = Field(11112, ge=1, le=65535)
     http_port: int = Field(8080, ge=1, le=65535)
+    monitoring_port: int | None = Field(
+        None, ge=1, le=65535, description="also serve /metrics, /healthz, /readyz here; null = off"
+    )
     data_dir: Path = Path("var")
     bind_address: str = Field("0.0.0.0", min_length=1, description="address both receivers listen on")
     max_associations: int = Field(10, ge=1, le=1000, description="simultaneous DIMSE associations")
@@ -239,7 +242,7 @@ class ResultsSection(_Section):
 
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    json_lines: bool = False
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
 
 
 class Settings(BaseSettings):

@@ -10,6 +10,7 @@ multipart/related application/dicom, 400 for a malformed one.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -18,7 +19,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from dicom_node.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Outcome, Receiver, Source, StoreResult
+from dicom_node import audit
+from dicom_node.ingest import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    Outcome,
+    Receiver,
+    Source,
+    StoreResult,
+    TransferSummary,
+    summary_line,
+)
 from dicom_node.multipart import (
     MultipartError,
     MultipartParser,
@@ -30,6 +41,8 @@ from dicom_node.multipart import (
 from dicom_node.spool import InvalidInstanceError, check_uid
 
 DICOM_JSON = "application/dicom+json"
+
+log = logging.getLogger("nodal.stow")
 
 
 def stow_router(receiver: Receiver) -> APIRouter:
@@ -91,10 +104,36 @@ async def _stow(request: Request, receiver: Receiver, study: str | None) -> JSON
     finally:
         if part is not None:
             part.abandon(receiver)
-        await run_in_threadpool(receiver.release, transfer, complete)
+        summary = await run_in_threadpool(receiver.release, transfer, complete)
+        if summary is not None:
+            await run_in_threadpool(_report, receiver, source, summary, complete)
     if not results:
         return _problem(400, "the request holds no parts")
     return _response(results)
+
+
+def _report(receiver: Receiver, source: Source, summary: TransferSummary, complete: bool) -> None:
+    """One log line per request; one audit event per study it brought."""
+    how = "complete" if complete else "cut short"
+    log.info(
+        "STOW-RS request from %s %s: %s",
+        source.peer_host,
+        how,
+        summary_line(summary),
+        extra={"event": "stow_request", "outcome": how},
+    )
+    for uid, n in summary.studies.items():
+        audit.record(
+            receiver.db,
+            audit.Event(
+                "instances_stored",
+                actor="stow",
+                peer=source.peer_host,
+                study_key=audit.study_key(uid),
+                count=n,
+                detail={"receiver": "stow", "request": how},
+            ),
+        )
 
 
 class _Part:

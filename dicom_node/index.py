@@ -121,13 +121,14 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     not_before: Mapped[float] = mapped_column(Float, default=0.0)
     started_at: Mapped[float | None] = mapped_column(Float, default=None)
-    finished_at: Mapped[float | None] = mapped_column(Float, default=None)
+    finished_at: Mapped[float | None] = mapped_column(Float, default=None, index=True)
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, default=None)
     superseded_by: Mapped[int | None] = mapped_column(Integer, default=None)
     reply_ae: Mapped[str] = mapped_column(String(16), default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     findings: Mapped[int | None] = mapped_column(Integer, default=None)
+    malignant: Mapped[int | None] = mapped_column(Integer, default=None)  # findings called malignant
     result_dir: Mapped[str | None] = mapped_column(String(256), default=None)  # relative to outbox
     seconds: Mapped[str | None] = mapped_column(Text, default=None)  # JSON: stage -> seconds
     results_purged_at: Mapped[float | None] = mapped_column(Float, default=None)
@@ -153,6 +154,39 @@ class Delivery(Base):
     next_attempt_at: Mapped[float] = mapped_column(Float, default=0.0)
     delivered_at: Mapped[float | None] = mapped_column(Float, default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class AuditEvent(Base):
+    """One IHE ATNA-style audit event; rows are only ever inserted (see `dicom_node.audit`)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # success | failure
+    actor: Mapped[str] = mapped_column(String(64), default="")  # calling AE, destination, "nodal"
+    peer: Mapped[str] = mapped_column(String(64), default="")  # network address
+    study_key: Mapped[str | None] = mapped_column(String(16), default=None)  # not the UID
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    count: Mapped[int | None] = mapped_column(Integer, default=None)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Heartbeat(Base):
+    """One row the readiness probe writes, to prove the index takes writes."""
+
+    __tablename__ = "heartbeat"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+
+
+APPEND_ONLY_TRIGGERS = [
+    f"CREATE TRIGGER IF NOT EXISTS audit_events_no_{op.lower()} BEFORE {op} ON audit_events "
+    "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END"
+    for op in ("UPDATE", "DELETE")
+]
 
 
 def make_engine(url: str) -> Engine:
@@ -185,6 +219,10 @@ class Database:
     def __init__(self, url: str):
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                for ddl in APPEND_ONLY_TRIGGERS:
+                    conn.exec_driver_sql(ddl)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -23,13 +23,15 @@ import queue
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import case, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
+from dicom_node.audit import study_key
 from dicom_node.index import Database, Instance, Series, Study, now
 from dicom_node.spool import InstanceHeader, InvalidInstanceError, Spool, read_header, relative_path
 
@@ -65,31 +67,47 @@ class StoreResult:
     reason: str = ""
 
 
+@dataclass
+class TransferSummary:
+    """What one association or request brought: acknowledged instances per study, and the
+    instances by outcome."""
+
+    studies: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
 class Transfers:
     """Open associations / requests and the studies each one brought (in memory)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._studies: dict[str, set[str]] = {}
+        self._open: dict[str, TransferSummary] = {}
 
     def begin(self, transfer_id: str) -> None:
         with self._lock:
-            self._studies.setdefault(transfer_id, set())
+            self._open.setdefault(transfer_id, TransferSummary())
 
     def touch(self, transfer_id: str, study_uid: str) -> None:
         with self._lock:
-            self._studies.setdefault(transfer_id, set()).add(study_uid)
+            studies = self._open.setdefault(transfer_id, TransferSummary()).studies
+            studies[study_uid] = studies.get(study_uid, 0) + 1
 
-    def end(self, transfer_id: str) -> set[str]:
-        """Forget the transfer; return its studies that no other open transfer is bringing."""
+    def tally(self, transfer_id: str, outcome: Outcome) -> None:
         with self._lock:
-            mine = self._studies.pop(transfer_id, set())
-            still_open = set().union(*self._studies.values()) if self._studies else set()
-        return mine - still_open
+            outcomes = self._open.setdefault(transfer_id, TransferSummary()).outcomes
+            outcomes[outcome.value] = outcomes.get(outcome.value, 0) + 1
+
+    def end(self, transfer_id: str) -> tuple[set[str], TransferSummary | None]:
+        """Forget the transfer; return its studies that no other open transfer is bringing,
+        and its summary (None when it was not open)."""
+        with self._lock:
+            summary = self._open.pop(transfer_id, None)
+            still_open = set().union(*(t.studies for t in self._open.values()))
+        return set(summary.studies if summary else ()) - still_open, summary
 
     def open_studies(self) -> set[str]:
         with self._lock:
-            return set().union(*self._studies.values()) if self._studies else set()
+            return set().union(*(t.studies for t in self._open.values()))
 
 
 class Receiver:
@@ -116,6 +134,23 @@ class Receiver:
         expected_sop_class_uid: str | None = None,
     ) -> StoreResult:
         """Store a Part 10 byte string (preamble, meta, dataset as received)."""
+        result = self._store_bytes(data, source, expected_sop_uid, expected_sop_class_uid)
+        self._count(result, source, len(data))
+        return result
+
+    def _count(self, result: StoreResult, source: Source, size: int) -> None:
+        metrics.INSTANCES_RECEIVED.labels(source.via, result.outcome.value).inc()
+        if result.outcome is not Outcome.REFUSED:
+            metrics.BYTES_RECEIVED.labels(source.via).inc(size)
+        self.transfers.tally(source.transfer_id, result.outcome)
+
+    def _store_bytes(
+        self,
+        data: bytes,
+        source: Source,
+        expected_sop_uid: str | None,
+        expected_sop_class_uid: str | None,
+    ) -> StoreResult:
         try:
             header = read_header(data)
         except InvalidInstanceError as e:
@@ -134,6 +169,15 @@ class Receiver:
 
     def store_temp(self, temp: Path, source: Source, expected_study_uid: str | None = None) -> StoreResult:
         """Store a Part 10 file already written to the spool's temporary folder (consumed)."""
+        try:
+            size = temp.stat().st_size
+        except OSError:
+            size = 0
+        result = self._store_temp(temp, source, expected_study_uid)
+        self._count(result, source, size)
+        return result
+
+    def _store_temp(self, temp: Path, source: Source, expected_study_uid: str | None) -> StoreResult:
         try:
             header = read_header(temp)
         except InvalidInstanceError as e:
@@ -190,11 +234,12 @@ class Receiver:
         self.transfers.touch(source.transfer_id, header.study_instance_uid)
         return StoreResult(Outcome.DUPLICATE, SUCCESS, header)
 
-    def release(self, transfer_id: str, released: bool) -> None:
-        """The association or request ended; `released` False means aborted."""
-        studies = self.transfers.end(transfer_id)
+    def release(self, transfer_id: str, released: bool) -> TransferSummary | None:
+        """The association or request ended; `released` False means aborted. Returns what it
+        brought (None when it was already released)."""
+        studies, summary = self.transfers.end(transfer_id)
         if not released or not studies:
-            return
+            return summary
         self.flush()
         t = now()
         with self.db.session() as s:
@@ -202,6 +247,14 @@ class Receiver:
                 study = s.get(Study, uid)
                 if study is not None:
                     study.released_at = t
+        return summary
+
+
+def summary_line(summary: TransferSummary) -> str:
+    """`12 stored, 0 duplicate, 0 refused; studies 3f2a...(12)` (study keys, never UIDs)."""
+    counts = ", ".join(f"{summary.outcomes.get(o.value, 0)} {o.value}" for o in Outcome)
+    studies = ", ".join(f"{study_key(uid)} ({n})" for uid, n in summary.studies.items())
+    return f"{counts}; studies: {studies or 'none'}"
 
 
 @dataclass(frozen=True)
@@ -394,6 +447,17 @@ class Indexer:
             except SQLAlchemyError as e:  # the files are safe on disk; keep trying
                 log.error("index write failed (%s); retrying in 1 s", type(e).__name__)
                 time.sleep(1.0)
+        per_study: dict[str, int] = {}
+        for p in batch:
+            key = study_key(p.header.study_instance_uid)
+            per_study[key] = per_study.get(key, 0) + 1
+        log.debug(
+            "indexed a batch of %d instance(s) (%d already held): %s",
+            len(batch),
+            len(duplicates),
+            ", ".join(f"study {k} ({n})" for k, n in per_study.items()),
+            extra={"event": "instance_batch", "count": len(batch)},
+        )
         for dup in duplicates:
             self._drop_duplicate(dup)
 

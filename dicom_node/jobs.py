@@ -44,7 +44,8 @@ class JobOutcome:
     result_dir: str
     files: Sequence[ResultFile]
     findings: int
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
+    malignant: int | None = None  # findings at or above inference.malignancy_threshold
 
 
 def owner_id(worker: int | str, pid: int | None = None) -> str:
@@ -123,6 +124,7 @@ def finish_done(db: Database, job_id: int, owner: str, out: JobOutcome, settings
         job.finished_at = t
         job.result_dir = out.result_dir
         job.findings = out.findings
+        job.malignant = out.malignant
         job.seconds = json.dumps({k: round(v, 3) for k, v in out.seconds.items()})
         job.last_error = None
         if job.superseded_by is not None:
@@ -187,7 +189,14 @@ def _after_failure(job: Job, error: str, settings: Settings, t: float, final_sta
     else:
         job.state = JobState.QUEUED
         job.not_before = t + settings.jobs.retry_delay_seconds * 2 ** (job.attempts - 1)
-    log.warning("job %d attempt %d: %s -> %s", job.id, job.attempts, error, job.state)
+    log.warning(
+        "job %d attempt %d: %s -> %s",
+        job.id,
+        job.attempts,
+        error,
+        job.state,
+        extra={"event": "job", "job_id": job.id, "state": str(job.state)},
+    )
 
 
 def requeue_lost(db: Database, settings: Settings, t: float, dead_owners: set[str] = frozenset()) -> int:

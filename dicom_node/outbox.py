@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from dicom_node import audit, metrics
 from dicom_node.config import Settings
 from dicom_node.index import Database, Delivery, DeliveryState, Job
+from dicom_node.observe import series_first_received
 from dicom_node.senders import NoRoute, Outgoing, Sender, make_sender
 
 log = logging.getLogger("nodal.outbox")
@@ -48,8 +50,13 @@ def expire(db: Database, t: float) -> int:
         for d in rows:
             d.state = DeliveryState.FAILED
             d.last_error = f"expired after {d.attempts} attempt(s); last error: {d.last_error or 'none'}"
+            metrics.RESULTS_FAILED.labels(d.destination).inc()
             log.error(
-                "job %d: delivery to %s expired after %d attempt(s)", d.job_id, d.destination, d.attempts
+                "job %d: delivery to %s expired after %d attempt(s)",
+                d.job_id,
+                d.destination,
+                d.attempts,
+                extra={"event": "send", "job_id": d.job_id, "destination": d.destination},
             )
     return len(rows)
 
@@ -83,6 +90,8 @@ def record(
 ) -> None:
     """Store each instance's outcome; `final` errors fail at once instead of being retried."""
     dl = settings.delivery
+    outcome = {DeliveryState.DELIVERED: 0, DeliveryState.FAILED: 0, DeliveryState.PENDING: 0}
+    study_uid = None
     with db.session() as s:
         for delivery_id, item in batch.deliveries:
             d = s.get(Delivery, delivery_id)
@@ -97,19 +106,57 @@ def record(
             else:
                 d.last_error = error
                 d.next_attempt_at = t + backoff(d.attempts, dl.retry_initial_seconds, dl.retry_max_seconds)
-    sent = sum(1 for e in errors.values() if e is None)
+            outcome[d.state] += 1
+        job = s.get(Job, batch.job_id)
+        if job is not None:
+            study_uid = job.study_uid
+            if outcome[DeliveryState.DELIVERED]:
+                _observe_if_all_delivered(s, job)
+    sent = outcome[DeliveryState.DELIVERED]
+    gave_up, retrying = outcome[DeliveryState.FAILED], outcome[DeliveryState.PENDING]
+    dest = batch.destination
+    metrics.RESULTS_SENT.labels(dest).inc(sent)
+    metrics.RESULTS_FAILED.labels(dest).inc(gave_up)
+    metrics.SEND_RETRIES.labels(dest).inc(retrying)
+    extra = {"event": "send", "job_id": batch.job_id, "destination": dest, "count": sent}
     failed = [e for e in errors.values() if e is not None]
     if failed:
         log.warning(
-            "job %d -> %s: %d delivered, %d to retry (%s)",
+            "job %d -> %s: %d delivered, %d %s (%s)",
             batch.job_id,
-            batch.destination,
+            dest,
             sent,
             len(failed),
+            "failed for good" if final else "to retry",
             failed[0],
+            extra=extra,
         )
     else:
-        log.info("job %d -> %s: %d result instance(s) delivered", batch.job_id, batch.destination, sent)
+        log.info("job %d -> %s: %d result instance(s) delivered", batch.job_id, dest, sent, extra=extra)
+    if sent or gave_up or retrying:
+        audit.record(
+            db,
+            audit.Event(
+                "results_transferred",
+                audit.FAILURE if failed else audit.SUCCESS,
+                actor=dest,
+                study_key=audit.study_key(study_uid) if study_uid else None,
+                job_id=batch.job_id,
+                count=sent,
+                detail={"failed": len(failed), "final": final, **({"error": failed[0]} if failed else {})},
+            ),
+        )
+
+
+def _observe_if_all_delivered(s, job: Job) -> None:
+    """End-to-end time, once every result of the job reached every destination."""
+    states = set(s.scalars(select(Delivery.state).where(Delivery.job_id == job.id).distinct()))
+    if states != {DeliveryState.DELIVERED}:
+        return
+    last = s.scalar(select(func.max(Delivery.delivered_at)).where(Delivery.job_id == job.id))
+    first = series_first_received(s, job.series_uid)
+    if first is not None and last is not None:
+        metrics.END_TO_END.observe(max(0.0, last - first))
 
 
 def deliver_due(
@@ -146,7 +193,9 @@ def deliver_due(
             continue
         missing = {i.sop_uid: "result file missing from the outbox" for i in items if not i.path.is_file()}
         present = [i for i in items if i.sop_uid not in missing]
+        started = time.perf_counter()
         errors = missing | (_send(sender, dest.name, present) if present else {})
+        metrics.SEND_SECONDS.labels(dest.name).observe(time.perf_counter() - started)
         record(db, batch, errors, settings, time.time())
         attempted += len(items)
     return attempted

@@ -21,8 +21,9 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
+from dicom_node import audit, metrics
 from dicom_node.config import AllowedCaller, Settings
-from dicom_node.ingest import Receiver, Source
+from dicom_node.ingest import Receiver, Source, summary_line
 
 log = logging.getLogger("nodal.scp")
 
@@ -91,22 +92,29 @@ def caller_rules(callers: list[AllowedCaller]) -> list[CallerRule]:
     return rules
 
 
-def check_caller(rules: list[CallerRule], calling_ae: str, address: str) -> str | None:
-    """None when the caller may connect, else the reason it may not."""
+# Rejection reasons (the values of the metric label `reason`).
+CALLING_AE_UNKNOWN, HOST_NOT_ALLOWED = "calling_ae_unknown", "host_not_allowed"
+ASSOCIATION_LIMIT = "association_limit"  # node.max_associations reached (pynetdicom rejects, 2-3-2)
+
+
+def check_caller(rules: list[CallerRule], calling_ae: str, address: str) -> tuple[str, str] | None:
+    """None when the caller may connect, else (reason code, the reason in words)."""
     if not rules:
         return None
     known = [r for r in rules if r.ae_title == calling_ae.strip()]
     if not known:
-        return f"calling AE title {calling_ae.strip()!r} is not in allowed_callers"
+        return CALLING_AE_UNKNOWN, f"calling AE title {calling_ae.strip()!r} is not in allowed_callers"
     if any(r.addresses is None or address in r.addresses for r in known):
         return None
-    return f"calling AE title {calling_ae.strip()!r} is allowed, but not from host {address}"
+    why = f"calling AE title {calling_ae.strip()!r} is allowed, but not from host {address}"
+    return HOST_NOT_ALLOWED, why
 
 
 class DimseServer:
     def __init__(self, settings: Settings, receiver: Receiver):
         self.settings = settings
         self.receiver = receiver
+        self.db = receiver.db
         self.rules = caller_rules(settings.allowed_callers)
         self.ae = self._make_ae()
         self._server = None
@@ -133,6 +141,7 @@ class DimseServer:
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -173,19 +182,63 @@ class DimseServer:
     def _on_requested(self, event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title
         address = event.assoc.requestor.address
-        reason = check_caller(self.rules, calling, address)
-        if reason is None:
+        refusal = check_caller(self.rules, calling, address)
+        if refusal is None:
             return
+        code, reason = refusal
         with self._lock:
             self.rejected += 1
-        log.warning("association from %s rejected: %s", address, reason)
+        metrics.ASSOCIATIONS_REJECTED.labels(code).inc()
+        log.warning(
+            "association from %s rejected: %s",
+            address,
+            reason,
+            extra={"event": "association", "outcome": "rejected", "reason": code},
+        )
+        audit.record(
+            self.db,
+            audit.Event(
+                "association",
+                audit.FAILURE,
+                actor=str(calling).strip(),
+                peer=address,
+                detail={"reason": reason},
+            ),
+        )
         event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
         event.assoc.kill()
+
+    def _on_rejected(self, event) -> None:
+        """pynetdicom rejected the request itself: node.max_associations associations are open."""
+        if not event.assoc.is_acceptor:
+            return
+        req = event.assoc.requestor
+        reason = f"{self.settings.node.max_associations} associations already open (node.max_associations)"
+        metrics.ASSOCIATIONS_REJECTED.labels(ASSOCIATION_LIMIT).inc()
+        log.warning(
+            "association from %s rejected: %s",
+            req.address,
+            reason,
+            extra={"event": "association", "outcome": "rejected", "reason": ASSOCIATION_LIMIT},
+        )
+        audit.record(
+            self.db,
+            audit.Event(
+                "association",
+                audit.FAILURE,
+                actor=str(req.ae_title).strip(),
+                peer=req.address,
+                detail={"reason": reason},
+            ),
+        )
 
     def _on_established(self, event) -> None:
         req = event.assoc.requestor
         self.receiver.transfers.begin(_transfer_id(event.assoc))
+        metrics.ASSOCIATIONS_ACCEPTED.inc()
+        metrics.ASSOCIATIONS_ACTIVE.inc()
         log.info("association from %s@%s:%s accepted", req.ae_title, req.address, req.port)
+        audit.record(self.db, audit.Event("association", actor=req.ae_title.strip(), peer=req.address))
 
     def _on_echo(self, event) -> int:
         log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
@@ -209,13 +262,41 @@ class DimseServer:
         return result.status
 
     def _on_released(self, event) -> None:
-        self.receiver.release(_transfer_id(event.assoc), released=True)
+        self._ended(event.assoc, released=True)
 
     def _on_aborted(self, event) -> None:
-        self.receiver.release(_transfer_id(event.assoc), released=False)
+        self._ended(event.assoc, released=False)
 
     def _on_closed(self, event) -> None:
-        self.receiver.release(_transfer_id(event.assoc), released=False)  # no-op after release
+        self._ended(event.assoc, released=False)  # no-op after release or abort
+
+    def _ended(self, assoc, released: bool) -> None:
+        summary = self.receiver.release(_transfer_id(assoc), released=released)
+        if summary is None:  # already ended, or never established
+            return
+        metrics.ASSOCIATIONS_ACTIVE.dec()
+        req = assoc.requestor
+        how = "released" if released else "aborted"
+        log.info(
+            "association from %s@%s %s: %s",
+            req.ae_title.strip(),
+            req.address,
+            how,
+            summary_line(summary),
+            extra={"event": "association_end", "outcome": how, "calling_ae": req.ae_title.strip()},
+        )
+        for uid, n in summary.studies.items():
+            audit.record(
+                self.db,
+                audit.Event(
+                    "instances_stored",
+                    actor=req.ae_title.strip(),
+                    peer=req.address,
+                    study_key=audit.study_key(uid),
+                    count=n,
+                    detail={"receiver": "dimse", "association": how},
+                ),
+            )
 
 
 def part10(event, calling_ae: str) -> bytes:

@@ -20,12 +20,15 @@ import time
 
 import uvicorn
 
-from dicom_node.api import create_app
+from dicom_node import audit, metrics
+from dicom_node.api import create_app, probes
 from dicom_node.completion import complete_due_studies
 from dicom_node.config import ReplyDestination, Settings
 from dicom_node.index import Database
 from dicom_node.ingest import Receiver, reconcile
 from dicom_node.jobs import requeue_lost
+from dicom_node.monitoring import monitoring_app
+from dicom_node.observe import JobWatcher, read_state
 from dicom_node.outbox import DeliveryLoop
 from dicom_node.retention import RetentionLoop
 from dicom_node.scp import DimseServer
@@ -57,17 +60,20 @@ class Node:
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready)
-        config = uvicorn.Config(
-            app,
-            host=settings.node.bind_address,
-            port=settings.node.http_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-        self.http = uvicorn.Server(config)
+        self.http = _http_server(app, settings.node.bind_address, settings.node.http_port)
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
+        self.monitoring: uvicorn.Server | None = None  # /metrics, /healthz, /readyz on their own port
+        if settings.node.monitoring_port is not None:
+            mon = monitoring_app(probes(settings, self.db, self.receiver, self.workers.ready))
+            self.monitoring = _http_server(mon, settings.node.bind_address, settings.node.monitoring_port)
+            self._monitoring_thread = threading.Thread(
+                target=self.monitoring.run, name="monitoring", daemon=True
+            )
         self._last_lease_check = 0.0
+        self.watcher = JobWatcher(self.db, bool(settings.destinations), time.time())
+        metrics.STATE.read = lambda: read_state(
+            self.db, self.spool.root, self.workers.ready_count, self.workers.models, self.workers.gpu_bytes
+        )
 
     def start(self) -> None:
         reconcile(self.spool, self.db)
@@ -75,15 +81,11 @@ class Node:
         if lost:
             log.warning("%d job(s) left running by an earlier run were taken up again", lost)
         self.workers.start()
-        self._http_thread.start()
-        deadline = time.monotonic() + 15
-        while not self.http.started:
-            if not self._http_thread.is_alive() or time.monotonic() > deadline:
-                raise StartupError(
-                    f"the HTTP server could not listen on {self.settings.node.bind_address}:"
-                    f"{self.settings.node.http_port} (port in use?)"
-                )
-            time.sleep(0.05)
+        _start_http(self.http, self._http_thread, self.settings.node.bind_address, "HTTP")
+        if self.monitoring is not None:
+            _start_http(
+                self.monitoring, self._monitoring_thread, self.settings.node.bind_address, "monitoring"
+            )
         try:
             self.scp.start()
         except OSError as e:
@@ -93,6 +95,12 @@ class Node:
         self.delivery.start()
         self.retention.start()
         self._log_summary()
+        digest = audit.config_hash(self.settings)
+        audit.record(
+            self.db,
+            audit.Event("config_loaded", actor="nodal", detail={"sha256": digest}),
+        )
+        log.info("configuration sha256 %s", digest, extra={"event": "config_loaded"})
 
     def _log_summary(self) -> None:
         s = self.settings
@@ -118,6 +126,7 @@ class Node:
         t = time.time()
         complete_due_studies(self.db, self.settings, self.receiver.transfers.open_studies(), t)
         self.workers.supervise()
+        self.watcher.poll(t)
         if t - self._last_lease_check >= LEASE_CHECK_SECONDS:
             self._last_lease_check = t
             lost = requeue_lost(self.db, self.settings, t)
@@ -135,9 +144,31 @@ class Node:
         log.info("waiting up to %.0f s for running jobs", grace)
         self.workers.stop(grace)
         self.delivery.stop()
+        self.watcher.poll(time.time())
+        audit.record(self.db, audit.Event("application_stop", actor="nodal"))
+        if self.monitoring is not None:  # probes and metrics answer until the end
+            self.monitoring.should_exit = True
+            self._monitoring_thread.join(ASSOCIATION_GRACE_SECONDS)
+        metrics.STATE.read = None
         self.spool.close()
         self.db.close()
         log.info("stopped")
+
+
+def _http_server(app, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    return uvicorn.Server(config)
+
+
+def _start_http(server: uvicorn.Server, thread: threading.Thread, host: str, what: str) -> None:
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise StartupError(
+                f"the {what} server could not listen on {host}:{server.config.port} (port in use?)"
+            )
+        time.sleep(0.05)
 
 
 def serve(settings: Settings) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -71,7 +72,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from dicom_node.cli import configure_logging
+    from dicom_node.logs import configure_logging
 
     configure_logging(settings)
     db = Database(settings.index_url())
@@ -90,6 +91,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     except Exception as e:
         log.error("worker %d: cannot load the model: %s: %s", index, type(e).__name__, e)
         raise SystemExit(EXIT_MODEL_UNAVAILABLE) from None
+    _publish_model(slot, model)
     slot.ready.value = 1
     owner = owner_id(f"w{index}")
     outbox = settings.node.data_dir / "outbox"
@@ -98,6 +100,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     while not stop.is_set() and os.getppid() == parent_pid:
         job = claim(db, owner, settings.jobs.lease_seconds, time.time())
         if job is None:
+            _publish_gpu(slot, model)
             stop.wait(POLL_SECONDS)
             continue
         with slot.job_id.get_lock():
@@ -107,7 +110,26 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
         finally:
             with slot.job_id.get_lock():
                 slot.job_id.value = 0
+            _publish_gpu(slot, model)
     db.close()
+
+
+def _publish_model(slot, model) -> None:
+    """Name, version and device of the loaded model, for `nodal_model_info` in the serve process."""
+    info = json.dumps({"name": model.name, "version": model.version, "device": str(model.device)})
+    slot.info.value = info.encode()[: len(slot.info) - 1]
+    _publish_gpu(slot, model)
+
+
+def _publish_gpu(slot, model) -> None:
+    """GPU memory this process holds (CUDA only): what torch's caching allocator reserved,
+    which keeps what the largest job needed. Published after loading, after each job and
+    while idle."""
+    if model.device.type != "cuda":
+        return
+    import torch
+
+    slot.gpu_bytes.value = int(torch.cuda.memory_reserved(model.device))
 
 
 def run_one(
@@ -131,7 +153,12 @@ def run_one(
                 spool_root / p
                 for p in s.scalars(select(Instance.path).where(Instance.series_uid == series_uid))
             ]
-        log.info("job %d: analysing a series of %d instance(s)", job_id, len(paths))
+        log.info(
+            "job %d: analysing a series of %d instance(s)",
+            job_id,
+            len(paths),
+            extra={"event": "job", "job_id": job_id, "state": "running"},
+        )
         out = run_analysis(JobInput(job_id, paths), outbox, settings, model)
         finish_done(db, job_id, owner, out, settings, time.time())
         log.info(
@@ -140,6 +167,7 @@ def run_one(
             time.perf_counter() - t0,
             out.findings,
             len(out.files),
+            extra={"event": "job", "job_id": job_id, "state": "done"},
         )
     except NotAnalysable as e:
         state = JobState.SKIPPED if e.skipped else JobState.FAILED
@@ -158,6 +186,8 @@ class _Slot:
     job_id: object  # mp.Value("q"): the running job, 0 when idle
     started: object  # mp.Value("d"): when it started
     ready: object  # mp.Value("b"): model loaded
+    info: object  # mp.Array("c"): JSON {name, version, device} of the loaded model
+    gpu_bytes: object  # mp.Value("q"): GPU memory held (CUDA only)
     process: mp.process.BaseProcess | None = None
     respawn_at: float = 0.0
     spawned_at: float = 0.0
@@ -170,7 +200,13 @@ class WorkerPool:
         self._ctx = mp.get_context("spawn")
         self._stop = self._ctx.Event()
         self._slots = [
-            _Slot(self._ctx.Value("q", 0), self._ctx.Value("d", 0.0), self._ctx.Value("b", 0))
+            _Slot(
+                self._ctx.Value("q", 0),
+                self._ctx.Value("d", 0.0),
+                self._ctx.Value("b", 0),
+                self._ctx.Array("c", 256),
+                self._ctx.Value("q", 0),
+            )
             for _ in range(settings.jobs.workers)
         ]
         self._stopping = False
@@ -183,13 +219,15 @@ class WorkerPool:
         slot = self._slots[i]
         slot.ready.value = 0
         slot.job_id.value = 0
+        slot.info.value = b""
+        slot.gpu_bytes.value = 0
         slot.process = self._ctx.Process(
             target=worker_main,
             args=(
                 self.settings,
                 i,
                 self._stop,
-                _SlotView(slot.job_id, slot.started, slot.ready),
+                _SlotView(slot.job_id, slot.started, slot.ready, slot.info, slot.gpu_bytes),
                 os.getpid(),
             ),
             name=f"nodal-worker-{i}",
@@ -200,6 +238,24 @@ class WorkerPool:
 
     def ready(self) -> bool:
         return any(s.ready.value for s in self._slots)
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self._slots if s.ready.value and s.process is not None and s.process.is_alive())
+
+    def models(self) -> list[dict[str, str]]:
+        """{name, version, device} of each worker with its model loaded."""
+        out = []
+        for s in self._slots:
+            if s.ready.value and s.info.value:
+                try:
+                    out.append(json.loads(s.info.value.decode()))
+                except ValueError:
+                    continue
+        return out
+
+    def gpu_bytes(self) -> dict[str, int]:
+        """GPU memory per worker (only workers on a CUDA device report any)."""
+        return {str(i): s.gpu_bytes.value for i, s in enumerate(self._slots) if s.gpu_bytes.value}
 
     def supervise(self) -> None:
         """Restart dead workers; stop one whose job ran past the time limit (call every second)."""
@@ -263,3 +319,5 @@ class _SlotView:
     job_id: object
     started: object
     ready: object
+    info: object
+    gpu_bytes: object

@@ -1,4 +1,5 @@
-"""Helpers for tests against real peers on 127.0.0.1: Orthanc and `nodal serve` as subprocesses.
+"""Helpers for tests against real peers on 127.0.0.1: Orthanc, Prometheus and `nodal serve` as
+subprocesses.
 
 Orthanc runs with a generated configuration in a temporary folder (its own ports, nodal
 as a DICOM modality, the DICOMweb plugin) and never as a system service.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +59,34 @@ def orthanc_binary() -> str | None:
 
 def dicomweb_plugin() -> Path | None:
     return next((p for p in DICOMWEB_PLUGINS if p.exists()), None)
+
+
+def skip_reason(*binaries: str, dicomweb: bool = False) -> str | None:
+    """Why a peer test cannot run here (binaries, Orthanc, its DICOMweb plugin, a model), or None."""
+    missing = missing_binaries(*binaries)
+    if orthanc_binary() is None:
+        missing.append("Orthanc")
+    if missing:
+        return f"peer binaries missing: {', '.join(missing)} (`make peers` installs them)"
+    if dicomweb and dicomweb_plugin() is None:
+        return "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
+    if model_dir() is None:
+        return "no model: inference/models/nodal-ln-demo/model_card.json absent and no NODAL_TEST_MODEL_DIR"
+    return None
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> int | None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; the exit code (None: no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def model_dir() -> Path | None:
@@ -123,13 +151,7 @@ class Orthanc:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.proc = None
 
     def client(self):
@@ -190,16 +212,7 @@ class Nodal:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 60) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
+        code = stop_process(self.proc, timeout)
         self.proc = None
         return code
 
@@ -236,3 +249,63 @@ def node_config(data_dir: Path, dimse_port: int, model: Path, **sections) -> dic
     for key, value in sections.items():
         cfg[key] = value
     return cfg
+
+
+class Prometheus:
+    """A Prometheus server in a temporary folder scraping one target (job "nodal") every second,
+    with the shipped alert rules loaded."""
+
+    def __init__(self, folder: Path, target: str):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.target = target
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Prometheus:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "deploy" / "prometheus" / "alerts.yml", self.folder / "alerts.yml")
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [{"job_name": "nodal", "static_configs": [{"targets": [self.target]}]}],
+        }
+        (self.folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        log = open(self.folder / "prometheus.log", "ab")  # noqa: SIM115 (kept open for the process)
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={self.folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=self.folder,
+        )
+        wait_until(self.alive, timeout, "Prometheus to answer")
+        return self
+
+    def alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"Prometheus exited; see {self.folder / 'prometheus.log'}")
+        try:
+            return requests.get(f"{self.url}/-/ready", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def query(self, expr: str) -> list[dict]:
+        """The result of an instant query; AssertionError naming the query when Prometheus refuses it."""
+        r = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = r.json()
+        if r.status_code != 200 or body.get("status") != "success":
+            raise AssertionError(f"Prometheus refused {expr!r}: {body.get('error', r.text)}")
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        stop_process(self.proc, 20)
+        self.proc = None

@@ -23,12 +23,10 @@ from peers import (
     SHIPPED_MODEL,
     Nodal,
     Orthanc,
-    dicomweb_plugin,
     free_port,
-    missing_binaries,
     model_dir,
     node_config,
-    orthanc_binary,
+    skip_reason,
     wait_until,
 )
 
@@ -46,20 +44,7 @@ RESULT_MODALITIES = {"SEG", "SR", "OT"}
 EXPECTED = RESULT_MODALITIES if model_dir() == SHIPPED_MODEL else {"SR", "OT"}
 
 
-def _skip_reason() -> str | None:
-    missing = missing_binaries("storescu", "echoscu", "dciodvfy")
-    if orthanc_binary() is None:
-        missing.append("Orthanc")
-    if missing:
-        return f"peer binaries missing: {', '.join(missing)} (`make peers` installs them)"
-    if dicomweb_plugin() is None:
-        return "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
-    if model_dir() is None:
-        return "no model: inference/models/nodal-ln-demo/model_card.json absent and no NODAL_TEST_MODEL_DIR"
-    return None
-
-
-if (_why := _skip_reason()) is not None:
+if (_why := skip_reason("storescu", "echoscu", "dciodvfy", dicomweb=True)) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 

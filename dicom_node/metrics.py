@@ -1,0 +1,255 @@
+"""Every Prometheus metric of nodal, defined here and nowhere else.
+
+Names follow the Prometheus conventions: prefix `nodal_`, base units (seconds, bytes),
+`_total` on counters. Labels never carry patient data or a UID: their values come from
+small fixed sets (receiver, outcome, reason, state, stage) or from the configuration
+(destination names, the model's name and version, the device).
+
+The metrics live in their own registry (`REGISTRY`, with the process metrics), served on
+`/metrics` by the `nodal serve` process. Worker processes never touch them: a worker
+records its stage timings, findings and malignant calls on the job row, and the serve
+process observes them when it sees the job finish (`observe.JobWatcher`). Values that are
+state rather than events (jobs by state, queue depth, spool free space, model info, GPU
+memory) are read at scrape time by `StateCollector`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# Every label name any nodal metric may carry (a test checks the definitions against it).
+LABELS = frozenset(
+    {"receiver", "outcome", "reason", "state", "destination", "name", "version", "device", "worker"}
+)
+
+# -- receiving ----------------------------------------------------------------------------
+
+INSTANCES_RECEIVED = Counter(
+    "nodal_instances_received_total",
+    "Instances received, by receiver (dimse, stow) and outcome (stored, duplicate, refused)",
+    ["receiver", "outcome"],
+    registry=REGISTRY,
+)
+BYTES_RECEIVED = Counter(
+    "nodal_received_bytes_total",
+    "Bytes of instances stored or acknowledged as duplicates, by receiver",
+    ["receiver"],
+    registry=REGISTRY,
+)
+ASSOCIATIONS_ACTIVE = Gauge("nodal_associations_active", "DIMSE associations open now", registry=REGISTRY)
+ASSOCIATIONS_ACCEPTED = Counter(
+    "nodal_associations_accepted_total", "DIMSE associations accepted", registry=REGISTRY
+)
+ASSOCIATIONS_REJECTED = Counter(
+    "nodal_associations_rejected_total",
+    "DIMSE associations rejected, by reason (calling_ae_unknown, host_not_allowed, association_limit)",
+    ["reason"],
+    registry=REGISTRY,
+)
+STUDIES_COMPLETED = Counter(
+    "nodal_studies_completed_total",
+    "Study completions (a study sent again later completes again)",
+    registry=REGISTRY,
+)
+RECEIVE_TO_COMPLETE = Histogram(
+    "nodal_receive_to_complete_seconds",
+    "From a study's first instance to its first completion (transfer plus quiet period)",
+    buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 1800, 3600, 7200),
+    registry=REGISTRY,
+)
+
+# -- jobs (observed in the serve process from the job rows) ---------------------------------
+
+JOBS_FINISHED = Counter(
+    "nodal_jobs_finished_total",
+    "Jobs that reached a final state (done, failed, skipped, superseded)",
+    ["state"],
+    registry=REGISTRY,
+)
+# One histogram per stage, each with buckets that fit the stage. Keys are the stage names
+# the job function records in `Job.seconds`.
+STAGE_BUCKETS: dict[str, tuple[float, ...]] = {
+    "load": (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+    "preprocess": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+    "segment": (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800),
+    "measure": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    "classify": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+    "encode": (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120),
+}
+STAGE_SECONDS = {
+    stage: Histogram(
+        f"nodal_{stage}_duration_seconds",
+        f"Time a job spent in the {stage} stage",
+        buckets=buckets,
+        registry=REGISTRY,
+    )
+    for stage, buckets in STAGE_BUCKETS.items()
+}
+JOB_SECONDS = Histogram(
+    "nodal_job_duration_seconds",
+    "Time of a successful job attempt, all stages",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+    registry=REGISTRY,
+)
+FINDINGS_PER_STUDY = Histogram(
+    "nodal_findings_per_study",
+    "Lymph nodes found per analysed series",
+    buckets=(0, 1, 2, 3, 5, 8, 13, 20, 30, 50),
+    registry=REGISTRY,
+)
+MALIGNANT_CALLS = Counter(
+    "nodal_malignant_calls_total",
+    "Nodes with a malignancy probability at or above inference.malignancy_threshold",
+    registry=REGISTRY,
+)
+
+# -- delivery ------------------------------------------------------------------------------
+
+RESULTS_SENT = Counter(
+    "nodal_results_sent_total",
+    "Result instances delivered, by destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+RESULTS_FAILED = Counter(
+    "nodal_results_failed_total",
+    "Result instances given up on (expired, or an error retrying cannot fix), by destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+SEND_RETRIES = Counter(
+    "nodal_send_retries_total",
+    "Result instances whose send attempt failed and is tried again later, by destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+SEND_SECONDS = Histogram(
+    "nodal_send_duration_seconds",
+    "Time to send one job's results to one destination (one association or request)",
+    ["destination"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+END_TO_END = Histogram(
+    "nodal_end_to_end_seconds",
+    "From the first instance of a series received to its last result delivered "
+    "(or to the job's end when no destination is configured)",
+    buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800, 3600, 7200, 14400),
+    registry=REGISTRY,
+)
+
+# -- state read at scrape time (StateCollector) -------------------------------------------
+
+JOBS = "nodal_jobs"
+QUEUE_DEPTH = "nodal_queue_depth"
+DELIVERIES_PENDING = "nodal_deliveries_pending"
+SPOOL_FREE = "nodal_spool_free_bytes"
+WORKERS_READY = "nodal_workers_ready"
+MODEL_INFO = "nodal_model_info"
+GPU_MEMORY = "nodal_gpu_memory_used_bytes"
+
+STATE_HELP = {
+    JOBS: "Jobs in the index, by state",
+    QUEUE_DEPTH: "Jobs queued and waiting for a worker",
+    DELIVERIES_PENDING: "Result instances waiting to be delivered, by destination",
+    SPOOL_FREE: "Free bytes on the file system of the spool",
+    WORKERS_READY: "Worker processes with the model loaded",
+    MODEL_INFO: "The model the workers run (always 1)",
+    GPU_MEMORY: "GPU memory held by a worker's model (CUDA caching allocator), by worker",
+}
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What the serve process knows at scrape time."""
+
+    jobs: dict[str, int] = field(default_factory=dict)  # state -> count
+    queued: int = 0
+    deliveries_pending: dict[str, int] = field(default_factory=dict)  # destination -> count
+    spool_free_bytes: int | None = None
+    workers_ready: int = 0
+    models: list[dict[str, str]] = field(default_factory=list)  # {name, version, device}
+    gpu_bytes: dict[str, int] = field(default_factory=dict)  # worker -> bytes (CUDA only)
+
+
+class StateCollector(Collector):
+    """Turns a `NodeState` read at scrape time into gauges."""
+
+    def __init__(self, read: Callable[[], NodeState] | None = None):
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        if self.read is None:
+            return []
+        return state_metrics(self.read())
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic; nothing to check at registration
+
+
+def state_metrics(st: NodeState) -> list[Metric]:
+    out = []
+    jobs = GaugeMetricFamily(JOBS, STATE_HELP[JOBS], labels=["state"])
+    for state, n in sorted(st.jobs.items()):
+        jobs.add_metric([state], n)
+    out.append(jobs)
+    out.append(GaugeMetricFamily(QUEUE_DEPTH, STATE_HELP[QUEUE_DEPTH], value=st.queued))
+    pending = GaugeMetricFamily(DELIVERIES_PENDING, STATE_HELP[DELIVERIES_PENDING], labels=["destination"])
+    for dest, n in sorted(st.deliveries_pending.items()):
+        pending.add_metric([dest], n)
+    out.append(pending)
+    if st.spool_free_bytes is not None:
+        out.append(GaugeMetricFamily(SPOOL_FREE, STATE_HELP[SPOOL_FREE], value=st.spool_free_bytes))
+    out.append(GaugeMetricFamily(WORKERS_READY, STATE_HELP[WORKERS_READY], value=st.workers_ready))
+    info = GaugeMetricFamily(MODEL_INFO, STATE_HELP[MODEL_INFO], labels=["name", "version", "device"])
+    for m in {(m["name"], m["version"], m["device"]) for m in st.models}:
+        info.add_metric(list(m), 1)
+    out.append(info)
+    if st.gpu_bytes:
+        gpu = GaugeMetricFamily(GPU_MEMORY, STATE_HELP[GPU_MEMORY], labels=["worker"])
+        for worker, n in sorted(st.gpu_bytes.items()):
+            gpu.add_metric([worker], n)
+        out.append(gpu)
+    return out
+
+
+STATE = StateCollector()
+REGISTRY.register(STATE)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every metric and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def metric_names() -> set[str]:
+    """Every metric name nodal exposes (sample names included: `_bucket`, `_count`, ...)."""
+    names = set(STATE_HELP)
+    for collector in list(REGISTRY._collector_to_names):  # the registry's own index
+        if collector is STATE:
+            continue
+        for metric in collector.collect():
+            names.add(metric.name)
+            names.update(s.name for s in metric.samples)
+    names.update({f"{n}_total" for n in list(names)})  # counters' family names lack _total
+    return names
