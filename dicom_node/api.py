@@ -43,6 +43,7 @@ def job_json(job: Job, deliveries: list[Delivery] | None = None) -> dict:
         "reason": job.reason,
         "last_error": job.last_error,
         "attempts": job.attempts,
+        "worker": job.worker,
         "instances": job.instance_count,
         "findings": job.findings,
         "superseded_by": job.superseded_by,

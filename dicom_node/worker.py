@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,40 +75,58 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     from dicom_node.cli import configure_logging
 
     configure_logging(settings)
-    db = Database(settings.index_url())
+    db = Database(settings.index_url(), upgrade=False)  # `nodal serve` upgraded it
+    model = load_model_or_exit(settings, f"worker {index}")
+    slot.ready.value = 1
+    owner = owner_id(f"w{index}")
+
+    def on_claim(job_id: int) -> None:
+        with slot.job_id.get_lock():
+            slot.job_id.value, slot.started.value = job_id, time.time()
+
+    while not stop.is_set() and os.getppid() == parent_pid:
+        try:
+            if run_next(db, settings, owner, model, on_claim=on_claim) is None:
+                stop.wait(POLL_SECONDS)
+        finally:
+            with slot.job_id.get_lock():
+                slot.job_id.value = 0
+    db.close()
+
+
+def load_model_or_exit(settings: Settings, who: str):
+    """Load the model once per worker process (kept warm for every job)."""
     try:
         from dicom_node.cli import _model
 
         t = time.perf_counter()
         model = _model(settings)
-        log.info(
-            "worker %d: model %s %s loaded in %.1f s",
-            index,
-            model.name,
-            model.version,
-            time.perf_counter() - t,
-        )
+        log.info("%s: model %s %s loaded in %.1f s", who, model.name, model.version, time.perf_counter() - t)
+        return model
     except Exception as e:
-        log.error("worker %d: cannot load the model: %s: %s", index, type(e).__name__, e)
+        log.error("%s: cannot load the model: %s: %s", who, type(e).__name__, e)
         raise SystemExit(EXIT_MODEL_UNAVAILABLE) from None
-    slot.ready.value = 1
-    owner = owner_id(f"w{index}")
+
+
+def run_next(
+    db: Database,
+    settings: Settings,
+    owner: str,
+    model,
+    job_id: int | None = None,
+    on_claim: Callable[[int], None] | None = None,
+) -> int | None:
+    """The job function of both queue backends: claim a job (the oldest due one, or `job_id`)
+    under a lease and run it; the id of the job run, or None when there was nothing to claim."""
+    job = claim(db, owner, settings.jobs.lease_seconds, time.time(), job_id)
+    if job is None:
+        return None
+    if on_claim is not None:
+        on_claim(job.id)
     outbox = settings.node.data_dir / "outbox"
     outbox.mkdir(parents=True, exist_ok=True)
-    spool_root = settings.node.data_dir / "spool"
-    while not stop.is_set() and os.getppid() == parent_pid:
-        job = claim(db, owner, settings.jobs.lease_seconds, time.time())
-        if job is None:
-            stop.wait(POLL_SECONDS)
-            continue
-        with slot.job_id.get_lock():
-            slot.job_id.value, slot.started.value = job.id, time.time()
-        try:
-            run_one(db, settings, job.id, job.series_uid, owner, spool_root, outbox, model)
-        finally:
-            with slot.job_id.get_lock():
-                slot.job_id.value = 0
-    db.close()
+    run_one(db, settings, job.id, job.series_uid, owner, settings.node.data_dir / "spool", outbox, model)
+    return job.id
 
 
 def run_one(
