@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed
 PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb
 PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+# scale-out peers (tests/test_scaleout.py, tests/test_migrations.py): Celery broker, PostgreSQL index
+PEERS  += redis-server postgresql
+PEER_BINARIES += redis-server
+PEER_FILES += /usr/lib/postgresql
 
 .PHONY: run test lint peers install train evaluate bench clean
 
