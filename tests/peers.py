@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -282,6 +283,57 @@ class Redis:
     def stop(self) -> None:
         _terminate(self.proc)
         self.proc = None
+
+
+class NodalWorker:
+    """`nodal worker` (queue.backend celery) as a subprocess, its log in `folder`."""
+
+    def __init__(self, folder: Path, config: Path, name: str):
+        self.name, self.log_path = name, folder / f"worker-{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NODAL_")}
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "worker", "--name", name],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+            )
+        return "ready for jobs" in self.log()
+
+    def owns(self, job: dict) -> bool:
+        return bool(job["worker"]) and f":{self.proc.pid}:" in job["worker"]
+
+    def done_jobs(self) -> list[int]:
+        return [int(n) for n in re.findall(r"job (\d+): done in", self.log())]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def storescu(paths: list[Path], port: int, called_ae: str = "NODAL") -> None:
+    """C-STORE `paths` with dcmtk's storescu (one association) as AE MODALITY."""
+    subprocess.run(
+        ["storescu", "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1", str(port), *map(str, paths)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def postgres_bin() -> Path | None:

@@ -8,18 +8,11 @@ exactly one job, done, and each job id is finished by exactly one worker.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pydicom
 import pytest
 from peers import (
-    ROOT,
     Nodal,
+    NodalWorker,
     Postgres,
     Redis,
     free_port,
@@ -27,6 +20,7 @@ from peers import (
     model_dir,
     node_config,
     postgres_bin,
+    storescu,
     wait_until,
 )
 from sqlalchemy import create_engine, text
@@ -56,56 +50,6 @@ if (_why := _skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 
-class Worker:
-    """`nodal worker` as a subprocess."""
-
-    def __init__(self, folder: Path, config: Path, name: str):
-        self.name, self.log_path = name, folder / f"worker-{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NODAL_")}
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "worker", "--name", name],
-            stdout=log,
-            stderr=log,
-            cwd=ROOT,
-            env=env,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
-            )
-        return "ready for jobs" in self.log()
-
-    def owns(self, job: dict) -> bool:
-        return bool(job["worker"]) and f":{self.proc.pid}:" in job["worker"]
-
-    def done_jobs(self) -> list[int]:
-        return [int(n) for n in re.findall(r"job (\d+): done in", self.log())]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def send(paths: list[Path], port: int) -> None:
-    subprocess.run(
-        ["storescu", "-aet", "MODALITY", "-aec", "NODAL", "127.0.0.1", str(port), *map(str, paths)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def peers(tmp_path):
     redis, pg = Redis(tmp_path / "redis"), Postgres()
@@ -133,11 +77,11 @@ def test_two_celery_workers_on_postgres_one_killed_mid_job(tmp_path, peers):
     )
     cfg["inference"]["threads"] = 1  # two workers on two cores
     nodal = Nodal(tmp_path / "serve", cfg)
-    workers: list[Worker] = []
+    workers: list[NodalWorker] = []
     try:
         nodal.start(ready_path="/readyz")  # celery: ready = index and spool writable, broker answers
         for name in ("w1", "w2"):
-            workers.append(Worker(tmp_path / "serve", nodal.folder / "node.yaml", name))
+            workers.append(NodalWorker(tmp_path / "serve", nodal.folder / "node.yaml", name))
         w1, w2 = workers
         wait_until(lambda: w1.ready() and w2.ready(), 120, "both workers to load the model")
 
@@ -145,7 +89,7 @@ def test_two_celery_workers_on_postgres_one_killed_mid_job(tmp_path, peers):
         for seed in range(STUDIES):
             paths = phantoms.write_phantom(phantoms.generate(100 + seed, SMALL), tmp_path / f"ct-{seed}")
             studies.append(str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID))
-            send(paths, port)
+            storescu(paths, port)
 
         def jobs() -> list[dict]:
             return nodal.api("/api/jobs?limit=100")["jobs"]
