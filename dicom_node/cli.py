@@ -56,6 +56,7 @@ def configure_logging(settings: Settings) -> None:
     quiet = max(logging.WARNING, root.level)
     for name in ("highdicom", "pynetdicom", "urllib3", "dicomweb_client", "uvicorn", "orthanc_api_client"):
         logging.getLogger(name).setLevel(quiet)
+    logging.getLogger("alembic").setLevel(quiet)  # one line per migration step otherwise
 
 
 def _parser() -> argparse.ArgumentParser:

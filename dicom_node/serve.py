@@ -21,6 +21,9 @@ import threading
 import time
 
 import uvicorn
+from alembic.util import CommandError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.api import create_app
 from dicom_node.completion import complete_due_studies
@@ -162,7 +165,12 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node = Node(settings)
+    try:
+        node = Node(settings)
+    except (SQLAlchemyError, CommandError) as e:  # unreachable; or newer than this nodal
+        url = make_url(settings.index_url()).render_as_string(hide_password=True)
+        log.error("cannot open or upgrade the index %s: %s (check index.url and the database)", url, e)
+        return 1
     try:
         node.start()
     except StartupError as e:
