@@ -2,9 +2,11 @@
 
 `worker_main` is the body of one worker process: load the model (kept warm for every
 job), then claim a job, renew its lease while `run_analysis` works, record the outcome,
-repeat. `WorkerPool` (in the `nodal serve` process) starts the workers, restarts one that
-died, stops one whose job ran past `jobs.time_limit_seconds`, and on shutdown lets running
-jobs finish for `jobs.shutdown_grace_seconds` before it stops them and re-queues their jobs.
+repeat. Claim-and-run is `run_next`, the one job function of both queue backends (the
+Celery task of `nodal worker`, dicom_node.celery_queue, calls it too). `WorkerPool` (in the
+`nodal serve` process) starts the workers, restarts one that died, stops one whose job ran
+past `jobs.time_limit_seconds`, and on shutdown lets running jobs finish for
+`jobs.shutdown_grace_seconds` before it stops them and re-queues their jobs.
 
 Workers ignore SIGINT/SIGTERM (the serve process coordinates shutdown) and die with their
 parent (PR_SET_PDEATHSIG), so a killed node leaves no orphan holding a lease.
