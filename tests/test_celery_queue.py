@@ -3,6 +3,8 @@ transport as the broker, so the messages are real Celery messages, read back her
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_node_jobs import settings
 
@@ -70,3 +72,18 @@ def test_a_duplicate_message_is_harmless_and_a_requeued_job_is_announced_again(d
     assert d.publish_due(111.0) == [2]
     with d.db.session() as s:
         assert s.get(Job, 2).state == JobState.QUEUED and s.get(Job, 2).attempts == 1
+
+
+def test_nodal_worker_binds_its_gpu_and_refuses_an_outdated_index(tmp_path, monkeypatch, caplog):
+    from sqlalchemy import create_engine
+
+    from dicom_node import schema
+    from dicom_node.celery_queue import run_worker
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    schema.upgrade(create_engine(url), schema.FIRST_REVISION)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    s = settings(queue={"backend": "celery", "broker_url": "memory://"}, index={"url": url})
+    assert run_worker(s, gpu=3) == 2  # before loading a model or touching the broker
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert "run `nodal db upgrade`" in caplog.text
