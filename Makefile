@@ -7,15 +7,25 @@ STAMP  := $(VENV)/.installed
 PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus
 PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+# scale-out peers (tests/test_scaleout.py, tests/test_migrations.py): Celery broker, PostgreSQL index
+PEERS  += redis-server postgresql
+PEER_BINARIES += redis-server
+PEER_FILES += /usr/lib/postgresql
 
-.PHONY: run test lint peers install train evaluate bench clean
+# `helm lint` for deploy/helm/nodal (tests/test_deploy.py): no helm binary comes from the package
+# registries here, so the Helm library itself (helm-sdkpy: Helm's Go code as a shared library).
+# Its wheel asks for Python 3.12 but is pure Python over the library; it works on 3.11, so it
+# goes into a folder of its own, apart from the project's dependencies.
+HELM_LIB := $(VENV)/helm-sdkpy
+
+.PHONY: run test lint peers install train evaluate bench clean chart-tools
 
 # The node with the embedded defaults (conf/node.yaml): DIMSE on 11112, HTTP (API, STOW-RS) on
 # 8080, data in var/. `$(BIN)/nodal demo` still analyses one generated phantom offline.
 run: $(STAMP)
 	$(BIN)/nodal serve
 
-test: $(STAMP) peers
+test: $(STAMP) peers chart-tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -38,6 +48,11 @@ peers:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(PEERS) >/dev/null; \
 	fi
+
+chart-tools: $(HELM_LIB)/helm_sdkpy
+
+$(HELM_LIB)/helm_sdkpy: | $(STAMP)
+	$(BIN)/pip install --quiet --ignore-requires-python --target $(HELM_LIB) helm-sdkpy==0.1.32
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -44,6 +44,7 @@ def job_json(job: Job, deliveries: list[Delivery] | None = None) -> dict:
         "reason": job.reason,
         "last_error": job.last_error,
         "attempts": job.attempts,
+        "worker": job.worker,
         "instances": job.instance_count,
         "findings": job.findings,
         "superseded_by": job.superseded_by,
@@ -94,10 +95,16 @@ def study_json(study: Study, jobs: dict[str, int]) -> dict:
     }
 
 
-def create_app(settings: Settings, db: Database, receiver: Receiver, ready: Callable[[], bool]) -> FastAPI:
+def create_app(
+    settings: Settings,
+    db: Database,
+    receiver: Receiver,
+    ready: Callable[[], bool],
+    ready_check: tuple[str, str] = Probes.ready_check,
+) -> FastAPI:
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
-    app.include_router(monitoring_router(probes(settings, db, receiver, ready)))
+    app.include_router(monitoring_router(probes(settings, db, receiver, ready, ready_check)))
 
     @app.get("/api/audit")
     def audit_events(
@@ -204,8 +211,14 @@ def _job_counts(s, study_uids: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def probes(settings: Settings, db: Database, receiver: Receiver, ready: Callable[[], bool]) -> Probes:
-    return Probes(db, receiver.spool.tmp, settings.spool.min_free_mb * 2**20, ready)
+def probes(
+    settings: Settings,
+    db: Database,
+    receiver: Receiver,
+    ready: Callable[[], bool],
+    ready_check: tuple[str, str] = Probes.ready_check,
+) -> Probes:
+    return Probes(db, receiver.spool.tmp, settings.spool.min_free_mb * 2**20, ready, ready_check)
 
 
 def _parse_since(since: str | None) -> float | None:

@@ -91,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("serve", help="run the node: DIMSE and STOW-RS receivers, workers, delivery, REST API")
     c.set_defaults(func=cmd_serve)
 
+    c = sub.add_parser("worker", help="run one Celery worker (queue.backend: celery): one job at a time")
+    c.add_argument("--gpu", type=int, default=None, help="bind to this GPU (sets CUDA_VISIBLE_DEVICES)")
+    c.add_argument("--name", default=None, help="worker name in logs and jobs.worker (default: gpuN or cpu)")
+    c.set_defaults(func=cmd_worker)
+
+    c = sub.add_parser("db", help="index schema: `nodal db upgrade` migrates it, `nodal db current` shows it")
+    c.add_argument("action", choices=["upgrade", "current"])
+    c.set_defaults(func=cmd_db)
+
     c = sub.add_parser("echo", help="C-ECHO a DICOM peer: a destination name or AE@HOST:PORT")
     c.add_argument("peer", help="destination name from the configuration, or AE@HOST:PORT")
     c.add_argument("--timeout", type=float, default=10.0)
@@ -260,6 +269,35 @@ def cmd_serve(args, settings: Settings) -> int:
     from dicom_node.serve import serve
 
     return serve(settings)
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    from dicom_node.celery_queue import run_worker
+
+    if settings.queue.backend != "celery":
+        print(
+            "nodal: `nodal worker` needs queue.backend: celery (NODAL_QUEUE__BACKEND=celery)", file=sys.stderr
+        )
+        return 2
+    return run_worker(settings, args.gpu, args.name)
+
+
+def cmd_db(args, settings: Settings) -> int:
+    from dicom_node import schema
+    from dicom_node.index import make_engine
+
+    engine = make_engine(settings.index_url())
+    try:
+        if args.action == "upgrade":
+            before, after = schema.upgrade(engine)
+            print(f"index schema: {before or 'empty'} -> {after}")
+        else:
+            have, want = schema.current(engine), schema.head()
+            print(f"index schema: {have or 'none'} (newest: {want})")
+            return 0 if have == want else 1
+    finally:
+        engine.dispose()
+    return 0
 
 
 def cmd_echo(args, settings: Settings) -> int:

@@ -193,6 +193,22 @@ class JobsSection(_Section):
     )
 
 
+class QueueSection(_Section):
+    backend: Literal["embedded", "celery"] = Field(
+        "embedded",
+        description="embedded: jobs.workers processes inside `nodal serve`; celery: `nodal worker` processes",
+    )
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker (redis:// or amqp://); celery backend only"
+    )
+    queue_name: str = Field("nodal", min_length=1, description="Celery queue the jobs are announced on")
+    republish_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="a due job still unclaimed this long after its announcement is announced again",
+    )
+
+
 class DeliverySection(_Section):
     retry_initial_seconds: float = Field(30.0, gt=0)
     retry_max_seconds: float = Field(900.0, gt=0)
@@ -260,6 +276,7 @@ class Settings(BaseSettings):
     routing: RoutingSection = RoutingSection()
     destinations: list[Destination] = Field([], description="empty: results stay in the outbox and the API")
     jobs: JobsSection = JobsSection()
+    queue: QueueSection = QueueSection()
     delivery: DeliverySection = DeliverySection()
     retention: RetentionSection = RetentionSection()
     inference: InferenceSection = InferenceSection()

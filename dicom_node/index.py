@@ -1,4 +1,5 @@
-"""The index: studies, series, instances, jobs and deliveries (SQLAlchemy 2; SQLite by default).
+"""The index: studies, series, instances, jobs and deliveries (SQLAlchemy 2; SQLite by default,
+PostgreSQL for scale-out; the schema is migrated by dicom_node.schema).
 
 Times are seconds since the epoch (UTC), as floats. The spool is the source of truth for
 received instances (`ingest.reconcile` re-indexes files the index lost), so SQLite runs
@@ -132,6 +133,8 @@ class Job(Base):
     result_dir: Mapped[str | None] = mapped_column(String(256), default=None)  # relative to outbox
     seconds: Mapped[str | None] = mapped_column(Text, default=None)  # JSON: stage -> seconds
     results_purged_at: Mapped[float | None] = mapped_column(Float, default=None)
+    worker: Mapped[str | None] = mapped_column(String(128), default=None)  # who claimed it last
+    published_at: Mapped[float | None] = mapped_column(Float, default=None)  # announced on the queue
 
 
 class Delivery(Base):
@@ -182,13 +185,6 @@ class Heartbeat(Base):
     at: Mapped[float] = mapped_column(Float)
 
 
-APPEND_ONLY_TRIGGERS = [
-    f"CREATE TRIGGER IF NOT EXISTS audit_events_no_{op.lower()} BEFORE {op} ON audit_events "
-    "BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END"
-    for op in ("UPDATE", "DELETE")
-]
-
-
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite files get WAL, a busy timeout and BEGIN IMMEDIATE."""
     if url.startswith("sqlite:///"):
@@ -216,13 +212,15 @@ def make_engine(url: str) -> Engine:
 class Database:
     """The engine and a session factory; `Database.session()` is one transaction."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, upgrade: bool = True):
+        """`upgrade`: migrate the schema to the newest revision; False: refuse an outdated one."""
+        from dicom_node import schema
+
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
-        if self.engine.dialect.name == "sqlite":
-            with self.engine.begin() as conn:
-                for ddl in APPEND_ONLY_TRIGGERS:
-                    conn.exec_driver_sql(ddl)
+        if upgrade:
+            schema.upgrade(self.engine)
+        else:
+            schema.require_current(self.engine)
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

@@ -76,19 +76,22 @@ def _cancel_deliveries(s: Session, job_id: int, why: str) -> None:
     )
 
 
-def claim(db: Database, owner: str, lease_seconds: float, t: float) -> Job | None:
-    """Take the oldest due queued job, or None."""
+def claim(db: Database, owner: str, lease_seconds: float, t: float, job_id: int | None = None) -> Job | None:
+    """Take the oldest due queued job (or job `job_id` if it is queued and due), or None.
+
+    A claimed job is RUNNING under `owner`, so a second claim of the same job (a duplicate
+    queue message, another worker) finds nothing."""
+    query = select(Job).where(Job.state == JobState.QUEUED, Job.not_before <= t)
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    query = query.order_by(Job.not_before, Job.id).limit(1).with_for_update(skip_locked=True)
     with db.session() as s:
-        job = s.scalars(
-            select(Job)
-            .where(Job.state == JobState.QUEUED, Job.not_before <= t)
-            .order_by(Job.not_before, Job.id)
-            .limit(1)
-        ).first()
+        job = s.scalars(query).first()
         if job is None:
             return None
         job.state = JobState.RUNNING
-        job.lease_owner = owner
+        job.lease_owner = job.worker = owner
+        job.published_at = None  # a re-queued job is announced again as soon as it is due
         job.lease_expires_at = t + lease_seconds
         job.attempts += 1
         job.started_at = t
@@ -107,7 +110,7 @@ def renew(db: Database, job_id: int, owner: str, lease_seconds: float, t: float)
 
 
 def _owned(s: Session, job_id: int, owner: str) -> Job | None:
-    job = s.get(Job, job_id)
+    job = s.get(Job, job_id, with_for_update=True)
     if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
         log.warning("job %d: lease lost before the attempt finished; its outcome is dropped", job_id)
         return None
@@ -203,7 +206,7 @@ def requeue_lost(db: Database, settings: Settings, t: float, dead_owners: set[st
     """Running jobs whose lease expired, or whose owner is known dead, count a failed attempt."""
     n = 0
     with db.session() as s:
-        for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+        for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING).with_for_update()):
             expired = job.lease_expires_at is not None and job.lease_expires_at < t
             if expired or job.lease_owner in dead_owners or _owner_dead(job.lease_owner):
                 _after_failure(

@@ -17,7 +17,17 @@ from dicom_node.config import Settings
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-QUIET_LIBRARIES = ("highdicom", "pynetdicom", "urllib3", "dicomweb_client", "uvicorn", "orthanc_api_client")
+QUIET_LIBRARIES = (
+    "highdicom",
+    "pynetdicom",
+    "urllib3",
+    "dicomweb_client",
+    "uvicorn",
+    "orthanc_api_client",
+    "alembic",  # one line per migration step otherwise
+    "celery",
+    "kombu",
+)
 
 
 class JsonFormatter(logging.Formatter):

@@ -34,7 +34,8 @@ class Probes:
     db: Database
     spool_tmp: Path  # the spool's temporary folder (same file system as the spool)
     min_free_bytes: int
-    model_loaded: Callable[[], bool]
+    model_loaded: Callable[[], bool]  # or, with Celery workers elsewhere: the broker answers
+    ready_check: tuple[str, str] = ("model_loaded", "no worker has the model loaded (yet)")  # name, why not
 
 
 def index_writable(db: Database) -> tuple[bool, str]:
@@ -70,8 +71,9 @@ def disk_free(tmp: Path, min_free_bytes: int) -> tuple[bool, str]:
 
 def readiness(p: Probes) -> dict[str, tuple[bool, str]]:
     loaded = p.model_loaded()
+    name, why_not = p.ready_check
     return {
-        "model_loaded": (loaded, "ok" if loaded else "no worker has the model loaded (yet)"),
+        name: (loaded, "ok" if loaded else why_not),
         "index_writable": index_writable(p.db),
         "spool_writable": spool_writable(p.spool_tmp),
         "disk_space": disk_free(p.spool_tmp, p.min_free_bytes),

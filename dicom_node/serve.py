@@ -1,9 +1,11 @@
 """`nodal serve`: every part of the node in one process (workers in child processes).
 
-Start-up: reconcile the spool with the index (files an earlier run wrote but never
-indexed; temporary files it never acknowledged), re-queue jobs whose worker is gone,
-start the workers, the DIMSE receiver, the HTTP server (API + STOW-RS), the delivery and
-retention loops. The main thread then completes quiet studies and supervises workers.
+Start-up: upgrade the index schema (dicom_node.schema), reconcile the spool with the index
+(files an earlier run wrote but never indexed; temporary files it never acknowledged),
+re-queue jobs whose worker is gone, start the workers (or, with `queue.backend: celery`,
+the announcer of jobs to `nodal worker` processes), the DIMSE receiver, the HTTP server
+(API + STOW-RS), the delivery and retention loops. The main thread then completes quiet
+studies and supervises workers.
 
 SIGTERM or SIGINT: stop accepting (DIMSE listener closed, open associations get a few
 seconds, HTTP finishes its requests), let running jobs finish for
@@ -19,6 +21,9 @@ import threading
 import time
 
 import uvicorn
+from alembic.util import CommandError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import audit, metrics
 from dicom_node.api import create_app, probes
@@ -56,15 +61,17 @@ class Node:
         self.outbox.mkdir(exist_ok=True)
         self.receiver = Receiver(self.spool, self.db, settings.spool.min_free_mb * 2**20)
         self.scp = DimseServer(settings, self.receiver)
-        self.workers = WorkerPool(settings, self.db)
+        self.workers = _queue(settings, self.db)
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
-        app = create_app(settings, self.db, self.receiver, self.workers.ready)
+        app = create_app(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
         self.http = _http_server(app, settings.node.bind_address, settings.node.http_port)
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         self.monitoring: uvicorn.Server | None = None  # /metrics, /healthz, /readyz on their own port
         if settings.node.monitoring_port is not None:
-            mon = monitoring_app(probes(settings, self.db, self.receiver, self.workers.ready))
+            mon = monitoring_app(
+                probes(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
+            )
             self.monitoring = _http_server(mon, settings.node.bind_address, settings.node.monitoring_port)
             self._monitoring_thread = threading.Thread(
                 target=self.monitoring.run, name="monitoring", daemon=True
@@ -106,13 +113,13 @@ class Node:
         s = self.settings
         dests = ", ".join(f"{d.name} ({d.kind})" for d in s.destinations)
         log.info(
-            "nodal serve: AE %s on DIMSE port %d, HTTP port %d (API, STOW-RS), data in %s, %d worker(s); "
+            "nodal serve: AE %s on DIMSE port %d, HTTP port %d (API, STOW-RS), data in %s, %s; "
             "destinations: %s",
             s.node.ae_title,
             s.node.dimse_port,
             s.node.http_port,
             s.node.data_dir,
-            s.jobs.workers,
+            f"{s.jobs.workers} worker(s)" if s.queue.backend == "embedded" else "jobs to celery workers",
             dests or f"none (results stay in {self.outbox} and the API)",
         )
         if any(isinstance(d, ReplyDestination) for d in s.destinations) and not any(
@@ -171,6 +178,15 @@ def _start_http(server: uvicorn.Server, thread: threading.Thread, host: str, wha
         time.sleep(0.05)
 
 
+def _queue(settings: Settings, db: Database):
+    """In-process workers (embedded) or the announcer of jobs to `nodal worker` processes (celery)."""
+    if settings.queue.backend == "celery":
+        from dicom_node.celery_queue import Dispatcher
+
+        return Dispatcher(settings, db)
+    return WorkerPool(settings, db)
+
+
 def serve(settings: Settings) -> int:
     stop = threading.Event()
 
@@ -182,7 +198,12 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node = Node(settings)
+    try:
+        node = Node(settings)
+    except (SQLAlchemyError, CommandError) as e:  # unreachable; or newer than this nodal
+        url = make_url(settings.index_url()).render_as_string(hide_password=True)
+        log.error("cannot open or upgrade the index %s: %s (check index.url and the database)", url, e)
+        return 1
     try:
         node.start()
     except StartupError as e:

@@ -2,9 +2,11 @@
 
 `worker_main` is the body of one worker process: load the model (kept warm for every
 job), then claim a job, renew its lease while `run_analysis` works, record the outcome,
-repeat. `WorkerPool` (in the `nodal serve` process) starts the workers, restarts one that
-died, stops one whose job ran past `jobs.time_limit_seconds`, and on shutdown lets running
-jobs finish for `jobs.shutdown_grace_seconds` before it stops them and re-queues their jobs.
+repeat. Claim-and-run is `run_next`, the one job function of both queue backends (the
+Celery task of `nodal worker`, dicom_node.celery_queue, calls it too). `WorkerPool` (in the
+`nodal serve` process) starts the workers, restarts one that died, stops one whose job ran
+past `jobs.time_limit_seconds`, and on shutdown lets running jobs finish for
+`jobs.shutdown_grace_seconds` before it stops them and re-queues their jobs.
 
 Workers ignore SIGINT/SIGTERM (the serve process coordinates shutdown) and die with their
 parent (PR_SET_PDEATHSIG), so a killed node leaves no orphan holding a lease.
@@ -21,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,43 +78,61 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     from dicom_node.logs import configure_logging
 
     configure_logging(settings)
-    db = Database(settings.index_url())
-    try:
-        from dicom_node.cli import _model
-
-        t = time.perf_counter()
-        model = _model(settings)
-        log.info(
-            "worker %d: model %s %s loaded in %.1f s",
-            index,
-            model.name,
-            model.version,
-            time.perf_counter() - t,
-        )
-    except Exception as e:
-        log.error("worker %d: cannot load the model: %s: %s", index, type(e).__name__, e)
-        raise SystemExit(EXIT_MODEL_UNAVAILABLE) from None
+    db = Database(settings.index_url(), upgrade=False)  # `nodal serve` upgraded it
+    model = load_model_or_exit(settings, f"worker {index}")
     _publish_model(slot, model)
     slot.ready.value = 1
     owner = owner_id(f"w{index}")
-    outbox = settings.node.data_dir / "outbox"
-    outbox.mkdir(parents=True, exist_ok=True)
-    spool_root = settings.node.data_dir / "spool"
-    while not stop.is_set() and os.getppid() == parent_pid:
-        job = claim(db, owner, settings.jobs.lease_seconds, time.time())
-        if job is None:
-            _publish_gpu(slot, model)
-            stop.wait(POLL_SECONDS)
-            continue
+
+    def on_claim(job_id: int) -> None:
         with slot.job_id.get_lock():
-            slot.job_id.value, slot.started.value = job.id, time.time()
+            slot.job_id.value, slot.started.value = job_id, time.time()
+
+    while not stop.is_set() and os.getppid() == parent_pid:
         try:
-            run_one(db, settings, job.id, job.series_uid, owner, spool_root, outbox, model)
+            if run_next(db, settings, owner, model, on_claim=on_claim) is None:
+                _publish_gpu(slot, model)
+                stop.wait(POLL_SECONDS)
         finally:
             with slot.job_id.get_lock():
                 slot.job_id.value = 0
             _publish_gpu(slot, model)
     db.close()
+
+
+def load_model_or_exit(settings: Settings, who: str):
+    """Load the model once per worker process (kept warm for every job)."""
+    try:
+        from dicom_node.cli import _model
+
+        t = time.perf_counter()
+        model = _model(settings)
+        log.info("%s: model %s %s loaded in %.1f s", who, model.name, model.version, time.perf_counter() - t)
+        return model
+    except Exception as e:
+        log.error("%s: cannot load the model: %s: %s", who, type(e).__name__, e)
+        raise SystemExit(EXIT_MODEL_UNAVAILABLE) from None
+
+
+def run_next(
+    db: Database,
+    settings: Settings,
+    owner: str,
+    model,
+    job_id: int | None = None,
+    on_claim: Callable[[int], None] | None = None,
+) -> int | None:
+    """The job function of both queue backends: claim a job (the oldest due one, or `job_id`)
+    under a lease and run it; the id of the job run, or None when there was nothing to claim."""
+    job = claim(db, owner, settings.jobs.lease_seconds, time.time(), job_id)
+    if job is None:
+        return None
+    if on_claim is not None:
+        on_claim(job.id)
+    outbox = settings.node.data_dir / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    run_one(db, settings, job.id, job.series_uid, owner, settings.node.data_dir / "spool", outbox, model)
+    return job.id
 
 
 def _publish_model(slot, model) -> None:
@@ -194,6 +215,10 @@ class _Slot:
 
 
 class WorkerPool:
+    """Embedded workers: spawned processes of this node, each with the model loaded."""
+
+    READY_CHECK = ("model_loaded", "no worker has the model loaded (yet)")  # /readyz: name, why not
+
     def __init__(self, settings: Settings, db: Database):
         self.settings = settings
         self.db = db

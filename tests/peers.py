@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -309,3 +311,159 @@ class Prometheus:
     def stop(self) -> None:
         stop_process(self.proc, 20)
         self.proc = None
+
+
+# --- scale-out peers: redis-server (Celery broker) and a throwaway PostgreSQL cluster ---
+
+
+class Redis:
+    """`redis-server` on a free 127.0.0.1 port, no persistence, in a temporary folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20) -> Redis:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        wait_until(self._answers, timeout, "redis-server to answer PING")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"redis-server exited with {self.proc.returncode}; see {self.folder}/redis.log"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.proc, 20)
+        self.proc = None
+
+
+class NodalWorker:
+    """`nodal worker` (queue.backend celery) as a subprocess, its log in `folder`."""
+
+    def __init__(self, folder: Path, config: Path, name: str):
+        self.name, self.log_path = name, folder / f"worker-{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NODAL_")}
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "worker", "--name", name],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+            )
+        return "ready for jobs" in self.log()
+
+    def owns(self, job: dict) -> bool:
+        return bool(job["worker"]) and f":{self.proc.pid}:" in job["worker"]
+
+    def done_jobs(self) -> list[int]:
+        return [int(n) for n in re.findall(r"job (\d+): done in", self.log())]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def storescu(paths: list[Path], port: int, called_ae: str = "NODAL") -> None:
+    """C-STORE `paths` with dcmtk's storescu (one association) as AE MODALITY."""
+    subprocess.run(
+        ["storescu", "-aet", "MODALITY", "-aec", called_ae, "127.0.0.1", str(port), *map(str, paths)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def postgres_bin() -> Path | None:
+    """The folder with initdb/pg_ctl/postgres (Debian keeps them off PATH)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return versions[-1].parent if versions else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port (trust auth, no fsync).
+
+    PostgreSQL refuses to run as root; as root the cluster belongs to the `postgres` user
+    (the Debian package creates it) and its commands run through `runuser`."""
+
+    def __init__(self):
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="nodal-pg-"))
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://nodal@127.0.0.1:{self.port}/nodal"
+        self.bin = postgres_bin()
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run([*self._as, *cmd], check=True, capture_output=True, cwd=self.folder)
+
+    def start(self) -> Postgres:
+        if self._as:
+            shutil.chown(self.folder, "postgres", "postgres")
+        data = self.folder / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "nodal", "-A", "trust", "-E", "UTF8")
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off"
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            opts,
+            "-l",
+            str(self.folder / "pg.log"),
+            "-w",
+            "start",
+        )
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "nodal", "nodal")
+        return self
+
+    def stop(self) -> None:
+        if (self.folder / "data" / "postmaster.pid").exists():
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
