@@ -7,6 +7,9 @@
   routing decisions
 - `GET /healthz` (alive), `GET /readyz` (a worker has the model loaded, DB and spool writable)
 
+With a token configured (`node.http_auth`), everything but the probes (and `/metrics`)
+needs `Authorization: Bearer <token>` (`dicom_node.auth`).
+
 Thin endpoints over `jobs` and the index; no patient data is returned (UIDs, counts,
 states, reasons and times only). Times are ISO 8601 UTC.
 """
@@ -14,6 +17,7 @@ states, reasons and times only). Times are ISO 8601 UTC.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,6 +26,7 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
+from dicom_node.auth import BearerAuth, http_token
 from dicom_node.config import Settings
 from dicom_node.dicomweb import stow_router
 from dicom_node.index import Database, Delivery, Job, Series, Study, now
@@ -96,6 +101,13 @@ def study_json(study: Study, jobs: dict[str, int]) -> dict:
 def create_app(settings: Settings, db: Database, receiver: Receiver, ready: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
+    token = http_token(settings.node.http_auth)
+    if token:
+        app.add_middleware(BearerAuth, token=token)
+    else:
+        logging.getLogger("nodal.auth").warning(
+            "node.http_auth has no token: STOW-RS and the API answer anyone who can reach the HTTP port"
+        )
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 
@@ -30,6 +31,7 @@ from dicom_node.outbox import DeliveryLoop
 from dicom_node.retention import RetentionLoop
 from dicom_node.scp import DimseServer
 from dicom_node.spool import Spool
+from dicom_node.tls import server_context
 from dicom_node.worker import WorkerPool
 
 log = logging.getLogger("nodal.serve")
@@ -64,6 +66,7 @@ class Node:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            **https_options(settings),
         )
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
@@ -98,10 +101,12 @@ class Node:
         s = self.settings
         dests = ", ".join(f"{d.name} ({d.kind})" for d in s.destinations)
         log.info(
-            "nodal serve: AE %s on DIMSE port %d, HTTP port %d (API, STOW-RS), data in %s, %d worker(s); "
+            "nodal serve: AE %s on DIMSE port %d%s, HTTP%s port %d (API, STOW-RS), data in %s, %d worker(s); "
             "destinations: %s",
             s.node.ae_title,
             s.node.dimse_port,
+            " (TLS)" if s.node.dimse_tls.enabled else "",
+            "S" if s.node.http_tls.enabled else "",
             s.node.http_port,
             s.node.data_dir,
             s.jobs.workers,
@@ -138,6 +143,22 @@ class Node:
         self.spool.close()
         self.db.close()
         log.info("stopped")
+
+
+def https_options(settings: Settings) -> dict:
+    """uvicorn's TLS options for node.http_tls (checked by loading them once: clear errors)."""
+    tls = settings.node.http_tls
+    if server_context(tls, "node.http_tls") is None:
+        return {}
+    reqs = (
+        ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else ssl.CERT_NONE
+    )
+    return {
+        "ssl_certfile": str(tls.cert_file),
+        "ssl_keyfile": str(tls.key_file),
+        "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
+        "ssl_cert_reqs": reqs,
+    }
 
 
 def serve(settings: Settings) -> int:
