@@ -225,6 +225,13 @@ class _HttpDestination(_Destination):
         None, description="PEM CA certificates for an https:// url; null: system CAs"
     )
 
+    @field_validator("url", check_fields=False)
+    @classmethod
+    def _no_credentials_in_url(cls, url: str) -> str:
+        if "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("the url holds credentials; use username and password_file (kept out of logs)")
+        return url
+
     def secret(self) -> str | None:
         return read_secret(self.password, self.password_file, f"destination {self.name}: password")
 

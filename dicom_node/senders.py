@@ -79,11 +79,11 @@ class DimseSender:
         except OSError as e:
             return _all(items, f"cannot connect to {where}: {e}")
         if not assoc.is_established:
-            if tls_args and not assoc.is_rejected and not assoc.is_aborted:
+            if tls_args and not assoc.is_rejected:
                 return _all(
                     items,
                     f"no association with {where} over TLS (peer down, or the TLS handshake "
-                    "failed: check the CA, the peer's certificate and host name)",
+                    "failed: check the CA, both certificates and the host name)",
                 )
             if assoc.is_rejected:
                 return _all(items, f"association rejected by {where} (is {self.calling_ae} known there?)")
