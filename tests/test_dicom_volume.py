@@ -105,9 +105,7 @@ def test_axial_round_trip_from_directory(tmp_path: Path) -> None:
     assert [s.sop_instance_uid for s in vol.slices] == [
         pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths
     ]
-    assert {(s.sop_class_uid, s.frame_number) for s in vol.slices} == {
-        ("1.2.840.10008.5.1.4.1.1.2", None)
-    }
+    assert {(s.sop_class_uid, s.frame_number) for s in vol.slices} == {("1.2.840.10008.5.1.4.1.1.2", None)}
 
 
 def test_paths_datasets_and_non_dicom_files(tmp_path: Path) -> None:

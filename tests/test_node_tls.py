@@ -9,16 +9,13 @@ import subprocess
 import time
 
 import pytest
+from inprocess import dimse_server
 from peers import free_port, missing_binaries
 from test_node_spool import part10
 from tls_certs import have_openssl, make_pki
 
-from dicom_node.config import ClientTls, ConfigError, ServerTls, Settings
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver
-from dicom_node.scp import DimseServer
+from dicom_node.config import ClientTls, ConfigError, ServerTls
 from dicom_node.senders import DimseSender, Outgoing
-from dicom_node.spool import Spool
 from dicom_node.tls import client_context, server_context
 
 if not have_openssl() or missing_binaries("storescu", "echoscu"):
@@ -36,33 +33,16 @@ def pki(tmp_path_factory):
 def tls_node(tmp_path, pki):
     """nodal's DIMSE receiver in process, TLS only, client certificate required."""
     port = free_port()
-    settings = Settings.model_validate(
-        {
-            "node": {
-                "dimse_port": port,
-                "bind_address": "127.0.0.1",
-                "network_timeout_seconds": 5,
-                "dimse_tls": {
-                    "enabled": True,
-                    "cert_file": str(pki.server_cert),
-                    "key_file": str(pki.server_key),
-                    "ca_file": str(pki.ca),
-                    "require_client_cert": True,
-                },
-            },
-            "allowed_callers": [{"ae_title": "MODALITY", "host": "127.0.0.1"}],
-        }
-    )
-    db = Database(f"sqlite:///{tmp_path / 'i.sqlite3'}")
-    spool = Spool(tmp_path / "spool")
-    receiver = Receiver(spool, db)
-    server = DimseServer(settings, receiver)
-    server.start()
-    yield port, receiver
-    server.stop(1)
-    receiver.close()
-    spool.close()
-    db.close()
+    tls = {"enabled": True, "cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
+    node = {
+        "dimse_port": port,
+        "bind_address": "127.0.0.1",
+        "network_timeout_seconds": 5,
+        "dimse_tls": {**tls, "ca_file": str(pki.ca), "require_client_cert": True},
+    }
+    callers = [{"ae_title": "MODALITY", "host": "127.0.0.1"}]
+    with dimse_server(tmp_path, {"node": node, "allowed_callers": callers}) as server:
+        yield port, server.receiver
 
 
 def run(tool: str, port: int, tls: list[str], files: list[str] = ()) -> subprocess.CompletedProcess:

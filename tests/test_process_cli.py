@@ -65,8 +65,12 @@ def test_result_objects_pass_dciodvfy(processed):
 
 
 def test_missing_slice_is_refused_with_a_clear_message(tmp_path):
-    ph = phantoms.generate(5, phantoms.PhantomSpec(rows=64, columns=64, pixel_spacing_mm=6.0, slices=12,
-                                                   slice_spacing_mm=5.0, nodes=(0, 0)))
+    ph = phantoms.generate(
+        5,
+        phantoms.PhantomSpec(
+            rows=64, columns=64, pixel_spacing_mm=6.0, slices=12, slice_spacing_mm=5.0, nodes=(0, 0)
+        ),
+    )
     paths = phantoms.write_phantom(ph, tmp_path / "ct")
     paths[5].unlink()
     res = nodal("process", tmp_path / "ct", "--out", tmp_path / "out")
