@@ -6,6 +6,8 @@ senders:
    is stored once and every study is processed once (one job, done, one attempt).
 2. `kill -9` during ingest: every instance acknowledged with success is in the spool and the
    index after the restart; the sender re-sends the batch and each instance is stored once.
+3. `kill -9` during sending (a PACS that takes 1.5 s per instance): after the restart every
+   result is delivered and the PACS holds exactly one copy of each.
 
 The figures each run prints are those recorded in docs/reliability.md.
 """
@@ -19,9 +21,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from peers import Nodal, free_port, missing_binaries, model_dir, node_config, wait_until
+from peers import (
+    Nodal,
+    Orthanc,
+    free_port,
+    missing_binaries,
+    model_dir,
+    node_config,
+    orthanc_binary,
+    wait_until,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
+from test_node_peers import study_series
 from test_node_spool import part10
 
 from inference import phantoms
@@ -156,3 +168,78 @@ def test_kill_9_during_ingest_loses_no_acknowledged_instance(tmp_path):
     finally:
         stop.set()
         nodal.stop()
+
+
+class SlowOrthanc(Orthanc):
+    """Orthanc that takes `delay` seconds over each instance received by DICOM (a Lua filter),
+    so that a test can kill the sender in the middle of a delivery."""
+
+    def __init__(self, folder: Path, delay: float = 1.5):
+        super().__init__(folder, aet="SLOWPACS")
+        self.delay = delay
+
+    def config(self) -> dict:
+        lua = self.folder / "slow.lua"
+        lua.write_text(
+            "function ReceivedInstanceFilter(dicom, origin, info)\n"
+            f"  if origin['RequestOrigin'] == 'DicomProtocol' then os.execute('sleep {self.delay}') end\n"
+            "  return true\nend\n"
+        )
+        return {**super().config(), "LuaScripts": [str(lua)]}
+
+
+@pytest.mark.skipif(orthanc_binary() is None, reason="needs Orthanc (`make peers`)")
+def test_kill_9_during_sending_leaves_one_copy_of_each_result(tmp_path):
+    pacs = SlowOrthanc(tmp_path / "pacs").start()
+    port = free_port()
+    dest = {
+        "name": "pacs",
+        "kind": "dimse",
+        "ae_title": "SLOWPACS",
+        "host": "127.0.0.1",
+        "port": pacs.dicom_port,
+    }
+    cfg = node_config(
+        tmp_path / "var", port, model_dir(), allowed_callers=[{"ae_title": "CT1"}], destinations=[dest]
+    )
+    paths = phantoms.write_phantom(phantoms.generate(6_200_000, SMALL), tmp_path / "ct")
+    paths = sorted(p for p in paths if p.suffix == ".dcm")
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    nodal = Nodal(tmp_path, cfg).start()
+    try:
+        sent = subprocess.run(
+            ["storescu", "-aet", "CT1", "-aec", "NODAL", "127.0.0.1", str(port), *map(str, paths)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        wait_until(lambda: study_series(pacs, study_uid), 300, "the first result in the PACS", every=0.2)
+        nodal.kill()  # the delivery association is open: the next instance is in the slow filter
+        arrived_before = sum(len(s["instances"]) for s in study_series(pacs, study_uid))
+        nodal = Nodal(tmp_path, cfg).start()
+        [job] = nodal.api(f"/api/jobs?study={study_uid}")["jobs"]
+        detail = wait_until(
+            lambda: (d := nodal.api(f"/api/jobs/{job['id']}"))["deliveries"]["pacs"]["pending"] == 0 and d,
+            120,
+            "every result delivered after the restart",
+        )
+        results = detail["deliveries"]["pacs"]
+        n = len(results["instances"])
+        assert results["delivered"] == n and results["failed"] == 0 and n >= 2
+        assert arrived_before < n, "the kill should land mid-delivery"
+        series = study_series(pacs, study_uid)
+        by_modality = {}
+        for s in series:
+            by_modality.setdefault(s["modality"], []).append(len(s["instances"]))
+        assert all(len(v) == 1 for v in by_modality.values()), by_modality  # no second result series
+        in_pacs = sum(sum(v) for v in by_modality.values())
+        assert in_pacs == n, (in_pacs, n)
+        uids = {i["sop_instance_uid"] for i in results["instances"]}
+        assert len(uids) == n
+        print(
+            f"\nkill -9 during sending: {n} result instances, {arrived_before} in the PACS at the kill, "
+            f"{in_pacs} in the PACS after the restart (one copy each), attempts "
+            f"{sorted(i['attempts'] for i in results['instances'])}"
+        )
+    finally:
+        nodal.stop()
+        pacs.stop()
