@@ -19,18 +19,10 @@ import subprocess
 import threading
 from pathlib import Path
 
+import peers
 import pydicom
 import pytest
-from peers import (
-    Nodal,
-    Orthanc,
-    free_port,
-    missing_binaries,
-    model_dir,
-    node_config,
-    orthanc_binary,
-    wait_until,
-)
+from peers import Nodal, Orthanc, free_port, wait_until
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from test_node_peers import study_series
@@ -40,7 +32,7 @@ from inference import phantoms
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
-if missing_binaries("storescu") or model_dir() is None:
+if peers.missing_binaries("storescu") or peers.model_dir() is None:
     pytest.skip("needs dcmtk (`make peers`) and the shipped model", allow_module_level=True)
 
 SMALL = phantoms.PhantomSpec(
@@ -56,10 +48,10 @@ def spool_files(nodal: Nodal) -> list[Path]:
 
 def test_eight_associations_four_interleaved_studies_stored_and_processed_once(tmp_path):
     port = free_port()
-    cfg = node_config(
+    cfg = peers.node_config(
         tmp_path / "var",
         port,
-        model_dir(),
+        peers.model_dir(),
         allowed_callers=[{"ae_title": ae, "host": "127.0.0.1"} for ae in CALLERS],
     )
     cfg["completion"] = {"quiet_seconds": 4.0, "after_release_seconds": 2.0, "check_interval_seconds": 0.5}
@@ -130,7 +122,7 @@ def _send(port: int, items: list[bytes], acked: list[str], stop: threading.Event
 
 def test_kill_9_during_ingest_loses_no_acknowledged_instance(tmp_path):
     port = free_port()
-    cfg = node_config(tmp_path / "var", port, model_dir(), allowed_callers=[{"ae_title": "CT1"}])
+    cfg = peers.node_config(tmp_path / "var", port, peers.model_dir(), allowed_callers=[{"ae_title": "CT1"}])
     cfg["jobs"]["workers"] = 0  # receive only: this test is about the spool
     pixels = bytes(range(256)) * 256  # 64 KiB of pixel data per instance
     items = [
@@ -188,7 +180,7 @@ class SlowOrthanc(Orthanc):
         return {**super().config(), "LuaScripts": [str(lua)]}
 
 
-@pytest.mark.skipif(orthanc_binary() is None, reason="needs Orthanc (`make peers`)")
+@pytest.mark.skipif(peers.orthanc_binary() is None, reason="needs Orthanc (`make peers`)")
 def test_kill_9_during_sending_leaves_one_copy_of_each_result(tmp_path):
     pacs = SlowOrthanc(tmp_path / "pacs").start()
     port = free_port()
@@ -199,8 +191,8 @@ def test_kill_9_during_sending_leaves_one_copy_of_each_result(tmp_path):
         "host": "127.0.0.1",
         "port": pacs.dicom_port,
     }
-    cfg = node_config(
-        tmp_path / "var", port, model_dir(), allowed_callers=[{"ae_title": "CT1"}], destinations=[dest]
+    cfg = peers.node_config(
+        tmp_path / "var", port, peers.model_dir(), allowed_callers=[{"ae_title": "CT1"}], destinations=[dest]
     )
     paths = phantoms.write_phantom(phantoms.generate(6_200_000, SMALL), tmp_path / "ct")
     paths = sorted(p for p in paths if p.suffix == ".dcm")
