@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the tests talk to (real peers, 127.0.0.1 only).
-PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb
-PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc
+PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb openssl
+PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc openssl
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 .PHONY: run test lint peers install train evaluate bench clean
