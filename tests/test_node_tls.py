@@ -14,7 +14,8 @@ from peers import free_port, missing_binaries
 from test_node_spool import part10
 from tls_certs import have_openssl, make_pki
 
-from dicom_node.config import ClientTls, ConfigError, ServerTls
+from dicom_node.config import ClientTls, ConfigError, ServerTls, Settings
+from dicom_node.echo import echo, resolve_peer
 from dicom_node.senders import DimseSender, Outgoing
 from dicom_node.tls import client_context, server_context
 
@@ -104,6 +105,10 @@ def test_nodal_sends_over_tls_with_its_client_cert(tls_node, pki, tmp_path):
     assert "TLS handshake" in err["1.2.3.4.88"]  # the server's certificate is not trusted
     plain = DimseSender("MODALITY", "NODAL", "127.0.0.1", port, 5).send([item])
     assert plain["1.2.3.4.88"] is not None
+    dest = {"name": "n", "kind": "dimse", "ae_title": "NODAL", "host": "127.0.0.1", "port": port,
+            "tls": good.model_dump()}  # fmt: skip
+    peer = resolve_peer("n", Settings.model_validate({"destinations": [dest]}))
+    assert echo("MODALITY", peer, 5).ok  # `nodal echo n` speaks TLS to a TLS destination
 
 
 def test_tls_configuration_errors_are_named(pki, tmp_path):
