@@ -30,6 +30,7 @@ from dicom_node.jobs import requeue_lost
 from dicom_node.outbox import DeliveryLoop
 from dicom_node.retention import RetentionLoop
 from dicom_node.scp import DimseServer
+from dicom_node.senders import make_sender
 from dicom_node.spool import Spool
 from dicom_node.tls import server_context
 from dicom_node.worker import WorkerPool
@@ -56,6 +57,7 @@ class Node:
         self.receiver = Receiver(self.spool, self.db, settings.spool.min_free_mb * 2**20)
         self.scp = DimseServer(settings, self.receiver)
         self.workers = WorkerPool(settings, self.db)
+        check_destinations(settings)
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready)
@@ -143,6 +145,14 @@ class Node:
         self.spool.close()
         self.db.close()
         log.info("stopped")
+
+
+def check_destinations(settings: Settings) -> None:
+    """Load each destination's TLS files and password once: a wrong path stops start-up
+    (ConfigError) instead of failing every delivery later."""
+    for dest in settings.destinations:
+        if not isinstance(dest, ReplyDestination):
+            make_sender(dest, settings, "")
 
 
 def https_options(settings: Settings) -> dict:

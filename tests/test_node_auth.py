@@ -21,6 +21,7 @@ from dicom_node.config import ConfigError, Settings
 from dicom_node.index import Database
 from dicom_node.ingest import Receiver
 from dicom_node.senders import Outgoing, make_sender
+from dicom_node.serve import check_destinations
 from dicom_node.spool import Spool
 
 TOKEN = "tok-5f1d8c0e9a7b4e21"
@@ -75,7 +76,11 @@ def test_unreadable_secret_files_are_named(tmp_path):
         "password_file": str(tmp_path / "empty"),
     }
     with pytest.raises(ConfigError, match=r"destination w: password: .* is empty"):
-        Settings.model_validate({"destinations": [dest]}).destinations[0].secret()
+        check_destinations(Settings.model_validate({"destinations": [dest]}))  # at start-up
+    tls = {"enabled": True, "ca_file": str(tmp_path / "no-ca.pem")}
+    dimse = {"name": "d", "kind": "dimse", "ae_title": "P", "host": "h", "port": 104, "tls": tls}
+    with pytest.raises(ConfigError, match=r"destination d: tls: cannot load .*no-ca.pem"):
+        check_destinations(Settings.model_validate({"destinations": [dimse]}))
 
 
 def test_sender_errors_and_reprs_carry_no_password(tmp_path):
