@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the tests talk to (real peers, 127.0.0.1 only).
-PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus
-PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool
+PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus openssl
+PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool openssl
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # scale-out peers (tests/test_scaleout.py, tests/test_migrations.py): Celery broker, PostgreSQL index
 PEERS  += redis-server postgresql

@@ -8,6 +8,9 @@
 - `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.audit`)
 - `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.monitoring`)
 
+With a token configured (`node.http_auth`), everything but the probes (and `/metrics`)
+needs `Authorization: Bearer <token>` (`dicom_node.auth`).
+
 Thin endpoints over `jobs` and the index; no patient data is returned (UIDs, counts,
 states, reasons and times only). Times are ISO 8601 UTC.
 """
@@ -15,6 +18,7 @@ states, reasons and times only). Times are ISO 8601 UTC.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -22,6 +26,7 @@ from fastapi import FastAPI, HTTPException, Query
 from sqlalchemy import func, select
 
 from dicom_node import audit
+from dicom_node.auth import BearerAuth, http_token
 from dicom_node.config import Settings
 from dicom_node.dicomweb import stow_router
 from dicom_node.index import Database, Delivery, Job, Series, Study, now
@@ -104,7 +109,14 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
+    token = http_token(settings.node.http_auth)  # a wrong token file stops start-up first
     app.include_router(monitoring_router(probes(settings, db, receiver, ready, ready_check)))
+    if token:
+        app.add_middleware(BearerAuth, token=token)
+    else:
+        logging.getLogger("nodal.auth").warning(
+            "node.http_auth has no token: STOW-RS and the API answer anyone who can reach the HTTP port"
+        )
 
     @app.get("/api/audit")
     def audit_events(

@@ -43,6 +43,65 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 
 
+# -- security: TLS and secrets (docs/security.md) --
+
+
+def read_secret(inline: SecretStr | None, path: Path | None, what: str) -> str | None:
+    """The secret given inline (env var) or in a file (first line, whitespace stripped)."""
+    if inline is not None:
+        return inline.get_secret_value()
+    if path is None:
+        return None
+    try:
+        value = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(
+            f"{what}: cannot read {path} ({e.strerror}); check the path and its permissions"
+        ) from None
+    if not value:
+        raise ConfigError(f"{what}: {path} is empty")
+    return value
+
+
+class ServerTls(_Section):
+    enabled: bool = False
+    cert_file: Path | None = Field(None, description="PEM certificate (chain) this server presents")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file (readable by nodal only)")
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificates that client certificates must chain to"
+    )
+    require_client_cert: bool = Field(False, description="mutual TLS: refuse clients without a valid cert")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServerTls:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("TLS is enabled but cert_file or key_file is not set")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        return self
+
+
+class ClientTls(_Section):
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="PEM CA certificates to verify the peer; null: system CAs")
+    cert_file: Path | None = Field(None, description="client certificate, for peers that require one")
+    key_file: Path | None = None
+    check_hostname: bool = Field(True, description="the peer's certificate must name its host")
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class HttpAuth(_Section):
+    token: SecretStr | None = Field(
+        None, description="bearer token for STOW-RS and the API; set as NODAL_NODE__HTTP_AUTH__TOKEN"
+    )
+    token_file: Path | None = Field(None, description="... or read it from this file")
+
+
 class NodeSection(_Section):
     ae_title: str = Field("NODAL", min_length=1, max_length=16, pattern=AE_TITLE)
     dimse_port: int = Field(11112, ge=1, le=65535)
@@ -57,6 +116,9 @@ class NodeSection(_Section):
     tcp_nodelay: bool = True  # Nagle off on DIMSE sockets: a 2-10x difference on small instances
     dimse_timeout_seconds: float = Field(60.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
+    dimse_tls: ServerTls = ServerTls()  # DICOM TLS on dimse_port (PS3.15 B.1)
+    http_tls: ServerTls = ServerTls()  # HTTPS on http_port
+    http_auth: HttpAuth = HttpAuth()  # no token: STOW-RS and the API are open (a warning is logged)
 
 
 class AllowedCaller(_Section):
@@ -149,6 +211,7 @@ class DimseDestination(_Destination):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     timeout_seconds: float = Field(60.0, gt=0)
+    tls: ClientTls = ClientTls()
 
 
 class ReplyDestination(_Destination):
@@ -159,7 +222,21 @@ class ReplyDestination(_Destination):
 class _HttpDestination(_Destination):
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="the password in a file instead (preferred)")
     timeout_seconds: float = Field(60.0, gt=0)
+    ca_file: Path | None = Field(
+        None, description="PEM CA certificates for an https:// url; null: system CAs"
+    )
+
+    @field_validator("url", check_fields=False)
+    @classmethod
+    def _no_credentials_in_url(cls, url: str) -> str:
+        if "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("the url holds credentials; use username and password_file (kept out of logs)")
+        return url
+
+    def secret(self) -> str | None:
+        return read_secret(self.password, self.password_file, f"destination {self.name}: password")
 
 
 class DicomwebDestination(_HttpDestination):

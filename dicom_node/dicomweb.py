@@ -4,8 +4,9 @@ The request body (multipart/related; type="application/dicom") is parsed as it a
 each part goes straight to a temporary file in the spool and is stored by `Receiver` like
 a C-STORE instance (durable before it is reported stored, deduplicated, UIDs checked).
 The response is the Store Instances Response Module (PS3.18 10.5.3) as DICOM JSON:
-200 all stored, 202 some failed, 409 none stored; 415 for a body that is not
-multipart/related application/dicom, 400 for a malformed one.
+200 all stored, 202 some failed, 409 none stored, 503 (with Retry-After) none stored because
+the spool disk is almost full; 415 for a body that is not multipart/related
+application/dicom, 400 for a malformed one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dicom_node.multipart import (
 from dicom_node.spool import InvalidInstanceError, check_uid
 
 DICOM_JSON = "application/dicom+json"
+RETRY_AFTER_SECONDS = 60
 
 log = logging.getLogger("nodal.stow")
 
@@ -191,5 +193,11 @@ def _response(results: list[StoreResult]) -> JSONResponse:
         body["00081198"] = {"vr": "SQ", "Value": failed}
     if stored:
         body["00081199"] = {"vr": "SQ", "Value": stored}
-    status = 200 if not failed else 202 if stored else 409
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+    if not failed:
+        return JSONResponse(body, status_code=200, media_type=DICOM_JSON)
+    if stored:
+        return JSONResponse(body, status_code=202, media_type=DICOM_JSON)
+    if any(r.status == OUT_OF_RESOURCES for r in results):  # transient: the sender should retry
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return JSONResponse(body, status_code=503, media_type=DICOM_JSON, headers=headers)
+    return JSONResponse(body, status_code=409, media_type=DICOM_JSON)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None  # a `dimse` destination with `tls` enabled
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ def resolve_peer(text: str, settings: Settings) -> Peer:
         if d.name == text:
             if not isinstance(d, DimseDestination):
                 raise ValueError(f"destination {text!r} is {d.kind}, not a DICOM (dimse) peer")
-            return Peer(d.ae_title, d.host, d.port)
+            from dicom_node.tls import client_context
+
+            return Peer(d.ae_title, d.host, d.port, client_context(d.tls, f"destination {d.name}: tls"))
     for c in settings.allowed_callers:
         if c.ae_title == text and c.host and c.port:
             return Peer(c.ae_title, c.host, c.port)
@@ -50,7 +54,8 @@ def echo(calling_ae: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     ae.add_requested_context(Verification)
     t = time.perf_counter()
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = (peer.tls, peer.host if peer.tls.check_hostname else None) if peer.tls else None
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     except OSError as e:
         return EchoResult(False, f"C-ECHO {where}: cannot connect: {e}")
     if not assoc.is_established:

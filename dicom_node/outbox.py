@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from dicom_node import audit, metrics
-from dicom_node.config import Settings
+from dicom_node.config import ConfigError, Settings
 from dicom_node.index import Database, Delivery, DeliveryState, Job
 from dicom_node.observe import series_first_received
 from dicom_node.senders import NoRoute, Outgoing, Sender, make_sender
@@ -181,14 +181,14 @@ def deliver_due(
             continue
         try:
             sender = sender_for(dest, settings, batch.reply_ae)
-        except NoRoute as e:  # nowhere to send: retrying cannot help
+        except (NoRoute, ConfigError) as e:  # NoRoute: retrying cannot help; a secret file may be fixed
             record(
                 db,
                 batch,
                 dict.fromkeys((i.sop_uid for i in items), str(e)),
                 settings,
                 time.time(),
-                final=True,
+                final=isinstance(e, NoRoute),
             )
             continue
         missing = {i.sop_uid: "result file missing from the outbox" for i in items if not i.path.is_file()}

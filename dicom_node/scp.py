@@ -1,8 +1,10 @@
 """The DIMSE receiver: C-ECHO and C-STORE SCP (pynetdicom).
 
 Every association request is checked against `allowed_callers` (calling AE title and,
-where given, the host it must come from); a rejection is logged with its reason and
-answered "rejected-permanent, calling AE title not recognised" (1, 1, 3). Each C-STORE
+where given, the host it must come from); `DimseServer.reject` is the one place a
+rejection happens: it is logged with its reason and answered "rejected-permanent, calling
+AE title not recognised" (1, 1, 3). With `node.dimse_tls` the port speaks DICOM TLS only
+(optionally requiring a client certificate signed by `ca_file`). Each C-STORE
 dataset is written as received (`event.encoded_dataset(include_meta=False)`: no decode
 and re-encode) behind a file meta header, and answered only after `Receiver` made it
 durable.
@@ -24,6 +26,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import audit, metrics
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.ingest import Receiver, Source, summary_line
+from dicom_node.tls import peer_subject, server_context
 
 log = logging.getLogger("nodal.scp")
 
@@ -148,12 +151,19 @@ class DimseServer:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        ssl_context = server_context(node.dimse_tls, "node.dimse_tls", deferred_handshake=True)
         self._server = self.ae.start_server(
-            (node.bind_address, node.dimse_port), block=False, evt_handlers=handlers
+            (node.bind_address, node.dimse_port), block=False, evt_handlers=handlers, ssl_context=ssl_context
         )
         if not self.rules:
             log.warning("allowed_callers is empty: associations from any calling AE are accepted")
-        log.info("DIMSE receiver %s listening on %s:%d", node.ae_title, node.bind_address, node.dimse_port)
+        log.info(
+            "DIMSE receiver %s listening on %s:%d (%s)",
+            node.ae_title,
+            node.bind_address,
+            node.dimse_port,
+            _tls_mode(node.dimse_tls.enabled, node.dimse_tls.require_client_cert),
+        )
 
     def stop(self, grace_seconds: float) -> None:
         """Stop listening, let open associations finish for `grace_seconds`, abort the rest."""
@@ -183,9 +193,11 @@ class DimseServer:
         calling = event.assoc.requestor.primitive.calling_ae_title
         address = event.assoc.requestor.address
         refusal = check_caller(self.rules, calling, address)
-        if refusal is None:
-            return
-        code, reason = refusal
+        if refusal is not None:
+            self.reject(event.assoc, calling, address, *refusal)
+
+    def reject(self, assoc, calling: str, address: str, code: str, reason: str) -> None:
+        """Refuse an association: the one place this is decided, counted, logged and audited."""
         with self._lock:
             self.rejected += 1
         metrics.ASSOCIATIONS_REJECTED.labels(code).inc()
@@ -205,8 +217,8 @@ class DimseServer:
                 detail={"reason": reason},
             ),
         )
-        event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
-        event.assoc.kill()
+        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
+        assoc.kill()
 
     def _on_rejected(self, event) -> None:
         """pynetdicom rejected the request itself: node.max_associations associations are open."""
@@ -237,7 +249,14 @@ class DimseServer:
         self.receiver.transfers.begin(_transfer_id(event.assoc))
         metrics.ASSOCIATIONS_ACCEPTED.inc()
         metrics.ASSOCIATIONS_ACTIVE.inc()
-        log.info("association from %s@%s:%s accepted", req.ae_title, req.address, req.port)
+        subject = peer_subject(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+        log.info(
+            "association from %s@%s:%s accepted%s",
+            req.ae_title,
+            req.address,
+            req.port,
+            f" (TLS client certificate {subject!r})" if subject else "",
+        )
         audit.record(self.db, audit.Event("association", actor=req.ae_title.strip(), peer=req.address))
 
     def _on_echo(self, event) -> int:
@@ -297,6 +316,10 @@ class DimseServer:
                     detail={"receiver": "dimse", "association": how},
                 ),
             )
+
+
+def _tls_mode(enabled: bool, mutual: bool) -> str:
+    return "plain TCP" if not enabled else "TLS, client certificate required" if mutual else "TLS"
 
 
 def part10(event, calling_ae: str) -> bytes:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from dicom_node.config import (
     ReplyDestination,
     Settings,
 )
+from dicom_node.tls import client_context
 
 log = logging.getLogger("nodal.send")
 
@@ -57,6 +59,7 @@ class DimseSender:
     port: int
     timeout: float = 60.0
     max_pdu: int = 131072
+    tls: ssl.SSLContext | None = None  # DICOM TLS (the context checks the peer's certificate)
 
     def send(self, items: Sequence[Outgoing]) -> dict[str, str | None]:
         from pynetdicom import AE
@@ -70,11 +73,18 @@ class DimseSender:
             syntaxes.setdefault(item.sop_class_uid, set()).add(_transfer_syntax(item.path))
         for sop_class, ts in syntaxes.items():
             ae.add_requested_context(sop_class, sorted(ts))
+        tls_args = (self.tls, self.host if self.tls.check_hostname else None) if self.tls else None
         try:
-            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)
         except OSError as e:
             return _all(items, f"cannot connect to {where}: {e}")
         if not assoc.is_established:
+            if tls_args and not assoc.is_rejected:
+                return _all(
+                    items,
+                    f"no association with {where} over TLS (peer down, or the TLS handshake "
+                    "failed: check the CA, both certificates and the host name)",
+                )
             if assoc.is_rejected:
                 return _all(items, f"association rejected by {where} (is {self.calling_ae} known there?)")
             return _all(items, f"no association with {where} (peer down, port closed, or aborted)")
@@ -114,14 +124,17 @@ def _transfer_syntax(path: Path) -> str:
 class DicomwebSender:
     url: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     timeout: float = 60.0
+    ca_file: str | None = None  # verify https:// against these CAs (None: the system's)
 
     def send(self, items: Sequence[Outgoing]) -> dict[str, str | None]:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
         session = requests.Session()
+        if self.ca_file:
+            session.verify = self.ca_file
         if self.username:
             session.auth = (self.username, self.password or "")
         client = DICOMwebClient(url=self.url, session=session, timeout=self.timeout)
@@ -148,13 +161,16 @@ class DicomwebSender:
 class OrthancSender:
     url: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     timeout: float = 60.0
+    ca_file: str | None = None
 
     def send(self, items: Sequence[Outgoing]) -> dict[str, str | None]:
         from orthanc_api_client import OrthancApiClient
 
         client = OrthancApiClient(self.url, user=self.username, pwd=self.password)
+        if self.ca_file:
+            client._http_session.verify = self.ca_file  # the client has no public option for it
         out: dict[str, str | None] = {}
         for item in items:
             try:
@@ -177,8 +193,15 @@ def make_sender(dest, settings: Settings, reply_ae: str) -> Sender:
     """The sender for a configured destination (`reply`: the calling AE's entry in allowed_callers)."""
     calling = settings.node.ae_title
     if isinstance(dest, DimseDestination):
+        tls = client_context(dest.tls, f"destination {dest.name}: tls")
         return DimseSender(
-            calling, dest.ae_title, dest.host, dest.port, dest.timeout_seconds, settings.node.max_pdu_bytes
+            calling,
+            dest.ae_title,
+            dest.host,
+            dest.port,
+            dest.timeout_seconds,
+            settings.node.max_pdu_bytes,
+            tls,
         )
     if isinstance(dest, ReplyDestination):
         for c in settings.allowed_callers:
@@ -188,10 +211,8 @@ def make_sender(dest, settings: Settings, reply_ae: str) -> Sender:
                 )
         who = reply_ae.strip() or "(unknown, e.g. STOW-RS)"
         raise NoRoute(f"reply: the sender {who} has no host and port in allowed_callers")
-    if isinstance(dest, DicomwebDestination):
-        pwd = dest.password.get_secret_value() if dest.password else None
-        return DicomwebSender(dest.url, dest.username, pwd, dest.timeout_seconds)
-    if isinstance(dest, OrthancDestination):
-        pwd = dest.password.get_secret_value() if dest.password else None
-        return OrthancSender(dest.url, dest.username, pwd, dest.timeout_seconds)
+    if isinstance(dest, DicomwebDestination | OrthancDestination):
+        cls = DicomwebSender if isinstance(dest, DicomwebDestination) else OrthancSender
+        ca = str(dest.ca_file) if dest.ca_file else None
+        return cls(dest.url, dest.username, dest.secret(), dest.timeout_seconds, ca)
     raise TypeError(f"unknown destination kind {type(dest).__name__}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 
@@ -37,7 +38,9 @@ from dicom_node.observe import JobWatcher, read_state
 from dicom_node.outbox import DeliveryLoop
 from dicom_node.retention import RetentionLoop
 from dicom_node.scp import DimseServer
+from dicom_node.senders import make_sender
 from dicom_node.spool import Spool
+from dicom_node.tls import server_context
 from dicom_node.worker import WorkerPool
 
 log = logging.getLogger("nodal.serve")
@@ -62,10 +65,12 @@ class Node:
         self.receiver = Receiver(self.spool, self.db, settings.spool.min_free_mb * 2**20)
         self.scp = DimseServer(settings, self.receiver)
         self.workers = _queue(settings, self.db)
+        check_destinations(settings)
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
-        self.http = _http_server(app, settings.node.bind_address, settings.node.http_port)
+        node = settings.node
+        self.http = _http_server(app, node.bind_address, node.http_port, https_options(settings))
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         self.monitoring: uvicorn.Server | None = None  # /metrics, /healthz, /readyz on their own port
         if settings.node.monitoring_port is not None:
@@ -113,10 +118,12 @@ class Node:
         s = self.settings
         dests = ", ".join(f"{d.name} ({d.kind})" for d in s.destinations)
         log.info(
-            "nodal serve: AE %s on DIMSE port %d, HTTP port %d (API, STOW-RS), data in %s, %s; "
+            "nodal serve: AE %s on DIMSE port %d%s, HTTP%s port %d (API, STOW-RS), data in %s, %s; "
             "destinations: %s",
             s.node.ae_title,
             s.node.dimse_port,
+            " (TLS)" if s.node.dimse_tls.enabled else "",
+            "S" if s.node.http_tls.enabled else "",
             s.node.http_port,
             s.node.data_dir,
             f"{s.jobs.workers} worker(s)" if s.queue.backend == "embedded" else "jobs to celery workers",
@@ -162,8 +169,10 @@ class Node:
         log.info("stopped")
 
 
-def _http_server(app, host: str, port: int) -> uvicorn.Server:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+def _http_server(app, host: str, port: int, tls: dict | None = None) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", **(tls or {})
+    )
     return uvicorn.Server(config)
 
 
@@ -185,6 +194,30 @@ def _queue(settings: Settings, db: Database):
 
         return Dispatcher(settings, db)
     return WorkerPool(settings, db)
+
+
+def check_destinations(settings: Settings) -> None:
+    """Load each destination's TLS files and password once: a wrong path stops start-up
+    (ConfigError) instead of failing every delivery later."""
+    for dest in settings.destinations:
+        if not isinstance(dest, ReplyDestination):
+            make_sender(dest, settings, "")
+
+
+def https_options(settings: Settings) -> dict:
+    """uvicorn's TLS options for node.http_tls (checked by loading them once: clear errors)."""
+    tls = settings.node.http_tls
+    if server_context(tls, "node.http_tls") is None:
+        return {}
+    reqs = (
+        ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else ssl.CERT_NONE
+    )
+    return {
+        "ssl_certfile": str(tls.cert_file),
+        "ssl_keyfile": str(tls.key_file),
+        "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
+        "ssl_cert_reqs": reqs,
+    }
 
 
 def serve(settings: Settings) -> int:

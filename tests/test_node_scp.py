@@ -6,6 +6,7 @@ import socket
 
 import pydicom
 import pytest
+from peers import wait_until
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from test_node_spool import part10
@@ -64,11 +65,18 @@ def test_echo_and_store(scp):
     receiver.flush()
     back = pydicom.dcmread(stored)
     assert back.SOPInstanceUID == "1.2.3.4.5" and back.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
+    # the server's EVT_RELEASED handler runs after it answered the release: wait for it
+    wait_until(lambda: _released(receiver, "1.2.3"), 5, "the release to be recorded", every=0.05)
     with receiver.db.session() as s:
         study = s.get(Study, "1.2.3")
         assert study.instance_count == 1 and study.released_at is not None
         assert s.get(Instance, "1.2.3.4.5").calling_ae == "CT1"
     assert back.file_meta.SourceApplicationEntityTitle == "CT1"  # so reconcile can recover the caller
+
+
+def _released(receiver, study_uid: str) -> bool:
+    with receiver.db.session() as s:
+        return s.get(Study, study_uid).released_at is not None
 
 
 def test_unknown_calling_ae_is_rejected_and_logged(scp, caplog):

@@ -111,3 +111,13 @@ def test_api_lists_studies_and_404s(client):
     assert c.post("/api/jobs/77/retry").status_code == 404
     assert c.get("/healthz").json() == {"status": "alive"}
     assert c.get("/readyz").status_code == 200
+
+
+def test_stow_disk_almost_full_is_503_then_recovers(client):
+    c, receiver = client
+    receiver.min_free_bytes = receiver.spool.free_bytes() + 2**40  # "almost full"
+    r = c.post("/dicom-web/studies", content=body([part10()]), headers=HEADERS)
+    assert r.status_code == 503 and r.headers["retry-after"] == "60"
+    assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+    receiver.min_free_bytes = 0  # space is back
+    assert c.post("/dicom-web/studies", content=body([part10()]), headers=HEADERS).status_code == 200
