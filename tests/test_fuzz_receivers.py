@@ -62,6 +62,9 @@ from dicom_node.ingest import (
 )
 from dicom_node.spool import Spool
 
+# pydicom warns about every malformed value it meets: tens of thousands here, all expected
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 TOTAL = int(os.environ.get("NODAL_FUZZ_CASES", "10200"))
 OVER_SOCKETS = max(20, TOTAL * 3 // 100)
 IN_PROCESS = TOTAL - 2 * OVER_SOCKETS
