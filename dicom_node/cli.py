@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--version", default="0.1.0")
     c.add_argument("--name", default="nodal-ln-demo")
     c.add_argument(
-        "--verifier-cases", type=int, default=24, help="phantoms to fit the candidate verifier on (0: none)"
+        "--verifier-cases", type=int, default=32, help="phantoms to fit the candidate verifier on (0: none)"
     )
     c.set_defaults(func=cmd_train)
 
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "train-verifier", help="fit the candidate verifier of an existing model on training phantoms"
     )
     c.add_argument("--model-dir", type=Path, required=True)
-    c.add_argument("--cases", type=int, default=24)
+    c.add_argument("--cases", type=int, default=32)
     c.add_argument("--keep-share", type=float, default=0.98, help="share of true nodes the threshold keeps")
     c.set_defaults(func=cmd_train_verifier)
 
@@ -239,7 +239,11 @@ def cmd_train_verifier(args, settings: Settings) -> int:
     from inference.train_verifier import train_verifier
 
     cache = settings.node.data_dir / "train-cache"
-    report = train_verifier(args.model_dir, args.cases, keep_share=args.keep_share, cache_dir=cache)
+    command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
+    command += f" --keep-share {args.keep_share}"
+    report = train_verifier(
+        args.model_dir, args.cases, keep_share=args.keep_share, cache_dir=cache, command=command
+    )
     print(json.dumps({"verifier": report}))
     return 0
 

@@ -79,6 +79,7 @@ def train_verifier(
     keep_share: float = 0.98,
     cache_dir: Path | None = None,
     settings: PipelineSettings | None = None,
+    command: str = "",
 ) -> dict:
     """Fit and store the verifier of the model in `model_dir` on phantoms; return the fit report."""
     if seed + cases > EVAL_SEED_BASE:
@@ -105,6 +106,8 @@ def train_verifier(
                 np.savez(cached, x=x, y=y)
         parts.append((x, y))
     source = {"phantoms": cases, "seeds": [seed, seed + cases - 1]}
+    if command:
+        source["command"] = command
     return _fit_and_store(model_dir, parts, keep_share, source)
 
 
