@@ -141,6 +141,8 @@ def evaluate(
         "dice": _r(np.mean([d for _, _, d in pred_rows])) if pred_rows else None,
         "short_axis_mae_mm": _mae([(f.short_axis.length_mm, n.short_axis_mm) for n, f, _ in pred_rows]),
         "long_axis_mae_mm": _mae([(f.long_axis.length_mm, n.long_axis_mm) for n, f, _ in pred_rows]),
+        "short_axis_bias_mm": _bias([(f.short_axis.length_mm, n.short_axis_mm) for n, f, _ in pred_rows]),
+        "long_axis_bias_mm": _bias([(f.long_axis.length_mm, n.long_axis_mm) for n, f, _ in pred_rows]),
         "volume_mape": _r(
             np.mean([abs(f.volume_mm3 - n.volume_mm3) / n.volume_mm3 for n, f, _ in pred_rows])
         ) if pred_rows else None,
@@ -161,6 +163,11 @@ def evaluate(
 
 def _r(v) -> float | None:
     return None if v is None else round(float(v), 4)
+
+
+def _bias(pairs) -> float | None:
+    """Mean signed error (measured - truth); negative: measured too short."""
+    return _r(np.mean([a - b for a, b in pairs])) if pairs else None
 
 
 def _mae(pairs) -> float | None:

@@ -21,3 +21,12 @@ def test_match_counts_overlap_and_false_positives():
     out = match(labels, [((2, 2, 2, 5, 5, 5), hit), ((7, 7, 7, 9, 9, 9), miss)])
     assert out[0].gt == 1 and out[0].dice == pytest.approx(1.0)
     assert out[1].gt == 0
+
+
+def test_bias_keeps_the_sign_that_the_absolute_error_loses():
+    from inference.evaluate import _bias, _mae
+
+    pairs = [(9.0, 10.0), (9.5, 10.0), (11.0, 10.0)]
+    assert _bias(pairs) == pytest.approx(-0.1667, abs=1e-4)
+    assert _mae(pairs) == pytest.approx(0.8333, abs=1e-4)
+    assert _bias([]) is None
