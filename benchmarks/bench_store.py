@@ -1,0 +1,71 @@
+"""Store benchmark: the receiving path of one instance, in process, without the network.
+
+`Receiver.store_bytes` (what the C-STORE and STOW-RS handlers call: read the header, write
+the file durably, queue its index row) on the 300 instances (525 KB each) of the ingest
+benchmark's phantom, one after the other as one synchronous association delivers them,
+with the indexer thread running beside it. Then the same steps without the indexer, each
+timed, to show where the time goes.
+
+    .venv/bin/python -m benchmarks.bench_store [--durability fsync|syncfs]   # one JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from benchmarks.run import phantom_series
+from dicom_node.index import Database
+from dicom_node.ingest import Receiver, Source
+from dicom_node.spool import Spool, read_header, relative_path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--durability", choices=("fsync", "syncfs"), default="fsync")
+    p.add_argument("--seed", type=int, default=3_000_300)
+    args = p.parse_args()
+    files = [f.read_bytes() for f in sorted(phantom_series(300, args.seed).glob("*.dcm"))]
+    source = Source(via="dimse", transfer_id="bench", calling_ae="BENCH", peer_host="127.0.0.1")
+    with tempfile.TemporaryDirectory(prefix="nodal-bench-store-") as tmp:
+        root = Path(tmp)
+        receiver = Receiver(Spool(root / "spool", args.durability), Database(f"sqlite:///{root / 'i.db'}"))
+        receiver.transfers.begin("bench")
+        t = time.perf_counter()
+        for data in files:
+            assert receiver.store_bytes(data, source).status == 0
+        per_instance = (time.perf_counter() - t) / len(files)
+        receiver.flush()
+        receiver.close()
+
+        spool = Spool(root / "steps", args.durability)
+        steps = dict.fromkeys(("read_header", "write", "commit"), 0.0)
+        for data in files:
+            t0 = time.perf_counter()
+            header = read_header(data)
+            t1 = time.perf_counter()
+            temp = spool.write_temp(data, synced=args.durability == "fsync")
+            t2 = time.perf_counter()
+            spool.commit(temp, relative_path(header), synced=True)
+            t3 = time.perf_counter()
+            for k, d in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                steps[k] += d
+    print(
+        json.dumps(
+            {
+                "benchmark": "store-300x512x512",
+                "date": str(date.today()),
+                "durability": args.durability,
+                "ms_per_instance": round(per_instance * 1000, 2),
+                "steps_ms": {k: round(v / len(files) * 1000, 2) for k, v in steps.items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
