@@ -112,7 +112,7 @@ def create_app(
     token = http_token(settings.node.http_auth)  # a wrong token file stops start-up first
     app.include_router(monitoring_router(probes(settings, db, receiver, ready, ready_check)))
     if token:
-        app.add_middleware(BearerAuth, token=token)
+        app.add_middleware(BearerAuth, token=token, db=db)
     else:
         logging.getLogger("nodal.auth").warning(
             "node.http_auth has no token: STOW-RS and the API answer anyone who can reach the HTTP port"

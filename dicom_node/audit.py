@@ -30,6 +30,7 @@ log = logging.getLogger("nodal.audit")
 
 EVENTS = (
     "association",
+    "authentication",
     "instances_stored",
     "job_finished",
     "results_transferred",

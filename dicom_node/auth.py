@@ -14,7 +14,9 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dicom_node import audit, metrics
 from dicom_node.config import HttpAuth, read_secret
+from dicom_node.index import Database
 
 log = logging.getLogger("nodal.auth")
 
@@ -38,9 +40,10 @@ def token_matches(header: str, token: str) -> bool:
 class BearerAuth:
     """ASGI middleware: 401 for HTTP requests outside OPEN_PATHS without the right token."""
 
-    def __init__(self, app: ASGIApp, token: str):
+    def __init__(self, app: ASGIApp, token: str, db: Database | None = None):
         self.app = app
         self._token = token
+        self._db = db  # where refusals are audited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -57,6 +60,12 @@ class BearerAuth:
         client = scope.get("client") or ("-", 0)
         why = "no bearer token" if not header else "wrong token or scheme"
         log.warning("HTTP %s %s from %s refused: %s", scope["method"], scope["path"], client[0], why)
+        metrics.HTTP_REFUSED.labels("invalid" if header else "missing").inc()
+        if self._db is not None:
+            area = "/" + scope["path"].lstrip("/").split("/", 1)[0]  # /api or /dicom-web: no UIDs
+            detail = {"method": scope["method"], "area": area, "reason": why}
+            event = audit.Event("authentication", audit.FAILURE, actor="http", peer=client[0], detail=detail)
+            audit.record(self._db, event)
         error = "invalid_token" if header else "invalid_request"
         await send(
             {

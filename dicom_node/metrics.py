@@ -66,6 +66,12 @@ ASSOCIATIONS_REJECTED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+HTTP_REFUSED = Counter(
+    "nodal_http_requests_refused_total",
+    "HTTP requests (STOW-RS, REST API) refused for want of the bearer token, by reason (missing, invalid)",
+    ["reason"],
+    registry=REGISTRY,
+)
 STUDIES_COMPLETED = Counter(
     "nodal_studies_completed_total",
     "Study completions (a study sent again later completes again)",

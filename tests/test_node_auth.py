@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,14 +12,16 @@ import pytest
 import requests
 from fastapi.testclient import TestClient
 from peers import Nodal, free_port, missing_binaries, wait_until
+from sqlalchemy import select
 from test_node_spool import part10
 from test_node_stow import HEADERS, body
 from tls_certs import have_openssl, make_pki
 
+from dicom_node import metrics
 from dicom_node.api import create_app
 from dicom_node.auth import OPEN_PATHS, token_matches
 from dicom_node.config import ConfigError, Settings
-from dicom_node.index import Database
+from dicom_node.index import AuditEvent, Database
 from dicom_node.ingest import Receiver
 from dicom_node.senders import Outgoing, make_sender
 from dicom_node.serve import check_destinations
@@ -35,6 +38,7 @@ def app_with_token(tmp_path):
     (tmp_path / "token").write_text(TOKEN + "\n")
     settings = Settings.model_validate({"node": {"http_auth": {"token_file": str(tmp_path / "token")}}})
     with TestClient(create_app(settings, db, receiver, ready=lambda: True)) as c:
+        c.db = db
         yield c
     receiver.close()
     spool.close()
@@ -56,6 +60,24 @@ def test_token_required_except_on_the_probes(app_with_token):
     assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
     assert c.get("/metrics").status_code != 401  # served by the metrics module where present
     assert {"/healthz", "/readyz", "/metrics"} == OPEN_PATHS
+
+
+def test_refused_requests_are_counted_and_audited_without_uids(app_with_token):
+    c = app_with_token
+    refused = {r: metrics.HTTP_REFUSED.labels(r)._value.get() for r in ("missing", "invalid")}
+    study = "1.2.826.0.1.3680043.8.498.1"
+    assert c.post(f"/dicom-web/studies/{study}", content=b"", headers=HEADERS).status_code == 401
+    assert c.get("/api/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert metrics.HTTP_REFUSED.labels("missing")._value.get() == refused["missing"] + 1
+    assert metrics.HTTP_REFUSED.labels("invalid")._value.get() == refused["invalid"] + 1
+    with c.db.session() as s:
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.event == "authentication")).all()
+    assert [(r.outcome, json.loads(r.detail)["area"]) for r in rows] == [
+        ("failure", "/dicom-web"),
+        ("failure", "/api"),
+    ]
+    assert all(study not in r.detail for r in rows)
 
 
 def test_token_comparison():
