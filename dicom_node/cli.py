@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model-dir", type=Path, required=True)
     c.add_argument("--cases", type=int, default=32)
     c.add_argument("--keep-share", type=float, default=0.98, help="share of true nodes the threshold keeps")
+    c.add_argument(
+        "--cross-validate", action="store_true", help="only print 4-fold figures for several keep shares"
+    )
     c.set_defaults(func=cmd_train_verifier)
 
     c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
@@ -239,6 +242,12 @@ def cmd_train_verifier(args, settings: Settings) -> int:
     from inference.train_verifier import train_verifier
 
     cache = settings.node.data_dir / "train-cache"
+    if getattr(args, "cross_validate", False):
+        from inference.train_verifier import cross_validate, phantom_parts
+
+        parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache)
+        print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
+        return 0
     command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
     command += f" --keep-share {args.keep_share}"
     report = train_verifier(

@@ -91,7 +91,6 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     while not stop.is_set() and os.getppid() == parent_pid:
         try:
             if run_next(db, settings, owner, model, on_claim=on_claim) is None:
-                _publish_gpu(slot, model)
                 stop.wait(POLL_SECONDS)
         finally:
             with slot.job_id.get_lock():

@@ -82,6 +82,21 @@ def train_verifier(
     command: str = "",
 ) -> dict:
     """Fit and store the verifier of the model in `model_dir` on phantoms; return the fit report."""
+    parts = phantom_parts(model_dir, cases, seed, cache_dir, settings)
+    source = {"phantoms": cases, "seeds": [seed, seed + cases - 1]}
+    if command:
+        source["command"] = command
+    return _fit_and_store(model_dir, parts, keep_share, source)
+
+
+def phantom_parts(
+    model_dir: Path,
+    cases: int,
+    seed: int = VERIFIER_SEED_BASE,
+    cache_dir: Path | None = None,
+    settings: PipelineSettings | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(features, is node) of the candidates in each training phantom, cached per phantom."""
     if seed + cases > EVAL_SEED_BASE:
         raise ValueError(f"verifier seeds must stay below the evaluation seeds ({EVAL_SEED_BASE})")
     model = load_model(model_dir)
@@ -105,10 +120,26 @@ def train_verifier(
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cached, x=x, y=y)
         parts.append((x, y))
-    source = {"phantoms": cases, "seeds": [seed, seed + cases - 1]}
-    if command:
-        source["command"] = command
-    return _fit_and_store(model_dir, parts, keep_share, source)
+    return parts
+
+
+def cross_validate(parts: list[tuple], keep_shares: tuple[float, ...], folds: int = 4) -> list[dict]:
+    """False positives per phantom and share of nodes kept when each fold of phantoms is
+    scored by a verifier fitted on the others: what one keep share costs in the other."""
+    out = []
+    for share in keep_shares:
+        fps, kept = [], []
+        for fold in range(folds):
+            train = [p for i, p in enumerate(parts) if i % folds != fold]
+            x_train = np.concatenate([p[0] for p in train])
+            v, _ = verify.fit(x_train, np.concatenate([p[1] for p in train]), share)
+            for x, y in (p for i, p in enumerate(parts) if i % folds == fold):
+                k = v.keep(x) if len(x) else np.zeros(0, bool)
+                fps.append(int((k & ~y).sum()))
+                kept.extend(k[y])
+        fp_mean, kept_share = round(float(np.mean(fps)), 2), round(float(np.mean(kept)), 3)
+        out.append({"keep_share": share, "fp_per_phantom": fp_mean, "nodes_kept": kept_share})
+    return out
 
 
 def _fit_and_store(model_dir: Path, parts: list[tuple], keep_share: float, source: dict) -> dict:

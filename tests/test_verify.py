@@ -111,3 +111,14 @@ def test_shell_tells_a_node_in_fat_from_a_lump_in_muscle():
         assert f[names.index("shell_share_fat")] == fat_share
         assert f[names.index("shell_share_similar")] == similar
         assert f[names.index("shell_mean_hu")] == around
+
+
+def test_cross_validation_trades_false_positives_for_kept_nodes():
+    from inference.train_verifier import cross_validate
+
+    rng = np.random.default_rng(4)
+    parts = [synthetic(60, rng) for _ in range(8)]
+    loose, strict = cross_validate(parts, (0.99, 0.8))
+    assert loose["keep_share"] == 0.99 and strict["keep_share"] == 0.8
+    assert loose["nodes_kept"] >= strict["nodes_kept"] and loose["fp_per_phantom"] >= strict["fp_per_phantom"]
+    assert 0.7 <= strict["nodes_kept"] <= 0.9
