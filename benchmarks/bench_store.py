@@ -6,7 +6,7 @@ benchmark's phantom, one after the other as one synchronous association delivers
 with the indexer thread running beside it. Then the same steps without the indexer, each
 timed, to show where the time goes.
 
-    .venv/bin/python -m benchmarks.bench_store [--durability fsync|syncfs]   # one JSON line
+    .venv/bin/python -m benchmarks.bench_store [--durability log|fsync|syncfs]   # one JSON line
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dicom_node.spool import Spool, read_header, relative_path
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--durability", choices=("fsync", "syncfs"), default="fsync")
+    p.add_argument("--durability", choices=("log", "fsync", "syncfs"), default="log")
     p.add_argument("--seed", type=int, default=3_000_300)
     args = p.parse_args()
     files = [f.read_bytes() for f in sorted(phantom_series(300, args.seed).glob("*.dcm"))]
@@ -43,17 +43,30 @@ def main() -> None:
         receiver.close()
 
         spool = Spool(root / "steps", args.durability)
-        steps = dict.fromkeys(("read_header", "write", "commit"), 0.0)
+        names = (
+            ("read_header", "log_append_fdatasync", "write_rename")
+            if spool.log is not None
+            else ("read_header", "write", "commit")
+        )
+        steps = dict.fromkeys(names, 0.0)
         for data in files:
             t0 = time.perf_counter()
             header = read_header(data)
+            rel = relative_path(header)
             t1 = time.perf_counter()
-            temp = spool.write_temp(data, synced=args.durability == "fsync")
-            t2 = time.perf_counter()
-            spool.commit(temp, relative_path(header), synced=True)
+            if spool.log is not None:
+                seq = spool.log.append(str(rel), data)
+                t2 = time.perf_counter()
+                spool._place(data, rel)
+                spool.log.done(seq)
+            else:
+                temp = spool.write_temp(data, synced=args.durability == "fsync")
+                t2 = time.perf_counter()
+                spool.commit(temp, rel, synced=True)
             t3 = time.perf_counter()
             for k, d in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 steps[k] += d
+        spool.close()
     print(
         json.dumps(
             {

@@ -130,9 +130,13 @@ class AllowedCaller(_Section):
 
 
 class SpoolSection(_Section):
-    durability: Literal["fsync", "syncfs"] = Field(
-        "fsync",
-        description="fsync: fsync file and folder (POSIX); syncfs: one syncfs per batch (Linux, faster)",
+    durability: Literal["log", "fsync", "syncfs"] = Field(
+        "log",
+        description="log: append to a preallocated write-ahead log and fdatasync it (files made durable "
+        "in bulk, replayed at start); fsync: fsync file and folder (POSIX); syncfs: one syncfs per batch",
+    )
+    log_segment_mb: int = Field(
+        32, ge=1, le=4096, description="size of each of the 4 write-ahead log segments (durability: log)"
     )
     min_free_mb: int = Field(
         1024, ge=0, description="below this much free space new instances are refused (0xA700 / 503)"

@@ -4,7 +4,12 @@ Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, 
 the instance exactly as received with a DICOM file meta header (Part 10). Temporary files
 live in ``<root>/.tmp`` on the same file system, so that the final step is a rename.
 
-A file is durable when its data and its directory entry have reached the disk:
+A file is durable when its data and its directory entry have reached the disk, or when
+the log can write it again (``spool.durability``):
+- ``log`` (the default): the instance is appended to the spool's write-ahead log and
+  fdatasynced, then written and renamed without a sync; a checkpoint makes the files
+  durable in bulk, and opening the spool replays what was not checkpointed
+  (`dicom_node.spool_log`). Instances larger than a log segment take the fsync path;
 - ``fsync`` (portable POSIX): fsync the temporary file, rename it, fsync the folder;
 - ``syncfs`` (Linux): rename, then one ``syncfs`` of the spool file system, shared by
   every writer that finished its rename before the call started (group commit). Cheaper
@@ -17,8 +22,6 @@ most 64 characters, so no name can leave the spool.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import io
 import os
 import re
@@ -29,9 +32,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 from pydicom.tag import Tag
+
+from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_DIR = ".tmp"
@@ -86,16 +91,36 @@ class InstanceHeader:
     source_ae: str = ""  # file meta Source Application Entity Title (the C-STORE caller)
 
 
+def _past_image_header(tag, vr, length) -> bool:
+    """Every tag the index needs lies before (0028,0009), except in multi-frame instances."""
+    return tag > 0x00280008
+
+
 def read_header(source: bytes | Path) -> InstanceHeader:
-    """Parse the header of a Part 10 file (bytes or a path); pixel data is not read."""
+    """Parse the header of a Part 10 file (bytes or a path); pixel data is not read.
+
+    The parse stops after Number of Frames (0028,0008), before the rest of the image
+    module; a multi-frame instance without Slice Thickness there is read on up to its
+    functional groups (Enhanced CT keeps the thickness in them)."""
     try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else source
-        ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        with _open(source) as stream:
+            ds = read_partial(stream, stop_when=_past_image_header, specific_tags=_HEADER_TAGS)
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SliceThickness" not in ds:
+                stream.seek(0)
+                ds = read_partial(stream, stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
     except Exception as e:
         raise InvalidInstanceError(f"not a readable DICOM Part 10 file: {type(e).__name__}") from None
     return replace(header_of(ds, ts), source_ae=source_ae)
+
+
+def _open(source: bytes | Path):
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def _at_pixel_data(tag, vr, length) -> bool:
+    return tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 
 def header_of(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
@@ -138,60 +163,39 @@ def relative_path(header: InstanceHeader) -> Path:
     return Path(header.study_instance_uid) / header.series_instance_uid / f"{header.sop_instance_uid}.dcm"
 
 
-class _GroupSync:
-    """One syncfs shared by every caller whose rename finished before it started."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._cond = threading.Condition()
-        self._requested = 0
-        self._done = 0
-        self._running = False
-        libc_name = ctypes.util.find_library("c") or "libc.so.6"
-        self._syncfs = ctypes.CDLL(libc_name, use_errno=True).syncfs
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while True:
-                if self._done >= mine:
-                    return
-                if not self._running:
-                    self._running = True
-                    target = self._requested
-                    break
-                self._cond.wait()
-        ok = False
-        try:
-            if self._syncfs(self._fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
-            ok = True
-        finally:
-            with self._cond:
-                self._running = False
-                if ok:
-                    self._done = max(self._done, target)
-                self._cond.notify_all()
-
-
 class Spool:
     """Durable instance files under `root`."""
 
-    def __init__(self, root: Path, durability: Literal["fsync", "syncfs"] = "fsync"):
+    def __init__(
+        self,
+        root: Path,
+        durability: Literal["log", "fsync", "syncfs"] = "fsync",
+        log_segment_bytes: int = 32 << 20,
+    ):
         self.root = Path(root)
         self.tmp = self.root / TMP_DIR
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.durability = durability
         self._root_fd = os.open(self.root, os.O_RDONLY)
-        self._group = _GroupSync(self._root_fd) if durability == "syncfs" else None
+        self._group = GroupSync(lambda: syncfs(self._root_fd)) if durability == "syncfs" else None
         self._counter = 0
         self._lock = threading.Lock()
-        self._dirs: set[Path] = set()
+        self._dirs: set[Path] = set()  # folders known to exist durably
+        self._log_dirs: set[Path] = set()  # folders made on the log path (durable at checkpoint)
+        self.log = SpoolLog(self.root, log_segment_bytes, self._restore) if durability == "log" else None
 
     def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
         os.close(self._root_fd)
+
+    def _restore(self, rel: str, data: bytes) -> None:
+        """Replay of a log record whose file was lost: write it the portable durable way."""
+        temp = self.write_temp(data, synced=True)
+        final = self.root / rel
+        _ensure_dir(final.parent, self.root)
+        os.replace(temp, final)
+        fsync_dir(final.parent)
 
     def temp_path(self) -> Path:
         with self._lock:
@@ -215,6 +219,16 @@ class Spool:
 
     def store(self, data: bytes, rel: Path) -> Path:
         """Write `data` durably under `rel` (one open of the file); return the final path."""
+        if self.log is not None:
+            try:
+                seq = self.log.append(str(rel), data)
+            except LogUnavailable:
+                pass  # too large for a segment, or the log failed: the fsync path below
+            else:
+                try:
+                    return self._place(data, rel)
+                finally:
+                    self.log.done(seq)
         temp = self.write_temp(data, synced=self._group is None)
         try:
             return self.commit(temp, rel, synced=True)
@@ -241,6 +255,27 @@ class Spool:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
             self._group.sync()
+        return final
+
+    def _place(self, data: bytes, rel: Path) -> Path:
+        """Write and rename without a sync: the record in the log is what makes it durable."""
+        temp = self.write_temp(data)
+        final = self.root / rel
+        try:
+            if final.parent not in self._log_dirs:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                with self._lock:
+                    if len(self._log_dirs) > 10_000:
+                        self._log_dirs.clear()
+                    self._log_dirs.add(final.parent)
+            try:
+                os.replace(temp, final)
+            except FileNotFoundError:  # the folder was removed since (retention): make it again
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, final)
+        except OSError:
+            self.discard(temp)
+            raise
         return final
 
     def _ensure_dir(self, folder: Path) -> None:
@@ -270,7 +305,7 @@ class Spool:
     def files(self) -> Iterator[Path]:
         """Every instance file in the spool (for reconciliation with the index)."""
         for study in self.root.iterdir():
-            if study.name == TMP_DIR or not study.is_dir():
+            if study.name in (TMP_DIR, LOG_DIR) or not study.is_dir():
                 continue
             for series in study.iterdir():
                 if series.is_dir():

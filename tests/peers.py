@@ -245,7 +245,7 @@ def node_config(data_dir: Path, dimse_port: int, model: Path, **sections) -> dic
         },
         "delivery": {"retry_initial_seconds": 1.0, "retry_max_seconds": 2.0, "check_interval_seconds": 0.5},
         "inference": {"model_dir": str(model), "threads": 2},
-        "spool": {"min_free_mb": 0},
+        "spool": {"min_free_mb": 0, "log_segment_mb": 4},  # small log segments: quick to create
         "retention": {"min_free_gb": 0.0},
     }
     for key, value in sections.items():

@@ -37,7 +37,7 @@ def part10(sop="1.2.3.4.5", study="1.2.3", series="1.2.3.4", modality="CT", **ex
     return buf.getvalue()
 
 
-@pytest.fixture(params=["fsync", "syncfs"])
+@pytest.fixture(params=["log", "fsync", "syncfs"])
 def receiver(tmp_path, request):
     db = Database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     spool = Spool(tmp_path / "spool", request.param)
@@ -73,6 +73,32 @@ def test_header_fields(tmp_path):
     )
     assert h.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and h.slice_thickness_mm == 2.5
     assert h.transfer_syntax_uid == ExplicitVRLittleEndian
+
+
+def test_header_of_enhanced_ct_reads_thickness_from_functional_groups():
+    """The parse stops after Number of Frames, except where the thickness lives further on."""
+    measures = Dataset()
+    measures.SliceThickness = "1.25"
+    measures.PixelSpacing = ["0.7", "0.7"]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    data = part10(
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.2.1",
+        NumberOfFrames=3,
+        SharedFunctionalGroupsSequence=[shared],
+        Rows=2,
+        Columns=2,
+        BitsAllocated=16,
+        PixelData=b"\0" * 24,
+    )
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.SliceThickness
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    h = read_header(buf.getvalue())
+    assert (h.frames, h.slice_thickness_mm) == (3, 1.25)
+    # a later tag after the stopping point is not needed for a single-frame instance
+    assert read_header(part10(Rows=2, Columns=2, BitsAllocated=16, PixelData=b"\0" * 8)).slice_thickness_mm == 2.5
 
 
 def test_stored_as_received_durably_and_indexed(receiver):
