@@ -64,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--seg-steps", type=int, default=1800)
     c.add_argument("--cls-epochs", type=int, default=30)
+    c.add_argument("--seg-lr", type=float, default=2e-3, help="peak learning rate of the segmenter")
+    c.add_argument(
+        "--hard-share",
+        type=float,
+        default=0.3,
+        help="share of segmenter patches centred on node-like tissue that is not a node",
+    )
+    c.add_argument(
+        "--node-share", type=float, default=0.4, help="share of segmenter patches centred on a node"
+    )
+    c.add_argument(
+        "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
+    )
     c.add_argument("--version", default="0.1.0")
     c.add_argument("--name", default="nodal-ln-demo")
     c.add_argument(
@@ -217,6 +230,10 @@ def cmd_train(args, settings: Settings) -> int:
         seed=args.seed,
         seg_steps=args.seg_steps,
         cls_epochs=args.cls_epochs,
+        seg_lr=args.seg_lr,
+        hard_share=args.hard_share,
+        node_share=args.node_share,
+        init_from=str(args.init_from) if args.init_from else None,
         version=args.version,
         name=args.name,
     )

@@ -51,6 +51,10 @@ class TrainConfig:
     seg_channels: tuple[int, ...] = (16, 32, 64, 128)
     cls_epochs: int = 30
     cls_width: int = 16
+    seg_lr: float = 2e-3
+    node_share: float = 0.4  # segmenter patches centred on a node
+    hard_share: float = 0.3  # ... on node-like tissue that is not a node
+    init_from: str | None = None  # model directory whose weights both networks start from
     workers: int = 2
     name: str = "nodal-ln-demo"
     version: str = "0.1.0"
@@ -82,7 +86,9 @@ def _phantom_samples(args) -> tuple:
 
 def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
     rng = np.random.default_rng([seed, 11])
-    imgs, masks = segmentation_patches(case, cfg.patches_per_case, cfg.patch, rng)
+    imgs, masks = segmentation_patches(
+        case, cfg.patches_per_case, cfg.patch, rng, cfg.node_share, cfg.hard_share
+    )
     crops, scalars, labels = classifier_samples(case, rng)
     return imgs, masks, crops, scalars, labels
 
@@ -92,6 +98,8 @@ def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = No
     cache = None
     if data_dir is None and cache_dir is not None:
         key = f"s{cfg.seed}-n{cfg.cases}-p{cfg.patch}x{cfg.patches_per_case}-w{cfg.working_spacing_mm}"
+        if (cfg.node_share, cfg.hard_share) != (0.4, 0.3):  # the first recorded shares keep their key
+            key += f"-h{cfg.node_share}-{cfg.hard_share}"
         cache = Path(cache_dir) / f"samples-{key}.pkl"
         if cache.is_file():
             log.info("using cached training samples %s", cache)
@@ -117,9 +125,7 @@ def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
         listing = json.loads((Path(data_dir) / "cases.json").read_text())
         parts = [
             _samples(
-                file_case(
-                    Path(data_dir) / c["image"], Path(data_dir) / c["label"], cfg.working_spacing_mm
-                ),
+                file_case(Path(data_dir) / c["image"], Path(data_dir) / c["label"], cfg.working_spacing_mm),
                 i,
                 cfg,
             )
@@ -130,9 +136,7 @@ def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
     crops = [c for p in parts for c in p[2]]
     scalars = [s for p in parts for s in p[3]]
     labels = [lab for p in parts for lab in p[4]]
-    log.info(
-        "collected %d patches and %d node crops in %.0f s", len(imgs), len(crops), time.time() - t0
-    )
+    log.info("collected %d patches and %d node crops in %.0f s", len(imgs), len(crops), time.time() - t0)
     return imgs, masks, crops, scalars, labels
 
 
@@ -141,13 +145,18 @@ def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
-def train_segmenter(cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray) -> torch.nn.Module:
+def train_segmenter(
+    cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray, start: dict | None = None
+) -> torch.nn.Module:
+    """Train the U-Net; `start` is a state dict to continue from (fine-tuning)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 3])
     net = build_segmenter(cfg.seg_channels)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    if start is not None:
+        net.load_state_dict(start)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.seg_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=2e-3, total_steps=cfg.seg_steps, pct_start=0.1
+        opt, max_lr=cfg.seg_lr, total_steps=cfg.seg_steps, pct_start=0.1
     )
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     net.train()
@@ -178,19 +187,19 @@ def train_segmenter(cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray) -> to
     return net.eval()
 
 
-def train_classifier(cfg: TrainConfig, crops, scalars, labels) -> torch.nn.Module:
+def train_classifier(cfg: TrainConfig, crops, scalars, labels, start: dict | None = None) -> torch.nn.Module:
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng([cfg.seed, 5])
     net = NodeClassifier(cfg.cls_width)
+    if start is not None:
+        net.load_state_dict(start)
     y_all = torch.tensor(labels, dtype=torch.float32)
     pos = float(y_all.mean()) if len(labels) else 0.5
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - pos) / max(pos, 1e-3)))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     batch = 16
     steps = cfg.cls_epochs * max(1, len(crops) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
     x_all = np.stack(crops) if crops else np.zeros((0, 2, 1, 1, 1), np.float16)
     s_all = torch.tensor([classifier_scalars(sa, la) for sa, la in scalars], dtype=torch.float32)
     net.train()
@@ -216,6 +225,35 @@ def train_classifier(cfg: TrainConfig, crops, scalars, labels) -> torch.nn.Modul
     return net.eval()
 
 
+def starting_weights(cfg: TrainConfig) -> tuple[dict, dict | None]:
+    """The state dicts of `cfg.init_from` (checked against its card) and what the new card
+    records about it; nothing when training starts from random weights."""
+    if not cfg.init_from:
+        return {}, None
+    from inference.model_store import load_model
+
+    parent = load_model(Path(cfg.init_from), device="cpu")
+    seg = parent.card["segmenter"]
+    if (
+        tuple(seg["channels"]) != tuple(cfg.seg_channels)
+        or parent.card["classifier"]["width"] != cfg.cls_width
+    ):
+        raise ValueError(f"{cfg.init_from}: its networks have another shape than this training's")
+    states = {
+        "segmenter": {k: v.clone() for k, v in parent.segmenter.state_dict().items()},
+        "classifier": {k: v.clone() for k, v in parent.classifier.state_dict().items()},
+    }
+    card = parent.card
+    record = {
+        "name": card["name"],
+        "version": card["version"],
+        "training_command": card.get("training", {}).get("command", ""),
+        "training_data": card.get("training_data", ""),
+        "weights_sha256": {r: card["weights"][r]["sha256"] for r in ("segmenter", "classifier")},
+    }
+    return states, record
+
+
 def train(
     out_dir: Path,
     cfg: TrainConfig,
@@ -223,9 +261,10 @@ def train(
     command: str = "",
     cache_dir: Path | None = None,
 ) -> Path:
+    start, parent = starting_weights(cfg)
     imgs, masks, crops, scalars, labels = collect(cfg, data_dir, cache_dir)
-    seg = train_segmenter(cfg, imgs, masks)
-    cls = train_classifier(cfg, crops, scalars, labels)
+    seg = train_segmenter(cfg, imgs, masks, start.get("segmenter"))
+    cls = train_classifier(cfg, crops, scalars, labels, start.get("classifier"))
     synthetic = data_dir is None
     card = {
         "name": cfg.name,
@@ -236,6 +275,11 @@ def train(
             f" {len(imgs)} patches, {len(crops)} labelled nodes"
             if synthetic
             else f"site data from {Path(data_dir).name}: {len(crops)} labelled nodes"
+        )
+        + (
+            f"; continued from {parent['name']} {parent['version']}: {parent['training_data']}"
+            if parent
+            else ""
         ),
         "intended_use": (
             "Demonstration and integration testing of the nodal pipeline. Trained on synthetic "
@@ -260,6 +304,7 @@ def train(
         },
         "training": {
             "command": command,
+            "initialised_from": parent,
             "config": {k: v for k, v in cfg.__dict__.items()},
             "torch": torch.__version__,
         },

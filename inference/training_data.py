@@ -31,9 +31,7 @@ def nearest(array: np.ndarray, grid: Grid) -> np.ndarray:
     """Carry a label map from the native grid to the working grid (nearest neighbour)."""
     idx = [
         np.clip(np.rint(np.arange(w) * s + lo).astype(int), 0, n - 1)
-        for w, s, lo, n in zip(
-            grid.working_shape, grid.scale, grid.crop_lo, array.shape, strict=True
-        )
+        for w, s, lo, n in zip(grid.working_shape, grid.scale, grid.crop_lo, array.shape, strict=True)
     ]
     return array[np.ix_(*idx)]
 
@@ -94,8 +92,18 @@ def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Cas
     return Case(image=image, nodes=inst.astype(np.uint16), malignant=malignant, axes_mm=axes)
 
 
-def segmentation_patches(case: Case, count: int, size: int, rng: np.random.Generator):
-    """Patches centred on nodes (40 %), on hard negatives (30 %) and anywhere in the body."""
+def segmentation_patches(
+    case: Case,
+    count: int,
+    size: int,
+    rng: np.random.Generator,
+    node_share: float = 0.4,
+    hard_share: float = 0.3,
+):
+    """Patches centred on nodes (`node_share`), on hard negatives (`hard_share`: node-like
+    tissue such as muscle, vessels, bowel, organs) and anywhere in the body (the rest)."""
+    if node_share < 0 or hard_share < 0 or node_share + hard_share > 1:
+        raise ValueError("patch shares must be non-negative and add up to at most 1")
     body = case.image > -500
     pools = [np.flatnonzero(case.nodes > 0), None, np.flatnonzero(body)]
     if case.hard_negative is not None:
@@ -103,12 +111,10 @@ def segmentation_patches(case: Case, count: int, size: int, rng: np.random.Gener
     images, masks = [], []
     for _ in range(count):
         r = rng.random()
-        pool = pools[0] if r < 0.4 else pools[1] if r < 0.7 else pools[2]
+        pool = pools[0] if r < node_share else pools[1] if r < node_share + hard_share else pools[2]
         if pool is None or pool.size == 0:
             pool = pools[2]
-        c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(
-            -12, 13, 3
-        )
+        c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
         images.append(_patch(case.image, c, size, -1000.0))
         masks.append(_patch((case.nodes > 0).astype(np.uint8), c, size, 0))
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
