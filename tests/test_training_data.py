@@ -2,8 +2,9 @@
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from inference.training_data import file_case, read_site_case
+from inference.training_data import Case, file_case, read_site_case
 
 
 def test_nifti_case_is_turned_into_slice_row_column_order(tmp_path):
@@ -26,3 +27,66 @@ def test_nifti_case_is_turned_into_slice_row_column_order(tmp_path):
     assert case.malignant == {1: True}
     short, long = case.axes_mm[1]
     assert abs(short - 8) <= 1.0 and abs(long - 16) <= 1.0  # in-plane (axial) axes
+
+
+def _case_with_node_and_distractor() -> Case:
+    image = np.full((80, 80, 80), -100.0, np.float32)
+    nodes = np.zeros(image.shape, np.uint8)
+    nodes[5:10, 5:10, 5:10] = 1
+    hard = np.zeros(image.shape, bool)
+    hard[50:56, 50:56, 50:56] = True
+    return Case(image=image, nodes=nodes, malignant={1: False}, axes_mm={1: (6.0, 6.0)}, hard_negative=hard)
+
+
+def test_segmentation_patches_follow_the_requested_shares():
+    from inference.training_data import segmentation_patches
+
+    case = _case_with_node_and_distractor()
+    rng = np.random.default_rng(0)
+    _, masks = segmentation_patches(case, 20, 40, rng, node_share=1.0, hard_share=0.0)
+    assert all(m.any() for m in masks)  # every patch is centred near the node
+    _, masks = segmentation_patches(case, 20, 40, rng, node_share=0.0, hard_share=1.0)
+    assert not any(m.any() for m in masks)  # centred on the distractor, far from the node
+    with pytest.raises(ValueError, match="shares"):
+        segmentation_patches(case, 1, 16, rng, node_share=0.7, hard_share=0.5)
+
+
+def test_training_continues_from_a_model_and_says_so(tmp_path):
+    import torch
+
+    from inference.model_store import save_model
+    from inference.networks import NodeClassifier, build_segmenter
+    from inference.train import TrainConfig, starting_weights, train_segmenter
+
+    cfg = TrainConfig(seg_channels=(4, 8), cls_width=4, seg_steps=2, seg_batch=1, patch=16, train_crop=16)
+    torch.manual_seed(1)
+    seg, cls = build_segmenter(cfg.seg_channels), NodeClassifier(cfg.cls_width)
+    card = {
+        "name": "parent",
+        "version": "0.1.0",
+        "training_data": "2 phantoms",
+        "intended_use": "test",
+        "not_for_clinical_use": True,
+        "working_spacing_mm": 1.0,
+        "segmenter": {"channels": list(cfg.seg_channels), "res_units": 1},
+        "classifier": {"width": cfg.cls_width},
+        "training": {"command": "nodal train --cases 2"},
+    }
+    save_model(tmp_path / "parent", card, seg, cls)
+
+    states, record = starting_weights(TrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "parent")}))
+    for k, v in seg.state_dict().items():
+        assert torch.equal(states["segmenter"][k], v)
+    assert record["name"] == "parent" and record["training_command"] == "nodal train --cases 2"
+    assert set(record["weights_sha256"]) == {"segmenter", "classifier"}
+    assert starting_weights(cfg) == ({}, None)  # no parent: random start
+
+    imgs = np.zeros((2, 16, 16, 16), np.float16)
+    masks = np.zeros((2, 16, 16, 16), np.uint8)
+    masks[:, 6:10, 6:10, 6:10] = 1
+    tuned = train_segmenter(cfg, imgs, masks, states["segmenter"])
+    moved = [not torch.equal(tuned.state_dict()[k], v) for k, v in seg.state_dict().items()]
+    assert any(moved)  # it trained on from the parent's weights
+
+    with pytest.raises(ValueError, match="another shape"):
+        starting_weights(TrainConfig(cls_width=8, seg_channels=(4, 8), init_from=str(tmp_path / "parent")))
