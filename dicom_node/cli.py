@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         "--node-share", type=float, default=0.4, help="share of segmenter patches centred on a node"
     )
     c.add_argument(
+        "--mined-share",
+        type=float,
+        default=0.0,
+        help="share of segmenter patches centred on the false positives of the --init-from model",
+    )
+    c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
     )
     c.add_argument("--version", default="0.1.0")
@@ -233,6 +239,7 @@ def cmd_train(args, settings: Settings) -> int:
         seg_lr=args.seg_lr,
         hard_share=args.hard_share,
         node_share=args.node_share,
+        mined_share=args.mined_share,
         init_from=str(args.init_from) if args.init_from else None,
         version=args.version,
         name=args.name,

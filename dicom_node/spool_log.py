@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 import re
@@ -66,6 +67,11 @@ class SpoolLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # one writer per log: a second nodal on the same data folder is refused
+            fcntl.flock(self._root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._root_fd)
+            raise RuntimeError(f"the spool {self.root} is in use by another nodal process") from None
         self._fds = [self._open_segment(i) for i in range(SEGMENTS)]
         self._syncs = [GroupSync(lambda fd=fd: os.fdatasync(fd)) for fd in self._fds]
         self._cond = threading.Condition()

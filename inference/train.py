@@ -27,6 +27,7 @@ from inference.preprocess import normalise
 from inference.training_data import (
     Case,
     classifier_samples,
+    false_positive_map,
     file_case,
     phantom_case,
     segmentation_patches,
@@ -54,6 +55,7 @@ class TrainConfig:
     seg_lr: float = 2e-3
     node_share: float = 0.4  # segmenter patches centred on a node
     hard_share: float = 0.3  # ... on node-like tissue that is not a node
+    mined_share: float = 0.0  # ... on the false positives of the `init_from` model (mining)
     init_from: str | None = None  # model directory whose weights both networks start from
     workers: int = 2
     name: str = "nodal-ln-demo"
@@ -84,10 +86,32 @@ def _phantom_samples(args) -> tuple:
     return _samples(case, seed, cfg)
 
 
+_MINING_MODEL: dict = {}
+
+
+def mine(case: Case, cfg: TrainConfig) -> Case:
+    """Mark where the `init_from` model finds something that is no node (hard negative
+    mining): the segmenter then trains on its own mistakes."""
+    if not cfg.mined_share:
+        return case
+    if not cfg.init_from:
+        raise ValueError("mining false positives needs a model to start from (--init-from)")
+    from inference.model_store import load_model
+    from inference.segment import node_probability
+
+    if cfg.init_from not in _MINING_MODEL:  # once per worker process
+        _MINING_MODEL[cfg.init_from] = load_model(Path(cfg.init_from), device="cpu")
+    model = _MINING_MODEL[cfg.init_from]
+    prob = node_probability(model.segmenter, case.image, model.device)
+    case.mined = false_positive_map(prob, case.nodes, model.card["segmenter"].get("threshold", 0.5))
+    return case
+
+
 def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
     rng = np.random.default_rng([seed, 11])
+    case = mine(case, cfg)
     imgs, masks = segmentation_patches(
-        case, cfg.patches_per_case, cfg.patch, rng, cfg.node_share, cfg.hard_share
+        case, cfg.patches_per_case, cfg.patch, rng, cfg.node_share, cfg.hard_share, cfg.mined_share
     )
     crops, scalars, labels = classifier_samples(case, rng)
     return imgs, masks, crops, scalars, labels
@@ -100,6 +124,8 @@ def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = No
         key = f"s{cfg.seed}-n{cfg.cases}-p{cfg.patch}x{cfg.patches_per_case}-w{cfg.working_spacing_mm}"
         if (cfg.node_share, cfg.hard_share) != (0.4, 0.3):  # the first recorded shares keep their key
             key += f"-h{cfg.node_share}-{cfg.hard_share}"
+        if cfg.mined_share:  # mined patches depend on the model that made the mistakes
+            key += f"-m{cfg.mined_share}-{_parent_segmenter_sha(cfg)[:12]}"
         cache = Path(cache_dir) / f"samples-{key}.pkl"
         if cache.is_file():
             log.info("using cached training samples %s", cache)
@@ -138,6 +164,12 @@ def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
     labels = [lab for p in parts for lab in p[4]]
     log.info("collected %d patches and %d node crops in %.0f s", len(imgs), len(crops), time.time() - t0)
     return imgs, masks, crops, scalars, labels
+
+
+def _parent_segmenter_sha(cfg: TrainConfig) -> str:
+    from inference.model_store import read_card
+
+    return read_card(Path(cfg.init_from))["weights"]["segmenter"]["sha256"] if cfg.init_from else ""
 
 
 def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -25,6 +25,7 @@ class Case:
     malignant: dict[int, bool]  # node index -> label (may be empty)
     axes_mm: dict[int, tuple[float, float]]  # node index -> (short, long) axis
     hard_negative: np.ndarray | None = None  # bool
+    mined: np.ndarray | None = None  # bool: where a model marked something that is no node
 
 
 def nearest(array: np.ndarray, grid: Grid) -> np.ndarray:
@@ -99,25 +100,40 @@ def segmentation_patches(
     rng: np.random.Generator,
     node_share: float = 0.4,
     hard_share: float = 0.3,
+    mined_share: float = 0.0,
 ):
     """Patches centred on nodes (`node_share`), on hard negatives (`hard_share`: node-like
-    tissue such as muscle, vessels, bowel, organs) and anywhere in the body (the rest)."""
-    if node_share < 0 or hard_share < 0 or node_share + hard_share > 1:
+    tissue such as muscle, vessels, bowel, organs), on a model's own false positives
+    (`mined_share`, where `case.mined` is set) and anywhere in the body (the rest)."""
+    shares = (node_share, hard_share, mined_share)
+    if min(shares) < 0 or sum(shares) > 1:
         raise ValueError("patch shares must be non-negative and add up to at most 1")
     body = case.image > -500
-    pools = [np.flatnonzero(case.nodes > 0), None, np.flatnonzero(body)]
-    if case.hard_negative is not None:
-        pools[1] = np.flatnonzero(case.hard_negative)
+    pools = [
+        np.flatnonzero(case.nodes > 0),
+        None if case.hard_negative is None else np.flatnonzero(case.hard_negative),
+        None if case.mined is None else np.flatnonzero(case.mined),
+        np.flatnonzero(body),
+    ]
+    bounds = np.cumsum(shares)
     images, masks = [], []
     for _ in range(count):
-        r = rng.random()
-        pool = pools[0] if r < node_share else pools[1] if r < node_share + hard_share else pools[2]
+        pool = pools[int(np.searchsorted(bounds, rng.random(), side="right"))]
         if pool is None or pool.size == 0:
-            pool = pools[2]
+            pool = pools[3]
         c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
         images.append(_patch(case.image, c, size, -1000.0))
         masks.append(_patch((case.nodes > 0).astype(np.uint8), c, size, 0))
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
+
+
+def false_positive_map(prob: np.ndarray, nodes: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Components of `prob >= threshold` (working grid) that touch no node of `nodes`."""
+    lab, n = ndimage.label(prob >= threshold)
+    if n == 0:
+        return np.zeros(prob.shape, bool)
+    touching = np.unique(lab[(nodes > 0) & (lab > 0)])
+    return (lab > 0) & ~np.isin(lab, touching)
 
 
 def _patch(a: np.ndarray, centre, size: int, fill) -> np.ndarray:

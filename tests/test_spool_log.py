@@ -211,3 +211,11 @@ def _offsets(segment: Path) -> list[int]:
         ]
     finally:
         os.close(fd)
+
+
+def test_a_second_writer_on_the_same_spool_is_refused(tmp_path):
+    spool = Spool(tmp_path / "spool", "log", 1 * MIB)
+    with pytest.raises(RuntimeError, match="in use by another nodal process"):
+        Spool(tmp_path / "spool", "log", 1 * MIB)
+    spool.close()
+    Spool(tmp_path / "spool", "log", 1 * MIB).close()  # free again once closed

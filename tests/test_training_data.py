@@ -90,3 +90,23 @@ def test_training_continues_from_a_model_and_says_so(tmp_path):
 
     with pytest.raises(ValueError, match="another shape"):
         starting_weights(TrainConfig(cls_width=8, seg_channels=(4, 8), init_from=str(tmp_path / "parent")))
+
+
+def test_false_positives_of_a_model_are_mined_and_sampled():
+    from inference.training_data import false_positive_map, segmentation_patches
+
+    case = _case_with_node_and_distractor()
+    prob = np.zeros(case.image.shape, np.float32)
+    prob[6:9, 6:9, 6:9] = 0.9  # on the node: a true positive, not mined
+    prob[60:64, 20:24, 20:24] = 0.8  # in plain tissue: a false positive
+    prob[30:32, 30:32, 30:32] = 0.4  # under the threshold
+    fp = false_positive_map(prob, case.nodes)
+    assert fp.sum() == 64 and fp[61, 21, 21] and not fp[7, 7, 7] and not fp[31, 31, 31]
+
+    case.mined = fp
+    case.image[fp] = 55.0  # mark the mistake in the image
+    rng = np.random.default_rng(1)
+    images, masks = segmentation_patches(case, 10, 40, rng, 0.0, 0.0, mined_share=1.0)
+    assert not any(m.any() for m in masks)
+    # every patch holds the mined component (centre jittered by up to 12 voxels)
+    assert all((img == 55.0).any() for img in images)
