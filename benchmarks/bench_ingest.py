@@ -9,6 +9,8 @@ times each, interleaved (single runs vary by ±20 % here; the medians are compar
 - `nodal`: `nodal serve` with the embedded defaults (durable spool with its write-ahead
   log, index), then the analysis and the C-STORE of SEG, SR and result images back to
   Orthanc;
+- `floor`: the tuned SCP appending each dataset to one preallocated file with an
+  fdatasync before it answers: the least a durable acknowledgement costs on this disk;
 - `log` / `fsync`: `nodal serve` ingesting only (no workers), with each
   `spool.durability`; the analysed run's rate joins the `log` list (the default).
 
@@ -45,15 +47,29 @@ from benchmarks.run import phantom_series  # noqa: E402
 RESULT_MODALITIES = {"SEG", "SR", "OT"}
 
 
-def discard_scp_rate(orthanc: Orthanc, study_id: str, tuned: bool) -> float:
-    """Instances per second into a pynetdicom SCP that stores nothing."""
+def discard_scp_rate(orthanc: Orthanc, study_id: str, tuned: bool, sync_to: Path | None = None) -> float:
+    """Instances per second into a pynetdicom SCP that stores nothing, or, with `sync_to`,
+    that only appends each dataset to one preallocated file and fdatasyncs it: the least
+    any receiver that acknowledges durably must do (no header, no index, no file per
+    instance), i.e. the ceiling for a durable node on this disk."""
     import socket
 
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     stamps: list[float] = []
+    fd, offset = -1, 0
+    if sync_to is not None:
+        fd = os.open(sync_to, os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, bytes(400 << 20))  # written once, so a sync moves data only
+        os.fsync(fd)
 
     def on_store(event) -> int:
+        nonlocal offset
+        if fd >= 0:
+            data = event.encoded_dataset(include_meta=False)
+            os.pwrite(fd, data, offset)
+            os.fdatasync(fd)
+            offset += len(data)
         stamps.append(time.perf_counter())
         return 0x0000
 
@@ -77,6 +93,8 @@ def discard_scp_rate(orthanc: Orthanc, study_id: str, tuned: bool) -> float:
         push(orthanc, study_id, "discard")
     finally:
         server.shutdown()
+        if fd >= 0:
+            os.close(fd)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
@@ -164,7 +182,9 @@ def main() -> None:
         "software cost alone, since fsync on tmpfs does not reach a disk (not durable)",
     )
     p.add_argument("--rounds", type=int, default=3, help="ingest-only runs of each kind (medians reported)")
-    p.add_argument("--no-analysis", action="store_true", help="leave out the analysed run (ingest rates only)")
+    p.add_argument(
+        "--no-analysis", action="store_true", help="leave out the analysed run (ingest rates only)"
+    )
     args = p.parse_args()
     model = model_dir()
     if model is None:
@@ -181,10 +201,13 @@ def main() -> None:
             for f in sorted(series.glob("*.dcm")):
                 client.upload_file(f)
             [study_id] = requests.get(f"{orthanc.url}/studies", timeout=10).json()
-            rates: dict[str, list[float]] = {"stock": [], "tuned": [], "log": [], "fsync": []}
+            rates: dict[str, list[float]] = {"stock": [], "tuned": [], "floor": [], "log": [], "fsync": []}
             for r in range(args.rounds):  # interleaved, so that drifts of the machine hit all alike
                 rates["stock"].append(discard_scp_rate(orthanc, study_id, tuned=False))
                 rates["tuned"].append(discard_scp_rate(orthanc, study_id, tuned=True))
+                floor_file = nodal_root / f"floor-{r}.bin"
+                rates["floor"].append(discard_scp_rate(orthanc, study_id, tuned=True, sync_to=floor_file))
+                floor_file.unlink()
                 for durability in ("log", "fsync"):
                     run = nodal_run(
                         orthanc, study_id, nodal_root / f"{durability}-{r}", model, False, durability
@@ -192,7 +215,9 @@ def main() -> None:
                     rates[durability].append(run["rate_per_s"])
             node = {}
             if not args.no_analysis:
-                node = nodal_run(orthanc, study_id, nodal_root / "nodal", model, analyse=True, durability="log")
+                node = nodal_run(
+                    orthanc, study_id, nodal_root / "nodal", model, analyse=True, durability="log"
+                )
                 rates["log"].append(node["rate_per_s"])
         finally:
             orthanc.stop()
@@ -213,6 +238,8 @@ def main() -> None:
                 "ratio_vs_stock": round(med["log"] / med["stock"], 2),
                 "ratio_vs_tuned": round(med["log"] / med["tuned"], 2),
                 "ratio_fsync_vs_stock": round(med["fsync"] / med["stock"], 2),
+                "ratio_floor_vs_stock": round(med["floor"] / med["stock"], 2),
+                "ratio_vs_floor": round(med["log"] / med["floor"], 2),
                 "ratio_log_vs_fsync": round(med["log"] / med["fsync"], 2),
             }
         ),

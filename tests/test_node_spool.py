@@ -98,7 +98,8 @@ def test_header_of_enhanced_ct_reads_thickness_from_functional_groups():
     h = read_header(buf.getvalue())
     assert (h.frames, h.slice_thickness_mm) == (3, 1.25)
     # a later tag after the stopping point is not needed for a single-frame instance
-    assert read_header(part10(Rows=2, Columns=2, BitsAllocated=16, PixelData=b"\0" * 8)).slice_thickness_mm == 2.5
+    single = part10(Rows=2, Columns=2, BitsAllocated=16, PixelData=b"\0" * 8)
+    assert read_header(single).slice_thickness_mm == 2.5
 
 
 def test_stored_as_received_durably_and_indexed(receiver):
