@@ -26,7 +26,7 @@ from dicom_node.spool import Spool, read_header, relative_path
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--durability", choices=("log", "fsync", "syncfs"), default="log")
+    p.add_argument("--durability", choices=("fsync", "log", "syncfs"), default="fsync")
     p.add_argument("--seed", type=int, default=3_000_300)
     args = p.parse_args()
     files = [f.read_bytes() for f in sorted(phantom_series(300, args.seed).glob("*.dcm"))]

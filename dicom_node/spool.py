@@ -6,11 +6,12 @@ live in ``<root>/.tmp`` on the same file system, so that the final step is a ren
 
 A file is durable when its data and its directory entry have reached the disk, or when
 the log can write it again (``spool.durability``):
-- ``log`` (the default): the instance is appended to the spool's write-ahead log and
+- ``log``: the instance is appended to the spool's write-ahead log and
   fdatasynced, then written and renamed without a sync; a checkpoint makes the files
   durable in bulk, and opening the spool replays what was not checkpointed
   (`dicom_node.spool_log`). Instances larger than a log segment take the fsync path;
-- ``fsync`` (portable POSIX): fsync the temporary file, rename it, fsync the folder;
+- ``fsync`` (portable POSIX, the default): fsync the temporary file, rename it, fsync
+  the folder;
 - ``syncfs`` (Linux): rename, then one ``syncfs`` of the spool file system, shared by
   every writer that finished its rename before the call started (group commit). Cheaper
   when the spool has a file system of its own; slower when other programs write a lot to

@@ -1,6 +1,6 @@
 """The spool's write-ahead log: one data-only sync per acknowledged instance.
 
-With ``spool.durability: log`` (the default) an instance is durable once its bytes are
+With ``spool.durability: log`` an instance is durable once its bytes are
 appended to a log segment whose blocks were written at start-up, and ``fdatasync`` has
 returned. That sync moves data only: no new inode, no block allocation, no folder entry,
 where an fsync of a new file and of its folder makes the file system commit its journal
