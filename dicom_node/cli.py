@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--cases", type=int, default=48, help="number of phantoms (ignored with --data)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--seg-steps", type=int, default=1800)
+    c.add_argument(
+        "--seg-steps", type=int, default=1800, help="0 with --init-from: keep its segmenter as it is"
+    )
     c.add_argument("--cls-epochs", type=int, default=30)
     c.add_argument("--seg-lr", type=float, default=2e-3, help="peak learning rate of the segmenter")
     c.add_argument(
@@ -82,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
+    )
+    c.add_argument(
+        "--fresh-classifier",
+        action="store_true",
+        help="with --init-from: train the classifier from random weights (the segmenter continues)",
     )
     c.add_argument("--version", default="0.1.0")
     c.add_argument("--name", default="nodal-ln-demo")
@@ -240,6 +247,8 @@ def cmd_train(args, settings: Settings) -> int:
         hard_share=args.hard_share,
         node_share=args.node_share,
         mined_share=args.mined_share,
+        fresh_classifier=args.fresh_classifier,
+        patches_per_case=0 if args.seg_steps == 0 else TrainConfig.patches_per_case,
         init_from=str(args.init_from) if args.init_from else None,
         version=args.version,
         name=args.name,

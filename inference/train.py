@@ -57,6 +57,7 @@ class TrainConfig:
     hard_share: float = 0.3  # ... on node-like tissue that is not a node
     mined_share: float = 0.0  # ... on the false positives of the `init_from` model (mining)
     init_from: str | None = None  # model directory whose weights both networks start from
+    fresh_classifier: bool = False  # with init_from: the classifier starts from random weights
     workers: int = 2
     name: str = "nodal-ln-demo"
     version: str = "0.1.0"
@@ -110,9 +111,15 @@ def mine(case: Case, cfg: TrainConfig) -> Case:
 def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
     rng = np.random.default_rng([seed, 11])
     case = mine(case, cfg)
-    imgs, masks = segmentation_patches(
-        case, cfg.patches_per_case, cfg.patch, rng, cfg.node_share, cfg.hard_share, cfg.mined_share
-    )
+    if cfg.patches_per_case:
+        imgs, masks = segmentation_patches(
+            case, cfg.patches_per_case, cfg.patch, rng, cfg.node_share, cfg.hard_share, cfg.mined_share
+        )
+    else:  # the segmenter is not trained in this run
+        imgs, masks = (
+            np.zeros((0,) + (cfg.patch,) * 3, np.float16),
+            np.zeros((0,) + (cfg.patch,) * 3, np.uint8),
+        )
     crops, scalars, labels = classifier_samples(case, rng)
     return imgs, masks, crops, scalars, labels
 
@@ -295,8 +302,16 @@ def train(
 ) -> Path:
     start, parent = starting_weights(cfg)
     imgs, masks, crops, scalars, labels = collect(cfg, data_dir, cache_dir)
-    seg = train_segmenter(cfg, imgs, masks, start.get("segmenter"))
-    cls = train_classifier(cfg, crops, scalars, labels, start.get("classifier"))
+    if cfg.seg_steps == 0 and "segmenter" not in start:
+        raise ValueError("--seg-steps 0 keeps the segmenter of --init-from; there is none")
+    if cfg.seg_steps == 0:  # only the classifier is trained; the segmenter is the parent's
+        seg = build_segmenter(cfg.seg_channels)
+        seg.load_state_dict(start["segmenter"])
+        seg.eval()
+    else:
+        seg = train_segmenter(cfg, imgs, masks, start.get("segmenter"))
+    cls_start = None if cfg.fresh_classifier else start.get("classifier")
+    cls = train_classifier(cfg, crops, scalars, labels, cls_start)
     synthetic = data_dir is None
     card = {
         "name": cfg.name,

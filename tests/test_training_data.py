@@ -110,3 +110,55 @@ def test_false_positives_of_a_model_are_mined_and_sampled():
     assert not any(m.any() for m in masks)
     # every patch holds the mined component (centre jittered by up to 12 voxels)
     assert all((img == 55.0).any() for img in images)
+
+
+def test_seg_steps_zero_keeps_the_parents_segmenter_and_retrains_the_classifier(tmp_path, monkeypatch):
+    import torch
+
+    from inference import train as train_module
+    from inference.classify import CROP
+    from inference.model_store import read_card, save_model
+    from inference.networks import NodeClassifier, build_segmenter
+    from inference.train import TrainConfig
+
+    torch.manual_seed(2)
+    parent = tmp_path / "parent"
+    card = {
+        "name": "parent",
+        "version": "0.1.0",
+        "training_data": "phantoms",
+        "intended_use": "test",
+        "not_for_clinical_use": True,
+        "working_spacing_mm": 1.0,
+        "segmenter": {"channels": [4, 8], "res_units": 1},
+        "classifier": {"width": 4},
+    }
+    save_model(parent, card, build_segmenter((4, 8)), NodeClassifier(4))
+    rng = np.random.default_rng(0)
+    crops = [rng.normal(0, 1, (2, CROP, CROP, CROP)).astype(np.float16) for _ in range(32)]
+    samples = (
+        np.zeros((0, 16, 16, 16), np.float16),
+        np.zeros((0, 16, 16, 16), np.uint8),
+        crops,
+        [(8.0, 12.0)] * 32,
+        [i % 2 == 0 for i in range(32)],
+    )
+    monkeypatch.setattr(train_module, "collect", lambda *a, **k: samples)
+
+    cfg = TrainConfig(
+        seg_channels=(4, 8),
+        cls_width=4,
+        seg_steps=0,
+        cls_epochs=1,
+        init_from=str(parent),
+        fresh_classifier=True,
+        patches_per_case=0,
+    )
+    out = train_module.train(tmp_path / "child", cfg)
+    before, after = read_card(parent)["weights"], read_card(out)["weights"]
+    assert after["segmenter"]["sha256"] == before["segmenter"]["sha256"]  # untouched
+    assert after["classifier"]["sha256"] != before["classifier"]["sha256"]
+    assert read_card(out)["training"]["initialised_from"]["version"] == "0.1.0"
+
+    with pytest.raises(ValueError, match="keeps the segmenter"):
+        train_module.train(tmp_path / "orphan", TrainConfig(seg_channels=(4, 8), cls_width=4, seg_steps=0))
