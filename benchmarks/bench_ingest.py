@@ -113,6 +113,18 @@ def push(orthanc: Orthanc, study_id: str, modality: str) -> None:
     r.raise_for_status()
 
 
+def store_ms_mean(http_port: int) -> float:
+    """Mean time of one C-STORE's storing inside nodal (nodal_store_duration_seconds)."""
+    text = requests.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    values = {
+        line.split("{")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("nodal_store_duration_seconds_") and 'receiver="dimse"' in line
+    }
+    count = values.get("nodal_store_duration_seconds_count", 0.0)
+    return round(values.get("nodal_store_duration_seconds_sum", 0.0) / count * 1000, 2) if count else 0.0
+
+
 def results_in_orthanc(orthanc: Orthanc, study_id: str) -> bool:
     series = requests.get(f"{orthanc.url}/studies/{study_id}/series", timeout=10).json()
     return {s["MainDicomTags"].get("Modality") for s in series} >= RESULT_MODALITIES
@@ -149,7 +161,12 @@ def nodal_run(
             .execute("SELECT min(received_at), max(received_at), count(*) FROM instances")
             .fetchone()
         )
-        out = {"instances": n, "rate_per_s": round((n - 1) / (last - first), 1), "durability": durability}
+        out = {
+            "instances": n,
+            "rate_per_s": round((n - 1) / (last - first), 1),
+            "durability": durability,
+            "store_ms_mean": store_ms_mean(cfg["node"]["http_port"]),
+        }
         if analyse:
             wait_until(lambda: results_in_orthanc(orthanc, study_id), 900, "results in Orthanc", every=0.2)
             stored = time.time()
@@ -202,6 +219,7 @@ def main() -> None:
                 client.upload_file(f)
             [study_id] = requests.get(f"{orthanc.url}/studies", timeout=10).json()
             rates: dict[str, list[float]] = {"stock": [], "tuned": [], "floor": [], "log": [], "fsync": []}
+            store_ms: dict[str, list[float]] = {"log": [], "fsync": []}  # inside nodal, per instance
             for r in range(args.rounds):  # interleaved, so that drifts of the machine hit all alike
                 rates["stock"].append(discard_scp_rate(orthanc, study_id, tuned=False))
                 rates["tuned"].append(discard_scp_rate(orthanc, study_id, tuned=True))
@@ -213,6 +231,7 @@ def main() -> None:
                         orthanc, study_id, nodal_root / f"{durability}-{r}", model, False, durability
                     )
                     rates[durability].append(run["rate_per_s"])
+                    store_ms[durability].append(run["store_ms_mean"])
             node = {}
             if not args.no_analysis:
                 node = nodal_run(
@@ -235,6 +254,7 @@ def main() -> None:
                 "rates_per_s": {k: [round(x, 1) for x in v] for k, v in rates.items()},
                 "median_per_s": {k: round(v, 1) for k, v in med.items()},
                 "nodal": node,
+                "store_ms_mean": store_ms,
                 "ratio_vs_stock": round(med["fsync"] / med["stock"], 2),
                 "ratio_vs_tuned": round(med["fsync"] / med["tuned"], 2),
                 "ratio_vs_stock_per_round": [

@@ -134,7 +134,9 @@ class Receiver:
         expected_sop_class_uid: str | None = None,
     ) -> StoreResult:
         """Store a Part 10 byte string (preamble, meta, dataset as received)."""
+        t = time.perf_counter()
         result = self._store_bytes(data, source, expected_sop_uid, expected_sop_class_uid)
+        metrics.STORE_SECONDS.labels(source.via).observe(time.perf_counter() - t)
         self._count(result, source, len(data))
         return result
 
@@ -173,7 +175,9 @@ class Receiver:
             size = temp.stat().st_size
         except OSError:
             size = 0
+        t = time.perf_counter()
         result = self._store_temp(temp, source, expected_study_uid)
+        metrics.STORE_SECONDS.labels(source.via).observe(time.perf_counter() - t)
         self._count(result, source, size)
         return result
 

@@ -56,6 +56,13 @@ BYTES_RECEIVED = Counter(
     ["receiver"],
     registry=REGISTRY,
 )
+STORE_SECONDS = Histogram(
+    "nodal_store_duration_seconds",
+    "Time from an instance's bytes in hand to its answer (header read, durable write), by receiver",
+    ["receiver"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
 ASSOCIATIONS_ACTIVE = Gauge("nodal_associations_active", "DIMSE associations open now", registry=REGISTRY)
 ASSOCIATIONS_ACCEPTED = Counter(
     "nodal_associations_accepted_total", "DIMSE associations accepted", registry=REGISTRY

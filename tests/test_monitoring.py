@@ -101,6 +101,7 @@ def test_receiver_counts_instances_and_bytes_by_outcome(node):
         for o in ("stored", "duplicate")
     }
     bytes_before = sample("nodal_received_bytes_total", receiver="dimse")
+    timed_before = sample("nodal_store_duration_seconds_count", receiver="dimse")
     data = part10(sop="1.2.3.9.1")
     receiver.store_bytes(data, Source("dimse", "a9", "CT1"))
     receiver.store_bytes(data, Source("dimse", "a9", "CT1"))
@@ -112,6 +113,7 @@ def test_receiver_counts_instances_and_bytes_by_outcome(node):
         == before["duplicate"] + 1
     )
     assert sample("nodal_received_bytes_total", receiver="dimse") == bytes_before + 2 * len(data)
+    assert sample("nodal_store_duration_seconds_count", receiver="dimse") == timed_before + 2
     summary = receiver.release("a9", released=True)
     assert summary.outcomes == {"stored": 1, "duplicate": 1} and summary.studies == {"1.2.3": 2}
     assert receiver.release("a9", released=True) is None  # a second end reports nothing
