@@ -63,6 +63,8 @@ STORE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )
+for _receiver in ("dimse", "stow"):  # both series exist from the start (empty, not absent)
+    STORE_SECONDS.labels(_receiver)
 ASSOCIATIONS_ACTIVE = Gauge("nodal_associations_active", "DIMSE associations open now", registry=REGISTRY)
 ASSOCIATIONS_ACCEPTED = Counter(
     "nodal_associations_accepted_total", "DIMSE associations accepted", registry=REGISTRY
