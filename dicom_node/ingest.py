@@ -136,11 +136,11 @@ class Receiver:
         """Store a Part 10 byte string (preamble, meta, dataset as received)."""
         t = time.perf_counter()
         result = self._store_bytes(data, source, expected_sop_uid, expected_sop_class_uid)
-        metrics.STORE_SECONDS.labels(source.via).observe(time.perf_counter() - t)
-        self._count(result, source, len(data))
+        self._count(result, source, len(data), time.perf_counter() - t)
         return result
 
-    def _count(self, result: StoreResult, source: Source, size: int) -> None:
+    def _count(self, result: StoreResult, source: Source, size: int, seconds: float) -> None:
+        metrics.STORE_SECONDS.labels(source.via).observe(seconds)
         metrics.INSTANCES_RECEIVED.labels(source.via, result.outcome.value).inc()
         if result.outcome is not Outcome.REFUSED:
             metrics.BYTES_RECEIVED.labels(source.via).inc(size)
@@ -177,8 +177,7 @@ class Receiver:
             size = 0
         t = time.perf_counter()
         result = self._store_temp(temp, source, expected_study_uid)
-        metrics.STORE_SECONDS.labels(source.via).observe(time.perf_counter() - t)
-        self._count(result, source, size)
+        self._count(result, source, size, time.perf_counter() - t)
         return result
 
     def _store_temp(self, temp: Path, source: Source, expected_study_uid: str | None) -> StoreResult:

@@ -191,12 +191,9 @@ class Spool:
         os.close(self._root_fd)
 
     def _restore(self, rel: str, data: bytes) -> None:
-        """Replay of a log record whose file was lost: write it the portable durable way."""
-        temp = self.write_temp(data, synced=True)
-        final = self.root / rel
-        _ensure_dir(final.parent, self.root)
-        os.replace(temp, final)
-        fsync_dir(final.parent)
+        """Replay of a log record whose file was lost: write it the portable durable way
+        (`commit` syncs file and folder whenever there is no syncfs group, as in log mode)."""
+        self.commit(self.write_temp(data, synced=True), Path(rel), synced=True)
 
     def temp_path(self) -> Path:
         with self._lock:

@@ -116,6 +116,7 @@ def segmentation_patches(
         np.flatnonzero(body),
     ]
     bounds = np.cumsum(shares)
+    node_mask = (case.nodes > 0).astype(np.uint8)
     images, masks = [], []
     for _ in range(count):
         pool = pools[int(np.searchsorted(bounds, rng.random(), side="right"))]
@@ -123,7 +124,7 @@ def segmentation_patches(
             pool = pools[3]
         c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
         images.append(_patch(case.image, c, size, -1000.0))
-        masks.append(_patch((case.nodes > 0).astype(np.uint8), c, size, 0))
+        masks.append(_patch(node_mask, c, size, 0))
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
 
 
