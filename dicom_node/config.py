@@ -323,6 +323,9 @@ class InferenceSection(_Section):
     sliding_window: SlidingWindow = SlidingWindow()
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_node_volume_mm3: float = Field(20.0, ge=0.0)
+    boundary_refine_mm: float = Field(
+        3.0, ge=0.0, le=10.0, description="settle each node's edge on the CT within this distance; 0 = off"
+    )
     malignancy_threshold: float = Field(0.5, gt=0.0, lt=1.0)
 
 

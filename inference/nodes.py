@@ -12,6 +12,7 @@ from inference.classify import crop_around
 from inference.findings import AxisLine
 from inference.measure import axial_diameters
 from inference.preprocess import Grid
+from inference.refine import margin_voxels, refine
 from inference.volume import Volume
 
 
@@ -65,11 +66,34 @@ def components(
         extent = max(x.stop - x.start for x in sl)
         crop = crop_around(image_w, labels, centre, extent, label=idx)
         out.append(
-            Candidate(
-                mask=mask, bbox=bbox, soft=np.where(mask, soft, np.minimum(soft, 0.49)), crop=crop
-            )
+            Candidate(mask=mask, bbox=bbox, soft=np.where(mask, soft, np.minimum(soft, 0.49)), crop=crop)
         )
     return out
+
+
+def refined(volume: Volume, c: Candidate, grow_mm: float) -> Candidate:
+    """`c` with its edge settled on the image (`inference.refine`); `c` itself where the
+    image gives no edge."""
+    margin = margin_voxels(volume.spacing, grow_mm)
+    lo = np.maximum(np.array(c.bbox[:3]) - margin, 0)
+    hi = np.minimum(np.array(c.bbox[3:]) + margin, volume.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    inner = tuple(slice(a - o, b - o) for a, b, o in zip(c.bbox[:3], c.bbox[3:], lo, strict=True))
+    soft = np.zeros(hi - lo, np.float32)
+    mask = np.zeros(hi - lo, bool)
+    soft[inner], mask[inner] = c.soft, c.mask
+    result = refine(volume.array[box], soft, mask, volume.spacing, grow_mm)
+    if result is None:
+        return c
+    soft, mask = result
+    tight = ndimage.find_objects(mask.astype(np.uint8))[0]
+    tight = tuple(
+        slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(tight, mask.shape, strict=True)
+    )
+    start = lo + [s.start for s in tight]
+    stop = lo + [s.stop for s in tight]
+    bbox = (*(int(v) for v in start), *(int(v) for v in stop))
+    return Candidate(mask=mask[tight], bbox=bbox, soft=soft[tight], crop=c.crop)  # type: ignore[arg-type]
 
 
 def measure_node(volume: Volume, c: Candidate) -> dict | None:

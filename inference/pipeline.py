@@ -2,8 +2,8 @@
 
 volume -> working grid -> U-Net probability -> connected components -> per node: mask on
 the native grid, RECIST diameters, volume, mean HU -> verification (drop what is not a
-node, when the model has a verifier) -> classifier probability and rule category ->
-`StudyFindings`.
+node, when the model has a verifier) -> each node's edge settled on the image and measured
+again (`inference.refine`) -> classifier probability and rule category -> `StudyFindings`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from inference import rules, verify
 from inference.classify import malignancy_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
-from inference.nodes import Candidate, components, measure_node
+from inference.nodes import Candidate, components, measure_node, refined
 from inference.preprocess import to_working
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
@@ -32,6 +32,7 @@ class PipelineSettings:
     roi: int = 96
     overlap: float = 0.25
     batch_size: int = 2
+    boundary_refine_mm: float = 3.0  # settle each node's edge on the image within this (0: off)
 
 
 @dataclass
@@ -90,9 +91,7 @@ def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> 
     )
 
 
-def analyse(
-    volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None
-) -> Analysis:
+def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None) -> Analysis:
     measured_pairs, seconds = detect(volume, model, settings)
     if model.verifier is not None and measured_pairs:
         t = time.perf_counter()
@@ -100,6 +99,11 @@ def analyse(
         keep = model.verifier.keep(x)
         measured_pairs = [pair for pair, k in zip(measured_pairs, keep, strict=True) if k]
         seconds["verify"] = time.perf_counter() - t
+    s = settings or PipelineSettings()
+    if s.boundary_refine_mm > 0:
+        t = time.perf_counter()
+        measured_pairs = [_refined_pair(volume, c, m, s.boundary_refine_mm) for c, m in measured_pairs]
+        seconds["refine"] = time.perf_counter() - t
     measured = [m for _, m in measured_pairs]
 
     t = time.perf_counter()
@@ -145,6 +149,16 @@ def analyse(
         findings=tuple(findings),
     )
     return Analysis(result, seconds)
+
+
+def _refined_pair(volume: Volume, c: Candidate, m: dict, grow_mm: float) -> tuple[Candidate, dict]:
+    """The node with its edge settled on the image and measured again (as it was when the
+    refined edge cannot be measured)."""
+    r = refined(volume, c, grow_mm)
+    if r is c:
+        return c, m
+    m2 = measure_node(volume, r)
+    return (r, m2) if m2 is not None else (c, m)
 
 
 def _input_key(volume: Volume, model_version: str) -> str:

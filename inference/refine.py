@@ -1,0 +1,73 @@
+"""The node's boundary, settled on the CT image itself.
+
+The network's mask is drawn on the working grid and carried to the native grid: its edge
+lies up to a working voxel off the node's edge, mostly inside it (the measured short
+axis came out 0.6-0.8 mm short on the phantoms). A lymph node is soft tissue in fat, and
+on CT its edge is where the density is half-way between the two, as a reader sees it
+with a soft-tissue window. `refine` moves the edge there:
+
+1. the node's density is the median HU inside the network's mask, the fat's the median
+   in a shell 2-4 mm outside it;
+2. within `grow_mm` of the mask (in or out), each voxel's membership is how close its HU
+   (lightly blurred in plane) is to the node's density, on the scale node - fat: 1 at
+   the node's density, 0.5 half-way to fat (or as far above the node: an enhanced
+   vessel or bone beside the node stays out), 0 at fat;
+3. deeper inside the mask the network's verdict stands, and holes in each slice are
+   filled, so that a necrotic centre or a fatty hilum remains part of the node.
+
+The result is a membership map whose 0.5 level is the refined edge: the mask, and the
+soft map the RECIST diameters are measured on. Where the surroundings are no fat (no
+contrast between node and shell), the network's mask is kept as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+SHELL_MM = (2.0, 4.0)  # where the surrounding fat's density is taken
+IN_PLANE_BLUR_PX = 0.5
+MIN_CONTRAST_HU = 40.0  # node minus surroundings below this: keep the network's mask
+KEEP_DEPTH_MM = 2.0  # deeper inside the network's mask than this, the mask stands
+
+
+def margin_voxels(spacing: tuple[float, float, float], grow_mm: float) -> np.ndarray:
+    """Voxels to add around a node's box so that `refine` sees its shell and band."""
+    reach = max(grow_mm, SHELL_MM[1]) + 1.0
+    return np.ceil(reach / np.asarray(spacing, float)).astype(int)
+
+
+def refine(
+    hu: np.ndarray, soft: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], grow_mm: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(membership, mask) of one node in the box `hu` covers (`soft`, `mask`: the network's,
+    same box), or None where the image gives no edge to settle on."""
+    if grow_mm <= 0 or not mask.any():
+        return None
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    shell = (outside > SHELL_MM[0]) & (outside <= SHELL_MM[1])
+    if shell.sum() < 10:
+        return None
+    image = ndimage.gaussian_filter(hu.astype(np.float32), (0, IN_PLANE_BLUR_PX, IN_PLANE_BLUR_PX))
+    node_hu = float(np.median(image[mask]))
+    fat_hu = float(np.median(image[shell]))
+    contrast = node_hu - fat_hu
+    if contrast < MIN_CONTRAST_HU:
+        return None
+    membership = np.clip(1.0 - np.abs(image - node_hu) / contrast, 0.0, 1.0)
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing)
+    band = (outside <= grow_mm) & (inside <= KEEP_DEPTH_MM)
+    deep = mask & ~band
+    out = np.where(band, membership, 0.0)
+    out[deep] = np.maximum(soft[deep], 0.5)
+    refined = out >= 0.5
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in refined])
+    out[filled & ~refined] = 0.5
+    lab, n = ndimage.label(filled)
+    if n == 0:
+        return None
+    if n > 1:  # the piece that holds most of the network's mask
+        keep = int(np.argmax(ndimage.sum_labels(mask, lab, range(1, n + 1)))) + 1
+        filled = lab == keep
+    out = np.where(filled, np.maximum(out, 0.5), np.minimum(out, 0.49))
+    return out.astype(np.float32), filled
