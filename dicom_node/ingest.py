@@ -117,10 +117,11 @@ class Receiver:
         self.min_free_bytes = min_free_bytes
         self.transfers = Transfers()
         self._stripes = [threading.Lock() for _ in range(64)]
-        self.indexer = Indexer(db, spool.root)
+        self.indexer = Indexer(db, spool.root, spool.settle)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every acknowledged instance is in the index (False on timeout)."""
+        """Wait until every acknowledged instance is in the spool and the index (False on
+        timeout)."""
         return self.indexer.flush(timeout)
 
     def close(self) -> None:
@@ -209,7 +210,7 @@ class Receiver:
         rel = relative_path(header)
         final = self.spool.root / rel
         with self._stripes[zlib.crc32(sop.encode()) % len(self._stripes)]:
-            if final.exists():
+            if final.exists() or self.spool.placing(rel):
                 return self._duplicate(header, source, temp)
             if self.min_free_bytes and self.spool.free_bytes() < self.min_free_bytes:
                 if temp is not None:
@@ -397,9 +398,10 @@ class Indexer:
     BATCH = 256
     WINDOW = 0.1
 
-    def __init__(self, db: Database, spool_root: Path):
+    def __init__(self, db: Database, spool_root: Path, settle=None):
         self.db = db
         self.spool_root = spool_root
+        self._settle = settle  # waits until the spool files of what was stored are written
         self._q: queue.Queue[Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
         self._thread.start()
@@ -443,6 +445,9 @@ class Indexer:
                 return
 
     def _write(self, batch: list[Pending]) -> None:
+        if self._settle is not None:  # a row names a file that exists
+            while not self._settle(30.0):
+                log.warning("spool files still being written after 30 s; the index waits for them")
         while True:
             try:
                 duplicates = index_batch(self.db, batch)

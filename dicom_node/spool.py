@@ -7,9 +7,10 @@ live in ``<root>/.tmp`` on the same file system, so that the final step is a ren
 A file is durable when its data and its directory entry have reached the disk, or when
 the log can write it again (``spool.durability``):
 - ``log``: the instance is appended to the spool's write-ahead log and
-  fdatasynced, then written and renamed without a sync; a checkpoint makes the files
-  durable in bulk, and opening the spool replays what was not checkpointed
-  (`dicom_node.spool_log`). Instances larger than a log segment take the fsync path;
+  fdatasynced, and acknowledged; the placer thread then writes and renames its file
+  without a sync; a checkpoint makes the files durable in bulk, and opening the spool
+  replays what was not checkpointed (`dicom_node.spool_log`). Instances larger than a log
+  segment take the fsync path;
 - ``fsync`` (portable POSIX, the default): fsync the temporary file, rename it, fsync
   the folder;
 - ``syncfs`` (Linux): rename, then one ``syncfs`` of the spool file system, shared by
@@ -23,11 +24,14 @@ most 64 characters, so no name can leave the spool.
 
 from __future__ import annotations
 
+import collections
 import io
+import logging
 import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +42,8 @@ from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
 from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs
+
+log = logging.getLogger("nodal.spool")
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_DIR = ".tmp"
@@ -184,8 +190,11 @@ class Spool:
         self._dirs: set[Path] = set()  # folders known to exist durably
         self._log_dirs: set[Path] = set()  # folders made on the log path (durable at checkpoint)
         self.log = SpoolLog(self.root, log_segment_bytes, self._restore) if durability == "log" else None
+        self._placer = Placer(self._place, self.log.done) if self.log is not None else None
 
     def close(self) -> None:
+        if self._placer is not None:
+            self._placer.close()  # what it could not write stays in the log, replayed at start
         if self.log is not None:
             self.log.close()
         os.close(self._root_fd)
@@ -216,23 +225,31 @@ class Spool:
         return path
 
     def store(self, data: bytes, rel: Path) -> Path:
-        """Write `data` durably under `rel` (one open of the file); return the final path."""
+        """Write `data` durably under `rel`; return the final path. In log mode the file
+        itself is written by the placer thread after this returns (`settle` waits for it,
+        `placing` tells whether it is still on its way)."""
         if self.log is not None:
             try:
                 seq = self.log.append(str(rel), data)
             except LogUnavailable:
                 pass  # too large for a segment, or the log failed: the fsync path below
             else:
-                try:
-                    return self._place(data, rel)
-                finally:
-                    self.log.done(seq)
+                self._placer.put(seq, data, rel)
+                return self.root / rel
         temp = self.write_temp(data, synced=self._group is None)
         try:
             return self.commit(temp, rel, synced=True)
         except OSError:
             self.discard(temp)
             raise
+
+    def placing(self, rel: Path) -> bool:
+        """The instance is durable in the log and its file not yet written."""
+        return self._placer is not None and self._placer.holds(rel)
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until every stored instance's file is written (False on timeout)."""
+        return self._placer is None or self._placer.wait_empty(timeout)
 
     def commit(self, temp: Path, rel: Path, synced: bool = False) -> Path:
         """Make the temporary file `temp` (already fsynced if `synced`) durable under `rel`;
@@ -308,6 +325,99 @@ class Spool:
             for series in study.iterdir():
                 if series.is_dir():
                     yield from series.glob("*.dcm")
+
+
+class Placer:
+    """The thread that writes the spool files of instances already durable in the log.
+
+    Acknowledging an instance then costs one append and one fdatasync; writing its file
+    (a new inode, a rename) happens beside the next instance's transfer. A file that cannot
+    be written (disk full) is retried every second and its record kept in the log until
+    it is, so an acknowledged instance is never lost. The queue holds at most
+    `budget_bytes` of data: a receiver that outruns the disk waits here."""
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, place, done, budget_bytes: int = 256 << 20):
+        self._place, self._done = place, done
+        self._budget = budget_bytes
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[int, bytes, Path]] = collections.deque()
+        self._holding: dict[Path, int] = {}  # rel -> records of it queued or being written
+        self._bytes = 0
+        self._submitted = self._finished = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="spool-placer", daemon=True)
+        self._thread.start()
+
+    def put(self, seq: int, data: bytes, rel: Path) -> None:
+        with self._cond:
+            while self._bytes and self._bytes + len(data) > self._budget and not self._stop:
+                self._cond.wait(1.0)
+            self._queue.append((seq, data, rel))
+            self._holding[rel] = self._holding.get(rel, 0) + 1
+            self._bytes += len(data)
+            self._submitted += 1
+            self._cond.notify_all()
+
+    def holds(self, rel: Path) -> bool:
+        with self._cond:
+            return rel in self._holding
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait until every file queued before this call is written."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            goal = self._submitted
+            while self._finished < goal:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.wait_empty(timeout)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                seq, data, rel = self._queue[0]
+            if not self._write(data, rel):
+                return  # stopping: the record stays in the log
+            self._done(seq)
+            with self._cond:
+                self._queue.popleft()
+                self._bytes -= len(data)
+                left = self._holding[rel] - 1
+                if left:
+                    self._holding[rel] = left
+                else:
+                    del self._holding[rel]
+                self._finished += 1
+                self._cond.notify_all()
+
+    def _write(self, data: bytes, rel: Path) -> bool:
+        while True:
+            try:
+                self._place(data, rel)
+                return True
+            except OSError as e:
+                log.error(
+                    "could not write a spool file (%s); it is safe in the spool log, retrying",
+                    e.strerror or type(e).__name__,
+                )
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stop, self.RETRY_SECONDS):
+                    return False
 
 
 def _ensure_dir(folder: Path, root: Path) -> None:

@@ -4,8 +4,9 @@ With ``spool.durability: log`` an instance is durable once its bytes are
 appended to a log segment whose blocks were written at start-up, and ``fdatasync`` has
 returned. That sync moves data only: no new inode, no block allocation, no folder entry,
 where an fsync of a new file and of its folder makes the file system commit its journal
-twice. The spool file is then written and renamed as in the other modes, but not synced:
-a checkpoint thread makes the spool durable in bulk (one ``syncfs`` of its file system
+twice. The spool file is then written and renamed as in the other modes, but not synced,
+and not while the sender waits (the spool's placer thread does it after the
+acknowledgement): a checkpoint thread makes the spool durable in bulk (one ``syncfs`` of its file system
 after a segment fills, or after a quiet moment) and then records the last sequence
 number whose file is durable. Opening the spool replays the log: every record after the
 checkpoint whose file is missing or differs is written again, durably. An instance that
@@ -189,12 +190,12 @@ class SpoolLog:
         deadline = time.monotonic() + timeout
         with self._cond:
             goal = self._seq
-            self._wanted = True
-            self._cond.notify_all()
             while self._checkpointed < goal:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
+                self._wanted = True  # again after each partial checkpoint (files still being written)
+                self._cond.notify_all()
                 self._cond.wait(min(left, 0.1))
         return True
 

@@ -106,10 +106,10 @@ def test_stored_as_received_durably_and_indexed(receiver):
     data = part10()
     r = receiver.store_bytes(data, SRC, expected_sop_uid="1.2.3.4.5")
     assert r.outcome is Outcome.STORED and r.status == SUCCESS
+    assert receiver.flush()  # in log mode the file is written just after the acknowledgement
     path = receiver.spool.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
     assert path.read_bytes() == data  # byte for byte, meta header included
     assert not list(receiver.spool.tmp.iterdir())
-    receiver.flush()
     with receiver.db.session() as s:
         inst = s.get(Instance, "1.2.3.4.5")
         assert inst.calling_ae == "CT1" and inst.path == "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
@@ -203,6 +203,8 @@ def test_study_folder_removed_by_retention_is_made_again(receiver):
     import shutil
 
     assert receiver.store_bytes(part10(), SRC).status == 0
+    assert receiver.flush()
     shutil.rmtree(receiver.spool.root / "1.2.3")
     r = receiver.store_bytes(part10(sop="1.2.3.4.6"), SRC)
-    assert r.status == 0 and (receiver.spool.root / relative_path(r.header)).is_file()
+    assert r.status == 0 and receiver.flush()
+    assert (receiver.spool.root / relative_path(r.header)).is_file()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node import spool_log
-from dicom_node.spool import Spool
+from dicom_node.spool import Placer, Spool
 from dicom_node.spool_log import HEAD, MAGIC
 
 MIB = 1 << 20
@@ -34,7 +34,9 @@ def payload(i: int, size: int = 100_000) -> bytes:
 
 
 def crash(spool: Spool) -> None:
-    """Stop as a killed process would: no checkpoint, nothing flushed on purpose."""
+    """Stop as a killed process would: no checkpoint, nothing flushed on purpose (the files
+    the placer had written are in the page cache, where the tests then damage them)."""
+    assert spool.settle(10)
     spool.log.close(checkpoint=False)
 
 
@@ -152,6 +154,7 @@ def test_segments_wrap_around_under_concurrent_writers(tmp_path):
         t.start()
     for t in threads:
         t.join(120)
+    assert spool.settle(30)
     for i, d in data.items():
         assert (root / rel(i)).read_bytes() == d
     crash(spool)
@@ -164,6 +167,55 @@ def test_segments_wrap_around_under_concurrent_writers(tmp_path):
     for i, d in data.items():
         assert (root / rel(i)).read_bytes() == d
     again.close()
+
+
+def test_acknowledged_before_its_file_was_written_is_not_lost(tmp_path, monkeypatch, caplog):
+    """The file of a stored instance is written after the acknowledgement; when that fails
+    (disk full) the placer retries and the record stays in the log: a crash then, and the
+    next start writes the file from the log."""
+    root = tmp_path / "spool"
+    spool = Spool(root, "log", 4 * MIB)
+    monkeypatch.setattr(Placer, "RETRY_SECONDS", 0.05)
+
+    def full(data, rel):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool._placer, "_place", full)
+    data = payload(1)
+    spool.store(data, rel(1))  # returns: durable in the log, acknowledged
+    assert spool.placing(rel(1)) and not spool.settle(0.3)
+    assert not (root / rel(1)).exists()
+    assert "safe in the spool log, retrying" in caplog.text
+    spool._placer.close(0)  # the process dies while its file is still to be written
+    spool.log.close(checkpoint=False)
+    again = Spool(root, "log", 4 * MIB)
+    assert again.log.restored == 1
+    assert (root / rel(1)).read_bytes() == data
+    again.close()
+
+
+def test_placer_catches_up_after_disk_space_returns(tmp_path, monkeypatch):
+    root = tmp_path / "spool"
+    spool = Spool(root, "log", 4 * MIB)
+    monkeypatch.setattr(Placer, "RETRY_SECONDS", 0.05)
+    place, failures = spool._placer._place, []
+
+    def flaky(data, rel):
+        if len(failures) < 3:
+            failures.append(rel)
+            raise OSError(28, "No space left on device")
+        return place(data, rel)
+
+    monkeypatch.setattr(spool._placer, "_place", flaky)
+    data = {i: payload(i) for i in range(3)}
+    for i, d in data.items():
+        spool.store(d, rel(i))
+    assert spool.settle(10)
+    assert len(failures) == 3
+    for i, d in data.items():
+        assert (root / rel(i)).read_bytes() == d
+    assert spool.log.checkpoint(10)
+    spool.close()
 
 
 def test_instance_larger_than_a_segment_takes_the_fsync_path(tmp_path):
