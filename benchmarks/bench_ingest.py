@@ -5,9 +5,8 @@ times each, interleaved (single runs vary by ±20 % and more here; the medians a
 compared, and each round's own ratio is reported too):
 - `discard_stock`: a pynetdicom SCP that returns success at once (pynetdicom defaults:
   16 KiB PDU, Nagle on);
-- `discard_tuned`: the same with nodal's network settings and transport (128 KiB PDU,
-  TCP_NODELAY, PDUs read in bulk: `dicom_node.dimse_transport`), so the ratio to it is
-  the cost of durability alone;
+- `discard_tuned`: the same with nodal's network settings (128 KiB PDU, TCP_NODELAY), so
+  the ratio to it is the cost of durability alone;
 - `nodal`: `nodal serve` with the embedded defaults (durable spool, index), then the
   analysis and the C-STORE of SEG, SR and result images back to Orthanc;
 - `floor`: the tuned SCP appending each dataset to one preallocated file with an
@@ -44,7 +43,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from peers import Nodal, Orthanc, free_port, model_dir, node_config, wait_until  # noqa: E402
 
 from benchmarks.run import phantom_series  # noqa: E402
-from dicom_node import dimse_transport  # noqa: E402
 
 RESULT_MODALITIES = {"SEG", "SR", "OT"}
 
@@ -85,11 +83,11 @@ def discard_scp_rate(orthanc: Orthanc, study_id: str, tuned: bool, sync_to: Path
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     port = free_port()
-    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)]
-    if tuned:  # nodal's transport too: PDUs read in bulk
-        server = dimse_transport.start_server(ae, ("127.0.0.1", port), evt_handlers=handlers)
-    else:
-        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)],
+    )
     try:
         register(orthanc, "discard", "DISCARD", port)
         push(orthanc, study_id, "discard")

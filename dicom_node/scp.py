@@ -23,7 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
-from dicom_node import audit, dimse_transport, metrics
+from dicom_node import audit, metrics
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.ingest import Receiver, Source, summary_line
 from dicom_node.tls import peer_subject, server_context
@@ -152,8 +152,8 @@ class DimseServer:
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         ssl_context = server_context(node.dimse_tls, "node.dimse_tls", deferred_handshake=True)
-        self._server = dimse_transport.start_server(
-            self.ae, (node.bind_address, node.dimse_port), evt_handlers=handlers, ssl_context=ssl_context
+        self._server = self.ae.start_server(
+            (node.bind_address, node.dimse_port), block=False, evt_handlers=handlers, ssl_context=ssl_context
         )
         if not self.rules:
             log.warning("allowed_callers is empty: associations from any calling AE are accepted")
