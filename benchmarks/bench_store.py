@@ -4,7 +4,9 @@
 the file durably, queue its index row) on the 300 instances (525 KB each) of the ingest
 benchmark's phantom, one after the other as one synchronous association delivers them,
 with the indexer thread running beside it. Then the same steps without the indexer, each
-timed, to show where the time goes.
+timed, to show where the time goes (with `log`, `write_rename` is the placer thread's
+step, after the acknowledgement: it is outside `ms_per_instance` unless the placer falls
+behind).
 
     .venv/bin/python -m benchmarks.bench_store [--durability log|fsync|syncfs]   # one JSON line
 """

@@ -14,16 +14,22 @@ MIN_FIELD = 32  # the cube covers at least this many working voxels (mm at 1 mm 
 
 
 def crop_around(
-    image_hu_w: np.ndarray, mask_w: np.ndarray, centre_w, extent_w: float, label: int | None = None
+    image_hu_w: np.ndarray,
+    mask_w: np.ndarray,
+    centre_w,
+    extent_w: float,
+    label: int | None = None,
+    mask_origin_w=(0, 0, 0),
 ) -> np.ndarray:
     """(2, CROP, CROP, CROP): normalised CT and node mask in a cube 1.4x the node's extent.
 
     The cube is scaled to the node so that small and large nodes fill the input alike; the
     classifier gets the node's size from the measurements it is given beside the crop.
+    `mask_w` may cover only a box of the working grid that starts at `mask_origin_w`.
     """
     field = int(max(MIN_FIELD, np.ceil(1.4 * extent_w)))
     image = _box(image_hu_w, centre_w, field, -1000.0)
-    mask = _box(mask_w, centre_w, field, 0.0)
+    mask = _box(mask_w, np.asarray(centre_w, float) - np.asarray(mask_origin_w), field, 0.0)
     if label is not None:  # mask_w is a label map
         mask = (mask == label).astype(np.float32)
     both = torch.from_numpy(np.stack([normalise(image), mask]))[None]
@@ -56,9 +62,7 @@ def malignancy_probabilities(
     if not crops:
         return []
     x = torch.from_numpy(np.stack(crops)).to(device)
-    s = torch.tensor(
-        [classifier_scalars(sa, la) for sa, la in axes_mm], dtype=torch.float32, device=device
-    )
+    s = torch.tensor([classifier_scalars(sa, la) for sa, la in axes_mm], dtype=torch.float32, device=device)
     with torch.inference_mode():
         p = torch.sigmoid(classifier(x, s).float())
     return [float(v) for v in p.cpu()]

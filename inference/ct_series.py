@@ -124,9 +124,7 @@ def write_ct_series(
             "use Explicit VR Little Endian or RLE Lossless"
         )
     if tsyntax in _JPEG2000 and min(array_hu.shape[1:]) < 32:
-        raise ValueError(
-            "the JPEG 2000 encoder (6 wavelet levels) needs images of at least 32x32 pixels"
-        )
+        raise ValueError("the JPEG 2000 encoder (6 wavelet levels) needs images of at least 32x32 pixels")
     geometry = _Geometry.from_affine(affine)
     stored = _to_stored(array_hu, rescale_slope, rescale_intercept)
 
@@ -292,9 +290,7 @@ def _base_dataset(
     return ds
 
 
-def _single_frame(
-    base: Dataset, geometry: _Geometry, k: int, slope: float, intercept: float
-) -> Dataset:
+def _single_frame(base: Dataset, geometry: _Geometry, k: int, slope: float, intercept: float) -> Dataset:
     ds = Dataset()
     ds.update(base)
     ds.SOPClassUID = CT_IMAGE_STORAGE
@@ -358,9 +354,7 @@ def _enhanced(
     ds.AcquisitionContextSequence = DicomSequence([])
     # Multi-frame Dimension: one stack, frames indexed by their position in it.
     dimension_uid = _uid(uid_seed, "dimension-organization", sop_instance_uid)
-    ds.DimensionOrganizationSequence = DicomSequence(
-        [_item(DimensionOrganizationUID=dimension_uid)]
-    )
+    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dimension_uid)])
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = DicomSequence(
         [
@@ -380,9 +374,7 @@ def _enhanced(
     )
     # Functional groups shared by all frames.
     shared = _item(
-        PixelMeasuresSequence=DicomSequence(
-            [_item(PixelSpacing=spacing, SliceThickness=thickness)]
-        ),
+        PixelMeasuresSequence=DicomSequence([_item(PixelSpacing=spacing, SliceThickness=thickness)]),
         PlaneOrientationSequence=DicomSequence([_item(ImageOrientationPatient=geometry.iop)]),
         PixelValueTransformationSequence=DicomSequence(
             [_item(RescaleIntercept=_ds(intercept), RescaleSlope=_ds(slope), RescaleType="HU")]

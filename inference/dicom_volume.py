@@ -569,9 +569,7 @@ def _pixel_problem(source: int, exc: Exception) -> str:
     )
 
 
-def _iter_frames(
-    item: Path | Dataset, header: Dataset, indices: list[int] | None
-) -> Iterator[np.ndarray]:
+def _iter_frames(item: Path | Dataset, header: Dataset, indices: list[int] | None) -> Iterator[np.ndarray]:
     """Yield the decoded frames of one instance (all of them when `indices` is None)."""
     if isinstance(item, Path):
         if _transfer_syntax(header) == DeflatedExplicitVRLittleEndian:
@@ -600,9 +598,7 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
     implicit = getattr(ds, "original_encoding", (None, True))[0]
     view = Dataset()
     view.file_meta = FileMetaDataset()
-    view.file_meta.TransferSyntaxUID = (
-        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    )
+    view.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     for elem in ds:
         if elem.tag.group == 0x0028 or elem.tag == 0x7FE00010:
             view.add(elem)

@@ -143,9 +143,9 @@ def evaluate(
         "long_axis_mae_mm": _mae([(f.long_axis.length_mm, n.long_axis_mm) for n, f, _ in pred_rows]),
         "short_axis_bias_mm": _bias([(f.short_axis.length_mm, n.short_axis_mm) for n, f, _ in pred_rows]),
         "long_axis_bias_mm": _bias([(f.long_axis.length_mm, n.long_axis_mm) for n, f, _ in pred_rows]),
-        "volume_mape": _r(
-            np.mean([abs(f.volume_mm3 - n.volume_mm3) / n.volume_mm3 for n, f, _ in pred_rows])
-        ) if pred_rows else None,
+        "volume_mape": _r(np.mean([abs(f.volume_mm3 - n.volume_mm3) / n.volume_mm3 for n, f, _ in pred_rows]))
+        if pred_rows
+        else None,
         "auc": _r(auc([f.malignancy_probability for _, f, _ in pred_rows], crit)),
         "auc_size_rule": _r(auc([f.short_axis.length_mm for _, f, _ in pred_rows], crit)),
         "malignant_nodes": int(sum(crit)),
@@ -156,8 +156,12 @@ def evaluate(
         },
         "seconds_per_case": _r(np.mean(seconds)),
         "model": {"name": model.name, "version": model.version, "device": model.device.type},
-        "phantom": {"rows": spec.rows, "slices": spec.slices, "pixel_spacing_mm": spec.pixel_spacing_mm,
-                    "slice_spacing_mm": spec.slice_spacing_mm},
+        "phantom": {
+            "rows": spec.rows,
+            "slices": spec.slices,
+            "pixel_spacing_mm": spec.pixel_spacing_mm,
+            "slice_spacing_mm": spec.slice_spacing_mm,
+        },
     }
 
 

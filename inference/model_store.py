@@ -72,9 +72,7 @@ def read_card(model_dir: Path) -> dict:
     model_dir = Path(model_dir)
     card_path = model_dir / CARD_NAME
     if not card_path.is_file():
-        raise ModelCardError(
-            f"no {CARD_NAME} in model directory {model_dir}; every model needs a card"
-        )
+        raise ModelCardError(f"no {CARD_NAME} in model directory {model_dir}; every model needs a card")
     try:
         card = json.loads(card_path.read_text())
     except json.JSONDecodeError as e:
@@ -111,9 +109,7 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
     seg = build_segmenter(tuple(card["segmenter"]["channels"]), card["segmenter"]["res_units"])
     cls = NodeClassifier(card["classifier"]["width"])
     for role, net in (("segmenter", seg), ("classifier", cls)):
-        state = torch.load(
-            model_dir / card["weights"][role]["file"], map_location="cpu", weights_only=True
-        )
+        state = torch.load(model_dir / card["weights"][role]["file"], map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         net.to(dev).eval()
     entry = card["weights"].get("verifier")

@@ -71,9 +71,9 @@ def components(
     return out
 
 
-def refined(volume: Volume, c: Candidate, grow_mm: float) -> Candidate:
-    """`c` with its edge settled on the image (`inference.refine`); `c` itself where the
-    image gives no edge."""
+def refined(volume: Volume, c: Candidate, grow_mm: float, image_w: np.ndarray, grid: Grid) -> Candidate:
+    """`c` with its edge settled on the image (`inference.refine`) and its classifier crop
+    made again from that edge; `c` itself where the image gives no edge."""
     margin = margin_voxels(volume.spacing, grow_mm)
     lo = np.maximum(np.array(c.bbox[:3]) - margin, 0)
     hi = np.minimum(np.array(c.bbox[3:]) + margin, volume.shape)
@@ -93,7 +93,27 @@ def refined(volume: Volume, c: Candidate, grow_mm: float) -> Candidate:
     start = lo + [s.start for s in tight]
     stop = lo + [s.stop for s in tight]
     bbox = (*(int(v) for v in start), *(int(v) for v in stop))
-    return Candidate(mask=mask[tight], bbox=bbox, soft=soft[tight], crop=c.crop)  # type: ignore[arg-type]
+    mask = mask[tight]
+    return Candidate(mask=mask, bbox=bbox, soft=soft[tight], crop=working_crop(image_w, grid, mask, bbox))  # type: ignore[arg-type]
+
+
+def working_crop(image_w: np.ndarray, grid: Grid, mask: np.ndarray, bbox) -> np.ndarray:
+    """The classifier's input for a node given by its native `mask` in `bbox`: the mask
+    sampled onto the working grid, where the network's own masks are cropped."""
+    lo_n, hi_n = np.array(bbox[:3]), np.array(bbox[3:])
+    lo_w = np.maximum(np.floor(grid.to_working(lo_n)).astype(int), 0)
+    hi_w = np.minimum(np.ceil(grid.to_working(hi_n - 1)).astype(int) + 1, grid.working_shape)
+    axes = [np.arange(a, b) for a, b in zip(lo_w, hi_w, strict=True)]
+    coords = np.meshgrid(
+        *[ax * grid.scale[i] + grid.crop_lo[i] - lo_n[i] for i, ax in enumerate(axes)], indexing="ij"
+    )
+    mask_w = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant") >= 0.5
+    if not mask_w.any():  # a node thinner than a working voxel: its nearest working voxel
+        mask_w[tuple(np.clip(np.array(mask_w.shape) // 2, 0, None))] = True
+    sl = ndimage.find_objects(mask_w.astype(np.uint8))[0]
+    centre = np.array(ndimage.center_of_mass(mask_w)) + lo_w
+    extent = max(x.stop - x.start for x in sl)
+    return crop_around(image_w, mask_w.astype(np.float32), centre, extent, mask_origin_w=lo_w)
 
 
 def measure_node(volume: Volume, c: Candidate) -> dict | None:

@@ -218,11 +218,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     spec = spec or PhantomSpec()
     rng = np.random.default_rng(seed)
     height = spec.slices * spec.slice_spacing_mm
-    region = (
-        spec.region
-        if spec.region != "auto"
-        else str(rng.choice(["mixed", "mixed", "chest", "abdomen"]))
-    )
+    region = spec.region if spec.region != "auto" else str(rng.choice(["mixed", "mixed", "chest", "abdomen"]))
     # z = 0 at the diaphragm dome; choose where the volume sits relative to it.
     if region == "chest":
         z0 = rng.uniform(5, 40)
@@ -246,16 +242,12 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     Bc, Ac = B - fat_t - mus_t, A - fat_t - mus_t
     cv.slab_ellipse((zlo, zhi), (cy, 0), (Bc, Ac), -100.0, FAT)  # the cavity, refined below
     for side in (-1, 1):  # axillary fat pads in the upper chest, lateral, outside the ribs
-        cv.ellipsoid(
-            (rng.uniform(60, 110), cy - 5, side * (A - fat_t - 4)), (70, 38, 24), -100.0, FAT_AXILLA
-        )
+        cv.ellipsoid((rng.uniform(60, 110), cy - 5, side * (A - fat_t - 4)), (70, 38, 24), -100.0, FAT_AXILLA)
 
     # Spine and paraspinal muscles (posterior = +y).
     sy = cy + Bc - 38
     for side in (-1, 1):
-        cv.slab_ellipse(
-            (zlo, zhi), (sy + 30, side * 30), (18, 20), 50.0, MUSCLE, where=(FAT, MUSCLE)
-        )
+        cv.slab_ellipse((zlo, zhi), (sy + 30, side * 30), (18, 20), 50.0, MUSCLE, where=(FAT, MUSCLE))
     cv.slab_ellipse((zlo, zhi), (sy, 0), (18, 20), 700.0, BONE)
     cv.slab_ellipse((zlo, zhi), (sy, 0), (16, 18), 230.0, BONE)
     cv.slab_ellipse((zlo, zhi), (sy + 30, 0), (8, 8), 15.0, ORGAN)
@@ -264,6 +256,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
 
     # Chest above z = 0: lungs, airway, mediastinal organs and vessels.
     if zhi > 15:
+
         def dome(z):
             return float(np.clip(z / 45.0, 0, 1)) ** 0.5
 
@@ -301,9 +294,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         for _ in range(rng.integers(10, 20)):  # pulmonary vessels
             side = rng.choice([-1, 1])
             start = (rng.uniform(5, zhi), cy, side * 25)
-            path = _random_walk(
-                rng, start, 12, 7.0, (0, 0, side), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac)
-            )
+            path = _random_walk(rng, start, 12, 7.0, (0, 0, side), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac))
             cv.tube(path, rng.uniform(1.0, 3.0), ven, VESSEL, where=(LUNG,))
 
     # Abdomen below z = 0.
@@ -320,9 +311,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         for _ in range(rng.integers(5, 10)):  # bowel loops: wall with fluid, air or oral contrast
             start = (rng.uniform(zlo, -40), cy - rng.uniform(0, 0.6) * Bc, rng.uniform(-0.6, 0.6) * Ac)
             drift = rng.normal(0, 1, 3)
-            path = _random_walk(
-                rng, start, 20, 8.0, drift, (zlo, cy - Bc, -Ac), (-20, cy + 0.3 * Bc, Ac)
-            )
+            path = _random_walk(rng, start, 20, 8.0, drift, (zlo, cy - Bc, -Ac), (-20, cy + 0.3 * Bc, Ac))
             r = rng.uniform(7, 14)
             content = float(rng.choice([15.0, -900.0, 220.0, rng.uniform(20, 45)]))
             cv.tube(path, r, 40.0 + organ_enh / 2, BOWEL, where=(FAT_ABDOMEN,))
@@ -353,9 +342,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     hu = ndimage.gaussian_filter(hu, pv)
     hu += _smooth_noise(rng, cv.shape, 0.7, spec.noise_hu)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-    return Phantom(
-        hu=hu, labels=labels, tissue=cv.tissue, affine=affine, nodes=nodes, seed=seed, phase=phase
-    )
+    return Phantom(hu=hu, labels=labels, tissue=cv.tissue, affine=affine, nodes=nodes, seed=seed, phase=phase)
 
 
 def _smooth_noise(rng, shape, sigma, std):
@@ -457,9 +444,7 @@ def write_phantom(phantom: Phantom, out_dir: Path, **series_kwargs) -> list[Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     series_kwargs.setdefault("uid_seed", f"nodal-phantom-{phantom.seed}")
-    series_kwargs.setdefault(
-        "series_description", f"Phantom CT seed {phantom.seed} ({phantom.phase})"
-    )
+    series_kwargs.setdefault("series_description", f"Phantom CT seed {phantom.seed} ({phantom.phase})")
     paths = write_ct_series(phantom.hu, phantom.affine, out_dir, **series_kwargs)
     (out_dir / "ground_truth.json").write_text(json.dumps(phantom.ground_truth(), indent=2))
     np.savez_compressed(out_dir / "labels.npz", labels=phantom.labels, affine=phantom.affine)

@@ -19,7 +19,7 @@ from inference.classify import malignancy_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
 from inference.nodes import Candidate, components, measure_node, refined
-from inference.preprocess import to_working
+from inference.preprocess import Grid, to_working
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
 from inference.volume import Volume
@@ -45,6 +45,12 @@ def detect(
     volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None
 ) -> tuple[list[tuple[Candidate, dict]], dict[str, float]]:
     """Segment and measure: every measured candidate (before verification) and stage times."""
+    pairs, seconds, _, _ = _detect(volume, model, settings)
+    return pairs, seconds
+
+
+def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | None):
+    """`detect`, and the working-grid image and its grid (for the classifier's crops)."""
     s = settings or PipelineSettings()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -70,7 +76,7 @@ def detect(
         if m is not None and m["volume_mm3"] >= s.min_volume_mm3
     ]
     seconds["measure"] = time.perf_counter() - t
-    return measured, seconds
+    return measured, seconds, image_w, grid
 
 
 def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> np.ndarray:
@@ -92,7 +98,7 @@ def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> 
 
 
 def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None) -> Analysis:
-    measured_pairs, seconds = detect(volume, model, settings)
+    measured_pairs, seconds, image_w, grid = _detect(volume, model, settings)
     if model.verifier is not None and measured_pairs:
         t = time.perf_counter()
         x = np.stack([candidate_features(volume, c, m) for c, m in measured_pairs])
@@ -102,7 +108,9 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     s = settings or PipelineSettings()
     if s.boundary_refine_mm > 0:
         t = time.perf_counter()
-        measured_pairs = [_refined_pair(volume, c, m, s.boundary_refine_mm) for c, m in measured_pairs]
+        measured_pairs = [
+            _refined_pair(volume, c, m, s.boundary_refine_mm, image_w, grid) for c, m in measured_pairs
+        ]
         seconds["refine"] = time.perf_counter() - t
     measured = [m for _, m in measured_pairs]
 
@@ -151,10 +159,12 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     return Analysis(result, seconds)
 
 
-def _refined_pair(volume: Volume, c: Candidate, m: dict, grow_mm: float) -> tuple[Candidate, dict]:
+def _refined_pair(
+    volume: Volume, c: Candidate, m: dict, grow_mm: float, image_w: np.ndarray, grid: Grid
+) -> tuple[Candidate, dict]:
     """The node with its edge settled on the image and measured again (as it was when the
     refined edge cannot be measured)."""
-    r = refined(volume, c, grow_mm)
+    r = refined(volume, c, grow_mm, image_w, grid)
     if r is c:
         return c, m
     m2 = measure_node(volume, r)

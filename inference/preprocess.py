@@ -72,13 +72,11 @@ def to_working(
     box = body_box(hu) if crop else tuple(slice(0, n) for n in hu.shape)
     native = hu[box]
     shape_w = tuple(
-        max(1, round((n - 1) * s / working_spacing) + 1)
-        for n, s in zip(native.shape, spacing, strict=True)
+        max(1, round((n - 1) * s / working_spacing) + 1) for n, s in zip(native.shape, spacing, strict=True)
     )
     out = resample(native, shape_w)
     eff = tuple(
-        (n - 1) * s / (w - 1) if w > 1 else s
-        for n, s, w in zip(native.shape, spacing, shape_w, strict=True)
+        (n - 1) * s / (w - 1) if w > 1 else s for n, s, w in zip(native.shape, spacing, shape_w, strict=True)
     )
     grid = Grid(tuple(b.start for b in box), native.shape, shape_w, eff)  # type: ignore[arg-type]
     return out, grid

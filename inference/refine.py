@@ -12,8 +12,10 @@ with a soft-tissue window. `refine` moves the edge there:
    (lightly blurred in plane) is to the node's density, on the scale node - fat: 1 at
    the node's density, 0.5 half-way to fat (or as far above the node: an enhanced
    vessel or bone beside the node stays out), 0 at fat;
-3. deeper inside the mask the network's verdict stands, and holes in each slice are
-   filled, so that a necrotic centre or a fatty hilum remains part of the node.
+3. deeper inside the mask the network's verdict stands, holes in each slice are filled
+   and fat inside the node's convex outline is taken in, so that a necrotic centre or a
+   fatty hilum (a notch of fat at the node's margin) remains part of the node, as it is
+   in the reader's outline and in the training labels.
 
 The result is a membership map whose 0.5 level is the refined edge: the mask, and the
 soft map the RECIST diameters are measured on. Where the surroundings are no fat (no
@@ -24,11 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 SHELL_MM = (2.0, 4.0)  # where the surrounding fat's density is taken
 IN_PLANE_BLUR_PX = 0.5
 MIN_CONTRAST_HU = 40.0  # node minus surroundings below this: keep the network's mask
 KEEP_DEPTH_MM = 2.0  # deeper inside the network's mask than this, the mask stands
+HILUM_MAX_SHARE = 0.35  # a fat notch larger than this share of the slice's node is no hilum
+FILLED = 0.75  # membership given to a filled hole or hilum (inside the 0.5 edge)
 
 
 def margin_voxels(spacing: tuple[float, float, float], grow_mm: float) -> np.ndarray:
@@ -61,8 +66,8 @@ def refine(
     out = np.where(band, membership, 0.0)
     out[deep] = np.maximum(soft[deep], 0.5)
     refined = out >= 0.5
-    filled = np.stack([ndimage.binary_fill_holes(s) for s in refined])
-    out[filled & ~refined] = 0.5
+    filled = np.stack([_closed(s, f) for s, f in zip(refined, image < node_hu - contrast / 2, strict=True)])
+    out[filled & ~refined] = FILLED
     lab, n = ndimage.label(filled)
     if n == 0:
         return None
@@ -71,3 +76,15 @@ def refine(
         filled = lab == keep
     out = np.where(filled, np.maximum(out, 0.5), np.minimum(out, 0.49))
     return out.astype(np.float32), filled
+
+
+def _closed(node: np.ndarray, fat: np.ndarray) -> np.ndarray:
+    """One slice of the node with its holes filled and a fatty hilum taken in: fat inside
+    the node's convex outline (a notch), up to `HILUM_MAX_SHARE` of the node's area."""
+    node = ndimage.binary_fill_holes(node)
+    if node.sum() < 9:
+        return node
+    notch = ndimage.binary_opening(convex_hull_image(node) & ~node & fat)  # no rim slivers
+    if 0 < notch.sum() <= HILUM_MAX_SHARE * node.sum():
+        node = node | notch
+    return node

@@ -102,7 +102,7 @@ def phantom_parts(
     model = load_model(model_dir)
     settings = settings or PipelineSettings()
     features_key = hashlib.sha256(" ".join(verify.FEATURES).encode()).hexdigest()[:8]
-    key = f'{model.card["weights"]["segmenter"]["sha256"][:16]}-{features_key}'
+    key = f"{model.card['weights']['segmenter']['sha256'][:16]}-{features_key}"
     parts = []
     for n in range(cases):
         cached = cache_dir / f"verifier-{key}-{seed + n}.npz" if cache_dir else None
@@ -114,7 +114,11 @@ def phantom_parts(
             x, y = phantom_candidates(model, seed + n, settings)
             log.info(
                 "verifier phantom %d/%d: %d candidate(s), %d node(s), %.0f s",
-                n + 1, cases, len(y), int(y.sum()), time.perf_counter() - t,
+                n + 1,
+                cases,
+                len(y),
+                int(y.sum()),
+                time.perf_counter() - t,
             )
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
