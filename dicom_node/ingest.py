@@ -445,9 +445,8 @@ class Indexer:
                 return
 
     def _write(self, batch: list[Pending]) -> None:
-        if self._settle is not None:  # a row names a file that exists
-            while not self._settle(30.0):
-                log.warning("spool files still being written after 30 s; the index waits for them")
+        if self._settle is not None and not self._settle(60.0):  # a row names a file that exists
+            log.warning("spool files still unwritten after 60 s (see the spool errors); indexed anyway")
         while True:
             try:
                 duplicates = index_batch(self.db, batch)
