@@ -60,7 +60,8 @@ lint: $(STAMP)
 # The recorded commands behind the shipped demo weights and benchmarks/RESULTS.md. Each
 # version is trained on from the one before (docs/training.md): 0.1.0 from random weights on
 # phantoms 0-79; 0.2.0 on phantoms 80-159 with more patches on node-like tissue; 0.3.0 on
-# phantoms 160-223 with patches on 0.2.0's own false positives; then the candidate verifier.
+# phantoms 160-223 with patches on 0.2.0's own false positives; 0.4.0 (segmenter only) on
+# phantoms 224-287 with patches on 0.3.0's false positives; then the candidate verifier.
 MODEL := inference/models/nodal-ln-demo
 train: $(STAMP)
 	$(BIN)/nodal train --out $(MODEL) --cases 80 --seg-steps 2000 --cls-epochs 25 --verifier-cases 0
@@ -69,7 +70,10 @@ train: $(STAMP)
 	$(BIN)/nodal train --out $(MODEL) --init-from $(MODEL) --seed 160 --cases 64 --seg-steps 2000 \
 	  --seg-lr 5e-4 --node-share 0.35 --hard-share 0.2 --mined-share 0.3 --cls-epochs 10 --version 0.3.0 \
 	  --verifier-cases 0
-	$(BIN)/nodal train-verifier --model-dir $(MODEL) --cases 32 --keep-share 0.95
+	$(BIN)/nodal train --out $(MODEL) --init-from $(MODEL) --seed 224 --cases 64 --seg-steps 2000 \
+	  --seg-lr 5e-4 --node-share 0.35 --hard-share 0.2 --mined-share 0.3 --cls-epochs 0 --version 0.4.0 \
+	  --verifier-cases 0
+	$(BIN)/nodal train-verifier --model-dir $(MODEL) --cases 32 --keep-share 0.97
 
 evaluate: $(STAMP)
 	$(BIN)/nodal evaluate --cases 20 --json
