@@ -86,3 +86,34 @@ def test_no_fat_around_keeps_the_network_mask():
     hu = np.full(SHAPE, 50.0, np.float32)  # node inside muscle: no edge on the image
     assert refine(hu, np.where(truth, 0.9, 0.1).astype(np.float32), truth, SPACING, grow_mm=3.0) is None
     assert refine(ct(truth), np.zeros(SHAPE, np.float32), truth, SPACING, grow_mm=0.0) is None
+
+
+def test_classifier_crop_from_a_native_mask_matches_the_working_grid_crop():
+    """`working_crop` carries a native mask to the working grid where the network's own
+    crops are made: the same node gives the same classifier input either way."""
+    from inference.classify import crop_around
+    from inference.nodes import working_crop
+    from inference.preprocess import to_working
+    from inference.training_data import nearest
+
+    spacing = (2.5, 0.7, 0.7)
+    shape = (40, 140, 150)
+    k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    q = ((k - 19.6) * spacing[0] / 9.0) ** 2 + ((j - 70.3) * spacing[1] / 6.0) ** 2
+    q = q + ((i - 81.2) * spacing[2] / 10.0) ** 2
+    node = q <= 1.0
+    hu = np.where(node, NODE_HU, -100.0).astype(np.float32)
+    image_w, grid = to_working(hu, spacing, 1.0, crop=False)
+    labels_w = nearest(node.astype(np.uint8), grid)
+    sl = ndimage.find_objects(labels_w)[0]
+    centre = [c + s.start for c, s in zip(ndimage.center_of_mass(labels_w[sl]), sl, strict=True)]
+    extent = max(s.stop - s.start for s in sl)
+    reference = crop_around(image_w, labels_w, centre, extent, label=1)
+
+    box = ndimage.find_objects(node.astype(np.uint8))[0]
+    bbox = (*(s.start for s in box), *(s.stop for s in box))
+    crop = working_crop(image_w, grid, node[box], bbox)
+    assert crop.shape == reference.shape
+    np.testing.assert_allclose(crop[0], reference[0], atol=0.05)  # the same CT cube
+    a, b = crop[1] > 0.5, reference[1] > 0.5
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9  # and the same node in it
