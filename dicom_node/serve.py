@@ -59,9 +59,7 @@ class Node:
         data = settings.node.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.index_url())
-        self.spool = Spool(
-            data / "spool", settings.spool.durability, settings.spool.log_segment_mb << 20
-        )
+        self.spool = Spool(data / "spool", settings.spool.durability, settings.spool.log_segment_mb << 20)
         self.outbox = data / "outbox"
         self.outbox.mkdir(exist_ok=True)
         self.receiver = Receiver(self.spool, self.db, settings.spool.min_free_mb * 2**20)
