@@ -1,7 +1,8 @@
 """Receiving one instance, whichever way it came: check, store durably once, index.
 
-`Receiver.store_bytes` (C-STORE) and `Receiver.store_temp` (STOW-RS part already in the
-spool's temporary folder) return a `StoreResult` only once the file is durable, or once
+`Receiver.store_dataset` (C-STORE: the dataset without file meta), `Receiver.store_bytes`
+(a Part 10 file's bytes) and `Receiver.store_temp` (STOW-RS part already in the spool's
+temporary folder) return a `StoreResult` only once the file is durable, or once
 it was refused for a stated reason. A SOP Instance UID already stored is acknowledged as
 success and not written again.
 
@@ -33,7 +34,17 @@ from sqlalchemy.orm import Session
 from dicom_node import metrics
 from dicom_node.audit import study_key
 from dicom_node.index import Database, Instance, Series, Study, now
-from dicom_node.spool import InstanceHeader, InvalidInstanceError, Spool, read_header, relative_path
+from dicom_node.part10 import file_meta_prefix
+from dicom_node.spool import (
+    Data,
+    InstanceHeader,
+    InvalidInstanceError,
+    Spool,
+    pieces,
+    read_dataset_header,
+    read_header,
+    relative_path,
+)
 
 log = logging.getLogger("nodal.ingest")
 
@@ -147,6 +158,39 @@ class Receiver:
             metrics.BYTES_RECEIVED.labels(source.via).inc(size)
         self.transfers.tally(source.transfer_id, result.outcome)
 
+    def store_dataset(
+        self,
+        dataset: bytes,
+        transfer_syntax_uid: str,
+        source: Source,
+        expected_sop_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+    ) -> StoreResult:
+        """Store a dataset as a C-STORE brings it (no file meta): the spool file is its
+        file meta prefix and then `dataset` as received, never joined in memory."""
+        t = time.perf_counter()
+        try:
+            header = read_dataset_header(dataset, transfer_syntax_uid, source.calling_ae)
+        except InvalidInstanceError as e:
+            result = _refused(CANNOT_UNDERSTAND, str(e), source)
+        else:
+            result = self._checked(header, expected_sop_uid, expected_sop_class_uid, source) or self._store(
+                header,
+                source,
+                (
+                    file_meta_prefix(
+                        header.sop_class_uid,
+                        header.sop_instance_uid,
+                        header.transfer_syntax_uid,
+                        source.calling_ae,
+                    ),
+                    dataset,
+                ),
+                None,
+            )
+        self._count(result, source, len(dataset), time.perf_counter() - t)
+        return result
+
     def _store_bytes(
         self,
         data: bytes,
@@ -158,6 +202,18 @@ class Receiver:
             header = read_header(data)
         except InvalidInstanceError as e:
             return _refused(CANNOT_UNDERSTAND, str(e), source)
+        return self._checked(header, expected_sop_uid, expected_sop_class_uid, source) or self._store(
+            header, source, data, None
+        )
+
+    @staticmethod
+    def _checked(
+        header: InstanceHeader,
+        expected_sop_uid: str | None,
+        expected_sop_class_uid: str | None,
+        source: Source,
+    ) -> StoreResult | None:
+        """The refusal when the dataset's SOP Instance or Class UID differs from the request's."""
         if expected_sop_uid is not None and header.sop_instance_uid != expected_sop_uid.rstrip("\0 "):
             return _refused(
                 DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE request", source, header
@@ -168,7 +224,7 @@ class Receiver:
             return _refused(
                 DATASET_MISMATCH, "SOP Class UID differs from the C-STORE request", source, header
             )
-        return self._store(header, source, data, None)
+        return None
 
     def store_temp(self, temp: Path, source: Source, expected_study_uid: str | None = None) -> StoreResult:
         """Store a Part 10 file already written to the spool's temporary folder (consumed)."""
@@ -198,7 +254,7 @@ class Receiver:
         return self._store(header, source, None, temp)
 
     def _store(
-        self, header: InstanceHeader, source: Source, data: bytes | None, temp: Path | None
+        self, header: InstanceHeader, source: Source, data: Data | None, temp: Path | None
     ) -> StoreResult:
         """Store `data` (or the temporary file `temp`) unless its SOP Instance UID is known.
 
@@ -218,7 +274,7 @@ class Receiver:
                 return _refused(OUT_OF_RESOURCES, "spool disk almost full", source, header)
             try:
                 if temp is None:
-                    size = len(data or b"")
+                    size = sum(map(len, pieces(data or b"")))
                     self.spool.store(data or b"", rel)
                 else:
                     size = temp.stat().st_size

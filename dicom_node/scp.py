@@ -5,9 +5,9 @@ where given, the host it must come from); `DimseServer.reject` is the one place 
 rejection happens: it is logged with its reason and answered "rejected-permanent, calling
 AE title not recognised" (1, 1, 3). With `node.dimse_tls` the port speaks DICOM TLS only
 (optionally requiring a client certificate signed by `ca_file`). Each C-STORE
-dataset is written as received (`event.encoded_dataset(include_meta=False)`: no decode
-and re-encode) behind a file meta header, and answered only after `Receiver` made it
-durable.
+dataset is written as received (no decode and re-encode) behind a file meta header
+(`dicom_node.part10`, naming the caller as Source Application Entity Title), and answered
+only after `Receiver` made it durable.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from pydicom import uid as tsuid
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from dicom_node import audit, metrics
@@ -272,8 +271,9 @@ class DimseServer:
             calling_ae=assoc.requestor.ae_title,
             peer_host=assoc.requestor.address,
         )
-        result = self.receiver.store_bytes(
-            part10(event, source.calling_ae),
+        result = self.receiver.store_dataset(
+            req.DataSet.getvalue(),
+            str(event.context.transfer_syntax),
             source,
             expected_sop_uid=str(req.AffectedSOPInstanceUID),
             expected_sop_class_uid=str(req.AffectedSOPClassUID),
@@ -320,17 +320,6 @@ class DimseServer:
 
 def _tls_mode(enabled: bool, mutual: bool) -> str:
     return "plain TCP" if not enabled else "TLS, client certificate required" if mutual else "TLS"
-
-
-def part10(event, calling_ae: str) -> bytes:
-    """The dataset bytes as received, behind a preamble and a file meta header that also names
-    the sender (Source Application Entity Title), so a recovered file still knows its caller."""
-    meta = event.file_meta
-    if calling_ae.strip():
-        meta.SourceApplicationEntityTitle = calling_ae.strip()
-    return b"".join(
-        (b"\x00" * 128, b"DICM", encode_file_meta(meta), event.encoded_dataset(include_meta=False))
-    )
 
 
 def _transfer_id(assoc) -> str:

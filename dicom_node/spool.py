@@ -32,14 +32,16 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs
 
@@ -63,6 +65,10 @@ _HEADER_TAGS = [
         "SharedFunctionalGroupsSequence",
     )
 ]
+
+
+#: What the spool stores: one byte string, or pieces written one after the other.
+Data = bytes | Sequence[bytes]
 
 
 class InvalidInstanceError(ValueError):
@@ -120,6 +126,27 @@ def read_header(source: bytes | Path) -> InstanceHeader:
     except Exception as e:
         raise InvalidInstanceError(f"not a readable DICOM Part 10 file: {type(e).__name__}") from None
     return replace(header_of(ds, ts), source_ae=source_ae)
+
+
+def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
+    """Parse the header of a dataset as a C-STORE brings it (no preamble, no file meta),
+    encoded in `transfer_syntax_uid`; the same result as `read_header` on its Part 10 file,
+    at a fifth of the cost (no file meta group to decode)."""
+    try:
+        ts = UID(check_uid(transfer_syntax_uid, "Transfer Syntax UID"))
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        if ts.is_deflated:
+            dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
+        stream = io.BytesIO(dataset)
+        ds = read_dataset(stream, implicit, little, stop_when=_past_image_header, specific_tags=_HEADER_TAGS)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SliceThickness" not in ds:
+            stream.seek(0)
+            ds = read_dataset(stream, implicit, little, stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS)
+    except InvalidInstanceError:
+        raise
+    except Exception as e:
+        raise InvalidInstanceError(f"not a readable DICOM dataset: {type(e).__name__}") from None
+    return replace(header_of(ds, str(ts)), source_ae=source_ae.strip()[:16])
 
 
 def _open(source: bytes | Path):
@@ -210,31 +237,30 @@ class Spool:
             n = self._counter
         return self.tmp / f"{os.getpid()}-{threading.get_ident()}-{n}.part"
 
-    def write_temp(self, data: bytes, synced: bool = False) -> Path:
+    def write_temp(self, data: Data, synced: bool = False) -> Path:
         """Write `data` to a new temporary file (durable only with `synced`)."""
         path = self.temp_path()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, pieces(data))
             if synced:
                 os.fsync(fd)
         finally:
             os.close(fd)
         return path
 
-    def store(self, data: bytes, rel: Path) -> Path:
-        """Write `data` durably under `rel`; return the final path. In log mode the file
+    def store(self, data: Data, rel: Path) -> Path:
+        """Write `data` (bytes, or pieces written one after the other: a file meta prefix and
+        the dataset, never joined in memory) durably under `rel`; return the final path. In log mode the file
         itself is written by the placer thread after this returns (`settle` waits for it,
         `placing` tells whether it is still on its way)."""
         if self.log is not None:
             try:
-                seq = self.log.append(str(rel), data)
+                seq = self.log.append(str(rel), pieces(data))
             except LogUnavailable:
                 pass  # too large for a segment, or the log failed: the fsync path below
             else:
-                self._placer.put(seq, data, rel)
+                self._placer.put(seq, pieces(data), rel)
                 return self.root / rel
         temp = self.write_temp(data, synced=self._group is None)
         try:
@@ -272,7 +298,7 @@ class Spool:
             self._group.sync()
         return final
 
-    def _place(self, data: bytes, rel: Path) -> Path:
+    def _place(self, data: Data, rel: Path) -> Path:
         """Write and rename without a sync: the record in the log is what makes it durable."""
         temp = self.write_temp(data)
         final = self.root / rel
@@ -342,7 +368,7 @@ class Placer:
         self._place, self._done = place, done
         self._budget = budget_bytes
         self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[int, bytes, Path]] = collections.deque()
+        self._queue: collections.deque[tuple[int, tuple[bytes, ...], Path]] = collections.deque()
         self._holding: dict[Path, int] = {}  # rel -> records of it queued or being written
         self._bytes = 0
         self._submitted = self._finished = 0
@@ -350,13 +376,14 @@ class Placer:
         self._thread = threading.Thread(target=self._run, name="spool-placer", daemon=True)
         self._thread.start()
 
-    def put(self, seq: int, data: bytes, rel: Path) -> None:
+    def put(self, seq: int, data: tuple[bytes, ...], rel: Path) -> None:
+        size = sum(map(len, data))
         with self._cond:
-            while self._bytes and self._bytes + len(data) > self._budget and not self._stop:
+            while self._bytes and self._bytes + size > self._budget and not self._stop:
                 self._cond.wait(1.0)
             self._queue.append((seq, data, rel))
             self._holding[rel] = self._holding.get(rel, 0) + 1
-            self._bytes += len(data)
+            self._bytes += size
             self._submitted += 1
             self._cond.notify_all()
 
@@ -396,7 +423,7 @@ class Placer:
             self._done(seq)
             with self._cond:
                 self._queue.popleft()
-                self._bytes -= len(data)
+                self._bytes -= sum(map(len, data))
                 left = self._holding[rel] - 1
                 if left:
                     self._holding[rel] = left
@@ -405,7 +432,7 @@ class Placer:
                 self._finished += 1
                 self._cond.notify_all()
 
-    def _write(self, data: bytes, rel: Path) -> bool:
+    def _write(self, data: tuple[bytes, ...], rel: Path) -> bool:
         while True:
             try:
                 self._place(data, rel)
@@ -418,6 +445,22 @@ class Placer:
             with self._cond:
                 if self._cond.wait_for(lambda: self._stop, self.RETRY_SECONDS):
                     return False
+
+
+def pieces(data: Data) -> tuple[bytes, ...]:
+    return (data,) if isinstance(data, bytes | bytearray | memoryview) else tuple(data)
+
+
+def write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """Write `parts` one after the other at the file's position (writev, short writes resumed)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _ensure_dir(folder: Path, root: Path) -> None:

@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger("nodal.spool")
@@ -93,23 +93,26 @@ class SpoolLog:
 
     # appending ---------------------------------------------------------------------------
 
-    def append(self, rel: str, data: bytes) -> int:
-        """Make (rel, data) durable in the log; return its sequence number. The caller
-        writes the spool file and then calls `done(seq)`. Raises `LogUnavailable`."""
+    def append(self, rel: str, data: Sequence[bytes]) -> int:
+        """Make (rel, data) durable in the log (`data`: the file's bytes in one or more
+        pieces); return its sequence number. The caller writes the spool file and then
+        calls `done(seq)`. Raises `LogUnavailable`."""
         path = rel.encode()
-        size = HEAD.size + len(path) + len(data)
+        size = HEAD.size + len(path) + sum(map(len, data))
         if self._broken or size > self.segment_bytes:
             raise LogUnavailable
-        body_crc = zlib.crc32(data, zlib.crc32(path))
+        body_crc = zlib.crc32(path)
+        for piece in data:
+            body_crc = zlib.crc32(piece, body_crc)
         with self._cond:
             if self._offset + size > self.segment_bytes:
                 self._next_segment()
             seq = self._seq + 1
-            head = HEAD.pack(MAGIC, seq, len(path), len(data), body_crc, 0)
+            head = HEAD.pack(MAGIC, seq, len(path), size - HEAD.size - len(path), body_crc, 0)
             head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
             fd, offset = self._fds[self._segment], self._offset
             try:
-                written = os.pwritev(fd, [head, path, data], offset)
+                written = os.pwritev(fd, [head, path, *data], offset)
             except OSError:
                 self._fail("could not write to the spool log")
             if written != size:

@@ -1,8 +1,10 @@
 """Fuzzing the receivers: malformed instances, PDUs and multipart bodies never crash or hang
 nodal, every failure gets a proper DIMSE status or HTTP 4xx, and the node serves afterwards.
 
-1. `Receiver.store_bytes` (what the C-STORE handler calls) and `Receiver.store_temp` (what
-   STOW-RS calls) take hypothesis-generated Part 10 files and raw datasets: truncated,
+1. `Receiver.store_dataset` (what the C-STORE handler calls: the dataset after the file
+   meta, with a transfer syntax, sometimes a wrong one), `Receiver.store_bytes` (Part 10
+   bytes) and `Receiver.store_temp` (what STOW-RS calls) take hypothesis-generated Part 10
+   files and raw datasets: truncated,
    bit-flipped, overwritten, spliced, and structured ones with hostile values (path
    traversal and over-long UIDs, wrong VRs, absurd numbers). Each call must return a known
    status within `CASE_SECONDS`; nothing may land outside the spool; the indexer keeps up.
@@ -214,14 +216,42 @@ def receiver(tmp_path_factory):
     assert {p.name for p in outside} <= {"i.sqlite3", "i.sqlite3-journal", "i.sqlite3-wal", "i.sqlite3-shm"}
 
 
-def _check_store(receiver: Receiver, data: bytes, via_temp: bool) -> None:
-    src = Source(via="stow" if via_temp else "dimse", transfer_id="fuzz")
+TRANSFER_SYNTAXES = [
+    str(ExplicitVRLittleEndian),
+    str(ImplicitVRLittleEndian),
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.3.4",
+    "",
+]
+
+
+def as_c_store(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """What a C-STORE would carry for this case: the bytes after the file meta group (or a
+    random cut where there is none) and its transfer syntax (or a random one, wrong ones too)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        end = 144 + struct.unpack("<I", data[140:144])[0]
+    except Exception:
+        ts, end = rng.choice(TRANSFER_SYNTAXES), rng.randrange(0, max(1, min(len(data), 400)))
+    if rng.random() < 0.2:
+        ts = rng.choice(TRANSFER_SYNTAXES)
+    return data[end:], ts
+
+
+def _check_store(receiver: Receiver, data: bytes, way: str, rng: random.Random) -> None:
+    """Store one case through `way`: temp (STOW-RS), dataset (C-STORE) or bytes (Part 10)."""
+    src = Source(via="stow" if way == "temp" else "dimse", transfer_id="fuzz")
     with time_limit(CASE_SECONDS):
-        if via_temp:
+        if way == "temp":
             temp = receiver.spool.temp_path()
             temp.write_bytes(data)
             result = receiver.store_temp(temp, src)
             assert not temp.exists()
+        elif way == "dataset":
+            result = receiver.store_dataset(*as_c_store(data, rng), src)
         else:
             result = receiver.store_bytes(data, src)
     assert result.status in KNOWN_STATUSES
@@ -246,7 +276,7 @@ def test_ingest_survives_malformed_instances(receiver):
         rng = random.Random(seed)
         for _ in range(BATCH):
             make = hostile if rng.random() < 0.25 else mutate
-            _check_store(receiver, make(rng), via_temp=rng.random() < 0.5)
+            _check_store(receiver, make(rng), rng.choice(("temp", "dataset", "bytes")), rng)
 
     FIGURES.clear()
     t = time.monotonic()
