@@ -131,9 +131,9 @@ class AllowedCaller(_Section):
 
 class SpoolSection(_Section):
     durability: Literal["fsync", "log", "syncfs"] = Field(
-        "fsync",
-        description="fsync: fsync file and folder (POSIX); log: append to a preallocated write-ahead log "
-        "and fdatasync it (files made durable in bulk, replayed at start); syncfs: one syncfs per batch",
+        "log",
+        description="log: append to a preallocated write-ahead log and fdatasync it (files made durable "
+        "in bulk, replayed at start); fsync: fsync file and folder (POSIX); syncfs: one syncfs per batch",
     )
     log_segment_mb: int = Field(
         32, ge=1, le=4096, description="size of each of the 4 write-ahead log segments (durability: log)"
