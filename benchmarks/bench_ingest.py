@@ -128,6 +128,13 @@ def store_ms_mean(http_port: int) -> float:
     return round(values.get("nodal_store_duration_seconds_sum", 0.0) / count * 1000, 2) if count else 0.0
 
 
+def listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def results_in_orthanc(orthanc: Orthanc, study_id: str) -> bool:
     series = requests.get(f"{orthanc.url}/studies/{study_id}/series", timeout=10).json()
     return {s["MainDicomTags"].get("Modality") for s in series} >= RESULT_MODALITIES
@@ -151,7 +158,15 @@ def nodal_run(
     register(orthanc, "nodal-bench", "NODAL", port)
     nodal = Nodal(folder, cfg).start(timeout=120, ready_path="/readyz" if analyse else "/healthz")
     try:
-        push(orthanc, study_id, "nodal-bench")
+        wait_until(lambda: listening(port), 30, "nodal's DIMSE port")  # starts just after HTTP
+        try:
+            push(orthanc, study_id, "nodal-bench")
+        except requests.HTTPError as e:  # say why, from both sides, before the folders go
+            orthanc_log = (orthanc.folder / "orthanc.log").read_text(errors="replace")
+            raise RuntimeError(
+                f"{e}\n--- nodal's log ends:\n{nodal.log()[-4000:]}"
+                f"\n--- Orthanc's log ends:\n{orthanc_log[-4000:]}"
+            ) from None
         db = folder / "var" / "index.sqlite3"
         sent = len(requests.get(f"{orthanc.url}/studies/{study_id}/instances", timeout=10).json())
         wait_until(  # the index follows the acknowledgements by up to a batch window
