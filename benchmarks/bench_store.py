@@ -5,8 +5,8 @@ dataset, put a file meta prefix in front, write it durably, queue its index row)
 300 instances (525 KB each) of the ingest benchmark's phantom, one after the other as one
 synchronous association delivers them, with the indexer thread running beside it. Then
 the same steps without the indexer, each timed, to show where the time goes (with `log`,
-`write_rename` is the placer thread's step, after the acknowledgement: it is outside
-`ms_per_instance` unless the placer falls behind). `read_part10_header` is what reading
+`write_rename` is the placer thread's step, copying the record out of the log once the
+receivers pause: it is outside `ms_per_instance`). `read_part10_header` is what reading
 the same header from the Part 10 bytes costs (STOW-RS, recovery), for comparison.
 
     .venv/bin/python -m benchmarks.bench_store [--durability log|fsync|syncfs]   # one JSON line
@@ -70,7 +70,7 @@ def main() -> None:
             if spool.log is not None:
                 seq = spool.log.append(str(rel), data)
                 t4 = time.perf_counter()
-                spool._place(data, rel)
+                spool._place(seq, rel)
                 spool.log.done(seq)
             else:
                 temp = spool.write_temp(data, synced=args.durability == "fsync")

@@ -11,6 +11,7 @@ the PACS (SEG, SR, secondary capture) are routed, skipped, and trigger nothing e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,20 +52,43 @@ def summary(series: Series) -> SeriesSummary:
     )
 
 
-def complete_due_studies(db: Database, settings: Settings, open_studies: set[str], t: float) -> list[int]:
-    """Complete every study whose quiet period is over; return the ids of the jobs created."""
+def complete_due_studies(
+    db: Database,
+    settings: Settings,
+    open_studies: set[str],
+    t: float,
+    files_written: Callable[[], bool] = lambda: True,
+) -> list[int]:
+    """Complete every study whose quiet period is over; return the ids of the jobs created.
+    `files_written` is called once before the first study is completed (the spool's files
+    of everything acknowledged are written when it returns: jobs read them)."""
     c = settings.completion
-    created: list[int] = []
-    with db.session() as s:
-        for study in s.scalars(select(Study).where(Study.pending.is_(True))):
-            if is_complete(
+
+    def due(study: Study | None) -> bool:
+        return (
+            study is not None
+            and study.pending
+            and is_complete(
                 study.last_received_at,
                 study.released_at,
                 study.study_uid in open_studies,
                 t,
                 c.quiet_seconds,
                 c.after_release_seconds,
-            ):
+            )
+        )
+
+    with db.session() as s:
+        quiet = [
+            study.study_uid for study in s.scalars(select(Study).where(Study.pending.is_(True))) if due(study)
+        ]
+    if quiet and not files_written():
+        log.warning("spool files still being written after the wait; completing anyway")
+    created: list[int] = []
+    with db.session() as s:
+        for uid in quiet:
+            study = s.get(Study, uid)
+            if due(study):  # again: an instance may have come in meanwhile
                 created.extend(j.id for j in complete_study(s, study, settings, t))
     return created
 

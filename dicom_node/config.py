@@ -136,7 +136,11 @@ class SpoolSection(_Section):
         "in bulk, replayed at start); fsync: fsync file and folder (POSIX); syncfs: one syncfs per batch",
     )
     log_segment_mb: int = Field(
-        32, ge=1, le=4096, description="size of each of the 4 write-ahead log segments (durability: log)"
+        128,
+        ge=1,
+        le=4096,
+        description="size of each of the 4 write-ahead log segments (durability: log); files are written "
+        "during a transfer only once half the log is taken, so half of it should hold a whole study",
     )
     min_free_mb: int = Field(
         1024, ge=0, description="below this much free space new instances are refused (0xA700 / 503)"

@@ -10,7 +10,9 @@ The index rows are written by one background thread (`Indexer`) in batches, whil
 receiving threads wait for their next fsync: the disk, not the database, sets the pace.
 The spool is the record: files acknowledged but not yet indexed when the process dies
 are indexed by `reconcile` at the next start. Whoever reads study state (completion,
-the API, the end of an association) calls `Receiver.flush()` first.
+the end of an association) calls `Receiver.flush_index()` first; whoever reads the files
+(a study about to be completed, the API) calls `Receiver.flush()`, which also waits for
+the spool's log to have written them (`spool.durability: log`).
 
 `Transfers` remembers which studies each open association (or STOW request) brought, so
 that completion can use the shorter quiet period once all of them were released.
@@ -133,6 +135,12 @@ class Receiver:
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every acknowledged instance is in the spool and the index (False on
         timeout)."""
+        deadline = time.monotonic() + timeout
+        return self.indexer.flush(timeout) and self.spool.settle(max(0.0, deadline - time.monotonic()))
+
+    def flush_index(self, timeout: float = 30.0) -> bool:
+        """Wait until every acknowledged instance is in the index; its file may still be on
+        its way from the spool's log (`Spool.settle` before reading files)."""
         return self.indexer.flush(timeout)
 
     def close(self) -> None:
@@ -300,7 +308,7 @@ class Receiver:
         studies, summary = self.transfers.end(transfer_id)
         if not released or not studies:
             return summary
-        self.flush()
+        self.flush_index()
         t = now()
         with self.db.session() as s:
             for uid in studies:
@@ -501,8 +509,6 @@ class Indexer:
                 return
 
     def _write(self, batch: list[Pending]) -> None:
-        if self._settle is not None and not self._settle(60.0):  # a row names a file that exists
-            log.warning("spool files still unwritten after 60 s (see the spool errors); indexed anyway")
         while True:
             try:
                 duplicates = index_batch(self.db, batch)
@@ -525,6 +531,8 @@ class Indexer:
             self._drop_duplicate(dup)
 
     def _drop_duplicate(self, dup: Pending) -> None:
+        if self._settle is not None:
+            self._settle(60.0)  # its file may still be on its way from the log
         with self.db.session() as s:
             kept = s.scalar(select(Instance.path).where(Instance.sop_uid == dup.header.sop_instance_uid))
         if kept != dup.rel:

@@ -93,17 +93,17 @@ class Node:
         if lost:
             log.warning("%d job(s) left running by an earlier run were taken up again", lost)
         self.workers.start()
-        _start_http(self.http, self._http_thread, self.settings.node.bind_address, "HTTP")
-        if self.monitoring is not None:
-            _start_http(
-                self.monitoring, self._monitoring_thread, self.settings.node.bind_address, "monitoring"
-            )
-        try:
+        try:  # before HTTP: once /healthz answers, the DIMSE port listens too
             self.scp.start()
         except OSError as e:
             raise StartupError(
                 f"the DIMSE receiver could not listen on port {self.settings.node.dimse_port}: {e.strerror}"
             ) from None
+        _start_http(self.http, self._http_thread, self.settings.node.bind_address, "HTTP")
+        if self.monitoring is not None:
+            _start_http(
+                self.monitoring, self._monitoring_thread, self.settings.node.bind_address, "monitoring"
+            )
         self.delivery.start()
         self.retention.start()
         self._log_summary()
@@ -136,9 +136,15 @@ class Node:
 
     def tick(self) -> None:
         """One round of the main loop: complete quiet studies, supervise workers, check leases."""
-        self.receiver.flush(timeout=5.0)  # acknowledged instances are in the index first
+        self.receiver.flush_index(timeout=5.0)  # acknowledged instances are in the index first
         t = time.time()
-        complete_due_studies(self.db, self.settings, self.receiver.transfers.open_studies(), t)
+        complete_due_studies(
+            self.db,
+            self.settings,
+            self.receiver.transfers.open_studies(),
+            t,
+            files_written=lambda: self.receiver.flush(timeout=60.0),
+        )
         self.workers.supervise()
         self.watcher.poll(t)
         if t - self._last_lease_check >= LEASE_CHECK_SECONDS:
@@ -241,6 +247,7 @@ def serve(settings: Settings) -> int:
         node.start()
     except StartupError as e:
         log.error("%s", e)
+        node.scp.stop(0)
         node.workers.stop(0)
         return 1
     interval = settings.completion.check_interval_seconds

@@ -6,13 +6,13 @@ live in ``<root>/.tmp`` on the same file system, so that the final step is a ren
 
 A file is durable when its data and its directory entry have reached the disk, or when
 the log can write it again (``spool.durability``):
-- ``log``: the instance is appended to the spool's write-ahead log and
-  fdatasynced, and acknowledged; the placer thread then writes and renames its file
-  without a sync; a checkpoint makes the files durable in bulk, and opening the spool
+- ``log`` (the default): the instance is appended to the spool's write-ahead log and
+  fdatasynced, and acknowledged; the placer thread later copies it out of the log into
+  its file and renames it, without a sync, once the receivers pause or a reader asks
+  (`settle`); a checkpoint makes the files durable in bulk, and opening the spool
   replays what was not checkpointed (`dicom_node.spool_log`). Instances larger than a log
   segment take the fsync path;
-- ``fsync`` (portable POSIX, the default): fsync the temporary file, rename it, fsync
-  the folder;
+- ``fsync`` (portable POSIX): fsync the temporary file, rename it, fsync the folder;
 - ``syncfs`` (Linux): rename, then one ``syncfs`` of the spool file system, shared by
   every writer that finished its rename before the call started (group commit). Cheaper
   when the spool has a file system of its own; slower when other programs write a lot to
@@ -43,7 +43,7 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs
+from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs, write_all
 
 log = logging.getLogger("nodal.spool")
 
@@ -217,7 +217,7 @@ class Spool:
         self._dirs: set[Path] = set()  # folders known to exist durably
         self._log_dirs: set[Path] = set()  # folders made on the log path (durable at checkpoint)
         self.log = SpoolLog(self.root, log_segment_bytes, self._restore) if durability == "log" else None
-        self._placer = Placer(self._place, self.log.done) if self.log is not None else None
+        self._placer = Placer(self._place, self.log.done, self.log.crowded) if self.log is not None else None
 
     def close(self) -> None:
         if self._placer is not None:
@@ -260,7 +260,7 @@ class Spool:
             except LogUnavailable:
                 pass  # too large for a segment, or the log failed: the fsync path below
             else:
-                self._placer.put(seq, pieces(data), rel)
+                self._placer.put(seq, rel)
                 return self.root / rel
         temp = self.write_temp(data, synced=self._group is None)
         try:
@@ -298,9 +298,19 @@ class Spool:
             self._group.sync()
         return final
 
-    def _place(self, data: Data, rel: Path) -> Path:
-        """Write and rename without a sync: the record in the log is what makes it durable."""
-        temp = self.write_temp(data)
+    def _place(self, seq: int, rel: Path) -> Path:
+        """Write the file of log record `seq` (copied from the log) and rename it, without a
+        sync: the record in the log is what makes it durable."""
+        temp = self.temp_path()
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                self.log.copy_to(seq, fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.discard(temp)
+            raise
         final = self.root / rel
         try:
             if final.parent not in self._log_dirs:
@@ -356,35 +366,36 @@ class Spool:
 class Placer:
     """The thread that writes the spool files of instances already durable in the log.
 
-    Acknowledging an instance then costs one append and one fdatasync; writing its file
-    (a new inode, a rename) happens beside the next instance's transfer. A file that cannot
-    be written (disk full) is retried every second and its record kept in the log until
-    it is, so an acknowledged instance is never lost. The queue holds at most
-    `budget_bytes` of data: a receiver that outruns the disk waits here."""
+    Acknowledging an instance then costs one append and one fdatasync. Writing its file (a
+    new inode, a copy of the record out of the log, a rename) waits until the receivers
+    pause (`IDLE_SECONDS` without a new instance), unless someone waits for the files
+    (`wait_empty`) or the log fills (`crowded`): on two cores, writing files beside a
+    transfer slowed the transfer by a fifth (benchmarks/RESULTS.md). A file that cannot be
+    written (disk full) is retried every `RETRY_SECONDS` and its record kept in the log
+    until it is, so an acknowledged instance is never lost. Nothing is held in memory: the
+    data stays in the log (and, just written, in the page cache)."""
 
     RETRY_SECONDS = 1.0
+    IDLE_SECONDS = 0.2
 
-    def __init__(self, place, done, budget_bytes: int = 256 << 20):
-        self._place, self._done = place, done
-        self._budget = budget_bytes
+    def __init__(self, place, done, crowded=lambda: False):
+        self._place, self._done, self._crowded = place, done, crowded
         self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[int, tuple[bytes, ...], Path]] = collections.deque()
+        self._queue: collections.deque[tuple[int, Path]] = collections.deque()
         self._holding: dict[Path, int] = {}  # rel -> records of it queued or being written
-        self._bytes = 0
+        self._last_put = 0.0
+        self._waiters = 0  # callers of wait_empty: write now
         self._submitted = self._finished = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="spool-placer", daemon=True)
         self._thread.start()
 
-    def put(self, seq: int, data: tuple[bytes, ...], rel: Path) -> None:
-        size = sum(map(len, data))
+    def put(self, seq: int, rel: Path) -> None:
         with self._cond:
-            while self._bytes and self._bytes + size > self._budget and not self._stop:
-                self._cond.wait(1.0)
-            self._queue.append((seq, data, rel))
+            self._queue.append((seq, rel))
             self._holding[rel] = self._holding.get(rel, 0) + 1
-            self._bytes += size
             self._submitted += 1
+            self._last_put = time.monotonic()
             self._cond.notify_all()
 
     def holds(self, rel: Path) -> bool:
@@ -396,11 +407,16 @@ class Placer:
         deadline = time.monotonic() + timeout
         with self._cond:
             goal = self._submitted
-            while self._finished < goal:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.1))
+            self._waiters += 1
+            self._cond.notify_all()
+            try:
+                while self._finished < goal:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.1))
+            finally:
+                self._waiters -= 1
         return True
 
     def close(self, timeout: float = 30.0) -> None:
@@ -410,20 +426,25 @@ class Placer:
             self._cond.notify_all()
         self._thread.join(5)
 
+    def _due(self) -> bool:
+        """Write the next file now (called holding the condition, with a non-empty queue)."""
+        return (
+            bool(self._waiters) or time.monotonic() - self._last_put >= self.IDLE_SECONDS or self._crowded()
+        )
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stop:
-                    self._cond.wait()
+                while not self._stop and not (self._queue and self._due()):
+                    self._cond.wait(self.IDLE_SECONDS / 4 if self._queue else None)
                 if self._stop:
                     return
-                seq, data, rel = self._queue[0]
-            if not self._write(data, rel):
+                seq, rel = self._queue[0]
+            if not self._write(seq, rel):
                 return  # stopping: the record stays in the log
             self._done(seq)
             with self._cond:
                 self._queue.popleft()
-                self._bytes -= sum(map(len, data))
                 left = self._holding[rel] - 1
                 if left:
                     self._holding[rel] = left
@@ -432,10 +453,10 @@ class Placer:
                 self._finished += 1
                 self._cond.notify_all()
 
-    def _write(self, data: tuple[bytes, ...], rel: Path) -> bool:
+    def _write(self, seq: int, rel: Path) -> bool:
         while True:
             try:
-                self._place(data, rel)
+                self._place(seq, rel)
                 return True
             except OSError as e:
                 log.error(
@@ -449,18 +470,6 @@ class Placer:
 
 def pieces(data: Data) -> tuple[bytes, ...]:
     return (data,) if isinstance(data, bytes | bytearray | memoryview) else tuple(data)
-
-
-def write_all(fd: int, parts: Sequence[bytes]) -> None:
-    """Write `parts` one after the other at the file's position (writev, short writes resumed)."""
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 def _ensure_dir(folder: Path, root: Path) -> None:

@@ -5,10 +5,11 @@ appended to a log segment whose blocks were written at start-up, and ``fdatasync
 returned. That sync moves data only: no new inode, no block allocation, no folder entry,
 where an fsync of a new file and of its folder makes the file system commit its journal
 twice. The spool file is then written and renamed as in the other modes, but not synced,
-and not while the sender waits (the spool's placer thread does it after the
-acknowledgement): a checkpoint thread makes the spool durable in bulk (one ``syncfs`` of its file system
-after a segment fills, or after a quiet moment) and then records the last sequence
-number whose file is durable. Opening the spool replays the log: every record after the
+and not while instances arrive (the spool's placer thread copies the record out of the
+log once the receivers pause, a reader waits, or the log is half full): a checkpoint
+thread makes the spool durable in bulk (one ``syncfs`` of its file system after a segment
+fills, or after a quiet moment) and then records the last sequence number whose file is
+durable. Opening the spool replays the log: every record after the
 checkpoint whose file is missing or differs is written again, durably. An instance that
 was acknowledged is therefore in the spool after a crash or a power cut.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import logging
 import os
@@ -83,7 +85,9 @@ class SpoolLog:
         self._seq = last_seq
         self._segment, self._offset = 0, 0
         self._segment_last = [0] * SEGMENTS  # highest sequence number in each segment's pass
-        self._in_flight: set[int] = set()  # appended, spool file not yet written
+        self._in_flight: dict[int, tuple[int, int, int]] = {}  # seq -> (fd, data offset, length)
+        self._in_flight_bytes = 0  # spool file not yet written
+        self._writer_waits = False  # a writer waits for a segment to be checkpointed
         self._last_append = 0.0
         self._wanted = False  # a writer waits for a checkpoint
         self._broken = False
@@ -120,7 +124,8 @@ class SpoolLog:
             self._seq = seq
             self._offset += size
             self._segment_last[self._segment] = seq
-            self._in_flight.add(seq)
+            self._in_flight[seq] = (fd, offset + HEAD.size + len(path), size - HEAD.size - len(path))
+            self._in_flight_bytes += size
             self._last_append = time.monotonic()
             sync = self._syncs[self._segment]
         try:
@@ -133,16 +138,45 @@ class SpoolLog:
     def done(self, seq: int) -> None:
         """The spool file of record `seq` is written (or will not be: the store failed)."""
         with self._cond:
-            self._in_flight.discard(seq)
+            where = self._in_flight.pop(seq, None)
+            if where is not None:
+                self._in_flight_bytes -= where[2]
             self._cond.notify_all()
+
+    def copy_to(self, seq: int, fd: int) -> None:
+        """Write the data of in-flight record `seq` to `fd` (a new file), copied by the
+        kernel from the log segment (`copy_file_range`; read and write where that fails)."""
+        with self._cond:
+            src, offset, length = self._in_flight[seq]
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src, fd, length - done, offset + done)
+                if n == 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += n
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise
+            while done < length:  # no copy_file_range here (old kernel, another file system)
+                chunk = os.pread(src, min(length - done, 1 << 20), offset + done)
+                if not chunk:
+                    raise OSError(errno.EIO, "spool log record shorter than its header says") from None
+                write_all(fd, [chunk])
+                done += len(chunk)
+
+    def crowded(self) -> bool:
+        """Half the log holds records whose files are not written, or a writer waits for space."""
+        return self._writer_waits or self._in_flight_bytes * 2 >= SEGMENTS * self.segment_bytes
 
     def _next_segment(self) -> None:
         """Move to the next segment once every record of its last pass is checkpointed."""
         nxt = (self._segment + 1) % SEGMENTS
         while self._segment_last[nxt] > self._checkpointed and not self._broken:
-            self._wanted = True
+            self._wanted = self._writer_waits = True
             self._cond.notify_all()
             self._cond.wait(1.0)
+        self._writer_waits = False
         if self._broken:
             raise LogUnavailable
         self._segment, self._offset = nxt, 0
@@ -308,6 +342,18 @@ def _same_file(path: Path, data: bytes) -> bool:
         return path.stat().st_size == len(data) and path.read_bytes() == data
     except OSError:
         return False
+
+
+def write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """Write `parts` one after the other at the file's position (writev, short writes resumed)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 class GroupSync:

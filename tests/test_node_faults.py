@@ -150,9 +150,9 @@ def test_kill_9_during_ingest_loses_no_acknowledged_instance(tmp_path):
         again: list[str] = []
         _send(port, items, again, threading.Event())  # the sender repeats the whole batch
         assert len(again) == len(items)
+        assert nodal.api("/api/studies/1.2.3")["instances"] == len(items)  # the API waits for the files too
         files = spool_files(nodal)
         assert len(files) == len(items) and len({f.name for f in files}) == len(items)
-        assert nodal.api("/api/studies/1.2.3")["instances"] == len(items)
         print(
             f"\nkill -9 during ingest: {len(first)} acknowledged before the kill, {len(on_disk)} in the "
             f"spool after restart (0 lost), {len(items)} re-sent, {len(files)} stored once each"

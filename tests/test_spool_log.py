@@ -177,7 +177,7 @@ def test_acknowledged_before_its_file_was_written_is_not_lost(tmp_path, monkeypa
     spool = Spool(root, "log", 4 * MIB)
     monkeypatch.setattr(Placer, "RETRY_SECONDS", 0.05)
 
-    def full(data, rel):
+    def full(seq, rel):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(spool._placer, "_place", full)
@@ -200,11 +200,11 @@ def test_placer_catches_up_after_disk_space_returns(tmp_path, monkeypatch):
     monkeypatch.setattr(Placer, "RETRY_SECONDS", 0.05)
     place, failures = spool._placer._place, []
 
-    def flaky(data, rel):
+    def flaky(seq, rel):
         if len(failures) < 3:
             failures.append(rel)
             raise OSError(28, "No space left on device")
-        return place(data, rel)
+        return place(seq, rel)
 
     monkeypatch.setattr(spool._placer, "_place", flaky)
     data = {i: payload(i) for i in range(3)}
@@ -271,3 +271,43 @@ def test_a_second_writer_on_the_same_spool_is_refused(tmp_path):
         Spool(tmp_path / "spool", "log", 1 * MIB)
     spool.close()
     Spool(tmp_path / "spool", "log", 1 * MIB).close()  # free again once closed
+
+
+def test_files_wait_for_a_pause_unless_someone_needs_them(tmp_path, monkeypatch):
+    """The placer writes files once arrivals pause, at once for a reader (`settle`), and
+    before the log runs out of room; each file is the record copied out of the log."""
+    monkeypatch.setattr(Placer, "IDLE_SECONDS", 3600.0)  # no pause in this test
+    root = tmp_path / "spool"
+    spool = Spool(root, "log", 1 * MIB)  # 4 MiB of log: crowded from 2 MiB on
+    first = payload(1)
+    spool.store(first, rel(1))
+    time.sleep(0.3)
+    assert spool.placing(rel(1)) and not (root / rel(1)).exists()  # still only in the log
+    assert spool.settle(10)  # a reader: written now
+    assert (root / rel(1)).read_bytes() == first
+    data = {i: payload(i, 300_000) for i in range(2, 14)}  # 3.6 MB: over half the log
+    for i, d in data.items():
+        spool.store(d, rel(i))  # the last ones need segments the placer must free first
+    deadline = time.monotonic() + 10
+    while not all((root / rel(i)).exists() for i in list(data)[:6]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for i in list(data)[:6]:
+        assert (root / rel(i)).read_bytes() == data[i]
+    assert spool.settle(10)
+    for i, d in data.items():
+        assert (root / rel(i)).read_bytes() == d
+    spool.close()
+
+
+def test_files_are_written_once_arrivals_pause(tmp_path, monkeypatch):
+    monkeypatch.setattr(Placer, "IDLE_SECONDS", 0.3)
+    root = tmp_path / "spool"
+    spool = Spool(root, "log", 4 * MIB)
+    data = payload(1)
+    spool.store(data, rel(1))
+    assert not (root / rel(1)).exists()
+    deadline = time.monotonic() + 10
+    while not (root / rel(1)).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (root / rel(1)).read_bytes() == data and not spool.placing(rel(1))
+    spool.close()
