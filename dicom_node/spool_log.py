@@ -124,8 +124,9 @@ class SpoolLog:
             self._seq = seq
             self._offset += size
             self._segment_last[self._segment] = seq
-            self._in_flight[seq] = (fd, offset + HEAD.size + len(path), size - HEAD.size - len(path))
-            self._in_flight_bytes += size
+            data_len = size - HEAD.size - len(path)
+            self._in_flight[seq] = (fd, offset + HEAD.size + len(path), data_len)
+            self._in_flight_bytes += data_len
             self._last_append = time.monotonic()
             sync = self._syncs[self._segment]
         try:

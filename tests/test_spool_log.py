@@ -311,3 +311,12 @@ def test_files_are_written_once_arrivals_pause(tmp_path, monkeypatch):
         time.sleep(0.05)
     assert (root / rel(1)).read_bytes() == data and not spool.placing(rel(1))
     spool.close()
+
+
+def test_the_log_counts_no_unwritten_bytes_once_every_file_is_written(tmp_path):
+    spool = Spool(tmp_path / "spool", "log", 1 * MIB)
+    for i in range(20):  # wraps the 4 MiB log more than once
+        spool.store(payload(i, 300_000), rel(i))
+    assert spool.settle(10)
+    assert spool.log._in_flight_bytes == 0 and not spool.log.crowded()
+    spool.close()
