@@ -181,6 +181,7 @@ JOBS = "nodal_jobs"
 QUEUE_DEPTH = "nodal_queue_depth"
 DELIVERIES_PENDING = "nodal_deliveries_pending"
 SPOOL_FREE = "nodal_spool_free_bytes"
+SPOOL_UNWRITTEN = "nodal_spool_log_unwritten_bytes"
 WORKERS_READY = "nodal_workers_ready"
 MODEL_INFO = "nodal_model_info"
 GPU_MEMORY = "nodal_gpu_memory_used_bytes"
@@ -190,6 +191,7 @@ STATE_HELP = {
     QUEUE_DEPTH: "Jobs queued and waiting for a worker",
     DELIVERIES_PENDING: "Result instances waiting to be delivered, by destination",
     SPOOL_FREE: "Free bytes on the file system of the spool",
+    SPOOL_UNWRITTEN: "Acknowledged instance bytes held in the spool log whose files are not written yet",
     WORKERS_READY: "Worker processes with the model loaded",
     MODEL_INFO: "The model the workers run (always 1)",
     GPU_MEMORY: "GPU memory held by a worker's model (CUDA caching allocator), by worker",
@@ -204,6 +206,7 @@ class NodeState:
     queued: int = 0
     deliveries_pending: dict[str, int] = field(default_factory=dict)  # destination -> count
     spool_free_bytes: int | None = None
+    spool_unwritten_bytes: int | None = None  # None: spool.durability is not log
     workers_ready: int = 0
     models: list[dict[str, str]] = field(default_factory=list)  # {name, version, device}
     gpu_bytes: dict[str, int] = field(default_factory=dict)  # worker -> bytes (CUDA only)
@@ -237,6 +240,9 @@ def state_metrics(st: NodeState) -> list[Metric]:
     out.append(pending)
     if st.spool_free_bytes is not None:
         out.append(GaugeMetricFamily(SPOOL_FREE, STATE_HELP[SPOOL_FREE], value=st.spool_free_bytes))
+    if st.spool_unwritten_bytes is not None:
+        unwritten = st.spool_unwritten_bytes
+        out.append(GaugeMetricFamily(SPOOL_UNWRITTEN, STATE_HELP[SPOOL_UNWRITTEN], value=unwritten))
     out.append(GaugeMetricFamily(WORKERS_READY, STATE_HELP[WORKERS_READY], value=st.workers_ready))
     info = GaugeMetricFamily(MODEL_INFO, STATE_HELP[MODEL_INFO], labels=["name", "version", "device"])
     for m in {(m["name"], m["version"], m["device"]) for m in st.models}:

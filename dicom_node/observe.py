@@ -113,6 +113,7 @@ def read_state(
     workers_ready: Callable[[], int],
     models: Callable[[], list[dict[str, str]]],
     gpu_bytes: Callable[[], dict[str, int]],
+    unwritten_bytes: Callable[[], int | None] = lambda: None,
 ) -> metrics.NodeState:
     with db.session() as s:
         jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
@@ -132,6 +133,7 @@ def read_state(
         queued=jobs.get(str(JobState.QUEUED), 0),
         deliveries_pending=pending,
         spool_free_bytes=free,
+        spool_unwritten_bytes=unwritten_bytes(),
         workers_ready=workers_ready(),
         models=models(),
         gpu_bytes=gpu_bytes(),

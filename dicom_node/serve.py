@@ -84,7 +84,12 @@ class Node:
         self._last_lease_check = 0.0
         self.watcher = JobWatcher(self.db, bool(settings.destinations), time.time())
         metrics.STATE.read = lambda: read_state(
-            self.db, self.spool.root, self.workers.ready_count, self.workers.models, self.workers.gpu_bytes
+            self.db,
+            self.spool.root,
+            self.workers.ready_count,
+            self.workers.models,
+            self.workers.gpu_bytes,
+            self.spool.unwritten_bytes,
         )
 
     def start(self) -> None:

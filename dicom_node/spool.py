@@ -273,6 +273,10 @@ class Spool:
         """The instance is durable in the log and its file not yet written."""
         return self._placer is not None and self._placer.holds(rel)
 
+    def unwritten_bytes(self) -> int | None:
+        """Bytes acknowledged from the log whose files are not written yet (None without a log)."""
+        return None if self.log is None else self.log.unwritten_bytes()
+
     def settle(self, timeout: float = 30.0) -> bool:
         """Wait until every stored instance's file is written (False on timeout)."""
         return self._placer is None or self._placer.wait_empty(timeout)

@@ -166,6 +166,10 @@ class SpoolLog:
                 write_all(fd, [chunk])
                 done += len(chunk)
 
+    def unwritten_bytes(self) -> int:
+        with self._cond:
+            return self._in_flight_bytes
+
     def crowded(self) -> bool:
         """Half the log holds records whose files are not written, or a writer waits for space."""
         return self._writer_waits or self._in_flight_bytes * 2 >= SEGMENTS * self.segment_bytes

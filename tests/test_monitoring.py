@@ -76,7 +76,7 @@ def test_label_values_never_carry_a_uid(node):
     receiver.store_bytes(b"not dicom", Source("stow", "r1"))
     job_id, outbox = done_job(node, s)
     deliver_due(db, s, outbox, time.time(), lambda d, st, r: FakeSender(failing={f"9.9.{job_id}.1"}))
-    metrics.STATE.read = lambda: read_state(db, root, lambda: 1, lambda: [], lambda: {"0": 123})
+    metrics.STATE.read = lambda: read_state(db, root, lambda: 1, lambda: [], lambda: {"0": 123}, lambda: 4096)
     body, ctype = metrics.exposition()
     assert ctype.startswith("text/plain")
     values = set()
@@ -89,6 +89,7 @@ def test_label_values_never_carry_a_uid(node):
     uids = [v for v in values if UID_LIKE.match(v) or v.startswith(("1.2.3", "1.2.826", "9.9."))]
     assert not uids, uids
     assert sample("nodal_gpu_memory_used_bytes", worker="0") == 123
+    assert sample("nodal_spool_log_unwritten_bytes") == 4096
     assert sample("nodal_results_sent_total", destination="pacs") >= 2
     assert sample("nodal_send_retries_total", destination="pacs") >= 1
     assert sample("process_resident_memory_bytes") > 0  # the process metrics are there too

@@ -126,6 +126,7 @@ def test_prometheus_sees_a_study_go_through_and_no_phi_is_logged_or_audited(tmp_
         [info] = prom.query("nodal_model_info")
         assert info["metric"]["device"] == "cpu" and info["metric"]["version"]
         assert prom.value("nodal_spool_free_bytes") > 0
+        assert prom.value("nodal_spool_log_unwritten_bytes") == 0  # the job read every file: all written
         assert prom.value("process_resident_memory_bytes") > 0
 
         for expr in dashboard_exprs():

@@ -283,7 +283,9 @@ def test_files_wait_for_a_pause_unless_someone_needs_them(tmp_path, monkeypatch)
     spool.store(first, rel(1))
     time.sleep(0.3)
     assert spool.placing(rel(1)) and not (root / rel(1)).exists()  # still only in the log
+    assert spool.unwritten_bytes() == len(first)  # nodal_spool_log_unwritten_bytes
     assert spool.settle(10)  # a reader: written now
+    assert spool.unwritten_bytes() == 0
     assert (root / rel(1)).read_bytes() == first
     data = {i: payload(i, 300_000) for i in range(2, 14)}  # 3.6 MB: over half the log
     for i, d in data.items():
@@ -319,4 +321,20 @@ def test_the_log_counts_no_unwritten_bytes_once_every_file_is_written(tmp_path):
         spool.store(payload(i, 300_000), rel(i))
     assert spool.settle(10)
     assert spool.log._in_flight_bytes == 0 and not spool.log.crowded()
+    spool.close()
+
+
+@pytest.mark.parametrize("failure", [18, 38])  # EXDEV, ENOSYS: another file system, an old kernel
+def test_files_are_copied_out_of_the_log_without_copy_file_range_too(tmp_path, monkeypatch, failure):
+    def unavailable(*args, **kwargs):
+        raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(spool_log.os, "copy_file_range", unavailable)
+    spool = Spool(tmp_path / "spool", "log", 4 * MIB)
+    data = {i: payload(i, 1_500_000) for i in range(3)}  # more than one 1 MiB read each
+    for i, d in data.items():
+        spool.store(d, rel(i))
+    assert spool.settle(10)
+    for i, d in data.items():
+        assert (tmp_path / "spool" / rel(i)).read_bytes() == d
     spool.close()
