@@ -117,10 +117,9 @@ def read_header(source: bytes | Path) -> InstanceHeader:
     functional groups (Enhanced CT keeps the thickness in them)."""
     try:
         with _open(source) as stream:
-            ds = read_partial(stream, stop_when=_past_image_header, specific_tags=_HEADER_TAGS)
-            if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SliceThickness" not in ds:
-                stream.seek(0)
-                ds = read_partial(stream, stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS)
+            ds = _header_elements(
+                lambda stop: read_partial(stream, stop_when=stop, specific_tags=_HEADER_TAGS), stream
+            )
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
     except Exception as e:
@@ -138,15 +137,26 @@ def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str
         if ts.is_deflated:
             dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
         stream = io.BytesIO(dataset)
-        ds = read_dataset(stream, implicit, little, stop_when=_past_image_header, specific_tags=_HEADER_TAGS)
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SliceThickness" not in ds:
-            stream.seek(0)
-            ds = read_dataset(stream, implicit, little, stop_when=_at_pixel_data, specific_tags=_HEADER_TAGS)
+        ds = _header_elements(
+            lambda stop: read_dataset(stream, implicit, little, stop_when=stop, specific_tags=_HEADER_TAGS),
+            stream,
+        )
     except InvalidInstanceError:
         raise
     except Exception as e:
         raise InvalidInstanceError(f"not a readable DICOM dataset: {type(e).__name__}") from None
     return replace(header_of(ds, str(ts)), source_ae=source_ae.strip()[:16])
+
+
+def _header_elements(read, stream) -> Dataset:
+    """`read(stop_when)` up to Number of Frames; again, from the start of `stream`, up to the
+    pixel data for a multi-frame instance without Slice Thickness there (Enhanced CT keeps
+    it in the functional groups)."""
+    ds = read(_past_image_header)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SliceThickness" not in ds:
+        stream.seek(0)
+        ds = read(_at_pixel_data)
+    return ds
 
 
 def _open(source: bytes | Path):
