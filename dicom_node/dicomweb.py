@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from dicom_node import audit
+from dicom_node.header import InvalidInstanceError, check_uid
 from dicom_node.ingest import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -39,7 +40,6 @@ from dicom_node.multipart import (
     PartStart,
     parse_content_type,
 )
-from dicom_node.spool import InvalidInstanceError, check_uid
 
 DICOM_JSON = "application/dicom+json"
 RETRY_AFTER_SECONDS = 60

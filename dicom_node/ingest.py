@@ -35,18 +35,10 @@ from sqlalchemy.orm import Session
 
 from dicom_node import metrics
 from dicom_node.audit import study_key
+from dicom_node.header import InstanceHeader, InvalidInstanceError, read_dataset_header, read_header
 from dicom_node.index import Database, Instance, Series, Study, now
 from dicom_node.part10 import file_meta_prefix
-from dicom_node.spool import (
-    Data,
-    InstanceHeader,
-    InvalidInstanceError,
-    Spool,
-    pieces,
-    read_dataset_header,
-    read_header,
-    relative_path,
-)
+from dicom_node.spool import Data, Spool, pieces, relative_path
 
 log = logging.getLogger("nodal.ingest")
 

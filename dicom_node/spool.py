@@ -18,188 +18,32 @@ the log can write it again (``spool.durability``):
   when the spool has a file system of its own; slower when other programs write a lot to
   the same one.
 
-UIDs become path components only after `check_uid` accepted them: digits and dots, at
-most 64 characters, so no name can leave the spool.
+UIDs become path components only after `dicom_node.header.check_uid` accepted them:
+digits and dots, at most 64 characters, so no name can leave the spool.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import logging
 import os
-import re
 import shutil
 import threading
 import time
-import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_partial
-from pydicom.tag import Tag
-from pydicom.uid import UID
-
+from dicom_node.header import InstanceHeader
 from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs, write_all
 
 log = logging.getLogger("nodal.spool")
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_DIR = ".tmp"
-
-_HEADER_TAGS = [
-    Tag(t)
-    for t in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-        "ImageType",
-        "SliceThickness",
-        "SeriesDescription",
-        "NumberOfFrames",
-        "SharedFunctionalGroupsSequence",
-    )
-]
 
 
 #: What the spool stores: one byte string, or pieces written one after the other.
 Data = bytes | Sequence[bytes]
-
-
-class InvalidInstanceError(ValueError):
-    """The instance cannot be stored: unreadable, or a UID is missing or malformed."""
-
-
-def check_uid(value: object, what: str) -> str:
-    """Return `value` as a UID string, or raise InvalidInstanceError naming `what`."""
-    uid = str(value or "").rstrip("\0 ")
-    if not uid:
-        raise InvalidInstanceError(f"{what} is missing")
-    if len(uid) > 64:
-        raise InvalidInstanceError(f"{what} is longer than 64 characters ({len(uid)})")
-    if not UID_RE.match(uid):
-        raise InvalidInstanceError(f"{what} is not a UID (only digits and dots are allowed)")
-    return uid
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """What the index and the routing rules need from one instance."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax_uid: str
-    modality: str = ""
-    image_type: tuple[str, ...] = ()
-    slice_thickness_mm: float | None = None
-    series_description: str = ""
-    frames: int = 1
-    source_ae: str = ""  # file meta Source Application Entity Title (the C-STORE caller)
-
-
-def _past_image_header(tag, vr, length) -> bool:
-    """Every tag the index needs lies before (0028,0009), except in multi-frame instances."""
-    return tag > 0x00280008
-
-
-def read_header(source: bytes | Path) -> InstanceHeader:
-    """Parse the header of a Part 10 file (bytes or a path); pixel data is not read.
-
-    The parse stops after Number of Frames (0028,0008), before the rest of the image
-    module; a multi-frame instance without Slice Thickness there is read on up to its
-    functional groups (Enhanced CT keeps the thickness in them)."""
-    try:
-        with _open(source) as stream:
-            ds = _header_elements(
-                lambda stop: read_partial(stream, stop_when=stop, specific_tags=_HEADER_TAGS), stream
-            )
-        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
-    except Exception as e:
-        raise InvalidInstanceError(f"not a readable DICOM Part 10 file: {type(e).__name__}") from None
-    return replace(header_of(ds, ts), source_ae=source_ae)
-
-
-def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
-    """Parse the header of a dataset as a C-STORE brings it (no preamble, no file meta),
-    encoded in `transfer_syntax_uid`; the same result as `read_header` on its Part 10 file,
-    at about half the cost (no file meta group to decode; benchmarks/bench_store.py)."""
-    try:
-        ts = UID(check_uid(transfer_syntax_uid, "Transfer Syntax UID"))
-        implicit, little = ts.is_implicit_VR, ts.is_little_endian
-        if ts.is_deflated:
-            dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
-        stream = io.BytesIO(dataset)
-        ds = _header_elements(
-            lambda stop: read_dataset(stream, implicit, little, stop_when=stop, specific_tags=_HEADER_TAGS),
-            stream,
-        )
-    except InvalidInstanceError:
-        raise
-    except Exception as e:
-        raise InvalidInstanceError(f"not a readable DICOM dataset: {type(e).__name__}") from None
-    return replace(header_of(ds, str(ts)), source_ae=source_ae.strip()[:16])
-
-
-def _header_elements(read, stream) -> Dataset:
-    """`read(stop_when)` up to Number of Frames; again, from the start of `stream`, up to the
-    pixel data for a multi-frame instance without Slice Thickness there (Enhanced CT keeps
-    it in the functional groups)."""
-    ds = read(_past_image_header)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SliceThickness" not in ds:
-        stream.seek(0)
-        ds = read(_at_pixel_data)
-    return ds
-
-
-def _open(source: bytes | Path):
-    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-
-
-def _at_pixel_data(tag, vr, length) -> bool:
-    return tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
-
-
-def header_of(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
-    try:
-        image_type = ds.get("ImageType") or ()
-        image_type = (image_type,) if isinstance(image_type, str) else tuple(str(v) for v in image_type)
-        return InstanceHeader(
-            sop_class_uid=check_uid(ds.get("SOPClassUID"), "SOP Class UID"),
-            sop_instance_uid=check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
-            study_instance_uid=check_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
-            series_instance_uid=check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
-            transfer_syntax_uid=check_uid(transfer_syntax_uid, "Transfer Syntax UID"),
-            modality=str(ds.get("Modality", "") or "")[:16],
-            image_type=tuple(v.upper().strip() for v in image_type)[:8],
-            slice_thickness_mm=_thickness(ds),
-            series_description=str(ds.get("SeriesDescription", "") or "")[:64],
-            frames=max(1, int(ds.get("NumberOfFrames", 1) or 1)),
-        )
-    except InvalidInstanceError:
-        raise
-    except Exception as e:  # a malformed value (e.g. a non-numeric IS)
-        raise InvalidInstanceError(f"malformed header: {type(e).__name__}") from None
-
-
-def _thickness(ds: Dataset) -> float | None:
-    value = ds.get("SliceThickness")
-    if value in (None, ""):
-        try:
-            value = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
-        except (AttributeError, IndexError):
-            return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def relative_path(header: InstanceHeader) -> Path:
