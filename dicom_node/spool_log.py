@@ -16,9 +16,9 @@ was acknowledged is therefore in the spool after a crash or a power cut.
 Layout: ``<spool>/.log/segment-<n>`` (`SEGMENTS` files of ``spool.log_segment_mb``,
 written with zeros once) and ``<spool>/.log/checkpoint`` (8 bytes). A record is a header
 (`HEAD`: magic, sequence number, path length, data length, CRC-32 of path and data,
-CRC-32 of the header), the path relative to the spool root, and the data. Writers append
-under one lock in sequence order, so within a segment an acknowledged record never
-follows a hole; they share their fdatasyncs (group commit).
+CRC-32 of the header; zlib's CRC-32, computed with ISA-L), the path relative to the spool
+root, and the data. Writers append under one lock in sequence order, so within a segment
+an acknowledged record never follows a hole; they share their fdatasyncs (group commit).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import re
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from isal.isal_zlib import crc32
 
 log = logging.getLogger("nodal.spool")
 
@@ -105,15 +106,15 @@ class SpoolLog:
         size = HEAD.size + len(path) + sum(map(len, data))
         if self._broken or size > self.segment_bytes:
             raise LogUnavailable
-        body_crc = zlib.crc32(path)
+        body_crc = crc32(path)
         for piece in data:
-            body_crc = zlib.crc32(piece, body_crc)
+            body_crc = crc32(piece, body_crc)
         with self._cond:
             if self._offset + size > self.segment_bytes:
                 self._next_segment()
             seq = self._seq + 1
             head = HEAD.pack(MAGIC, seq, len(path), size - HEAD.size - len(path), body_crc, 0)
-            head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+            head = head[:-4] + struct.pack("<I", crc32(head[:-4]))
             fd, offset = self._fds[self._segment], self._offset
             try:
                 written = os.pwritev(fd, [head, path, *data], offset)
@@ -309,7 +310,7 @@ class SpoolLog:
         restored = 0
         for _seq, fd, offset, path_len, data_len, body_crc in sorted(pending):
             body = os.pread(fd, path_len + data_len, offset + HEAD.size)
-            if len(body) != path_len + data_len or zlib.crc32(body) != body_crc:
+            if len(body) != path_len + data_len or crc32(body) != body_crc:
                 continue  # torn: its writer never got an acknowledgement
             rel, data = body[:path_len].decode("ascii", "replace"), body[path_len:]
             if not _REL_RE.match(rel) or max(len(p) for p in rel[:-4].split("/")) > 64:
@@ -333,7 +334,7 @@ def _records(fd: int, segment_bytes: int) -> Iterator[tuple[int, int, int, int, 
         if len(head) < HEAD.size:
             return
         magic, seq, path_len, data_len, body_crc, head_crc = HEAD.unpack(head)
-        if magic != MAGIC or zlib.crc32(head[:-4]) != head_crc:
+        if magic != MAGIC or crc32(head[:-4]) != head_crc:
             return
         end = offset + HEAD.size + path_len + data_len
         if end > segment_bytes:

@@ -265,6 +265,21 @@ def _offsets(segment: Path) -> list[int]:
         os.close(fd)
 
 
+def test_records_carry_the_zlib_crc32_of_their_header_and_body(tmp_path):
+    """The on-disk format: a log written by any nodal replays in any other."""
+    root = tmp_path / "spool"
+    spool = Spool(root, "log", 4 * MIB)
+    data = payload(7)
+    spool.store([data[:1000], data[1000:]], rel(7))
+    crash(spool)
+    raw = (root / ".log" / "segment-0").read_bytes()
+    magic, seq, plen, dlen, body_crc, head_crc = HEAD.unpack(raw[: HEAD.size])
+    assert (magic, seq, dlen) == (MAGIC, 1, len(data))
+    assert head_crc == zlib.crc32(raw[: HEAD.size - 4])
+    assert body_crc == zlib.crc32(raw[HEAD.size : HEAD.size + plen + dlen])
+    assert raw[HEAD.size + plen : HEAD.size + plen + dlen] == data
+
+
 def test_a_second_writer_on_the_same_spool_is_refused(tmp_path):
     spool = Spool(tmp_path / "spool", "log", 1 * MIB)
     with pytest.raises(RuntimeError, match="in use by another nodal process"):
