@@ -447,9 +447,10 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
 class Indexer:
     """One thread writing index rows in batches of up to `BATCH` instances.
 
-    After the first pending instance it gathers for up to `WINDOW` seconds: a sender that
-    stores one instance at a time then costs one transaction per window, not per instance.
-    Acknowledgements never wait for the index (the spool is the record)."""
+    After the first pending instance it sleeps for `WINDOW` seconds and takes what came
+    meanwhile: a sender that stores one instance at a time then costs one transaction (and
+    one wake-up of this thread) per window, not per instance. Acknowledgements never wait
+    for the index (the spool is the record)."""
 
     BATCH = 256
     WINDOW = 0.1
@@ -481,21 +482,19 @@ class Indexer:
 
     def _run(self) -> None:
         while True:
-            first = self._q.get()
-            batch, stop = ([] if first is None else [first]), first is None
-            deadline = time.monotonic() + self.WINDOW
-            while not stop and len(batch) < self.BATCH:
+            taken = [self._q.get()]
+            if taken[0] is not None and self._q.qsize() < self.BATCH:
+                time.sleep(self.WINDOW)  # asleep, not woken by each instance that joins the batch
+            while len(taken) < self.BATCH and taken[-1] is not None:
                 try:
-                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    taken.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-                if item is None:
-                    stop = True
-                else:
-                    batch.append(item)
+            stop = taken[-1] is None
+            batch = taken[:-1] if stop else taken
             if batch:
                 self._write(batch)
-            for _ in range(len(batch) + (1 if stop else 0)):
+            for _ in taken:
                 self._q.task_done()
             if stop:
                 return

@@ -235,6 +235,7 @@ class Placer:
 
     RETRY_SECONDS = 1.0
     IDLE_SECONDS = 0.2
+    LOOK_SECONDS = 0.05  # how often a placer with files to write looks at the clock and the log
 
     def __init__(self, place, done, crowded=lambda: False):
         self._place, self._done, self._crowded = place, done, crowded
@@ -254,7 +255,8 @@ class Placer:
             self._holding[rel] = self._holding.get(rel, 0) + 1
             self._submitted += 1
             self._last_put = time.monotonic()
-            self._cond.notify_all()
+            if len(self._queue) == 1:  # else the thread is already counting the idle time down
+                self._cond.notify_all()
 
     def holds(self, rel: Path) -> bool:
         with self._cond:
@@ -294,7 +296,7 @@ class Placer:
         while True:
             with self._cond:
                 while not self._stop and not (self._queue and self._due()):
-                    self._cond.wait(self.IDLE_SECONDS / 4 if self._queue else None)
+                    self._cond.wait(self.LOOK_SECONDS if self._queue else None)
                 if self._stop:
                     return
                 seq, rel = self._queue[0]
