@@ -257,7 +257,7 @@ def test_alert_rules_pass_promtool_check_and_their_unit_tests():
     check = subprocess.run(
         [PROMTOOL, "check", "rules", "alerts.yml"], cwd=rules, capture_output=True, text=True
     )
-    assert check.returncode == 0 and "SUCCESS: 6 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
     tests = subprocess.run(
         [PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=rules, capture_output=True, text=True
     )
