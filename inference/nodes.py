@@ -162,3 +162,46 @@ def measure_node(volume: Volume, c: Candidate) -> dict | None:
         "mean_hu": float(hu[c.mask].mean()),
         "flags": flags,
     }
+
+
+def exclusive(candidates: list[Candidate]) -> list[Candidate | None]:
+    """The candidates with every voxel owned by at most one of them.
+
+    Two masks can claim the same voxel: each node is carried to the native grid and its
+    edge settled on the image on its own.  A contested voxel goes to the candidate with the
+    highest probability there (``soft``); a tie goes to the earlier candidate.  A candidate
+    that loses voxels keeps its largest connected piece, with its probability at the lost
+    voxels capped below 0.5 so that diameters measured on ``soft`` agree with the mask; one
+    left with nothing is None.  Candidates that lose nothing are returned as they are.
+    """
+    lost = [np.zeros(c.mask.shape, dtype=bool) for c in candidates]
+    for a, ca in enumerate(candidates):
+        for b in range(a + 1, len(candidates)):
+            cb = candidates[b]
+            lo = np.maximum(ca.bbox[:3], cb.bbox[:3])
+            hi = np.minimum(ca.bbox[3:], cb.bbox[3:])
+            if np.any(hi <= lo):
+                continue
+            in_a = tuple(slice(x - o, y - o) for x, y, o in zip(lo, hi, ca.bbox[:3], strict=True))
+            in_b = tuple(slice(x - o, y - o) for x, y, o in zip(lo, hi, cb.bbox[:3], strict=True))
+            both = ca.mask[in_a] & cb.mask[in_b]
+            if not both.any():
+                continue
+            a_wins = ca.soft[in_a] >= cb.soft[in_b]
+            lost[a][in_a] |= both & ~a_wins
+            lost[b][in_b] |= both & a_wins
+    out: list[Candidate | None] = []
+    for c, gone in zip(candidates, lost, strict=True):
+        if not gone.any():
+            out.append(c)
+            continue
+        mask = c.mask & ~gone
+        lab, n = ndimage.label(mask)
+        if n == 0:
+            out.append(None)
+            continue
+        if n > 1:
+            mask = lab == (int(np.argmax(ndimage.sum_labels(mask, lab, range(1, n + 1)))) + 1)
+        soft = np.where(mask, c.soft, np.minimum(c.soft, 0.49))
+        out.append(Candidate(mask=mask, bbox=c.bbox, soft=soft, crop=c.crop))
+    return out

@@ -3,7 +3,9 @@
 volume -> working grid -> U-Net probability -> connected components -> per node: mask on
 the native grid, RECIST diameters, volume, mean HU -> verification (drop what is not a
 node, when the model has a verifier) -> each node's edge settled on the image and measured
-again (`inference.refine`) -> classifier probability and rule category -> `StudyFindings`.
+again (`inference.refine`) -> every voxel to at most one node (`inference.nodes.exclusive`;
+the findings are measured from those same masks) -> classifier probability and rule
+category -> `StudyFindings`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from inference import rules, verify
 from inference.classify import malignancy_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
-from inference.nodes import Candidate, components, measure_node, refined
+from inference.nodes import Candidate, components, exclusive, measure_node, refined, working_crop
 from inference.preprocess import Grid, to_working
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
@@ -112,6 +114,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
             _refined_pair(volume, c, m, s.boundary_refine_mm, image_w, grid) for c, m in measured_pairs
         ]
         seconds["refine"] = time.perf_counter() - t
+    measured_pairs = _exclusive_pairs(volume, measured_pairs, image_w, grid)
     measured = [m for _, m in measured_pairs]
 
     t = time.perf_counter()
@@ -169,6 +172,25 @@ def _refined_pair(
         return c, m
     m2 = measure_node(volume, r)
     return (r, m2) if m2 is not None else (c, m)
+
+
+def _exclusive_pairs(
+    volume: Volume, pairs: list[tuple[Candidate, dict]], image_w: np.ndarray, grid: Grid
+) -> list[tuple[Candidate, dict]]:
+    """The nodes with no voxel in two of them (`inference.nodes.exclusive`); a node that
+    lost voxels is measured again and gets its classifier crop from its new edge."""
+    out = []
+    for (c, m), e in zip(pairs, exclusive([c for c, _ in pairs]), strict=True):
+        if e is c:
+            out.append((c, m))
+            continue
+        if e is None:
+            continue
+        e.crop = working_crop(image_w, grid, e.mask, e.bbox)
+        m2 = measure_node(volume, e)
+        if m2 is not None:
+            out.append((e, m2))
+    return out
 
 
 def _input_key(volume: Volume, model_version: str) -> str:

@@ -63,6 +63,7 @@ UCUM_MM = Code("mm", "UCUM", "millimeter")
 UCUM_MM3 = Code("mm3", "UCUM", "cubic millimeter")
 UCUM_HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 UCUM_NO_UNITS = Code("1", "UCUM", "no units")
+UCUM_PERCENT = Code("%", "UCUM", "percent")
 
 # --------------------------------------------------------------------------------------
 # Qualitative evaluations
@@ -78,6 +79,9 @@ MALIGNANCY_THRESHOLD = 0.5
 #: No-findings report: "Finding: lymph node; Presence of property: absent".
 PRESENCE_OF_PROPERTY = Code("121052", "DCM", "Presence of property")
 ABSENT = Code("272519000", "SCT", "Absent")  # CID 240
+
+#: A node's evaluations in words (TEXT), which viewers that show no coded value display.
+COMMENT = Code("121106", "DCM", "Comment")
 
 NORMAL = Code("17621005", "SCT", "Normal")
 ENLARGED = Code("260376009", "SCT", "Enlarged")
@@ -145,6 +149,7 @@ __all__ = [
     "ARTIFICIAL_INTELLIGENCE",
     "ATTENUATION_COEFFICIENT",
     "BENIGN",
+    "COMMENT",
     "CT_UNSPECIFIED_BODY_REGION",
     "DEVICE",
     "ENLARGED",
@@ -173,6 +178,7 @@ __all__ = [
     "UCUM_MM",
     "UCUM_MM3",
     "UCUM_NO_UNITS",
+    "UCUM_PERCENT",
     "VOLUME",
     "private_coding_scheme",
     "size_category_code",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import highdicom as hd
 from pydicom.uid import UID
+from pydicom.valuerep import PersonName
 
 from inference.findings import ModelInfo
 from sr_templates import codes
@@ -27,6 +28,11 @@ SC_SERIES_DESCRIPTION = "AI lymph node key images (nodal, unverified)"
 def model_label(model: ModelInfo) -> str:
     """``"<model name> <model version>"`` for texts (at most 64 characters)."""
     return f"{model.name} {model.version}"[:64]
+
+
+def content_creator_name(model: ModelInfo) -> PersonName:
+    """Content Creator's Name of a result: the algorithm, ``<model name>^<model version>``."""
+    return PersonName.from_named_components(family_name=model.name[:64], given_name=str(model.version)[:64])
 
 
 def software_versions(model: ModelInfo) -> list[str]:

@@ -2,9 +2,10 @@
 
 One RGB image per key slice: the CT in a soft-tissue window, the contour of every node on
 that slice in its segment colour, its long and short axis on its key slice, its label
-``LN-n``, a banner ``AI RESULT - NOT VERIFIED - nodal <version>`` and a legend with the
-measurements.  Small source images are enlarged (nearest neighbour) so that the text stays
-legible.  A study without findings gets one image of its middle slice that says so.
+``LN-n``, a banner ``AI RESULT - NOT VERIFIED - model <model name> <model version>`` and a
+legend with the measurements, closed by ``software nodal <package version>``.  Small source
+images are enlarged (nearest neighbour) so that the text stays legible.  A study without
+findings gets one image of its middle slice that says so.
 
 Text is drawn with Pillow's built-in font (no font files); Pillow comes with scikit-image.
 """
@@ -24,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 from skimage.draw import line as draw_line
 
-from inference.findings import Finding, StudyFindings
+from inference.findings import Finding, ModelInfo, StudyFindings
 from sr_templates import codes, provenance
 from sr_templates.seg import segment_rgb
 from sr_templates.sources import SourceSeries
@@ -40,9 +41,15 @@ NO_FINDINGS_TEXT = "NO LYMPH NODES FOUND"
 MAX_LEGEND_LINES = 6
 
 
-def banner_text() -> str:
+def banner_text(model: ModelInfo) -> str:
+    """The banner: an unverified AI result, and the model (name and version) that made it."""
     # ASCII hyphens: the built-in font has no em dash.
-    return f"AI RESULT - NOT VERIFIED - nodal {codes.SOFTWARE_VERSION}"
+    return f"AI RESULT - NOT VERIFIED - model {provenance.model_label(model)}"
+
+
+def footer_text() -> str:
+    """The legend's last line: the software that wrote the image, labelled as such."""
+    return f"software nodal {codes.SOFTWARE_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
     base_size = max(10, cols // 32)
 
     # Banner across the top.
-    text = banner_text()
+    text = banner_text(study_findings.model)
     font = _fitting_font(draw, text, cols - 2 * margin, base_size)
     top = draw.textbbox((0, 0), text, font=font)
     banner_h = top[3] + 2 * margin
@@ -187,7 +194,7 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
     if len(lines) > MAX_LEGEND_LINES:
         hidden = len(lines) - MAX_LEGEND_LINES + 1
         lines = [*lines[: MAX_LEGEND_LINES - 1], f"... and {hidden} more (see the SR)"]
-    lines.append(f"model {provenance.model_label(study_findings.model)}")
+    lines.append(footer_text())
     legend_font = _fitting_font(draw, max(lines, key=len), cols - 2 * margin, base_size)
     line_h = draw.textbbox((0, 0), "Ag", font=legend_font)[3] + margin
     y0 = rows - line_h * len(lines) - margin
@@ -255,8 +262,8 @@ def build_result_images(
         # of the trunk is of no paired body part: U (unpaired).
         sc.ImageLaterality = "U"
         sc.ImageComments = (
-            f"AI result, not verified by a physician: nodal {codes.SOFTWARE_VERSION}, "
-            f"model {provenance.model_label(model)}"
+            f"AI result, not verified by a physician: model {provenance.model_label(model)}, "
+            f"software nodal {codes.SOFTWARE_VERSION}"
         )
         sc.DerivationDescription = "CT key slice with AI lymph node contours and labels burned in"
         source = sources.dataset_of_slice(key.k)

@@ -67,10 +67,12 @@ def _painted_slices(finding: Finding) -> list[int]:
     return [k0 + dk for dk in range(k1 - k0) if mask[dk].any()]
 
 
-def label_map(sources: SourceSeries, study_findings: StudyFindings) -> np.ndarray | None:
+def label_map(sources: SourceSeries, study_findings: StudyFindings) -> np.ndarray:
     """Label map ``(planes, rows, columns)`` in source-plane order, value n for segment n.
 
-    None when two findings overlap (a label map cannot hold that).
+    Segments never overlap (viewers such as OHIF lose whole segments of a SEG whose
+    segments share a voxel), so a voxel claimed by two findings is an error here: the
+    findings are made exclusive, and measured, before they are written.
     """
     findings = study_findings.findings
     shape = (sources.number_of_planes, sources.rows, sources.columns)
@@ -81,48 +83,15 @@ def label_map(sources: SourceSeries, study_findings: StudyFindings) -> np.ndarra
         for k in _painted_slices(finding):
             m = mask[k - k0]
             plane = labels[sources.planes[k].plane_index, j0:j1, i0:i1]
-            if np.any(plane[m]):
-                return None
+            taken = plane[m]
+            if np.any(taken):
+                other = findings[int(taken[taken > 0][0]) - 1].label
+                raise ValueError(
+                    f"{finding.label} and {other} share voxels on slice {k}; segments must not "
+                    "overlap (give each voxel to one finding before writing)"
+                )
             plane[m] = number
     return labels
-
-
-def stacked_segments(
-    sources: SourceSeries, study_findings: StudyFindings, plane_indices: list[int]
-) -> np.ndarray:
-    """Boolean ``(len(plane_indices), rows, columns, segments)`` for overlapping findings."""
-    findings = study_findings.findings
-    row_of = {p: n for n, p in enumerate(plane_indices)}
-    stacked = np.zeros((len(plane_indices), sources.rows, sources.columns, len(findings)), dtype=bool)
-    for s, finding in enumerate(findings):
-        k0, j0, i0, _, j1, i1 = _slice_ranges(finding)
-        mask = np.asarray(finding.mask, dtype=bool)
-        for k in _painted_slices(finding):
-            stacked[row_of[sources.planes[k].plane_index], j0:j1, i0:i1, s] |= mask[k - k0]
-    return stacked
-
-
-def _pixel_arguments(sources: SourceSeries, study_findings: StudyFindings, omit_empty_frames: bool) -> dict:
-    """``pixel_array`` (and ``plane_positions`` if needed) for `hd.seg.Segmentation`."""
-    labels = label_map(sources, study_findings)
-    if labels is not None:
-        return {"pixel_array": labels}
-    # Overlapping findings need one boolean plane per segment.  To keep memory bounded
-    # (planes x rows x columns x segments), only the planes with a segment go in when empty
-    # frames are omitted anyway; highdicom then matches them to the source by position.
-    if not omit_empty_frames:
-        every = list(range(sources.number_of_planes))
-        return {"pixel_array": stacked_segments(sources, study_findings, every)}
-    position = {p.plane_index: p.position for p in sources.planes}
-    used = sorted(
-        {sources.planes[k].plane_index for f in study_findings.findings for k in _painted_slices(f)}
-    )
-    return {
-        "pixel_array": stacked_segments(sources, study_findings, used),
-        "plane_positions": [
-            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, position[p]) for p in used
-        ],
-    }
 
 
 def build_seg(
@@ -141,7 +110,7 @@ def build_seg(
     model = study_findings.model
     seg = hd.seg.Segmentation(
         source_images=sources.for_highdicom,
-        **_pixel_arguments(sources, study_findings, omit_empty_frames),
+        pixel_array=label_map(sources, study_findings),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(study_findings),
         series_instance_uid=uids.seg_series,
@@ -153,6 +122,7 @@ def build_seg(
         software_versions=provenance.software_versions(model),  # type: ignore[arg-type]
         device_serial_number=str(provenance.algorithm_device_uid(model)),
         content_label=CONTENT_LABEL,
+        content_creator_name=provenance.content_creator_name(model),
         content_description=f"AI lymph nodes, {provenance.model_label(model)}, unverified"[:64],
         omit_empty_frames=omit_empty_frames,
         contributing_equipment=[provenance.contributing_equipment(model)],

@@ -1,16 +1,20 @@
 """Comprehensive 3D SR, TID 1500 Measurement Report, of the lymph-node findings.
 
-Per finding (all groups carry the finding's tracking identifier and UID, which are also the
-tracking ID/UID of its SEG segment):
+Per finding, two measurement groups that carry the finding's tracking identifier and UID
+(also the tracking ID/UID of its SEG segment), so that a viewer merging groups by tracking
+UID (OHIF does) shows one node with all of its values:
 
-* one TID 1411 volumetric group that references the SEG segment, with finding = lymph node,
-  long axis, short axis, volume, mean attenuation, probability of cancer (all with TID 4019
-  algorithm identification), a malignant/benign evaluation and the size category;
-* two TID 1410 planar groups on the key slice, one per axis line: an open two-point SCOORD
-  POLYLINE and the length it depicts.  TID 1410 allows exactly one Image Region per group,
-  and TID 1419 measurements inside ROI groups may not carry their own SCOORD ("INFERRED
-  FROM" coordinates are only allowed in TID 1501 groups), so one planar group per line is
-  the conformant way to give each line its measurement; 2D viewers draw both lines.
+* a TID 1501 group with the long and short axis, each NUM INFERRED FROM its line (an open
+  two-point SCOORD POLYLINE on the key slice, SELECTED FROM that image; TID 300 allows
+  coordinates inside a measurement only in TID 1501 groups), and a Comment (TEXT) that says
+  the node's call and size class in words;
+* a TID 1411 volumetric group that references the SEG segment, with the volume, the mean
+  attenuation, the probability of cancer (in percent), a malignant/benign evaluation and the
+  size category.
+
+Neither group has a group-level SCOORD: OHIF draws only the first group-level SCOORD of a
+node, but every NUM's own line.  Algorithm identification (TID 4019) sits on the groups, not
+on the NUMs, because OHIF drops a NUM (label included) whose children hold no SCOORD.
 
 A study without findings gets a TID 1501 group "finding: lymph node; presence: absent".
 The document is UNVERIFIED (and PRELIMINARY); COMPLETE unless the analysis was partial.
@@ -37,9 +41,9 @@ def _measurement(
     name: Code,
     value: float,
     unit: Code,
-    algorithm: hd.sr.AlgorithmIdentification,
     *,
     derivation: Code | None = None,
+    line: hd.sr.CoordinatesForMeasurement | None = None,
 ) -> hd.sr.Measurement:
     if not np.isfinite(value):
         raise ValueError(f"measurement {name.meaning} is not finite: {value}")
@@ -47,8 +51,8 @@ def _measurement(
         name=name,
         value=round(float(value), 6),
         unit=unit,
-        algorithm_id=algorithm,
         derivation=derivation,
+        referenced_coordinates=None if line is None else [line],
     )
 
 
@@ -63,17 +67,8 @@ def malignancy_value(probability: float) -> Code:
     return codes.MALIGNANT if probability >= codes.MALIGNANCY_THRESHOLD else codes.BENIGN
 
 
-def _source_image_for_region(sources: SourceSeries, k: int) -> hd.sr.SourceImageForRegion:
-    ds = sources.dataset_of_slice(k)
-    frame = sources.planes[k].frame_number
-    return hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=ds.SOPClassUID,
-        referenced_sop_instance_uid=ds.SOPInstanceUID,
-        referenced_frame_numbers=None if frame is None else [frame],
-    )
-
-
-def _line_region(sources: SourceSeries, k: int, line: AxisLine) -> hd.sr.ImageRegion:
+def _axis_line(sources: SourceSeries, k: int, line: AxisLine) -> hd.sr.CoordinatesForMeasurement:
+    """The line a diameter was measured on: SCOORD POLYLINE on key slice `k`."""
     points = np.asarray(line.endpoints_pixel, dtype=np.float32).reshape(2, 2)
     limits = np.array([sources.columns, sources.rows], dtype=np.float32)
     if np.any(points < 0) or np.any(points > limits):
@@ -81,11 +76,24 @@ def _line_region(sources: SourceSeries, k: int, line: AxisLine) -> hd.sr.ImageRe
             f"axis line {points.tolist()} lies outside the {sources.columns}x{sources.rows} "
             "key slice; expected (column, row) pixel coordinates"
         )
-    return hd.sr.ImageRegion(
+    ds = sources.dataset_of_slice(k)
+    frame = sources.planes[k].frame_number
+    return hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=points,
-        source_image=_source_image_for_region(sources, k),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            referenced_frame_numbers=None if frame is None else [frame],
+        ),
     )
+
+
+def comment(finding: Finding) -> str:
+    """The node's call and size class in words (ASCII), e.g. ``"LN-1 malignant, size:
+    pathological target (>=15 mm)"``."""
+    call = malignancy_value(finding.malignancy_probability).meaning.lower()
+    return f"{finding.label} {call}, size: {finding.size_category}"
 
 
 def _referenced_segment(
@@ -131,56 +139,50 @@ def finding_groups(
     segment_number: int,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> list[
-    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 ]:
-    """The TID 1411 group and the two TID 1410 groups of one finding."""
-    axes = ((finding.long_axis, codes.LONG_AXIS), (finding.short_axis, codes.SHORT_AXIS))
-    measurements = [
-        *(_measurement(code, line.length_mm, codes.UCUM_MM, algorithm) for line, code in axes),
-        _measurement(codes.VOLUME, finding.volume_mm3, codes.UCUM_MM3, algorithm),
-        _measurement(
-            codes.ATTENUATION_COEFFICIENT,
-            finding.mean_hu,
-            codes.UCUM_HU,
-            algorithm,
-            derivation=codes.MEAN,
-        ),
-        _measurement(
-            codes.PROBABILITY_OF_CANCER,
-            finding.malignancy_probability,
-            codes.UCUM_NO_UNITS,
-            algorithm,
-        ),
-    ]
-    evaluations = [
-        hd.sr.QualitativeEvaluation(
-            codes.MALIGNANCY_INTERPRETATION, malignancy_value(finding.malignancy_probability)
-        ),
-        hd.sr.QualitativeEvaluation(codes.SIZE_CATEGORY, codes.size_category_code(finding.size_category)),
-    ]
+    """The TID 1501 group (axes with their lines) and the TID 1411 group of one finding."""
+    k = int(finding.key_slice)
+    axes = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding),
+        finding_type=codes.LYMPH_NODE,
+        finding_category=codes.ANATOMICAL_STRUCTURE,
+        algorithm_id=algorithm,
+        measurements=[
+            _measurement(code, line.length_mm, codes.UCUM_MM, line=_axis_line(sources, k, line))
+            for line, code in ((finding.long_axis, codes.LONG_AXIS), (finding.short_axis, codes.SHORT_AXIS))
+        ],
+    )
+    axes[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.COMMENT,
+            value=comment(finding),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
     volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding),
         referenced_segment=_referenced_segment(sources, finding, seg, segment_number),
         finding_type=codes.LYMPH_NODE,
         finding_category=codes.ANATOMICAL_STRUCTURE,
         algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
+        measurements=[
+            _measurement(codes.VOLUME, finding.volume_mm3, codes.UCUM_MM3),
+            _measurement(
+                codes.PROBABILITY_OF_CANCER, 100.0 * finding.malignancy_probability, codes.UCUM_PERCENT
+            ),
+            _measurement(
+                codes.ATTENUATION_COEFFICIENT, finding.mean_hu, codes.UCUM_HU, derivation=codes.MEAN
+            ),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                codes.MALIGNANCY_INTERPRETATION, malignancy_value(finding.malignancy_probability)
+            ),
+            hd.sr.QualitativeEvaluation(codes.SIZE_CATEGORY, codes.size_category_code(finding.size_category)),
+        ],
     )
-    k = int(finding.key_slice)
-    planar = [
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(finding),
-            referenced_region=_line_region(sources, k, line),
-            finding_type=codes.LYMPH_NODE,
-            finding_category=codes.ANATOMICAL_STRUCTURE,
-            algorithm_id=algorithm,
-            measurements=[_measurement(code, line.length_mm, codes.UCUM_MM, algorithm)],
-        )
-        for line, code in axes
-    ]
-    return [volumetric, *planar]
+    return [axes, volumetric]
 
 
 def no_findings_group(

@@ -10,13 +10,14 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sr_support import make_case
+from test_sr_support import MODEL, make_case
 
 from sr_templates import build_results, codes, write_results
 from sr_templates.result_images import (
     BANNER_COLOR,
     MIN_SIZE,
     banner_text,
+    footer_text,
     key_images,
 )
 from sr_templates.seg import segment_rgb
@@ -72,10 +73,14 @@ def test_contours_labels_and_banner_are_drawn(case, images) -> None:
         assert np.all(banner == np.array(BANNER_COLOR, dtype=np.uint8), axis=-1).any()
 
 
-def test_banner_says_ai_result_not_verified_with_version() -> None:
-    text = banner_text()
+def test_banner_names_the_model_and_the_footer_the_software() -> None:
+    """A reader must tell the model's version from the package's: the banner has the model,
+    the legend's last line the software, each labelled."""
+    text = banner_text(MODEL)
     assert "AI RESULT" in text and "NOT VERIFIED" in text
-    assert f"nodal {codes.SOFTWARE_VERSION}" in text
+    assert text.endswith(f"model {MODEL.name} {MODEL.version}")
+    assert codes.SOFTWARE_VERSION not in text
+    assert footer_text() == f"software nodal {codes.SOFTWARE_VERSION}"
 
 
 def test_no_findings_image_says_so(tmp_path: Path) -> None:

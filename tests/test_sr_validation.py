@@ -2,7 +2,7 @@
 
 Sources: single-frame CT, Enhanced CT (multi-frame), RLE-compressed, missing Type 2
 attributes, non-ASCII patient names (ISO_IR 100 and ISO_IR 192), a private size category,
-overlapping nodes, a study without findings and a long (1000-slice) series.  Each case is
+touching nodes, a study without findings and a long (1000-slice) series.  Each case is
 also read back with highdicom and checked against its findings.
 """
 
@@ -57,10 +57,10 @@ def _case(kind: str, folder: Path) -> Case:
         return make_case(folder, nodes=nodes)
     if kind == "no-findings":
         return make_case(folder, nodes=())
-    if kind == "overlapping-nodes":
+    if kind == "touching-nodes":  # adjacent voxels, none shared (segments never overlap)
         nodes = (
             NodeSpec((10.0, 30.0, 30.0), (6.0, 6.0, 6.0), 0.6, "enlarged"),
-            NodeSpec((10.0, 30.0, 36.0), (6.0, 6.0, 6.0), 0.4, "normal"),
+            NodeSpec((10.0, 30.0, 47.0), (6.0, 6.0, 6.0), 0.4, "normal"),
         )
         return make_case(folder, nodes=nodes)
     case = make_case(folder)
@@ -84,7 +84,7 @@ KINDS = (
     "latin1-name",
     "utf8-name",
     "private-size-category",
-    "overlapping-nodes",
+    "touching-nodes",
     "no-findings",
 )
 
@@ -182,10 +182,12 @@ def test_enhanced_source_references_frames(tmp_path: Path) -> None:
             [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
             [float(v) for v in ct_position.ImagePositionPatient],
         )
-    planar = sr.content.get_planar_roi_measurement_groups()
-    for n, finding in enumerate(case.findings.findings):
-        image = planar[2 * n].roi.ContentSequence[0].ReferencedSOPSequence[0]
-        assert int(image.ReferencedFrameNumber) == case.findings.slices[finding.key_slice].frame_number
+    axes = sr.content.get_image_measurement_groups()
+    for group, finding in zip(axes, case.findings.findings, strict=True):
+        for measurement in group.get_measurements():
+            (line,) = measurement.referenced_coordinates
+            image = line.ContentSequence[0].ReferencedSOPSequence[0]
+            assert int(image.ReferencedFrameNumber) == case.findings.slices[finding.key_slice].frame_number
 
 
 def test_a_1000_slice_series(tmp_path: Path) -> None:

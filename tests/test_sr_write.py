@@ -81,59 +81,72 @@ def test_device_observer_identifies_the_algorithm(sr) -> None:
     assert attrs.model_name == codes.MODEL_NAME
 
 
-def test_every_group_tracks_its_segment(case, sr, seg) -> None:
+def test_every_node_has_one_tracking_uid_across_its_groups(case, sr, seg) -> None:
+    """OHIF merges a node's groups by tracking UID: each node has exactly two groups, the
+    TID 1501 group with its axes and the TID 1411 group with its segment."""
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
-    planar = sr.content.get_planar_roi_measurement_groups()
+    axes = sr.content.get_image_measurement_groups()
+    assert sr.content.get_planar_roi_measurement_groups() == []  # no group-level SCOORD
     findings = case.findings.findings
-    assert len(volumetric) == len(findings)
-    assert len(planar) == 2 * len(findings)
+    assert len(volumetric) == len(axes) == len(findings)
     segment_uid = {n: seg.get_segment_description(n).tracking_uid for n in seg.segment_numbers}
-    for number, (finding, group) in enumerate(zip(findings, volumetric, strict=True), 1):
+    for number, (finding, group, axes_group) in enumerate(zip(findings, volumetric, axes, strict=True), 1):
         ref = group.referenced_segment
         assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert ref.referenced_segment_numbers == [number]
-        assert group.tracking_uid == segment_uid[number] == finding.tracking_uid
-        assert group.tracking_identifier == finding.label
-        assert group.finding_type == codes.LYMPH_NODE
-    for group in planar:
-        assert group.tracking_uid in segment_uid.values()
+        assert group.tracking_uid == axes_group.tracking_uid == segment_uid[number] == finding.tracking_uid
+        assert group.tracking_identifier == axes_group.tracking_identifier == finding.label
+        assert group.finding_type == axes_group.finding_type == codes.LYMPH_NODE
 
 
 def test_measurements_equal_the_findings(case, sr) -> None:
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
-    for finding, group in zip(case.findings.findings, volumetric, strict=True):
+    axes = sr.content.get_image_measurement_groups()
+    for finding, group, axes_group in zip(case.findings.findings, volumetric, axes, strict=True):
+        lines = _values(axes_group)
+        assert lines == {
+            "103339001": (pytest.approx(finding.long_axis.length_mm), "mm"),
+            "103340004": (pytest.approx(finding.short_axis.length_mm), "mm"),
+        }
         values = _values(group)
-        assert values["103339001"] == (pytest.approx(finding.long_axis.length_mm), "mm")
-        assert values["103340004"] == (pytest.approx(finding.short_axis.length_mm), "mm")
         assert values["118565006"] == (pytest.approx(finding.volume_mm3), "mm3")
-        assert values["111047"] == (pytest.approx(finding.malignancy_probability), "1")
+        assert values["111047"] == (pytest.approx(100 * finding.malignancy_probability), "%")
         assert values["112031"] == (pytest.approx(finding.mean_hu), "[hnsf'U]")
         evaluations = _evaluations(group)
         expected = "21594007" if finding.malignancy_probability >= 0.5 else "30807003"
         assert evaluations["363713009"] == expected
         assert evaluations["112025"] == codes.size_category_code(finding.size_category).value
-        for measurement in group.get_measurements():  # TID 4019 on every measurement
-            assert _text(measurement[0], "111001") == [MODEL.name]  # Algorithm Name
-            assert _text(measurement[0], "111003") == [MODEL.version]  # Algorithm Version
-        assert _text(group[0], "111001") == [MODEL.name]
+        for g in (group, axes_group):  # TID 4019 on the group, none on the NUMs
+            assert _text(g[0], "111001") == [MODEL.name]  # Algorithm Name
+            assert _text(g[0], "111003") == [MODEL.version]  # Algorithm Version
+        for measurement in (*group.get_measurements(), *axes_group.get_measurements()):
+            children = measurement[0].get("ContentSequence", [])
+            assert all(c.ConceptNameCodeSequence[0].CodeValue != "111001" for c in children)
 
 
-def test_planar_groups_hold_the_axis_lines_on_the_key_slice(case, sr) -> None:
-    planar = sr.content.get_planar_roi_measurement_groups()
+def test_the_call_and_size_class_are_also_said_in_words(case, sr) -> None:
+    """OHIF shows no coded evaluation, but it shows a Comment (DCM 121106) as a label."""
+    for finding, group in zip(case.findings.findings, sr.content.get_image_measurement_groups(), strict=True):
+        (said,) = _text(group[0], "121106")
+        call = "malignant" if finding.malignancy_probability >= 0.5 else "benign"
+        assert said == f"{finding.label} {call}, size: {finding.size_category}"
+        assert said.isascii()
+
+
+def test_axis_measurements_are_inferred_from_their_lines_on_the_key_slice(case, sr) -> None:
+    axes = sr.content.get_image_measurement_groups()
     slices = case.findings.slices
-    for n, finding in enumerate(case.findings.findings):
-        long_group, short_group = planar[2 * n], planar[2 * n + 1]
-        for group, line, code in (
-            (long_group, finding.long_axis, "103339001"),
-            (short_group, finding.short_axis, "103340004"),
-        ):
-            assert group.tracking_uid == finding.tracking_uid
-            region = group.roi
-            assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-            assert np.allclose(region.value, np.array(line.endpoints_pixel))
-            image = region.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM
+    for finding, group in zip(case.findings.findings, axes, strict=True):
+        by_code = {m.name.value: m for m in group.get_measurements()}
+        for line, code in ((finding.long_axis, "103339001"), (finding.short_axis, "103340004")):
+            measurement = by_code[code]
+            assert measurement.value == pytest.approx(line.length_mm)
+            (scoord,) = measurement.referenced_coordinates  # INFERRED FROM
+            assert scoord.relationship_type == hd.sr.RelationshipTypeValues.INFERRED_FROM
+            assert scoord.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+            assert np.allclose(scoord.value, np.array(line.endpoints_pixel))
+            image = scoord.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM
             assert image.ReferencedSOPInstanceUID == slices[finding.key_slice].sop_instance_uid
-            assert _values(group)[code][0] == pytest.approx(line.length_mm)
 
 
 def test_evidence_lists_every_ct_and_the_seg(case, sr, seg) -> None:
