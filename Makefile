@@ -11,6 +11,13 @@ PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 PEERS  += redis-server postgresql
 PEER_BINARIES += redis-server
 PEER_FILES += /usr/lib/postgresql
+# what the radiologist sees (tests/test_ohif_display.py): OHIF in Debian's headless chromium
+PEERS  += chromium
+PEER_BINARIES += chromium
+
+# OHIF's prebuilt viewer (`@ohif/app` ships its dist/), unpacked outside git for the browser test
+OHIF_VERSION := 3.13.2
+OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
 # `helm lint` for deploy/helm/nodal (tests/test_deploy.py): no helm binary comes from the package
 # registries here, so the Helm library itself (helm-sdkpy: Helm's Go code as a shared library).
@@ -18,14 +25,14 @@ PEER_FILES += /usr/lib/postgresql
 # goes into a folder of its own, apart from the project's dependencies.
 HELM_LIB := $(VENV)/helm-sdkpy
 
-.PHONY: run test lint peers install train evaluate bench clean chart-tools
+.PHONY: run test lint peers install train evaluate bench clean chart-tools ohif
 
 # The node with the embedded defaults (conf/node.yaml): DIMSE on 11112, HTTP (API, STOW-RS) on
 # 8080, data in var/. `$(BIN)/nodal demo` still analyses one generated phantom offline.
 run: $(STAMP)
 	$(BIN)/nodal serve
 
-test: $(STAMP) peers chart-tools
+test: $(STAMP) peers chart-tools ohif
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -48,6 +55,19 @@ peers:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(PEERS) >/dev/null; \
 	fi
+
+ohif: $(OHIF_DIR)/dist/index.html
+
+# npm from Debian only where there is none: a Node.js from elsewhere brings its own, and
+# Debian's npm package conflicts with it.
+$(OHIF_DIR)/dist/index.html: | peers
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	mkdir -p $(OHIF_DIR)
+	cd $(OHIF_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+	  && tar xzf ohif-app-$(OHIF_VERSION).tgz --strip-components=1 package/dist \
+	  && rm ohif-app-$(OHIF_VERSION).tgz
 
 chart-tools: $(HELM_LIB)/helm_sdkpy
 
@@ -82,4 +102,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .cache .pytest_cache .ruff_cache

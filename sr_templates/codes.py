@@ -52,8 +52,8 @@ FINDING_SITE = Code("363698007", "SCT", "Finding Site")
 # Measurements (TID 300 / TID 1419) and units (UCUM)
 # --------------------------------------------------------------------------------------
 
-SHORT_AXIS = Code("103340004", "SCT", "Short axis")  # CID 7470
-LONG_AXIS = Code("103339001", "SCT", "Long axis")  # CID 7470
+SHORT_AXIS = Code("103340004", "SCT", "Short Axis")  # CID 7470
+LONG_AXIS = Code("103339001", "SCT", "Long Axis")  # CID 7470
 VOLUME = Code("118565006", "SCT", "Volume")  # CID 7472
 ATTENUATION_COEFFICIENT = Code("112031", "DCM", "Attenuation Coefficient")
 MEAN = Code("373098007", "SCT", "Mean")  # CID 7464 derivation modifier
