@@ -17,6 +17,7 @@ against nodal's own.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -32,6 +33,7 @@ import uvicorn
 from peers import ROOT, Orthanc, dicomweb_plugin, free_port, orthanc_binary, wait_until
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
 
 from dicom_node.api import create_app
 from dicom_node.config import Settings
@@ -127,7 +129,7 @@ class Node:
     def stored(self) -> set[str]:
         self.receiver.flush(timeout=10)
         with self.db.session() as s:
-            return set(s.scalars(Instance.__table__.select().with_only_columns(Instance.sop_uid)))
+            return set(s.scalars(select(Instance.sop_uid)))
 
     def check(self, sent: set[str]) -> None:
         """Every instance stored, each request answered 200 with every instance it carried."""
@@ -269,7 +271,7 @@ def test_dicomweb_client_javascript_stores_a_study(tmp_path, node):
         run = subprocess.run(
             ["node", str(script), f"{node.url}/dicom-web", study_arg, *map(str, batch)],
             cwd=folder,
-            env={"NODE_PATH": str(folder / "node_modules"), "PATH": "/usr/bin:/bin:/usr/local/bin"},
+            env={**os.environ, "NODE_PATH": str(folder / "node_modules")},
             capture_output=True,
             text=True,
             timeout=120,
