@@ -8,16 +8,22 @@ parser is run `--rounds` times, alternating; the figure is the best round's MB/s
 
 - `nodal`: `dicom_node.multipart.MultipartParser` (the one the endpoint uses);
 - `python-multipart`: `python_multipart.MultipartParser` with callbacks, when installed
-  (`pip install python-multipart`); it is not a dependency of nodal.
+  (`pip install python-multipart`); it is not a dependency of nodal;
+- `--also FILE`: another version of `dicom_node/multipart.py` (e.g. an earlier one from
+  `git show COMMIT:dicom_node/multipart.py`), run the same way, for a before/after in one run.
 
-    .venv/bin/python -m benchmarks.bench_stow [--rounds 5]   # one JSON line
+`--sink null` drops the parts instead of writing them: the parser's own cost alone.
+
+    .venv/bin/python -m benchmarks.bench_stow [--rounds 5] [--sink files|null] [--also FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -60,6 +66,19 @@ class Files:
         os.close(self.fd)
 
 
+class Null(Files):
+    """Counts the parts, writes nothing."""
+
+    def start(self) -> None:
+        self.n += 1
+
+    def write(self, data) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
 def run_nodal(body: bytes, boundary: str, out: Files) -> None:
     parser = MultipartParser(boundary)
     for i in range(0, len(body), CHUNK):
@@ -87,16 +106,26 @@ def run_python_multipart(body: bytes, boundary: str, out: Files) -> None:
     parser.finalize()
 
 
-def measure(fn: Callable, body: bytes, boundary: str, expected: list[bytes]) -> float:
+def measure(fn: Callable, body: bytes, boundary: str, expected: list[bytes], sink: str) -> float:
     with tempfile.TemporaryDirectory(prefix="nodal-bench-stow-") as tmp:
-        out = Files(Path(tmp))
+        out = Files(Path(tmp)) if sink == "files" else Null(Path(tmp))
         t = time.perf_counter()
         fn(body, boundary, out)
         seconds = time.perf_counter() - t
         assert out.n == len(expected), (out.n, len(expected))
-        for k in (1, len(expected)):  # the parts came out intact
-            assert (Path(tmp) / f"{k}.part").read_bytes() == expected[k - 1]
+        if sink == "files":
+            for k in (1, len(expected)):  # the parts came out intact
+                assert (Path(tmp) / f"{k}.part").read_bytes() == expected[k - 1]
     return len(body) / seconds / 1e6
+
+
+def load_parser(path: str):
+    """MultipartParser from another copy of dicom_node/multipart.py."""
+    spec = importlib.util.spec_from_file_location("multipart_also", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["multipart_also"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -104,12 +133,30 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=3_000_300)
     p.add_argument("--boundary-length", type=int, default=73, help="at most 73 (70: what RFC 2046 allows)")
+    p.add_argument("--sink", choices=("files", "null"), default="files")
+    p.add_argument("--also", help="another dicom_node/multipart.py to run beside the current one")
     args = p.parse_args()
     files = [f.read_bytes() for f in sorted(phantom_series(300, args.seed).glob("*.dcm"))]
     # two UUIDs and a dash, 73 characters, as Orthanc's DICOMweb plugin sends
     boundary = f"{uuid.uuid4()}-{uuid.uuid4()}"[: args.boundary_length]
     body = build_body(files, boundary)
     parsers: dict[str, Callable] = {"nodal": run_nodal}
+    if args.also:
+        also = load_parser(args.also)
+
+        def run_also(body: bytes, boundary: str, out: Files) -> None:
+            parser = also.MultipartParser(boundary)
+            for i in range(0, len(body), CHUNK):
+                for ev in parser.feed(body[i : i + CHUNK]):
+                    if isinstance(ev, also.PartData):
+                        out.write(ev.data)
+                    elif isinstance(ev, also.PartStart):
+                        out.start()
+                    elif isinstance(ev, also.PartEnd):
+                        out.end()
+            parser.close()
+
+        parsers[f"also: {Path(args.also).name}"] = run_also
     try:
         import python_multipart
 
@@ -119,7 +166,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in parsers}
     for _ in range(args.rounds):
         for name, fn in parsers.items():
-            rates[name].append(measure(fn, body, boundary, files))
+            rates[name].append(measure(fn, body, boundary, files, args.sink))
     print(
         json.dumps(
             {
@@ -128,6 +175,7 @@ def main() -> None:
                 "body_mb": round(len(body) / 1e6, 1),
                 "boundary_length": len(boundary),
                 "chunk_bytes": CHUNK,
+                "sink": args.sink,
                 "best_mb_per_s": {k: round(max(v), 1) for k, v in rates.items()},
                 "rounds_mb_per_s": {k: [round(x) for x in v] for k, v in rates.items()},
             }
