@@ -3,7 +3,7 @@ nodal's HTTP server (uvicorn, in this process, on a free 127.0.0.1 port); every 
 must be stored and the Store Instances Response must list each one.
 
 - Orthanc's DICOMweb plugin (`POST /dicom-web/servers/nodal/stow`): chunked, 73-character
-  boundary, in batches of its `StowMaxInstances`;
+  boundary (what nodal refused before issue 20);
 - `dicomweb-client` from PyPI (what nodal's own `dicomweb` destinations use);
 - `dicomweb-client` from npm (the library OHIF stores with), run by Node with `xhr2` as its
   XMLHttpRequest; installed with npm into `var/npm` (not in git) when missing;
