@@ -332,3 +332,8 @@ def test_refusal_reasons_exist_from_the_start():
     text = metrics.exposition()[0].decode()
     for reason in metrics.HTTP_REFUSAL_REASONS:
         assert f'nodal_http_refused_total{{reason="{reason}"}}' in text
+
+
+def test_transport_padding_after_a_boundary_is_ignored():
+    data = f"--{BOUNDARY} \t\r\nContent-Type: application/dicom\r\n\r\nabc\r\n--{BOUNDARY}--  \r\n".encode()
+    assert [p for _, p in parse(data, 5)] == [b"abc"]
