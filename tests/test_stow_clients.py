@@ -29,7 +29,6 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-import uvicorn
 from peers import ROOT, Orthanc, dicomweb_plugin, free_port, orthanc_binary, wait_until
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -40,6 +39,7 @@ from dicom_node.config import Settings
 from dicom_node.index import Database, Instance
 from dicom_node.ingest import Receiver
 from dicom_node.senders import DicomwebSender, Outgoing
+from dicom_node.serve import _http_server
 from dicom_node.spool import Spool
 
 N = 60
@@ -154,9 +154,7 @@ def node(tmp_path) -> Iterator[Node]:
     receiver = Receiver(spool, db)
     recorder = Recorder(create_app(Settings(), db, receiver, lambda: True))
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(recorder, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
+    server = _http_server(recorder, "127.0.0.1", port)  # uvicorn as `nodal serve` configures it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, 10, "uvicorn")
@@ -186,6 +184,7 @@ class OrthancWithNodal(Orthanc):
         return cfg
 
 
+@pytest.mark.peers
 def test_orthanc_dicomweb_plugin_stows_a_study_to_nodal(tmp_path, node):
     need_orthanc()
     _, paths = ct_study(tmp_path / "study")
@@ -322,6 +321,7 @@ def outgoing(paths: list[Path]) -> list[Outgoing]:
     return out
 
 
+@pytest.mark.peers
 def test_dicomweb_sender_to_orthanc(tmp_path):
     need_orthanc()
     _, paths = ct_study(tmp_path / "study")
