@@ -50,7 +50,7 @@ NPM_INSTALL = ("npm", "install", "--no-audit", "--no-fund", "--no-save")
 
 
 def ct_study(folder: Path, n: int = N) -> tuple[str, list[Path]]:
-    """A study of `n` small CT images (32x32) as Part 10 files: (study UID, paths)."""
+    """A study of `n` CT images (128x128, 32 KB: a body of several 64 KiB chunks) as Part 10 files."""
     folder.mkdir(parents=True, exist_ok=True)
     study, series = generate_uid(), generate_uid()
     paths = []
@@ -65,11 +65,11 @@ def ct_study(folder: Path, n: int = N) -> tuple[str, list[Path]]:
         ds.ImagePositionPatient = [0, 0, float(k)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [1, 1], 1
-        ds.Rows = ds.Columns = 32
+        ds.Rows = ds.Columns = 128
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = (np.arange(32 * 32, dtype=np.int16) + k).tobytes()
+        ds.PixelData = (np.arange(128 * 128, dtype=np.int16) + k).tobytes()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CT, ds.SOPInstanceUID
