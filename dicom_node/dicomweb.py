@@ -90,7 +90,13 @@ def _client(request: Request) -> str:
 
 
 def _refuse(request: Request, status: int, reason: str, message: str) -> JSONResponse:
-    """A request refused as a whole: logged (no UIDs: the URL is not logged), counted, answered."""
+    """A request refused as a whole: logged, counted, answered."""
+    _log_refusal(request, status, reason, message)
+    return _problem(status, message)
+
+
+def _log_refusal(request: Request, status: int, reason: str, message: str) -> None:
+    """WARNING with the client and the reason (not the URL: it may hold a UID), and the count."""
     log.warning(
         "STOW-RS request from %s refused with %d (%s): %s",
         _client(request),
@@ -100,13 +106,12 @@ def _refuse(request: Request, status: int, reason: str, message: str) -> JSONRes
         extra={"event": "http_refused", "reason": reason, "status": status},
     )
     metrics.HTTP_REFUSED_BY_REASON.labels(reason).inc()
-    return _problem(status, message)
 
 
 def response_format(accept: str) -> str | None:
     """DICOM_JSON or DICOM_XML for an Accept header (JSON unless XML is preferred), None if neither."""
-    best: tuple[float, int, str] | None = None
-    for n, item in enumerate(accept.split(",")):
+    best: tuple[float, str] | None = None
+    for item in accept.split(","):
         media, *params = (p.strip() for p in item.split(";"))
         media = media.lower()
         q = 1.0
@@ -119,8 +124,8 @@ def response_format(accept: str) -> str | None:
                     q = 0.0
         fmt = DICOM_JSON if media in JSON_RANGES else DICOM_XML if media in XML_RANGES else None
         if fmt and q > 0 and (best is None or q > best[0] or (q == best[0] and fmt == DICOM_JSON)):
-            best = (q, n, fmt)
-    return best[2] if best else None
+            best = (q, fmt)
+    return best[1] if best else None
 
 
 async def _stow(request: Request, receiver: Receiver, study: str | None) -> Response:
@@ -128,7 +133,7 @@ async def _stow(request: Request, receiver: Receiver, study: str | None) -> Resp
     fmt = response_format(accept) if accept else DICOM_JSON
     if fmt is None:
         return _refuse(
-            request, 406, "not_acceptable", f"the response is {DICOM_JSON} or {DICOM_XML}, not {accept}"
+            request, 406, "not_acceptable", f"the response is {DICOM_JSON} or {DICOM_XML}, not {accept[:200]}"
         )
     ctype, params = parse_content_type(request.headers.get("content-type", ""))
     if ctype != "multipart/related":
@@ -191,7 +196,9 @@ async def _stow(request: Request, receiver: Receiver, study: str | None) -> Resp
     if response.status_code in (409, 503):
         reason = "nothing_stored" if response.status_code == 409 else "out_of_resources"
         why = "; ".join(sorted({r.reason for r in results if r.reason}))[:500]
-        _refuse(request, response.status_code, reason, f"none of {len(results)} instance(s) stored: {why}")
+        _log_refusal(
+            request, response.status_code, reason, f"none of {len(results)} instance(s) stored: {why}"
+        )
     return response
 
 
