@@ -3,7 +3,8 @@
 1. CPU pipeline on a 300-slice 512x512 phantom CT (time per stage, peak RSS);
 2. with `--large`: the same on a 1000-slice series (must not run out of memory);
 3. the result-object encoder (SEG + SR, result images) on one core;
-4. the receiving path of one instance in process (`bench_store`), and DICOM ingest from
+4. the receiving path of one instance in process (`bench_store`), the STOW-RS body parser
+   (`bench_stow`), and DICOM ingest from
    Orthanc against a discarding SCP (`bench_ingest`; needs Orthanc, `--no-ingest` leaves it out);
 5. studies per hour with 1 and 2 Celery workers (`bench_throughput`; needs redis-server
    and storescu, `make peers`; `--no-throughput` leaves it out).
@@ -59,6 +60,7 @@ def main() -> None:
     r = run([sys.executable, "benchmarks/bench_encode.py"])
     print(json.dumps({"benchmark": "encode-seg-sr", **machine, **r}), flush=True)
     print(json.dumps({**run([sys.executable, "-m", "benchmarks.bench_store"]), **machine}), flush=True)
+    print(json.dumps({**run([sys.executable, "-m", "benchmarks.bench_stow"]), **machine}), flush=True)
     if not args.no_ingest:
         print(json.dumps({**run([sys.executable, "-m", "benchmarks.bench_ingest"]), **machine}), flush=True)
     if not args.no_throughput:

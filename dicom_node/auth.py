@@ -61,6 +61,7 @@ class BearerAuth:
         why = "no bearer token" if not header else "wrong token or scheme"
         log.warning("HTTP %s %s from %s refused: %s", scope["method"], scope["path"], client[0], why)
         metrics.HTTP_REFUSED.labels("invalid" if header else "missing").inc()
+        metrics.HTTP_REFUSED_BY_REASON.labels("token_invalid" if header else "token_missing").inc()
         if self._db is not None:
             area = "/" + scope["path"].lstrip("/").split("/", 1)[0]  # /api or /dicom-web: no UIDs
             detail = {"method": scope["method"], "area": area, "reason": why}

@@ -6,7 +6,14 @@ a C-STORE instance (durable before it is reported stored, deduplicated, UIDs che
 The response is the Store Instances Response Module (PS3.18 10.5.3) as DICOM JSON:
 200 all stored, 202 some failed, 409 none stored, 503 (with Retry-After) none stored because
 the spool disk is almost full; 415 for a body that is not multipart/related
-application/dicom, 400 for a malformed one.
+application/dicom, 400 for a malformed one, 406 when Accept names neither DICOM JSON nor
+DICOM XML. The response is DICOM XML when Accept prefers it, DICOM JSON otherwise.
+
+What real clients send is accepted (tests/test_stow_clients.py): boundaries longer than
+RFC 2046's 70 characters (Orthanc's are 73), quoted or not; chunked bodies; parts with or
+without Content-Length; the `type` parameter quoted, unquoted or absent. Every request
+refused as a whole is logged at WARNING with the client's address and the reason, and
+counted in `nodal_http_refused_total{reason}`.
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydicom.datadict import keyword_for_tag
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 from dicom_node.header import InvalidInstanceError, check_uid
 from dicom_node.ingest import (
     CANNOT_UNDERSTAND,
@@ -42,7 +52,11 @@ from dicom_node.multipart import (
 )
 
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 RETRY_AFTER_SECONDS = 60
+# Accept media ranges answered in DICOM JSON (the default) and in DICOM XML.
+JSON_RANGES = frozenset({DICOM_JSON, "application/json", "*/*", "application/*"})
+XML_RANGES = frozenset({DICOM_XML, "application/xml", "text/xml"})
 
 log = logging.getLogger("nodal.stow")
 
@@ -50,16 +64,18 @@ log = logging.getLogger("nodal.stow")
 def stow_router(receiver: Receiver) -> APIRouter:
     router = APIRouter(tags=["DICOMweb"])
 
+    # with and without the trailing slash: a redirect would lose a streamed body
     @router.post("/dicom-web/studies")
-    async def stow(request: Request) -> JSONResponse:
+    @router.post("/dicom-web/studies/", include_in_schema=False)
+    async def stow(request: Request) -> Response:
         return await _stow(request, receiver, None)
 
     @router.post("/dicom-web/studies/{study}")
-    async def stow_study(study: str, request: Request) -> JSONResponse:
+    async def stow_study(study: str, request: Request) -> Response:
         try:
             uid = check_uid(study, "Study Instance UID in the URL")
         except InvalidInstanceError as e:
-            return _problem(400, str(e))
+            return _refuse(request, 400, "study_uid", str(e))
         return await _stow(request, receiver, uid)
 
     return router
@@ -69,20 +85,74 @@ def _problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _stow(request: Request, receiver: Receiver, study: str | None) -> JSONResponse:
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def _refuse(request: Request, status: int, reason: str, message: str) -> JSONResponse:
+    """A request refused as a whole: logged, counted, answered."""
+    _log_refusal(request, status, reason, message)
+    return _problem(status, message)
+
+
+def _log_refusal(request: Request, status: int, reason: str, message: str) -> None:
+    """WARNING with the client and the reason (not the URL: it may hold a UID), and the count."""
+    log.warning(
+        "STOW-RS request from %s refused with %d (%s): %s",
+        _client(request),
+        status,
+        reason,
+        message,
+        extra={"event": "http_refused", "reason": reason, "status": status},
+    )
+    metrics.HTTP_REFUSED_BY_REASON.labels(reason).inc()
+
+
+def response_format(accept: str) -> str | None:
+    """DICOM_JSON or DICOM_XML for an Accept header (JSON unless XML is preferred), None if neither."""
+    best: tuple[float, str] | None = None
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        media = media.lower()
+        q = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        fmt = DICOM_JSON if media in JSON_RANGES else DICOM_XML if media in XML_RANGES else None
+        if fmt and q > 0 and (best is None or q > best[0] or (q == best[0] and fmt == DICOM_JSON)):
+            best = (q, fmt)
+    return best[1] if best else None
+
+
+async def _stow(request: Request, receiver: Receiver, study: str | None) -> Response:
+    accept = request.headers.get("accept", "").strip()
+    fmt = response_format(accept) if accept else DICOM_JSON
+    if fmt is None:
+        return _refuse(
+            request, 406, "not_acceptable", f"the response is {DICOM_JSON} or {DICOM_XML}, not {accept[:200]}"
+        )
     ctype, params = parse_content_type(request.headers.get("content-type", ""))
     if ctype != "multipart/related":
-        return _problem(415, 'expected Content-Type multipart/related; type="application/dicom"')
+        return _refuse(
+            request, 415, "media_type", 'expected Content-Type multipart/related; type="application/dicom"'
+        )
     if params.get("type", "application/dicom").lower() != "application/dicom":
-        return _problem(
-            415, "only application/dicom parts are accepted (not DICOM JSON or XML with bulk data)"
+        return _refuse(
+            request,
+            415,
+            "media_type",
+            "only application/dicom parts are accepted (not DICOM JSON or XML with bulk data)",
         )
     try:
         parser = MultipartParser(params.get("boundary", ""))
     except MultipartError as e:
-        return _problem(400, str(e))
+        return _refuse(request, 400, "boundary", str(e))
     transfer = f"stow-{uuid.uuid4().hex}"
-    source = Source(via="stow", transfer_id=transfer, peer_host=request.client.host if request.client else "")
+    source = Source(via="stow", transfer_id=transfer, peer_host=_client(request))
     receiver.transfers.begin(transfer)
     results: list[StoreResult] = []
     complete = False
@@ -100,9 +170,20 @@ async def _stow(request: Request, receiver: Receiver, study: str | None) -> JSON
         parser.close()
         complete = True
     except MultipartError as e:
-        return _problem(
-            400, f"malformed multipart body: {e} ({len(results)} instance(s) before it were processed)"
+        return _refuse(
+            request,
+            400,
+            "malformed_body",
+            f"malformed multipart body: {e} ({len(results)} instance(s) before it were processed)",
         )
+    except ClientDisconnect:
+        log.warning(
+            "STOW-RS request from %s: the client went away after %d instance(s)",
+            source.peer_host,
+            len(results),
+            extra={"event": "stow_request", "outcome": "client went away"},
+        )
+        return _problem(400, "the client went away")  # nobody reads it
     finally:
         if part is not None:
             part.abandon(receiver)
@@ -110,8 +191,15 @@ async def _stow(request: Request, receiver: Receiver, study: str | None) -> JSON
         if summary is not None:
             await run_in_threadpool(_report, receiver, source, summary, complete)
     if not results:
-        return _problem(400, "the request holds no parts")
-    return _response(results)
+        return _refuse(request, 400, "no_parts", "the request holds no parts")
+    response = _response(results, fmt)
+    if response.status_code in (409, 503):
+        reason = "nothing_stored" if response.status_code == 409 else "out_of_resources"
+        why = "; ".join(sorted({r.reason for r in results if r.reason}))[:500]
+        _log_refusal(
+            request, response.status_code, reason, f"none of {len(results)} instance(s) stored: {why}"
+        )
+    return response
 
 
 def _report(receiver: Receiver, source: Source, summary: TransferSummary, complete: bool) -> None:
@@ -176,7 +264,7 @@ class _Part:
             receiver.spool.discard(self.path)
 
 
-def _response(results: list[StoreResult]) -> JSONResponse:
+def _response(results: list[StoreResult], fmt: str = DICOM_JSON) -> Response:
     stored, failed = [], []
     for r in results:
         item: dict = {}
@@ -193,11 +281,40 @@ def _response(results: list[StoreResult]) -> JSONResponse:
         body["00081198"] = {"vr": "SQ", "Value": failed}
     if stored:
         body["00081199"] = {"vr": "SQ", "Value": stored}
+    headers = {}
     if not failed:
-        return JSONResponse(body, status_code=200, media_type=DICOM_JSON)
-    if stored:
-        return JSONResponse(body, status_code=202, media_type=DICOM_JSON)
-    if any(r.status == OUT_OF_RESOURCES for r in results):  # transient: the sender should retry
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        return JSONResponse(body, status_code=503, media_type=DICOM_JSON, headers=headers)
-    return JSONResponse(body, status_code=409, media_type=DICOM_JSON)
+        status = 200
+    elif stored:
+        status = 202
+    elif any(r.status == OUT_OF_RESOURCES for r in results):  # transient: the sender should retry
+        status, headers = 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    else:
+        status = 409
+    if fmt == DICOM_XML:
+        return Response(dicom_xml(body), status_code=status, media_type=DICOM_XML, headers=headers)
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def dicom_xml(dataset: dict) -> str:
+    """A DICOM JSON dataset (PS3.18 F.2) as the Native DICOM Model (PS3.19 A.1)."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+        + _xml_attributes(dataset)
+        + "</NativeDicomModel>\n"
+    )
+
+
+def _xml_attributes(dataset: dict) -> str:
+    out = []
+    for tag, element in sorted(dataset.items()):
+        vr = element["vr"]
+        keyword = keyword_for_tag(int(tag, 16))
+        out.append(f'<DicomAttribute tag="{tag}" vr="{vr}" keyword="{keyword}">')
+        for n, value in enumerate(element.get("Value", []), 1):
+            if vr == "SQ":
+                out.append(f'<Item number="{n}">{_xml_attributes(value)}</Item>')
+            else:
+                out.append(f'<Value number="{n}">{escape(str(value))}</Value>')
+        out.append("</DicomAttribute>")
+    return "".join(out)

@@ -81,6 +81,31 @@ HTTP_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+# Every HTTP request refused as a whole, by reason; each is also logged at WARNING with the
+# client's address. Reasons: token_missing, token_invalid (bearer token), media_type (not
+# multipart/related of application/dicom), boundary, malformed_body, no_parts, study_uid
+# (not a UID in the URL), not_acceptable (Accept names no format nodal answers in),
+# nothing_stored (409), out_of_resources (503, spool disk almost full).
+HTTP_REFUSAL_REASONS = (
+    "token_missing",
+    "token_invalid",
+    "media_type",
+    "boundary",
+    "malformed_body",
+    "no_parts",
+    "study_uid",
+    "not_acceptable",
+    "nothing_stored",
+    "out_of_resources",
+)
+HTTP_REFUSED_BY_REASON = Counter(
+    "nodal_http_refused_total",
+    "HTTP requests refused as a whole (STOW-RS, REST API), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in HTTP_REFUSAL_REASONS:  # every known reason exists from the start, at 0
+    HTTP_REFUSED_BY_REASON.labels(_reason)
 STUDIES_COMPLETED = Counter(
     "nodal_studies_completed_total",
     "Study completions (a study sent again later completes again)",

@@ -65,12 +65,15 @@ def test_token_required_except_on_the_probes(app_with_token):
 def test_refused_requests_are_counted_and_audited_without_uids(app_with_token):
     c = app_with_token
     refused = {r: metrics.HTTP_REFUSED.labels(r)._value.get() for r in ("missing", "invalid")}
+    by_reason = {r: metrics.HTTP_REFUSED_BY_REASON.labels(f"token_{r}")._value.get() for r in refused}
     study = "1.2.826.0.1.3680043.8.498.1"
     assert c.post(f"/dicom-web/studies/{study}", content=b"", headers=HEADERS).status_code == 401
     assert c.get("/api/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/api/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert metrics.HTTP_REFUSED.labels("missing")._value.get() == refused["missing"] + 1
     assert metrics.HTTP_REFUSED.labels("invalid")._value.get() == refused["invalid"] + 1
+    for r in refused:  # and in the count of every refused request
+        assert metrics.HTTP_REFUSED_BY_REASON.labels(f"token_{r}")._value.get() == by_reason[r] + 1
     with c.db.session() as s:
         rows = s.scalars(select(AuditEvent).where(AuditEvent.event == "authentication")).all()
     assert [(r.outcome, json.loads(r.detail)["area"]) for r in rows] == [
