@@ -114,6 +114,9 @@ class _GatedServer(ThreadedAssociationServer):
     accept, before the connection gets a thread or a PDU is read."""
 
     gate: limits.ConnectionGate | None = None
+    # socketserver listens with a backlog of 5: a burst of connections would have the
+    # kernel drop SYNs, and a sender retries its SYN only after a second
+    request_queue_size = 256
 
     def verify_request(self, request, client_address) -> bool:  # type: ignore[override]
         if self.gate is None:
