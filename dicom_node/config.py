@@ -134,6 +134,9 @@ class NodeSection(_Section):
     max_pending_connections: int = Field(
         32, ge=1, le=10000, description="DIMSE connections still negotiating (before the association is up)"
     )
+    min_open_files: int = Field(
+        4096, ge=0, description="warn at start when the open-file limit (raised to the hard one) is lower"
+    )
     max_connections_per_host: int = Field(
         16, ge=1, le=10000, description="simultaneous DIMSE connections from one address, negotiating or not"
     )

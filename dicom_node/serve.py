@@ -242,9 +242,6 @@ def https_options(settings: Settings) -> dict:
     }
 
 
-LOW_DESCRIPTOR_LIMIT = 4096
-
-
 def raise_descriptor_limit() -> tuple[int, int, int]:
     """Raise the soft limit on open files to the hard limit; (soft before, soft, hard).
 
@@ -273,11 +270,12 @@ def serve(settings: Settings) -> int:
         hard,
         extra={"event": "descriptor_limit"},
     )
-    if soft < LOW_DESCRIPTOR_LIMIT:
+    if soft < settings.node.min_open_files:
         log.warning(
-            "only %d open files allowed: a flood of connections may exhaust them; raise the hard limit "
-            "(systemd LimitNOFILE=, docker --ulimit nofile=)",
+            "only %d open files allowed (node.min_open_files %d): a flood of connections may exhaust "
+            "them; raise the hard limit (systemd LimitNOFILE=, docker --ulimit nofile=)",
             soft,
+            settings.node.min_open_files,
         )
 
     def on_signal(signum, _frame) -> None:
