@@ -132,7 +132,7 @@ class NodeSection(_Section):
         5.0, gt=0, le=300, description="ARTIM: a new DIMSE connection must send A-ASSOCIATE-RQ within this"
     )
     max_pending_connections: int = Field(
-        32, ge=1, le=10000, description="DIMSE connections still negotiating (before the association is up)"
+        128, ge=1, le=10000, description="DIMSE connections still negotiating (before the association is up)"
     )
     min_open_files: int = Field(
         4096, ge=0, description="warn at start when the open-file limit (raised to the hard one) is lower"
