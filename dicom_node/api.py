@@ -29,6 +29,7 @@ from dicom_node import audit
 from dicom_node.auth import BearerAuth, http_token
 from dicom_node.config import Settings
 from dicom_node.dicomweb import stow_router
+from dicom_node.http_limits import UploadGuard
 from dicom_node.index import Database, Delivery, Job, Series, Study, now
 from dicom_node.ingest import Receiver
 from dicom_node.jobs import JobConflict, retry
@@ -111,6 +112,7 @@ def create_app(
     app.include_router(stow_router(receiver))
     token = http_token(settings.node.http_auth)  # a wrong token file stops start-up first
     app.include_router(monitoring_router(probes(settings, db, receiver, ready, ready_check)))
+    app.add_middleware(UploadGuard, settings=settings.node.http_limits)  # inside BearerAuth
     if token:
         app.add_middleware(BearerAuth, token=token, db=db)
     else:

@@ -102,6 +102,20 @@ class HttpAuth(_Section):
     token_file: Path | None = Field(None, description="... or read it from this file")
 
 
+class HttpLimits(_Section):
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="a connection must send a request's headers within this"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a STOW-RS upload that moves no bytes this long is closed"
+    )
+    max_uploads: int = Field(32, ge=1, le=10000, description="concurrent STOW-RS uploads, all clients")
+    max_uploads_per_client: int = Field(
+        8, ge=1, le=10000, description="concurrent STOW-RS uploads from one address"
+    )
+    max_body_mb: int = Field(4096, ge=1, description="largest STOW-RS request body (MiB)")
+
+
 class NodeSection(_Section):
     ae_title: str = Field("NODAL", min_length=1, max_length=16, pattern=AE_TITLE)
     dimse_port: int = Field(11112, ge=1, le=65535)
@@ -111,7 +125,21 @@ class NodeSection(_Section):
     )
     data_dir: Path = Path("var")
     bind_address: str = Field("0.0.0.0", min_length=1, description="address both receivers listen on")
-    max_associations: int = Field(10, ge=1, le=1000, description="simultaneous DIMSE associations")
+    max_associations: int = Field(
+        10, ge=1, le=1000, description="simultaneous established DIMSE associations"
+    )
+    artim_seconds: float = Field(
+        5.0, gt=0, le=300, description="ARTIM: a new DIMSE connection must send A-ASSOCIATE-RQ within this"
+    )
+    max_pending_connections: int = Field(
+        128, ge=1, le=10000, description="DIMSE connections still negotiating (before the association is up)"
+    )
+    min_open_files: int = Field(
+        4096, ge=0, description="warn at start when the open-file limit (raised to the hard one) is lower"
+    )
+    max_connections_per_host: int = Field(
+        16, ge=1, le=10000, description="simultaneous DIMSE connections from one address, negotiating or not"
+    )
     max_pdu_bytes: int = Field(131072, ge=4096, le=16_777_216, description="largest PDU nodal accepts")
     tcp_nodelay: bool = True  # Nagle off on DIMSE sockets: a 2-10x difference on small instances
     dimse_timeout_seconds: float = Field(60.0, gt=0)
@@ -119,6 +147,7 @@ class NodeSection(_Section):
     dimse_tls: ServerTls = ServerTls()  # DICOM TLS on dimse_port (PS3.15 B.1)
     http_tls: ServerTls = ServerTls()  # HTTPS on http_port
     http_auth: HttpAuth = HttpAuth()  # no token: STOW-RS and the API are open (a warning is logged)
+    http_limits: HttpLimits = HttpLimits()  # timeouts and caps against stalled or too many uploads
 
 
 class AllowedCaller(_Section):

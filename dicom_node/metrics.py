@@ -75,6 +75,14 @@ ASSOCIATIONS_REJECTED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+CONNECTIONS_REFUSED = Counter(
+    "nodal_connections_refused_total",
+    "Connections closed by nodal's connection limits before or instead of serving them, by receiver "
+    "(dimse, http) and reason (host_not_allowed, per_host_limit, pending_limit, artim_timeout, "
+    "header_timeout, body_timeout, upload_limit, client_upload_limit, body_too_large)",
+    ["receiver", "reason"],
+    registry=REGISTRY,
+)
 HTTP_REFUSED = Counter(
     "nodal_http_requests_refused_total",
     "HTTP requests (STOW-RS, REST API) refused for want of the bearer token, by reason (missing, invalid)",

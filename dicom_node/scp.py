@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pydicom import uid as tsuid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import audit, metrics
+from dicom_node import audit, limits, metrics
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.ingest import Receiver, Source, summary_line
 from dicom_node.tls import peer_subject, server_context
@@ -66,6 +67,8 @@ TRANSFER_SYNTAXES = [
 ]
 
 REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03  # A-ASSOCIATE-RJ (1, 1, 3)
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded
+SWEEP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,43 @@ def caller_rules(callers: list[AllowedCaller]) -> list[CallerRule]:
 
 # Rejection reasons (the values of the metric label `reason`).
 CALLING_AE_UNKNOWN, HOST_NOT_ALLOWED = "calling_ae_unknown", "host_not_allowed"
-ASSOCIATION_LIMIT = "association_limit"  # node.max_associations reached (pynetdicom rejects, 2-3-2)
+ASSOCIATION_LIMIT = "association_limit"  # node.max_associations established (rejected 2-3-2)
+
+
+def allowed_hosts(rules: list[CallerRule]) -> frozenset[str] | None:
+    """The addresses connections may come from, or None when some caller may use any host."""
+    if not rules or any(r.addresses is None for r in rules):
+        return None
+    return frozenset().union(*(r.addresses for r in rules if r.addresses is not None))
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """pynetdicom's server with socketserver's `verify_request` hook: the gate decides at
+    accept, before the connection gets a thread or a PDU is read."""
+
+    gate: limits.ConnectionGate | None = None
+    # socketserver listens with a backlog of 5: a burst of connections would have the
+    # kernel drop SYNs, and a sender retries its SYN only after a second
+    request_queue_size = 256
+
+    def verify_request(self, request, client_address) -> bool:  # type: ignore[override]
+        if self.gate is None:
+            return True
+        reason = self.gate.admit(client_address)
+        if reason is None:
+            return True
+        limits.refused("dimse", reason, client_address[0])
+        return False  # socketserver shuts the socket down and closes it
+
+
+class _GatedAE(AE):
+    gate: limits.ConnectionGate | None = None
+
+    def make_server(self, address, *args, **kwargs):  # type: ignore[override]
+        kwargs["server_class"] = _GatedServer
+        server = super().make_server(address, *args, **kwargs)
+        server.gate = self.gate  # before start_server starts its accept loop
+        return server
 
 
 def check_caller(rules: list[CallerRule], calling_ae: str, address: str) -> tuple[str, str] | None:
@@ -118,19 +157,32 @@ class DimseServer:
         self.receiver = receiver
         self.db = receiver.db
         self.rules = caller_rules(settings.allowed_callers)
+        node = settings.node
+        self.gate = limits.ConnectionGate(
+            node.max_associations,
+            node.max_pending_connections,
+            node.max_connections_per_host,
+            node.artim_seconds,
+            allowed_hosts(self.rules),
+        )
         self.ae = self._make_ae()
         self._server = None
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self.rejected = 0
+        self._limit_log = limits.BurstLog(log)
 
     def _make_ae(self) -> AE:
         node = self.settings.node
-        ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        ae = _GatedAE(ae_title=node.ae_title)
+        ae.gate = self.gate
+        # The gate enforces max_associations (established) and max_pending_connections;
+        # pynetdicom's own count (negotiating and established together) is only a backstop.
+        ae.maximum_associations = node.max_associations + 2 * node.max_pending_connections
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.dimse_timeout = node.dimse_timeout_seconds
         ae.network_timeout = node.network_timeout_seconds
-        ae.acse_timeout = 30
+        ae.acse_timeout = node.artim_seconds  # ARTIM: the wait for the A-ASSOCIATE-RQ
         ae.require_called_aet = False  # modalities often get the called AE wrong; callers are checked
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
@@ -154,8 +206,12 @@ class DimseServer:
         self._server = self.ae.start_server(
             (node.bind_address, node.dimse_port), block=False, evt_handlers=handlers, ssl_context=ssl_context
         )
+        self._stopped.clear()
+        threading.Thread(target=self._sweep, name="dimse-gate", daemon=True).start()
         if not self.rules:
             log.warning("allowed_callers is empty: associations from any calling AE are accepted")
+        elif self.gate.allowed_hosts is not None:
+            log.info("DIMSE connections from hosts allowed_callers does not name are closed at accept")
         log.info(
             "DIMSE receiver %s listening on %s:%d (%s)",
             node.ae_title,
@@ -168,6 +224,7 @@ class DimseServer:
         """Stop listening, let open associations finish for `grace_seconds`, abort the rest."""
         if self._server is None:
             return
+        self._stopped.set()
         self._server.shutdown()
         deadline = time.monotonic() + grace_seconds
         while self._acceptors() and time.monotonic() < deadline:
@@ -180,6 +237,11 @@ class DimseServer:
     def _acceptors(self) -> list:
         return [a for a in self.ae.active_associations if a.is_acceptor]
 
+    def _sweep(self) -> None:
+        """Release gate entries whose association thread has ended."""
+        while not self._stopped.wait(SWEEP_SECONDS):
+            self.gate.sweep((a.requestor.address, a.requestor.port) for a in self._acceptors())
+
     # -- handlers (run in each association's thread) --
 
     def _on_open(self, event) -> None:
@@ -191,21 +253,38 @@ class DimseServer:
     def _on_requested(self, event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title
         address = event.assoc.requestor.address
+        key = (address, event.assoc.requestor.port)
         refusal = check_caller(self.rules, calling, address)
         if refusal is not None:
+            self.gate.requested(key)
             self.reject(event.assoc, calling, address, *refusal)
+        elif not self.gate.take_slot(key):
+            why = f"{self.settings.node.max_associations} associations already open (node.max_associations)"
+            self.reject(event.assoc, calling, address, ASSOCIATION_LIMIT, why, LOCAL_LIMIT_EXCEEDED)
 
-    def reject(self, assoc, calling: str, address: str, code: str, reason: str) -> None:
-        """Refuse an association: the one place this is decided, counted, logged and audited."""
+    def reject(
+        self,
+        assoc,
+        calling: str,
+        address: str,
+        code: str,
+        reason: str,
+        rsd: tuple[int, int, int] = (REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED),
+    ) -> None:
+        """Refuse an association: the one place this is decided, counted, logged and audited.
+        A full node (association_limit) is logged once per burst, and answered transient."""
         with self._lock:
             self.rejected += 1
         metrics.ASSOCIATIONS_REJECTED.labels(code).inc()
-        log.warning(
-            "association from %s rejected: %s",
-            address,
-            reason,
-            extra={"event": "association", "outcome": "rejected", "reason": code},
-        )
+        if code == ASSOCIATION_LIMIT:
+            self._limit_log.note("DIMSE association", code, address, reason)
+        else:
+            log.warning(
+                "association from %s rejected: %s",
+                address,
+                reason,
+                extra={"event": "association", "outcome": "rejected", "reason": code},
+            )
         audit.record(
             self.db,
             audit.Event(
@@ -216,7 +295,7 @@ class DimseServer:
                 detail={"reason": reason},
             ),
         )
-        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNISED)
+        assoc.acse.send_reject(*rsd)
         assoc.kill()
 
     def _on_rejected(self, event) -> None:
@@ -287,6 +366,7 @@ class DimseServer:
         self._ended(event.assoc, released=False)
 
     def _on_closed(self, event) -> None:
+        self.gate.release((event.assoc.requestor.address, event.assoc.requestor.port))
         self._ended(event.assoc, released=False)  # no-op after release or abort
 
     def _ended(self, assoc, released: bool) -> None:

@@ -16,6 +16,7 @@ batch, exit 0.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import ssl
 import threading
@@ -30,6 +31,7 @@ from dicom_node import audit, metrics
 from dicom_node.api import create_app, probes
 from dicom_node.completion import complete_due_studies
 from dicom_node.config import ReplyDestination, Settings
+from dicom_node.http_limits import header_timeout_protocol
 from dicom_node.index import Database
 from dicom_node.ingest import Receiver, reconcile
 from dicom_node.jobs import requeue_lost
@@ -70,14 +72,16 @@ class Node:
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
         node = settings.node
-        self.http = _http_server(app, node.bind_address, node.http_port, https_options(settings))
+        header_timeout = node.http_limits.header_timeout_seconds
+        tls = https_options(settings)
+        self.http = _http_server(app, node.bind_address, node.http_port, header_timeout, tls)
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         self.monitoring: uvicorn.Server | None = None  # /metrics, /healthz, /readyz on their own port
         if settings.node.monitoring_port is not None:
             mon = monitoring_app(
                 probes(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
             )
-            self.monitoring = _http_server(mon, settings.node.bind_address, settings.node.monitoring_port)
+            self.monitoring = _http_server(mon, node.bind_address, node.monitoring_port, header_timeout)
             self._monitoring_thread = threading.Thread(
                 target=self.monitoring.run, name="monitoring", daemon=True
             )
@@ -180,9 +184,16 @@ class Node:
         log.info("stopped")
 
 
-def _http_server(app, host: str, port: int, tls: dict | None = None) -> uvicorn.Server:
+def _http_server(app, host: str, port: int, header_timeout: float, tls: dict | None = None) -> uvicorn.Server:
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", **(tls or {})
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http=header_timeout_protocol(header_timeout),
+        **(tls or {}),
     )
     return uvicorn.Server(config)
 
@@ -231,8 +242,41 @@ def https_options(settings: Settings) -> dict:
     }
 
 
+def raise_descriptor_limit() -> tuple[int, int, int]:
+    """Raise the soft limit on open files to the hard limit; (soft before, soft, hard).
+
+    Every DIMSE connection, HTTP connection and spool file takes a descriptor, and the
+    receivers share this process's limit (often 1024 soft): the hard limit is the most
+    the system lets nodal hold before connections are refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, e)
+            return soft, soft, hard
+        return soft, target, hard
+    return soft, soft, hard
+
+
 def serve(settings: Settings) -> int:
     stop = threading.Event()
+    before, soft, hard = raise_descriptor_limit()
+    log.info(
+        "open-file limit: soft %d%s, hard %d",
+        soft,
+        f" (raised from {before})" if soft != before else "",
+        hard,
+        extra={"event": "descriptor_limit"},
+    )
+    if soft < settings.node.min_open_files:
+        log.warning(
+            "only %d open files allowed (node.min_open_files %d): a flood of connections may exhaust "
+            "them; raise the hard limit (systemd LimitNOFILE=, docker --ulimit nofile=)",
+            soft,
+            settings.node.min_open_files,
+        )
 
     def on_signal(signum, _frame) -> None:
         log.info("received %s", signal.Signals(signum).name)
