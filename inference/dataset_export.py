@@ -20,7 +20,6 @@ from inference.phantoms import Phantom, write_phantom
 from inference.uids import deterministic_uid
 
 NNUNET_LABELS = {"background": 0, "lymph node": NODE, "malignant lymph node": MALIGNANT}
-SEG_STORAGE_VERSION = "nodal phantom SEG 1"
 
 
 def phantom_label(ph: Phantom) -> np.ndarray:
@@ -36,7 +35,8 @@ def to_nifti(array: np.ndarray, affine: np.ndarray):
     import nibabel as nib
 
     lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = affine[:3, 2], affine[:3, 1], affine[:3, 0], affine[:3, 3]
+    lps[:3, :3] = affine[:3, 2::-1]  # columns (i, j, k)
+    lps[:3, 3] = affine[:3, 3]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     img = nib.Nifti1Image(np.ascontiguousarray(np.transpose(array, (2, 1, 0))), ras)
     img.set_qform(ras, code=1)
@@ -58,7 +58,8 @@ def export_nnunet(
         (out_dir / f"labels{split}").mkdir(parents=True, exist_ok=True)
         for ph in phantoms:
             case = f"phantom_{ph.seed:07d}"
-            nib.save(to_nifti(ph.hu.astype(np.int16), ph.affine), out_dir / f"images{split}" / f"{case}_0000.nii.gz")
+            image = to_nifti(ph.hu.astype(np.int16), ph.affine)
+            nib.save(image, out_dir / f"images{split}" / f"{case}_0000.nii.gz")
             nib.save(to_nifti(phantom_label(ph), ph.affine), out_dir / f"labels{split}" / f"{case}.nii.gz")
     meta = {
         "name": name,
@@ -96,9 +97,6 @@ def phantom_seg(ph: Phantom, ct_paths: Sequence[Path], per_node: bool = True):
     from sr_templates import codes
 
     sources = [pydicom.dcmread(p) for p in ct_paths]
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="nodal phantom generator", version=SEG_STORAGE_VERSION, family=codes.ARTIFICIAL_INTELLIGENCE
-    )
 
     def description(number: int, label: str) -> hd.seg.SegmentDescription:
         return hd.seg.SegmentDescription(

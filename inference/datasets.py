@@ -40,7 +40,8 @@ BACKGROUND, NODE, MALIGNANT = 0, 1, 2
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LABEL_MAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-CT_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+CT_STORAGE = {CT_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 #: Segmented Property Type codes of a lymph node: SNOMED CT, and the retired SNOMED RT code.
 LYMPH_NODE_CODES = {("59441001", "SCT"), ("T-C4000", "SRT")}
 #: Grid agreement of label and image affines, in mm.
@@ -66,6 +67,26 @@ class SiteCase:
     @property
     def spacing(self) -> tuple[float, float, float]:
         return tuple(float(np.linalg.norm(self.affine[:3, a])) for a in range(3))  # type: ignore[return-value]
+
+    def as_volume(self) -> Volume:
+        """The CT as the pipeline takes it: the loaded series, or the array with UIDs derived
+        from the case's name (NIfTI holds none)."""
+        if self.volume is not None:
+            return self.volume
+        from inference.findings import SliceRef
+        from inference.uids import deterministic_uid
+
+        series = deterministic_uid("nodal-site-case", self.name, "series")
+        return Volume(
+            array=self.hu,
+            affine=self.affine,
+            slices=tuple(
+                SliceRef(deterministic_uid(series, str(k)), CT_IMAGE_STORAGE) for k in range(self.hu.shape[0])
+            ),
+            study_instance_uid=deterministic_uid("nodal-site-case", self.name, "study"),
+            series_instance_uid=series,
+            frame_of_reference_uid=deterministic_uid("nodal-site-case", self.name, "for"),
+        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,8 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{Path(path).name}: a 3D image is needed, it has shape {data.shape}")
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img.affine, float)
     affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = lps[:3, 2], lps[:3, 1], lps[:3, 0], lps[:3, 3]
+    affine[:3, :3] = lps[:3, 2::-1]  # columns (k, j, i)
+    affine[:3, 3] = lps[:3, 3]
     return np.transpose(data, (2, 1, 0)), affine
 
 
@@ -146,7 +168,8 @@ def check_same_grid(what: str, label_shape, label_affine, image_shape, image_aff
             f"{what}: the label has shape {tuple(label_shape)} (slice, row, column), the image "
             f"{tuple(image_shape)}; a label must lie on its image's voxel grid"
         )
-    if label_affine is not None and not np.allclose(label_affine, image_affine, atol=GRID_TOLERANCE_MM, rtol=0):
+    same = label_affine is None or np.allclose(label_affine, image_affine, atol=GRID_TOLERANCE_MM, rtol=0)
+    if not same:
         raise DatasetError(
             f"{what}: the label's voxel grid (origin, spacing or orientation) differs from the "
             "image's; resample the label onto the image grid (nearest neighbour) first"
@@ -274,9 +297,7 @@ def _nnunet(root: Path) -> list[CaseRef]:
         raise DatasetError(f"dataset.json: file_ending {ending!r}; nodal reads NIfTI (.nii.gz or .nii)")
     channels = meta.get("channel_names") or meta.get("modality") or {}
     if len(channels) != 1 or "ct" not in str(next(iter(channels.values()))).lower():
-        raise DatasetError(
-            f"dataset.json: channel_names {channels}; nodal reads datasets of one CT channel"
-        )
+        raise DatasetError(f"dataset.json: channel_names {channels}; nodal reads datasets of one CT channel")
     mapping = label_mapping(meta["labels"], meta.get("nodal_labels"))
     out = []
     for split, images, labels in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
@@ -337,7 +358,7 @@ def _dicom_seg(root: Path) -> list[CaseRef]:
     for p in _dicom_files(root):
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - unreadable files are not part of any case
+        except Exception:  # unreadable files are not part of any case
             continue
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class in (SEG_STORAGE, LABEL_MAP_SEG_STORAGE):
@@ -408,7 +429,8 @@ def segment_kind(desc) -> int | None:
     types = list(desc.get("SegmentedPropertyTypeCodeSequence", []))
     meanings = [str(t.get("CodeMeaning", "")) for t in types]
     for t in types:
-        meanings += [str(m.get("CodeMeaning", "")) for m in t.get("SegmentedPropertyTypeModifierCodeSequence", [])]
+        modifiers = t.get("SegmentedPropertyTypeModifierCodeSequence", [])
+        meanings += [str(m.get("CodeMeaning", "")) for m in modifiers]
     label = str(desc.get("SegmentLabel", "")) + " " + str(desc.get("SegmentDescription", ""))
     is_node = any(_code_key(t) in LYMPH_NODE_CODES for t in types) or any(
         _NODE_WORDS.search(_words(m)) for m in meanings
