@@ -89,8 +89,9 @@ def export_dicom_seg(phantoms: Sequence[Phantom], out_dir: Path, per_node: bool 
     return out
 
 
-def phantom_seg(ph: Phantom, ct_paths: Sequence[Path], per_node: bool = True):
-    """A highdicom BINARY SEG of the phantom's nodes on its written CT series (in k order)."""
+def phantom_seg(ph: Phantom, ct_paths: Sequence[Path], per_node: bool = True, seg_type: str = "BINARY"):
+    """A highdicom SEG of the phantom's nodes on its written CT series (in k order);
+    `seg_type` BINARY, FRACTIONAL or LABELMAP."""
     import highdicom as hd
     import pydicom
 
@@ -118,11 +119,13 @@ def phantom_seg(ph: Phantom, ct_paths: Sequence[Path], per_node: bool = True):
         segments = [description(1, "lymph nodes")]
     if not segments:
         raise ValueError(f"phantom {ph.seed} has no node; a SEG needs at least one segment")
-    key = f"nodal-phantom-seg-{ph.seed}-{'nodes' if per_node else 'all'}"
+    if seg_type == "FRACTIONAL":
+        pixels = np.stack([(pixels == d.SegmentNumber).astype(np.float32) for d in segments], axis=-1)
+    key = f"nodal-phantom-seg-{ph.seed}-{'nodes' if per_node else 'all'}-{seg_type}"
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=hd.seg.SegmentationTypeValues[seg_type],
         segment_descriptions=segments,
         series_instance_uid=deterministic_uid(key, "series"),
         series_number=100,

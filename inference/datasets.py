@@ -482,7 +482,7 @@ def seg_on_grid(seg, volume: Volume, numbers: list[int], name: str) -> np.ndarra
                 segment_numbers=numbers,
                 combine_segments=False,
             )
-        return np.asarray(arr) > 0
+        return _binary(arr)
     except (KeyError, ValueError, AttributeError, RuntimeError) as e:
         log.info("%s: frames not placed by source references (%s); placing them by position", name, e)
     return _by_position(seg, volume, numbers, name)
@@ -511,5 +511,11 @@ def _by_position(seg, volume: Volume, numbers: list[int], name: str) -> np.ndarr
                     "the SEG and the CT series do not match"
                 )
             continue
-        out[k] |= arr[s] > 0
+        out[k] |= _binary(arr[s])
     return out
+
+
+def _binary(arr) -> np.ndarray:
+    """Segment membership: FRACTIONAL values (rescaled to [0, 1]) from one half up."""
+    arr = np.asarray(arr)
+    return arr >= 0.5 if arr.dtype.kind == "f" else arr > 0

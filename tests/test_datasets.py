@@ -68,6 +68,16 @@ def test_one_segment_for_all_nodes_reads_as_nodes_of_unknown_malignancy(tmp_path
     _same_as_generator(case, pair[0], (pair[0].labels > 0).astype(np.uint8))
 
 
+@pytest.mark.parametrize("seg_type", ["FRACTIONAL", "LABELMAP"])
+def test_fractional_and_label_map_segs_read_back_alike(tmp_path, pair, seg_type):
+    from inference.dataset_export import phantom_seg
+
+    ph = pair[0]
+    paths = phantoms.write_phantom(ph, tmp_path / "case" / "ct")
+    phantom_seg(ph, paths, seg_type=seg_type).save_as(tmp_path / "case" / "seg.dcm")
+    _same_as_generator(open_dataset(tmp_path).cases[0].load(), ph)
+
+
 def test_a_seg_without_its_ct_is_refused(tmp_path, pair):
     export_dicom_seg(pair, tmp_path)
     for f in (tmp_path / "phantom_0000012" / "ct").glob("*.dcm"):
