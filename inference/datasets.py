@@ -234,17 +234,23 @@ def _words(name: str) -> str:
 
 
 def nodal_value(label_name: str) -> int | None:
-    """nodal's value for an nnU-Net label name, or None when the name says neither."""
+    """nodal's value for an nnU-Net label name, or None when the name says neither.
+
+    A name must speak of a node ("lymph node", "LN", "malignant node"), except the bare
+    words malignant, metastatic, positive (2) and benign, unknown (1); "tumour" or
+    "metastasis" alone may be anything and is refused."""
     w = _words(label_name)
     if w in ("background", "bg", "none"):
         return BACKGROUND
-    if _BENIGN_WORDS.search(w) and (_NODE_WORDS.search(w) or w in ("benign", "unknown")):
-        return NODE
-    if _MALIGNANT_WORDS.search(w):
+    if w in ("malignant", "metastatic", "positive"):
         return MALIGNANT
-    if _NODE_WORDS.search(w):
+    if w in ("benign", "unknown"):
         return NODE
-    return None
+    if not _NODE_WORDS.search(w):
+        return None
+    if _BENIGN_WORDS.search(w):
+        return NODE
+    return MALIGNANT if _MALIGNANT_WORDS.search(w) else NODE
 
 
 def label_mapping(labels: dict, overrides: dict | None = None) -> dict[int, int]:

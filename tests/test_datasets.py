@@ -90,6 +90,7 @@ def test_label_names_map_to_nodal_values_or_are_refused():
     assert [nodal_value(n) for n in ("background", "Lymph_Node", "LN", "lymph nodes")] == [0, 1, 1, 1]
     assert [nodal_value(n) for n in ("malignant", "metastatic lymph node", "benign lymph node")] == [2, 2, 1]
     assert nodal_value("non-malignant node") == 1
+    assert [nodal_value(n) for n in ("tumour", "metastasis", "liver", "nodule")] == [None] * 4
     assert label_mapping({"background": 0, "lymph node": 1, "malignant lymph node": 2}) == {0: 0, 1: 1, 2: 2}
     assert label_mapping({"background": 0, "node": 1, "aorta": 2}, {"aorta": 0}) == {0: 0, 1: 1, 2: 0}
     with pytest.raises(DatasetError, match=r"cannot tell .*\['liver'\]"):
