@@ -53,12 +53,25 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--slices", type=int, default=96)
     c.add_argument("--pixel-spacing", type=float, default=0.95)
     c.add_argument("--slice-spacing", type=float, default=2.0)
+    c.add_argument(
+        "--format",
+        choices=["dicom", "nnunet", "dicom-seg"],
+        default="dicom",
+        help="dicom: one CT series and ground_truth.json; nnunet: an nnU-Net raw dataset; "
+        "dicom-seg: CT series with a DICOM SEG each (see docs/training.md)",
+    )
+    c.add_argument("--count", type=int, default=1, help="phantoms (seeds from --seed) in the dataset")
+    c.add_argument("--test-count", type=int, default=0, help="nnunet: further phantoms in imagesTs/labelsTs")
+    c.add_argument("--one-segment", action="store_true", help="dicom-seg: one segment for all nodes")
     c.set_defaults(func=cmd_phantom)
 
     c = sub.add_parser("train", help="train the segmenter and classifier, write a model directory")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument(
-        "--data", type=Path, default=None, help="site data folder with cases.json (default: phantoms)"
+        "--data",
+        type=Path,
+        default=None,
+        help="site data: cases.json, nnU-Net raw dataset or CT with DICOM SEG (default: phantoms)",
     )
     c.add_argument("--cases", type=int, default=48, help="number of phantoms (ignored with --data)")
     c.add_argument("--seed", type=int, default=0)
@@ -112,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cases", type=int, default=20)
     c.add_argument("--seed", type=int, default=None, help="first seed (default: the first held-out seed)")
     c.add_argument("--json", action="store_true", help="print JSON only")
+    c.add_argument(
+        "--data", type=Path, default=None, help="score on a site's labelled cases instead (as train --data)"
+    )
+    c.add_argument(
+        "--split",
+        choices=["auto", "train", "test", "verifier"],
+        default="auto",
+        help="with --data: which cases (auto: the test split where there is one, else the training cases)",
+    )
     c.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("config", help="check the configuration and print the effective values")
@@ -206,10 +228,36 @@ def cmd_phantom(args, settings: Settings) -> int:
         pixel_spacing_mm=args.pixel_spacing,
         slice_spacing_mm=args.slice_spacing,
     )
+    if args.format != "dicom":
+        return phantom_dataset(args, spec)
+    if args.count != 1 or args.test_count:
+        raise ValueError("--format dicom writes one phantom; use --format nnunet or dicom-seg for more")
     ph = phantoms.generate(args.seed, spec)
     paths = phantoms.write_phantom(ph, args.out / "dicom")
     (args.out / "ground_truth.json").write_text(json.dumps(ph.ground_truth(), indent=2) + "\n")
     print(f"{len(paths)} CT slices and ground truth ({len(ph.nodes)} nodes) in {args.out}")
+    return 0
+
+
+def phantom_dataset(args, spec) -> int:
+    """`nodal phantom --format nnunet|dicom-seg`: phantoms as a site's labelled dataset."""
+    from inference import dataset_export, phantoms
+
+    if args.count < 1 or args.test_count < 0:
+        raise ValueError("--count must be at least 1 and --test-count at least 0")
+    seeds = range(args.seed, args.seed + args.count + args.test_count)
+    generated = [phantoms.generate(s, spec) for s in seeds]
+    train, test = generated[: args.count], generated[args.count :]
+    if args.format == "nnunet":
+        dataset_export.export_nnunet(train, args.out, test)
+    else:
+        if test:
+            raise ValueError(
+                "--test-count is for --format nnunet; write test phantoms to a folder of their own"
+            )
+        dataset_export.export_dicom_seg(train, args.out, per_node=not args.one_segment)
+    nodes = sum(len(ph.nodes) for ph in generated)
+    print(f"{len(generated)} phantom(s) with {nodes} nodes as a {args.format} dataset in {args.out}")
     return 0
 
 
@@ -266,7 +314,8 @@ def cmd_train(args, settings: Settings) -> int:
         print(
             json.dumps({"verifier": report})
             if report
-            else "candidate verifier not fitted: cases.json lists no verifier_cases (see docs/training.md)"
+            else "candidate verifier not fitted: the data has no verifier cases (cases.json's "
+            "verifier_cases, see docs/training.md)"
         )
     return 0
 
@@ -291,6 +340,8 @@ def cmd_train_verifier(args, settings: Settings) -> int:
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
+    if getattr(args, "data", None) is not None:
+        return evaluate_data(args, settings)
     from inference.evaluate import evaluate
     from inference.train import EVAL_SEED_BASE
 
@@ -300,6 +351,17 @@ def cmd_evaluate(args, settings: Settings) -> int:
         args.seed if args.seed is not None else EVAL_SEED_BASE,
         settings=pipeline_settings(settings),
     )
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def evaluate_data(args, settings: Settings) -> int:
+    """`nodal evaluate --data DIR`: the evaluation's scores on a site's labelled cases."""
+    from inference.datasets import open_dataset
+    from inference.evaluate_data import evaluate_dataset
+
+    dataset = open_dataset(args.data)
+    result = evaluate_dataset(_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -1,12 +1,12 @@
 """`nodal train`: train the segmenter and the classifier, write a model directory.
 
 From phantoms (the default: reproducible from seeds) or from a site's labelled images
-(`--data DIR` with `cases.json`, see docs/training.md). The same code path trains both.
+(`--data DIR`: cases.json, an nnU-Net raw dataset or CT with DICOM SEG, see
+docs/training.md). The same code path trains both.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pickle
@@ -28,7 +28,7 @@ from inference.training_data import (
     Case,
     classifier_samples,
     false_positive_map,
-    file_case,
+    labelled_case,
     phantom_case,
     segmentation_patches,
 )
@@ -155,15 +155,17 @@ def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
         with ProcessPoolExecutor(cfg.workers) as pool:
             parts = list(pool.map(_phantom_samples, jobs))
     else:
-        listing = json.loads((Path(data_dir) / "cases.json").read_text())
-        parts = [
-            _samples(
-                file_case(Path(data_dir) / c["image"], Path(data_dir) / c["label"], cfg.working_spacing_mm),
-                i,
-                cfg,
-            )
-            for i, c in enumerate(listing["cases"])
-        ]
+        from inference.datasets import open_dataset
+
+        dataset = open_dataset(Path(data_dir))
+        cases = dataset.split("train")
+        if not cases:
+            raise ValueError(f"{data_dir} ({dataset.layout}) has no training cases")
+        log.info("site data: %s layout, %d training case(s)", dataset.layout, len(cases))
+        parts = []
+        for i, ref in enumerate(cases):
+            c = ref.load()
+            parts.append(_samples(labelled_case(c.hu, c.spacing, c.label, cfg.working_spacing_mm), i, cfg))
     imgs = np.concatenate([p[0] for p in parts])
     masks = np.concatenate([p[1] for p in parts])
     crops = [c for p in parts for c in p[2]]

@@ -10,7 +10,6 @@ phantom features are cached (keyed by the segmenter's checksum), so a refit is c
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,11 +18,11 @@ import numpy as np
 from scipy import ndimage
 
 from inference import phantoms, verify
-from inference.evaluate import array_volume, match, phantom_volume
+from inference.datasets import SiteCase, open_dataset
+from inference.evaluate import match, phantom_volume
 from inference.model_store import LoadedModel, add_verifier, load_model
 from inference.pipeline import PipelineSettings, candidate_features, detect
 from inference.train import EVAL_SEED_BASE, training_spec
-from inference.training_data import read_site_case
 from inference.volume import Volume
 
 log = logging.getLogger("nodal.train")
@@ -49,26 +48,21 @@ def phantom_candidates(model: LoadedModel, seed: int, settings: PipelineSettings
     return labelled_candidates(model, phantom_volume(ph), ph.labels, settings)
 
 
-def site_candidates(model: LoadedModel, image: Path, label: Path, settings: PipelineSettings) -> tuple:
+def site_candidates(model: LoadedModel, case: SiteCase, settings: PipelineSettings) -> tuple:
     """A site case (see docs/training.md) kept apart from the segmenter's training cases."""
-    hu, spacing, lab = read_site_case(image, label)
-    nodes, _ = ndimage.label(lab > 0)
-    volume = array_volume(hu, np.diag([*spacing, 1.0]), "nodal-site-case", str(image))
-    return labelled_candidates(model, volume, nodes, settings)
+    nodes, _ = ndimage.label(case.label > 0)
+    return labelled_candidates(model, case.as_volume(), nodes, settings)
 
 
 def train_verifier_on_site(model_dir: Path, data_dir: Path, keep_share: float = 0.98) -> dict | None:
-    """Fit on the `verifier_cases` of `data_dir/cases.json`; None when it lists none."""
-    listing = json.loads((Path(data_dir) / "cases.json").read_text())
-    cases = listing.get("verifier_cases") or []
+    """Fit on the verifier cases of the dataset in `data_dir` (cases.json's
+    `verifier_cases`); None when it has none."""
+    cases = open_dataset(Path(data_dir)).split("verifier")
     if not cases:
         return None
     model = load_model(model_dir)
     settings = PipelineSettings()
-    parts = [
-        site_candidates(model, Path(data_dir) / c["image"], Path(data_dir) / c["label"], settings)
-        for c in cases
-    ]
+    parts = [site_candidates(model, ref.load(), settings) for ref in cases]
     return _fit_and_store(model_dir, parts, keep_share, {"site_cases": len(cases)})
 
 

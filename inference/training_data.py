@@ -56,32 +56,24 @@ def phantom_case(seed: int, spec: phantoms.PhantomSpec, working_spacing: float) 
 def read_site_case(image_path: Path, label_path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     """A site's CT (NIfTI file or DICOM folder) in HU as (slice, row, column), its voxel
     spacing in that order, and its label image on the same grid (0 background, 1 lymph
-    node, benign or unknown, 2 malignant node)."""
-    import nibabel as nib
+    node, benign or unknown, 2 malignant node): one case of cases.json."""
+    from inference.datasets import read_listed_case
 
-    image_path, label_path = Path(image_path), Path(label_path)
-    if image_path.is_dir():
-        from inference.dicom_volume import load_series
-
-        vol = load_series(image_path)
-        hu, spacing = vol.array, vol.spacing
-        lab = np.asarray(nib.load(str(label_path)).dataobj)
-        lab = np.transpose(lab, (2, 1, 0)) if lab.shape[::-1] == hu.shape else lab
-    else:  # NIfTI arrays are (x, y, z): turn them into nodal's (slice, row, column) order
-        img = nib.load(str(image_path))
-        hu = np.transpose(np.asarray(img.dataobj, dtype=np.float32), (2, 1, 0))
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])[::-1]
-        lab = np.transpose(np.asarray(nib.load(str(label_path)).dataobj), (2, 1, 0))
-    if lab.shape != hu.shape:
-        raise ValueError(f"label {label_path.name} has shape {lab.shape}, image {hu.shape}")
-    return hu.astype(np.float32), spacing, lab
+    case = read_listed_case(Path(image_path).name, Path(image_path), Path(label_path))
+    return case.hu, case.spacing, case.label
 
 
 def file_case(image_path: Path, label_path: Path, working_spacing: float) -> Case:
     """A site's case on the working grid. Nodes are the connected components of the label > 0."""
     hu, spacing, lab = read_site_case(image_path, label_path)
-    image, grid = to_working(hu, spacing, working_spacing)
-    lab_w = nearest(lab.astype(np.uint8), grid)
+    return labelled_case(hu, spacing, lab, working_spacing)
+
+
+def labelled_case(hu: np.ndarray, spacing, label: np.ndarray, working_spacing: float) -> Case:
+    """A CT and its 0/1/2 label (same grid) on the working grid: nodes are the connected
+    components of the label > 0, malignant when most of their voxels are 2."""
+    image, grid = to_working(hu.astype(np.float32), tuple(spacing), working_spacing)
+    lab_w = nearest(label.astype(np.uint8), grid)
     inst, _ = ndimage.label(lab_w > 0)
     malignant = {}
     for i, sl in enumerate(ndimage.find_objects(inst), start=1):
