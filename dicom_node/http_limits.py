@@ -122,10 +122,10 @@ class UploadGuard:
 
         async def closing_send(message: Message) -> None:
             nonlocal started
+            if cut and not started:
+                return  # the guard answers a cut-off upload itself (408 or 413), below
             if message["type"] == "http.response.start":
                 started = True
-                if cut:  # the rest of the body will not be read: the connection must go
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:

@@ -76,6 +76,29 @@ def test_compose_file_follows_the_compose_spec(tmp_path):
     assert bad.returncode != 0 and b"restart_policy" in bad.stdout
 
 
+def test_compose_ohif_is_the_tested_viewer_in_front_of_orthanc():
+    """The OHIF service runs the version the browser test opens, with the same app-config,
+    and its web server proxies DICOMweb to Orthanc as Orthanc's demo user."""
+    import base64
+
+    from ohif import APP_CONFIG, OHIF_VERSION
+
+    ohif = compose()["services"]["ohif"]
+    assert ohif["image"] == f"ohif/app:v{OHIF_VERSION}"
+    assert re.search(rf"^OHIF_VERSION := {re.escape(OHIF_VERSION)}$", (ROOT / "Makefile").read_text(), re.M)
+    mounts = dict(v.removeprefix("./").split(":")[:2] for v in ohif["volumes"])
+    assert (DEPLOY / "ohif" / "app-config.js") == APP_CONFIG
+    assert mounts["ohif/app-config.js"] == "/usr/share/nginx/html/app-config.js"
+    nginx = (DEPLOY / "ohif" / "nginx.conf").read_text()
+    assert "proxy_pass http://orthanc:8042/dicom-web/;" in nginx
+    assert "8042:8042" in compose()["services"]["orthanc"]["ports"][1]
+    users = json.loads(compose()["services"]["orthanc"]["environment"]["ORTHANC__REGISTERED_USERS"])
+    ((user, password),) = users.items()
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    assert f'proxy_set_header Authorization "Basic {token}";' in nginx
+    assert f"listen {ohif['ports'][0].split(':')[1]};" in nginx
+
+
 def test_compose_wiring_orthanc_nodal_prometheus(monkeypatch):
     c = compose()
     services = c["services"]

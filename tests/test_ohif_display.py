@@ -143,6 +143,7 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
         for f in files:
             requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
         study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        nodes = _findings(processed)
         seen: dict = {"page_errors": [], "console_errors": []}
         with OhifSite(orthanc.url) as site, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium_binary(), args=CHROMIUM_ARGS)
@@ -173,7 +174,7 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
                     "() => { const s = window.services.segmentationService.getSegmentations()[0];"
                     " window.services.segmentationService.jumpToSegmentCenter(s.segmentationId, 1); }"
                 )
-                _zoom(page, 2.0)
+                _frame(page, nodes[0]["centroid_lps_mm"])
                 page.screenshot(path=str(SCREENSHOTS / "seg.png"))
 
                 page.dblclick(f"#thumbnail-{uid['SR']}")
@@ -184,7 +185,8 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
                 seen["sr"] = _settled(page, SR_STATE_JS, uid["SR"])
                 page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
                 seen["svg"] = _settled(page, SVG_DRAWN_JS)
-                _zoom(page, 2.0)
+                shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
+                _frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
                 page.screenshot(path=str(SCREENSHOTS / "sr.png"))
             finally:
                 browser.close()
@@ -215,15 +217,23 @@ def _settled(page, script: str, arg=None, every: float = 1.0, rounds: int = 60):
     return last
 
 
-def _zoom(page, factor: float) -> None:
-    """Zoom the active viewport (the nodes are small beside the whole body)."""
+def _frame(page, centre_lps: list[float], factor: float = 4.0) -> None:
+    """Centre the active viewport on `centre_lps` within the slice shown, and zoom in (the
+    nodes are small beside the whole body): for the screenshots only."""
     page.evaluate(
-        """(f) => {
+        """([c, f]) => {
           const id = window.services.viewportGridService.getActiveViewportId();
           const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(id);
-          vp.setZoom(f); vp.render();
+          const cam = vp.getCamera();
+          const n = cam.viewPlaneNormal;
+          const along = [0, 1, 2].reduce((s, i) => s + (c[i] - cam.focalPoint[i]) * n[i], 0);
+          const focal = [0, 1, 2].map(i => c[i] - along * n[i]);
+          const position = [0, 1, 2].map(i => focal[i] + cam.position[i] - cam.focalPoint[i]);
+          vp.setCamera({focalPoint: focal, position});
+          vp.setZoom(f);
+          vp.render();
         }""",
-        factor,
+        [centre_lps, factor],
     )
     time.sleep(1)
 

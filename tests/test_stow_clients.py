@@ -152,9 +152,11 @@ def node(tmp_path) -> Iterator[Node]:
     db = Database(f"sqlite:///{tmp_path / 'index.sqlite3'}")
     spool = Spool(tmp_path / "spool")
     receiver = Receiver(spool, db)
-    recorder = Recorder(create_app(Settings(), db, receiver, lambda: True))
+    settings = Settings()
+    recorder = Recorder(create_app(settings, db, receiver, lambda: True))
     port = free_port()
-    server = _http_server(recorder, "127.0.0.1", port)  # uvicorn as `nodal serve` configures it
+    # uvicorn as `nodal serve` configures it
+    server = _http_server(recorder, "127.0.0.1", port, settings.node.http_limits.header_timeout_seconds)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, 10, "uvicorn")
