@@ -69,6 +69,7 @@ def run_analysis(job: JobInput, outbox: Path, settings: Settings, model) -> JobO
         tmp,
         result_images=settings.results.result_images,
         omit_empty_frames=settings.results.omit_empty_frames,
+        editable_in_ohif=settings.results.editable_in_ohif,
     )
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)  # an earlier attempt of the same job

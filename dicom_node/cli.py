@@ -190,6 +190,7 @@ def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict
         out,
         result_images=settings.results.result_images,
         omit_empty_frames=settings.results.omit_empty_frames,
+        editable_in_ohif=settings.results.editable_in_ohif,
     )
     doc["result_files"] = [p.name for p in written]
     log.info("stage seconds: %s", {k: round(v, 2) for k, v in analysis.seconds.items()})

@@ -371,6 +371,9 @@ class VolumeSection(_Section):
 class ResultsSection(_Section):
     result_images: bool = True
     omit_empty_frames: bool = True
+    editable_in_ohif: bool = Field(
+        False, description="SR axes that OHIF offers as editable measurements (docs/results.md)"
+    )
 
 
 class LoggingSection(_Section):

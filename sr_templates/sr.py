@@ -35,6 +35,9 @@ from sr_templates.sources import SourceSeries
 from sr_templates.uids import ResultUIDs
 
 NO_FINDINGS_IDENTIFIER = "No lymph nodes found"
+#: Tracking Identifier of the axes group when the measurements are to be editable in OHIF:
+#: the name of the Cornerstone tool whose SR form the group already has (docs/results.md).
+OHIF_BIDIRECTIONAL = "Cornerstone3DTools@^0.1.0:Bidirectional"
 
 
 def _measurement(
@@ -56,8 +59,8 @@ def _measurement(
     )
 
 
-def _tracking(finding: Finding) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.label[:64])
+def _tracking(finding: Finding, identifier: str | None = None) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=(identifier or finding.label)[:64])
 
 
 def malignancy_value(probability: float) -> Code:
@@ -138,13 +141,20 @@ def finding_groups(
     seg: Dataset,
     segment_number: int,
     algorithm: hd.sr.AlgorithmIdentification,
+    *,
+    editable_in_ohif: bool = False,
 ) -> list[
     hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 ]:
-    """The TID 1501 group (axes with their lines) and the TID 1411 group of one finding."""
+    """The TID 1501 group (axes with their lines) and the TID 1411 group of one finding.
+
+    `editable_in_ohif`: the axes group's tracking identifier names OHIF's bidirectional
+    tool (:data:`OHIF_BIDIRECTIONAL`), so that OHIF offers the axes as editable measurements;
+    the tracking UID and the TID 1411 group's identifier (the node's label) are unchanged.
+    """
     k = int(finding.key_slice)
     axes = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(finding),
+        tracking_identifier=_tracking(finding, OHIF_BIDIRECTIONAL if editable_in_ohif else None),
         finding_type=codes.LYMPH_NODE,
         finding_category=codes.ANATOMICAL_STRUCTURE,
         algorithm_id=algorithm,
@@ -239,6 +249,8 @@ def measurement_report(
     study_findings: StudyFindings,
     seg: Dataset | None,
     result_uids: ResultUIDs,
+    *,
+    editable_in_ohif: bool = False,
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree; `seg` is required when there are findings."""
     findings: Sequence[Finding] = study_findings.findings
@@ -251,7 +263,9 @@ def measurement_report(
             raise ValueError(f"SEG has {n_segments} segments for {len(findings)} findings")
         groups: list = []
         for number, finding in enumerate(findings, start=1):
-            groups.extend(finding_groups(sources, finding, seg, number, algorithm))
+            groups.extend(
+                finding_groups(sources, finding, seg, number, algorithm, editable_in_ohif=editable_in_ohif)
+            )
     else:
         groups = [no_findings_group(result_uids, algorithm)]
     return _report(study_findings, groups)
@@ -308,6 +322,7 @@ def build_sr(
     result_uids: ResultUIDs,
     *,
     partial: bool = False,
+    editable_in_ohif: bool = False,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR document; `seg` is required when there are findings.
 
@@ -317,7 +332,7 @@ def build_sr(
     content tree is put in afterwards; the evidence check that the constructor would have
     made is done by `_check_references`.  The result equals highdicom's own (tested).
     """
-    report = measurement_report(sources, study_findings, seg, result_uids)
+    report = measurement_report(sources, study_findings, seg, result_uids, editable_in_ohif=editable_in_ohif)
     arguments = document_arguments(sources, study_findings, seg, result_uids, partial=partial)
     algorithm = provenance.sr_algorithm_identification(study_findings.model)
     skeleton = _report(study_findings, [no_findings_group(result_uids, algorithm)])

@@ -74,6 +74,7 @@ def build_results(
     result_images: bool = True,
     omit_empty_frames: bool = True,
     partial: bool = False,
+    editable_in_ohif: bool = False,
 ) -> ResultObjects:
     """Build SEG, SR and (optionally) result images for `study_findings`.
 
@@ -91,6 +92,9 @@ def build_results(
         every source slice and segment, which some viewers need.
     partial
         The analysis did not cover the whole series: the SR's Completion Flag is PARTIAL.
+    editable_in_ohif
+        Write the SR so that OHIF offers the axes as editable measurements
+        (docs/results.md); the document stays standard.
 
     Raises
     ------
@@ -108,7 +112,9 @@ def build_results(
             if study_findings.findings
             else None
         )
-        sr = build_sr(sources, study_findings, seg, result_uids, partial=partial)
+        sr = build_sr(
+            sources, study_findings, seg, result_uids, partial=partial, editable_in_ohif=editable_in_ohif
+        )
         images = tuple(build_result_images(sources, study_findings, result_uids)) if result_images else ()
     return ResultObjects(seg=seg, sr=sr, result_images=images)
 
@@ -121,6 +127,7 @@ def write_results(
     result_images: bool = True,
     omit_empty_frames: bool = True,
     partial: bool = False,
+    editable_in_ohif: bool = False,
 ) -> list[Path]:
     """Build the result objects (see `build_results`) and save them in `out_dir`.
 
@@ -133,6 +140,7 @@ def write_results(
         result_images=result_images,
         omit_empty_frames=omit_empty_frames,
         partial=partial,
+        editable_in_ohif=editable_in_ohif,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

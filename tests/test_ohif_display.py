@@ -17,9 +17,12 @@ Screenshots for a person go to var/ohif/ (the README's come from there).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import highdicom as hd
@@ -85,6 +88,10 @@ SR_STATE_JS = """(uid) => {
   };
 }"""
 
+#: OHIF's tracked measurements: tool, label and the texts it shows.
+TRACKED_JS = """() => window.services.measurementService.getMeasurements()
+  .map(m => ({tool: m.toolName, label: m.label, primary: (m.displayText || {}).primary || []}))"""
+
 #: A returning radiologist: the first-visit tour (an overlay over the viewer) seen before.
 RETURNING_USER_JS = "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
 
@@ -114,6 +121,16 @@ def _missing() -> str | None:
     return None
 
 
+def _process(ct: Path, out: Path, **env: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "process", str(ct), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert run.returncode == 0, run.stderr
+
+
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory) -> Path:
     """A phantom CT and nodal's results for it, as `nodal process` writes them."""
@@ -122,29 +139,20 @@ def processed(tmp_path_factory) -> Path:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("ohif")
     phantoms.write_phantom(phantoms.generate(SEED, SPEC), root / "ct")
-    run = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "process", str(root / "ct"), "--out", str(root / "out")],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
+    _process(root / "ct", root / "out")
     return root
 
 
-@pytest.fixture(scope="module")
-def viewed(processed: Path, tmp_path_factory) -> dict:
-    """Open the study in OHIF, load the SEG, then the SR; what OHIF held at each step."""
+@contextmanager
+def _viewer(files: list[Path], folder: Path, seen: dict) -> Iterator:
+    """A page of OHIF showing the study of `files`, stored in an Orthanc of its own."""
     from playwright.sync_api import sync_playwright
 
-    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc-ohif")).start()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    orthanc = Orthanc(folder).start()
     try:
-        files = sorted((processed / "ct").glob("*.dcm")) + sorted((processed / "out").glob("*.dcm"))
         for f in files:
             requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
         study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-        nodes = _findings(processed)
-        seen: dict = {"page_errors": [], "console_errors": []}
         with OhifSite(orthanc.url) as site, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium_binary(), args=CHROMIUM_ARGS)
             try:
@@ -156,49 +164,85 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
                     "console",
                     lambda m: seen["console_errors"].append(m.text) if m.type == "error" else None,
                 )
-                _open_study(page, site.url, study)
-                sets = page.evaluate(
-                    "() => window.services.displaySetService.getActiveDisplaySets()"
-                    ".map(d => ({uid: d.displaySetInstanceUID, modality: d.Modality}))"
-                )
-                seen["modalities"] = sorted(d["modality"] for d in sets)
-                uid = {d["modality"]: d["uid"] for d in sets}
-
-                page.dblclick(f"#thumbnail-{uid['SEG']}")
-                page.get_by_role("button", name="Yes").click()  # "open this Segmentation?"
-                page.wait_for_function(
-                    "() => window.services.segmentationService.getSegmentations().length > 0"
-                )
-                seen["segments"] = _settled(page, SEGMENT_VOXELS_JS)
-                page.evaluate(
-                    "() => { const s = window.services.segmentationService.getSegmentations()[0];"
-                    " window.services.segmentationService.jumpToSegmentCenter(s.segmentationId, 1); }"
-                )
-                _frame(page, nodes[0]["centroid_lps_mm"])
-                page.screenshot(path=str(SCREENSHOTS / "seg.png"))
-
-                page.dblclick(f"#thumbnail-{uid['SR']}")
-                page.wait_for_function(
-                    "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
-                    ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
-                )
-                seen["sr"] = _settled(page, SR_STATE_JS, uid["SR"])
-                page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
-                seen["svg"] = _settled(page, SVG_DRAWN_JS)
-                shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
-                _frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
-                page.screenshot(path=str(SCREENSHOTS / "sr.png"))
+                _open_study(page, site.url, study, len({_series(f) for f in files}))
+                yield page
             finally:
                 browser.close()
-        return seen
     finally:
         orthanc.stop()
 
 
-def _open_study(page, url: str, study: str) -> None:
+def _series(path: Path) -> str:
+    return pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+
+
+def _display_sets(page) -> dict[str, str]:
+    """Modality -> display set UID of the study's series."""
+    sets = page.evaluate(
+        "() => window.services.displaySetService.getActiveDisplaySets()"
+        ".map(d => ({uid: d.displaySetInstanceUID, modality: d.Modality}))"
+    )
+    return {d["modality"]: d["uid"] for d in sets}
+
+
+@pytest.fixture(scope="module")
+def viewed(processed: Path, tmp_path_factory) -> dict:
+    """Open the study in OHIF, load the SEG, then the SR; what OHIF held at each step."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    files = sorted((processed / "ct").glob("*.dcm")) + sorted((processed / "out").glob("*.dcm"))
+    nodes = _findings(processed)
+    seen: dict = {"page_errors": [], "console_errors": []}
+    with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif"), seen) as page:
+        uid = _display_sets(page)
+        seen["modalities"] = sorted(uid)
+
+        page.dblclick(f"#thumbnail-{uid['SEG']}")
+        page.get_by_role("button", name="Yes").click()  # "open this Segmentation?"
+        page.wait_for_function("() => window.services.segmentationService.getSegmentations().length > 0")
+        seen["segments"] = _settled(page, SEGMENT_VOXELS_JS)
+        page.evaluate(
+            "() => { const s = window.services.segmentationService.getSegmentations()[0];"
+            " window.services.segmentationService.jumpToSegmentCenter(s.segmentationId, 1); }"
+        )
+        _frame(page, nodes[0]["centroid_lps_mm"])
+        page.screenshot(path=str(SCREENSHOTS / "seg.png"))
+
+        page.dblclick(f"#thumbnail-{uid['SR']}")
+        page.wait_for_function(
+            "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+            ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
+        )
+        seen["sr"] = _settled(page, SR_STATE_JS, uid["SR"])
+        page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
+        seen["svg"] = _settled(page, SVG_DRAWN_JS)
+        shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
+        _frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
+        page.screenshot(path=str(SCREENSHOTS / "sr.png"))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def tracked(processed: Path, tmp_path_factory) -> dict:
+    """The SR written with `results.editable_in_ohif`, opened in OHIF and taken over as
+    tracked measurements ("continue tracking measurements for this study?" Yes)."""
+    out = processed / "out-editable"
+    _process(processed / "ct", out, NODAL_RESULTS__EDITABLE_IN_OHIF="true")
+    files = [*sorted((processed / "ct").glob("*.dcm")), out / "sr.dcm"]
+    seen: dict = {"page_errors": [], "console_errors": []}
+    with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-tracked"), seen) as page:
+        page.dblclick(f"#thumbnail-{_display_sets(page)['SR']}")
+        page.get_by_role("button", name="Yes").click()
+        page.wait_for_function("() => window.services.measurementService.getMeasurements().length > 0")
+        seen["measurements"] = _settled(page, TRACKED_JS)
+        page.screenshot(path=str(SCREENSHOTS / "sr-tracked.png"))
+    return seen
+
+
+def _open_study(page, url: str, study: str, series: int) -> None:
     page.goto(f"{url}/viewer?StudyInstanceUIDs={study}")
     page.wait_for_function(
-        "() => window.services && window.services.displaySetService.getActiveDisplaySets().length >= 4"
+        "(n) => window.services && window.services.displaySetService.getActiveDisplaySets().length >= n",
+        arg=series,
     )
     notice = page.get_by_role("button", name="Confirm and hide")  # investigational use
     if notice.count():
@@ -307,3 +351,22 @@ def test_the_nodes_on_the_slice_shown_are_drawn_with_both_lines_and_their_text(p
 def test_no_uncaught_error_in_the_page(viewed) -> None:
     assert viewed["page_errors"] == []
     assert [e for e in viewed["console_errors"] if "Uncaught" in e] == []
+
+
+def test_editable_sr_becomes_one_tracked_bidirectional_measurement_per_node(processed, tracked) -> None:
+    """`results.editable_in_ohif`: OHIF takes the axes over as measurements the radiologist
+    can keep, correct or delete, each named with its node's call and size class."""
+    findings = _findings(processed)
+    measurements = tracked["measurements"]
+    assert [m["tool"] for m in measurements] == ["Bidirectional"] * len(findings)
+    by_label = {m["label"].split(" ")[0]: m for m in measurements}
+    for f in findings:
+        m = by_label[f["label"]]
+        call = "malignant" if f["malignancy_probability"] >= 0.5 else "benign"
+        assert m["label"] == f"{f['label']} {call}, size: {f['size_category']}"
+        long_text, short_text = m["primary"][:2]
+        assert long_text.startswith("L: ") and short_text.startswith("W: ")
+        # OHIF recomputes the lengths from the line end points: the SR's lines are the axes
+        assert abs(float(long_text.split()[1]) - f["long_axis_mm"]) <= 0.06
+        assert abs(float(short_text.split()[1]) - f["short_axis_mm"]) <= 0.06
+    assert tracked["page_errors"] == []

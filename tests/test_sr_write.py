@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_sr_support import (
     DSRDUMP,
     MODEL,
+    dciodvfy,
     make_case,
+    needs_dciodvfy,
     needs_dsrdump,
 )
 
@@ -215,3 +217,24 @@ def test_written_files_are_readable_dicom(written) -> None:
     for path in written.values():
         ds = pydicom.dcmread(path)
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_editable_in_ohif_names_the_bidirectional_tool_on_the_axes_group_only(case) -> None:
+    """OHIF offers a group as an editable measurement when its tracking identifier names a
+    Cornerstone tool; the node keeps its tracking UID and, on its TID 1411 group, its label."""
+    sr = build_results(case.datasets, case.findings, result_images=False, editable_in_ohif=True).sr
+    axes = sr.content.get_image_measurement_groups()
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    for finding, a, v in zip(case.findings.findings, axes, volumetric, strict=True):
+        assert a.tracking_identifier == "Cornerstone3DTools@^0.1.0:Bidirectional"
+        assert v.tracking_identifier == finding.label
+        assert a.tracking_uid == v.tracking_uid == finding.tracking_uid
+        meanings = {m.name.meaning for m in a.get_measurements()}
+        assert meanings == {"Long Axis", "Short Axis"}  # the names OHIF's tool reads
+
+
+@needs_dciodvfy
+def test_editable_in_ohif_stays_valid(case, tmp_path: Path) -> None:
+    paths = write_results(case.datasets, case.findings, tmp_path, result_images=False, editable_in_ohif=True)
+    errors, _ = dciodvfy(paths[1])
+    assert errors == []
