@@ -64,6 +64,26 @@ def test_result_objects_pass_dciodvfy(processed):
         assert not errors, (f.name, errors)
 
 
+@pytest.mark.slow
+def test_each_node_has_one_volume_in_findings_seg_and_sr(processed):
+    """The findings are measured from the masks the SEG holds, and no voxel is in two."""
+    import highdicom as hd
+
+    _, root, _ = processed
+    nodes = json.loads((root / "out" / "findings.json").read_text())["nodes"]
+    seg = hd.seg.segread(root / "out" / "seg.dcm")
+    sr = hd.sr.srread(root / "out" / "sr.dcm")
+    assert seg.SegmentsOverlap == "NO"
+    voxel_mm3 = SPEC.pixel_spacing_mm**2 * SPEC.slice_spacing_mm
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(nodes) == len(seg.segment_numbers) == len(groups) > 0
+    labels = seg.get_volume(combine_segments=True, relabel=True).array
+    for number, (node, group) in enumerate(zip(nodes, groups, strict=True), start=1):
+        in_seg = int((labels == number).sum()) * voxel_mm3
+        in_sr = next(m.value for m in group.get_measurements() if m.name.value == "118565006")
+        assert node["volume_mm3"] == pytest.approx(in_seg, abs=0.05) == pytest.approx(in_sr, abs=0.05)
+
+
 def test_missing_slice_is_refused_with_a_clear_message(tmp_path):
     ph = phantoms.generate(
         5,
