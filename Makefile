@@ -76,7 +76,7 @@ train: $(STAMP)
 	$(BIN)/nodal train-verifier --model-dir $(MODEL) --cases 32 --keep-share 0.97
 
 evaluate: $(STAMP)
-	$(BIN)/nodal evaluate --cases 20 --json
+	$(BIN)/nodal evaluate --family both --cases 20 --json
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cases", type=int, default=20)
     c.add_argument("--seed", type=int, default=None, help="first seed (default: the first held-out seed)")
     c.add_argument("--json", action="store_true", help="print JSON only")
+    c.add_argument(
+        "--family",
+        choices=("train", "heldout", "both"),
+        default="train",
+        help="phantom family: train (the generator of the training data, on unseen seeds), heldout "
+        "(an independent generator never used for training or fitting), or both side by side",
+    )
     c.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("config", help="check the configuration and print the effective values")
@@ -294,14 +301,33 @@ def cmd_evaluate(args, settings: Settings) -> int:
     from inference.evaluate import evaluate
     from inference.train import EVAL_SEED_BASE
 
-    result = evaluate(
-        _model(settings),
-        args.cases,
-        args.seed if args.seed is not None else EVAL_SEED_BASE,
-        settings=pipeline_settings(settings),
-    )
+    families = ("train", "heldout") if args.family == "both" else (args.family,)
+    model = _model(settings)
+    results = {
+        family: evaluate(
+            model,
+            args.cases,
+            args.seed if args.seed is not None else EVAL_SEED_BASE,
+            settings=pipeline_settings(settings),
+            family=family,
+        )
+        for family in families
+    }
+    result = results if args.family == "both" else results[args.family]
     print(json.dumps(result, indent=None if args.json else 2))
+    if args.family == "both" and not args.json:
+        print(side_by_side(results))
     return 0
+
+
+def side_by_side(results: dict[str, dict]) -> str:
+    """The headline figures of several families as a small text table."""
+    keys = ("sensitivity", "fp_per_volume", "dice", "short_axis_mae_mm", "auc", "auc_size_rule", "nodes")
+    names = list(results)
+    lines = ["metric".ljust(20) + "".join(n.rjust(12) for n in names)]
+    for k in keys:
+        lines.append(k.ljust(20) + "".join(str(results[n].get(k)).rjust(12) for n in names))
+    return "\n".join(lines)
 
 
 def cmd_config(args, settings: Settings) -> int:

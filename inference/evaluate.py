@@ -1,6 +1,10 @@
 """`nodal evaluate`: detection, segmentation, measurement and malignancy scores on held-out phantoms.
 
-Seeds start at `EVAL_SEED_BASE`, far from every training seed. Malignancy is scored
+Two phantom families (`FAMILIES`): `train`, the generator the demo model is trained on
+(`inference.phantoms`, evaluated on seeds it never trained on), and `heldout`, an
+independent generator (`inference.phantoms_heldout`) that no training, fitting or
+threshold choice ever sees; it measures how far the model generalises beyond the habits
+of its own generator. Seeds start at `EVAL_SEED_BASE`, far from every training seed. Malignancy is scored
 against each node's criterion label (before label noise). A threshold baseline (an HU
 window on the smoothed image, components of node-like volume) is scored with the same
 matching, to show what intensity alone achieves on these phantoms.
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from inference import phantoms
+from inference import phantoms, phantoms_heldout
 from inference.findings import SliceRef
 from inference.model_store import LoadedModel
 from inference.pipeline import PipelineSettings, analyse
@@ -27,9 +31,17 @@ SENSITIVITY_MIN_SHORT_AXIS_MM = 5.0
 THRESHOLD_BASELINE_HU = (15.0, 80.0)
 
 
-def phantom_volume(ph: phantoms.Phantom) -> Volume:
+#: Phantom families: name -> (generator(seed, spec), default spec, UID key).
+FAMILIES = {
+    "train": (phantoms.generate, phantoms.PhantomSpec, "nodal-phantom"),
+    "heldout": (phantoms_heldout.generate, phantoms_heldout.HeldoutSpec, "nodal-phantom-heldout"),
+}
+DEFAULT_FAMILY = "train"
+
+
+def phantom_volume(ph, family: str = DEFAULT_FAMILY) -> Volume:
     """The phantom as a loaded volume, without a round trip through DICOM files."""
-    return array_volume(ph.hu.astype(np.float32), ph.affine, "nodal-phantom", str(ph.seed))
+    return array_volume(ph.hu.astype(np.float32), ph.affine, FAMILIES[family][2], str(ph.seed))
 
 
 def array_volume(hu: np.ndarray, affine: np.ndarray, *key: str) -> Volume:
@@ -80,7 +92,7 @@ def auc(scores: list[float], positive: list[bool]) -> float | None:
     return float(greater / (len(pos) * len(neg)))
 
 
-def threshold_baseline(ph: phantoms.Phantom) -> list[tuple[tuple, np.ndarray]]:
+def threshold_baseline(ph) -> list[tuple[tuple, np.ndarray]]:
     lo, hi = THRESHOLD_BASELINE_HU
     smooth = ndimage.gaussian_filter(ph.hu.astype(np.float32), 1.0)
     lab, _ = ndimage.label((smooth >= lo) & (smooth <= hi))
@@ -97,17 +109,22 @@ def evaluate(
     model: LoadedModel,
     cases: int = 20,
     seed: int = EVAL_SEED_BASE,
-    spec: phantoms.PhantomSpec | None = None,
+    spec=None,
     settings: PipelineSettings | None = None,
+    family: str = DEFAULT_FAMILY,
 ) -> dict:
     if seed < EVAL_SEED_BASE:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_BASE} (training seeds are below)")
-    spec = spec or phantoms.PhantomSpec()
-    gt_rows, pred_rows, fps, base_fps, base_hits, seconds = [], [], [], [], [], []
+    if family not in FAMILIES:
+        raise ValueError(f"unknown phantom family {family!r}; choose one of {', '.join(FAMILIES)}")
+    generate, spec_type, _ = FAMILIES[family]
+    spec = spec or spec_type()
+    gt_rows, pred_rows, fps, base_fps, base_hits, seconds, drawn = [], [], [], [], [], [], []
     for n in range(cases):
-        ph = phantoms.generate(seed + n, spec)
+        ph = generate(seed + n, spec)
+        drawn.append(getattr(ph, "acquisition", None))
         t = time.perf_counter()
-        analysis = analyse(phantom_volume(ph), model, settings)
+        analysis = analyse(phantom_volume(ph, family), model, settings)
         seconds.append(time.perf_counter() - t)
         findings = analysis.findings.findings
         matches = match(ph.labels, [(f.bbox, f.mask) for f in findings])
@@ -131,6 +148,7 @@ def evaluate(
     big = [hit for node, hit in gt_rows if node.short_axis_mm >= SENSITIVITY_MIN_SHORT_AXIS_MM]
     crit = [node.malignant_criterion for node, _, _ in pred_rows]
     return {
+        "family": family,
         "cases": cases,
         "seeds": [seed, seed + cases - 1],
         "nodes": len(gt_rows),
@@ -156,12 +174,35 @@ def evaluate(
         },
         "seconds_per_case": _r(np.mean(seconds)),
         "model": {"name": model.name, "version": model.version, "device": model.device.type},
-        "phantom": {
+        "phantom": _describe(spec, drawn),
+    }
+
+
+def _describe(spec, drawn: list) -> dict:
+    if isinstance(spec, phantoms.PhantomSpec):
+        return {
             "rows": spec.rows,
             "slices": spec.slices,
             "pixel_spacing_mm": spec.pixel_spacing_mm,
             "slice_spacing_mm": spec.slice_spacing_mm,
-        },
+        }
+    acq = [a for a in drawn if a is not None]
+    if not acq:
+        return {}
+
+    def count(attr):
+        values = [getattr(a, attr) for a in acq]
+        return {str(v): values.count(v) for v in sorted(set(values), key=str)}
+
+    return {
+        "rows": spec.matrix,
+        "pixel_spacing_mm": [min(a.pixel_mm for a in acq), max(a.pixel_mm for a in acq)],
+        "slice_spacing_mm": count("slice_mm"),
+        "slices": [min(a.slices for a in acq), max(a.slices for a in acq)],
+        "kernel": count("kernel"),
+        "phase": count("phase"),
+        "region": count("region"),
+        "metal": sum(a.metal for a in acq),
     }
 
 
