@@ -158,6 +158,7 @@ def evaluate(
 
     headline = _score(runs, rejected_by(rules.enabled()) if rules else lambda v: False)
     without = _score(runs, lambda v: False)
+    with_all = _score(runs, rejected_by(judged.enabled()))
     per_rule = {}
     for r in plausibility.RULES:
         alone = _score(runs, rejected_by((r,)))
@@ -165,8 +166,9 @@ def evaluate(
             "fp_removed": round((without["fp_per_volume"] - alone["fp_per_volume"]) * cases),
             "nodes_lost": without["_found_ge_5mm"] - alone["_found_ge_5mm"],
         }
-    for d in (headline, without):
+    for d in (headline, without, with_all):
         d.pop("_found_ge_5mm")
+    brief = ("sensitivity", "fp_per_volume", "dice", "short_axis_mae_mm", "auc", "auc_size_rule")
     return {
         "family": family,
         "cases": cases,
@@ -180,9 +182,8 @@ def evaluate(
         "plausibility": {
             "applied": list(rules.enabled()) if rules else [],
             "thresholds": judged.to_card()["thresholds"],
-            "without_rules": {
-                k: without[k] for k in ("sensitivity", "fp_per_volume", "dice", "short_axis_mae_mm", "auc")
-            },
+            "without_rules": {k: without[k] for k in brief},
+            "with_rules": {k: with_all[k] for k in brief},
             "per_rule": per_rule,
         },
         "seconds_per_case": _r(np.mean(seconds)),
