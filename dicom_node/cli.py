@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --init-from: train the classifier from random weights (the segmenter continues)",
     )
+    c.add_argument(
+        "--variety",
+        action="store_true",
+        help="domain-randomised phantoms (inference.phantoms.variety_spec: anatomy, patient size, "
+        "spacing, kernel, noise, metal; docs/model.md)",
+    )
     c.add_argument("--version", default="0.1.0")
     c.add_argument("--name", default="nodal-ln-demo")
     c.add_argument(
@@ -257,6 +263,7 @@ def cmd_train(args, settings: Settings) -> int:
         fresh_classifier=args.fresh_classifier,
         patches_per_case=0 if args.seg_steps == 0 else TrainConfig.patches_per_case,
         init_from=str(args.init_from) if args.init_from else None,
+        variety=args.variety,
         version=args.version,
         name=args.name,
     )
