@@ -12,8 +12,10 @@ Rules (a lymph node does not ...):
 * `elongation`: have a long/short axis ratio above `max_elongation` on its key slice;
 * `density`: have a mean above `max_mean_hu` (contrast-filled vessel, oral contrast, bone);
 * `gas`: contain gas (more than `max_gas_share` of its voxels below `gas_hu`);
-* `fluid`: consist mostly of fluid (more than `max_fluid_share` of its voxels in `fluid_hu`):
-  a fluid-filled bowel loop or a cyst inside a thin wall, not a node with a necrotic centre;
+* `fluid`: consist mostly of fluid when large (short axis from `fluid_min_short_axis_mm`,
+  more than `max_fluid_share` of its voxels in `fluid_hu` on the image smoothed 1 mm in
+  plane): a fluid-filled bowel loop or a cyst inside a thin wall, not a node with a
+  necrotic centre (a core within a thick rim);
 * `tube_z`: continue above and below itself: tissue of its own density in its central
   footprint `tube_mm` beyond both its ends (share >= `tube_share`) is a vessel, the
   oesophagus, a crus or a ureter cut across;
@@ -48,6 +50,7 @@ class Rules:
     max_gas_share: float = 0.02
     fluid_hu: tuple[float, float] = (-30.0, 20.0)
     max_fluid_share: float = 0.5
+    fluid_min_short_axis_mm: float = 20.0
     similar_hu: float = 35.0
     tube_mm: tuple[float, float] = (2.0, 6.0)
     tube_share: float = 0.7
@@ -111,14 +114,13 @@ def judge(
     mean = float(inside.mean()) if inside.size else 0.0
     soft = inside[inside > -30]
     own = float(np.median(soft)) if soft.size else mean
-    flo, fhi = rules.fluid_hu
     out = {
         "size": short_mm > rules.max_short_axis_mm,
         "elongation": short_mm > 0 and long_mm / short_mm > rules.max_elongation,
         "density": mean > rules.max_mean_hu,
         "gas": float((inside < rules.gas_hu).mean()) > rules.max_gas_share if inside.size else False,
-        "fluid": float(((inside >= flo) & (inside <= fhi)).mean()) > rules.max_fluid_share
-        if inside.size
+        "fluid": _fluid_share(hu, spacing, mask, bbox, rules) > rules.max_fluid_share
+        if short_mm >= rules.fluid_min_short_axis_mm
         else False,
         "tube_z": _continues_along_z(hu, spacing, mask, bbox, own, rules),
         "tube_inplane": _continues_in_plane(hu, spacing, long_endpoints_ji, key_slice, short_mm, own, rules),
@@ -129,6 +131,18 @@ def judge(
 
 def implausible(verdict: dict[str, bool], rules: Rules) -> bool:
     return any(verdict[r] for r in rules.enabled())
+
+
+def _fluid_share(hu, spacing, mask, bbox, rules: Rules) -> float:
+    """Share of the candidate at fluid density on the image smoothed 1 mm in plane (noise
+    alone would put an unenhanced node's voxels below 20 HU)."""
+    k0, j0, i0, k1, j1, i1 = bbox
+    box = ndimage.gaussian_filter(
+        hu[k0:k1, j0:j1, i0:i1].astype(np.float32), (0, 1.0 / spacing[1], 1.0 / spacing[2])
+    )
+    values = box[mask]
+    lo, hi = rules.fluid_hu
+    return float(((values >= lo) & (values <= hi)).mean()) if values.size else 0.0
 
 
 def _similar(values: np.ndarray, own: float, rules: Rules) -> np.ndarray:

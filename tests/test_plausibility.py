@@ -71,11 +71,22 @@ def test_a_fluid_filled_bowel_loop_is_mostly_fluid():
 def test_a_necrotic_node_is_not_fluid():
     z, y, x = _grid()
     hu = np.full(z.shape, -100.0)
-    q = ((z - 20) / 8) ** 2 + ((y - 32) / 8) ** 2 + ((x - 32) / 8) ** 2
+    q = ((z - 20) / 11) ** 2 + ((y - 32) / 11) ** 2 + ((x - 32) / 11) ** 2
     hu[q <= 1] = 50.0
     hu[q <= 0.55**2] = 12.0
-    verdict = _judge(hu, q <= 1, 16.0, 16.0)
+    verdict = _judge(hu, q <= 1, 22.0, 22.0)
     assert not verdict["fluid"]
+
+
+def test_an_unenhanced_noisy_node_is_not_fluid():
+    z, y, x = _grid((44, 100, 100))
+    rng = np.random.default_rng(0)
+    hu = np.full(z.shape, -100.0) + rng.normal(0, 15, z.shape)
+    node = ((z - 21) / 12) ** 2 + ((y - 40) / 11) ** 2 + ((x - 40) / 11) ** 2 <= 1
+    hu[node] = 28.0 + rng.normal(0, 15, node.sum())
+    assert not _judge(hu, node, 22.0, 22.0)["fluid"]
+    hu[node] = 8.0 + rng.normal(0, 15, node.sum())
+    assert _judge(hu, node, 22.0, 22.0)["fluid"]
 
 
 def test_gas_density_and_elongation_and_no_fat():
