@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--cross-validate", action="store_true", help="only print 4-fold figures for several keep shares"
     )
+    c.add_argument("--variety", action="store_true", help="fit on domain-randomised phantoms (variety_spec)")
     c.set_defaults(func=cmd_train_verifier)
 
     c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
@@ -292,13 +293,18 @@ def cmd_train_verifier(args, settings: Settings) -> int:
     if getattr(args, "cross_validate", False):
         from inference.train_verifier import cross_validate, phantom_parts
 
-        parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache)
+        parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety)
         print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
         return 0
     command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
-    command += f" --keep-share {args.keep_share}"
+    command += f" --keep-share {args.keep_share}" + (" --variety" if getattr(args, "variety", False) else "")
     report = train_verifier(
-        args.model_dir, args.cases, keep_share=args.keep_share, cache_dir=cache, command=command
+        args.model_dir,
+        args.cases,
+        keep_share=args.keep_share,
+        cache_dir=cache,
+        command=command,
+        variety=getattr(args, "variety", False),
     )
     print(json.dumps({"verifier": report}))
     return 0
