@@ -115,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--variety", action="store_true", help="fit on domain-randomised phantoms (variety_spec)")
     c.set_defaults(func=cmd_train_verifier)
 
+    c = sub.add_parser(
+        "plausibility", help="write the plausibility rules (inference.plausibility) into a model's card"
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument("--off", nargs="*", default=[], metavar="RULE", help="rules to store switched off")
+    c.add_argument("--remove", action="store_true", help="remove the rules from the card (none applied)")
+    c.set_defaults(func=cmd_plausibility)
+
     c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
     c.add_argument("--cases", type=int, default=20)
     c.add_argument("--seed", type=int, default=None, help="first seed (default: the first held-out seed)")
@@ -307,6 +315,19 @@ def cmd_train_verifier(args, settings: Settings) -> int:
         variety=getattr(args, "variety", False),
     )
     print(json.dumps({"verifier": report}))
+    return 0
+
+
+def cmd_plausibility(args, settings: Settings) -> int:
+    from inference.model_store import set_plausibility
+    from inference.plausibility import RULES, Rules
+
+    unknown = sorted(set(args.off) - set(RULES))
+    if unknown:
+        print(f"nodal: unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}", file=sys.stderr)
+        return 2
+    card = set_plausibility(args.model_dir, None if args.remove else Rules(off=tuple(args.off)))
+    print(json.dumps({"plausibility": card.get("plausibility")}))
     return 0
 
 

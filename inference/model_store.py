@@ -149,3 +149,15 @@ def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn
         card["weights"][role] = {"file": path.name, "sha256": sha256(path)}
     (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return model_dir
+
+
+def set_plausibility(model_dir: Path, rules: Rules | None) -> dict:
+    """Write the plausibility rules (inference.plausibility) into the card; None removes them."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    if rules is None:
+        card.pop("plausibility", None)
+    else:
+        card["plausibility"] = rules.to_card()
+    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card

@@ -23,6 +23,7 @@ from inference import phantoms
 from inference.classify import CROP
 from inference.model_store import save_model
 from inference.networks import NodeClassifier, build_segmenter, classifier_scalars
+from inference.plausibility import Rules
 from inference.preprocess import normalise
 from inference.training_data import (
     Case,
@@ -354,6 +355,7 @@ def train(
             "width": cfg.cls_width,
             "crop_voxels": CROP,
         },
+        "plausibility": Rules().to_card(),
         "training": {
             "command": command,
             "initialised_from": parent,

@@ -118,3 +118,29 @@ def test_rules_round_trip_through_the_card_and_can_be_turned_off():
     verdict = dict.fromkeys(P.RULES, False) | {"tube_inplane": True}
     assert not P.implausible(verdict, back)
     assert P.implausible(verdict, P.Rules())
+
+
+def test_the_card_carries_the_rules_and_the_pipeline_applies_them(tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from inference import phantoms
+    from inference.evaluate import phantom_volume
+    from inference.model_store import DEFAULT_MODEL_DIR, load_model, set_plausibility
+    from inference.pipeline import PipelineSettings, analyse
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    strict = P.Rules(max_short_axis_mm=0.1)  # every candidate breaks `size`
+    set_plausibility(model_dir, strict)
+    model = load_model(model_dir, device="cpu")
+    assert model.plausibility == strict
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    assert analyse(volume, model, PipelineSettings(plausibility=False)).findings.findings
+    assert not analyse(volume, model).findings.findings
+    set_plausibility(model_dir, replace(strict, off=("size",)))
+    model = load_model(model_dir, device="cpu")
+    assert analyse(volume, model).findings.findings
+    set_plausibility(model_dir, None)
+    assert load_model(model_dir, device="cpu").plausibility is None
