@@ -200,3 +200,16 @@ def test_evaluate_scores_the_heldout_family():
     assert result["phantom"]["pixel_spacing_mm"] == [ph.acquisition.pixel_mm] * 2
     with pytest.raises(ValueError, match="unknown phantom family"):
         evaluate(load_model(device="cpu"), cases=1, family="nope")
+
+
+def test_cli_evaluate_family_choices():
+    from dicom_node.cli import _parser, side_by_side
+
+    assert _parser().parse_args(["evaluate"]).family == "train"
+    assert _parser().parse_args(["evaluate", "--family", "both"]).family == "both"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["evaluate", "--family", "other"])
+    table = side_by_side({"train": {"sensitivity": 0.9, "nodes": 10}, "heldout": {"sensitivity": 0.8}})
+    lines = table.splitlines()
+    assert lines[0].split()[1:] == ["train", "heldout"]
+    assert lines[1].split() == ["sensitivity", "0.9", "0.8"]
