@@ -81,7 +81,8 @@ lint: $(STAMP)
 # version is trained on from the one before (docs/training.md): 0.1.0 from random weights on
 # phantoms 0-79; 0.2.0 on phantoms 80-159 with more patches on node-like tissue; 0.3.0 on
 # phantoms 160-223 with patches on 0.2.0's own false positives; 0.4.0 (segmenter only) on
-# phantoms 224-287 with patches on 0.3.0's false positives; then the candidate verifier.
+# phantoms 224-287 with patches on 0.3.0's false positives; then the candidate verifier and
+# the plausibility rules (inference/plausibility.py) written into the card.
 MODEL := inference/models/nodal-ln-demo
 train: $(STAMP)
 	$(BIN)/nodal train --out $(MODEL) --cases 80 --seg-steps 2000 --cls-epochs 25 --verifier-cases 0
@@ -94,9 +95,12 @@ train: $(STAMP)
 	  --seg-lr 5e-4 --node-share 0.35 --hard-share 0.2 --mined-share 0.3 --cls-epochs 0 --version 0.4.0 \
 	  --verifier-cases 0
 	$(BIN)/nodal train-verifier --model-dir $(MODEL) --cases 32 --keep-share 0.97
+	$(BIN)/nodal plausibility --model-dir $(MODEL)
 
+# Both phantom families side by side: `train` (the training generator, unseen seeds) and
+# `heldout` (an independent generator never used for training or fitting).
 evaluate: $(STAMP)
-	$(BIN)/nodal evaluate --cases 20 --json
+	$(BIN)/nodal evaluate --family both --cases 20 --json
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -91,6 +91,7 @@ def pipeline_settings(settings: Settings):
         threshold=inf.threshold,
         min_volume_mm3=inf.min_node_volume_mm3,
         boundary_refine_mm=inf.boundary_refine_mm,
+        plausibility=inf.plausibility,
         roi=inf.sliding_window.roi,
         overlap=inf.sliding_window.overlap,
         batch_size=inf.sliding_window.batch_size,

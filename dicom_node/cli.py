@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --init-from: train the classifier from random weights (the segmenter continues)",
     )
+    c.add_argument(
+        "--variety",
+        action="store_true",
+        help="domain-randomised phantoms (inference.phantoms.variety_spec: anatomy, patient size, "
+        "spacing, kernel, noise, metal; docs/model.md)",
+    )
     c.add_argument("--version", default="0.1.0")
     c.add_argument("--name", default="nodal-ln-demo")
     c.add_argument(
@@ -119,7 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--cross-validate", action="store_true", help="only print 4-fold figures for several keep shares"
     )
+    c.add_argument("--variety", action="store_true", help="fit on domain-randomised phantoms (variety_spec)")
     c.set_defaults(func=cmd_train_verifier)
+
+    c = sub.add_parser(
+        "plausibility", help="write the plausibility rules (inference.plausibility) into a model's card"
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument("--off", nargs="*", default=[], metavar="RULE", help="rules to store switched off")
+    c.add_argument("--remove", action="store_true", help="remove the rules from the card (none applied)")
+    c.set_defaults(func=cmd_plausibility)
 
     c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
     c.add_argument("--cases", type=int, default=20)
@@ -133,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "train", "test", "verifier"],
         default="auto",
         help="with --data: which cases (auto: the test split where there is one, else the training cases)",
+    )
+    c.add_argument(
+        "--family",
+        choices=("train", "heldout", "both"),
+        default="train",
+        help="phantom family: train (the generator of the training data, on unseen seeds), heldout "
+        "(an independent generator never used for training or fitting), or both side by side",
     )
     c.set_defaults(func=cmd_evaluate)
 
@@ -299,6 +321,7 @@ def cmd_train(args, settings: Settings) -> int:
         fresh_classifier=args.fresh_classifier,
         patches_per_case=0 if args.seg_steps == 0 else TrainConfig.patches_per_case,
         init_from=str(args.init_from) if args.init_from else None,
+        variety=args.variety,
         version=args.version,
         name=args.name,
     )
@@ -328,15 +351,33 @@ def cmd_train_verifier(args, settings: Settings) -> int:
     if getattr(args, "cross_validate", False):
         from inference.train_verifier import cross_validate, phantom_parts
 
-        parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache)
+        parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety)
         print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
         return 0
     command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
-    command += f" --keep-share {args.keep_share}"
+    command += f" --keep-share {args.keep_share}" + (" --variety" if getattr(args, "variety", False) else "")
     report = train_verifier(
-        args.model_dir, args.cases, keep_share=args.keep_share, cache_dir=cache, command=command
+        args.model_dir,
+        args.cases,
+        keep_share=args.keep_share,
+        cache_dir=cache,
+        command=command,
+        variety=getattr(args, "variety", False),
     )
     print(json.dumps({"verifier": report}))
+    return 0
+
+
+def cmd_plausibility(args, settings: Settings) -> int:
+    from inference.model_store import set_plausibility
+    from inference.plausibility import RULES, Rules
+
+    unknown = sorted(set(args.off) - set(RULES))
+    if unknown:
+        print(f"nodal: unknown rule(s) {', '.join(unknown)}; known: {', '.join(RULES)}", file=sys.stderr)
+        return 2
+    card = set_plausibility(args.model_dir, None if args.remove else Rules(off=tuple(args.off)))
+    print(json.dumps({"plausibility": card.get("plausibility")}))
     return 0
 
 
@@ -346,13 +387,22 @@ def cmd_evaluate(args, settings: Settings) -> int:
     from inference.evaluate import evaluate
     from inference.train import EVAL_SEED_BASE
 
-    result = evaluate(
-        _model(settings),
-        args.cases,
-        args.seed if args.seed is not None else EVAL_SEED_BASE,
-        settings=pipeline_settings(settings),
-    )
+    families = ("train", "heldout") if args.family == "both" else (args.family,)
+    model = _model(settings)
+    results = {
+        family: evaluate(
+            model,
+            args.cases,
+            args.seed if args.seed is not None else EVAL_SEED_BASE,
+            settings=pipeline_settings(settings),
+            family=family,
+        )
+        for family in families
+    }
+    result = results if args.family == "both" else results[args.family]
     print(json.dumps(result, indent=None if args.json else 2))
+    if args.family == "both" and not args.json:
+        print(side_by_side(results))
     return 0
 
 
@@ -365,6 +415,16 @@ def evaluate_data(args, settings: Settings) -> int:
     result = evaluate_dataset(_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
+
+
+def side_by_side(results: dict[str, dict]) -> str:
+    """The headline figures of several families as a small text table."""
+    keys = ("sensitivity", "fp_per_volume", "dice", "short_axis_mae_mm", "auc", "auc_size_rule", "nodes")
+    names = list(results)
+    lines = ["metric".ljust(20) + "".join(n.rjust(12) for n in names)]
+    for k in keys:
+        lines.append(k.ljust(20) + "".join(str(results[n].get(k)).rjust(12) for n in names))
+    return "\n".join(lines)
 
 
 def cmd_config(args, settings: Settings) -> int:

@@ -360,6 +360,9 @@ class InferenceSection(_Section):
         3.0, ge=0.0, le=10.0, description="settle each node's edge on the CT within this distance; 0 = off"
     )
     malignancy_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    plausibility: bool = Field(
+        True, description="drop candidates that break the model card's plausibility rules; false = off"
+    )
 
 
 class VolumeSection(_Section):

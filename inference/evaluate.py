@@ -1,6 +1,10 @@
 """`nodal evaluate`: detection, segmentation, measurement and malignancy scores on held-out phantoms.
 
-Seeds start at `EVAL_SEED_BASE`, far from every training seed. Malignancy is scored
+Two phantom families (`FAMILIES`): `train`, the generator the demo model is trained on
+(`inference.phantoms`, evaluated on seeds it never trained on), and `heldout`, an
+independent generator (`inference.phantoms_heldout`) that no training, fitting or
+threshold choice ever sees; it measures how far the model generalises beyond the habits
+of its own generator. Seeds start at `EVAL_SEED_BASE`, far from every training seed. Malignancy is scored
 against each node's criterion label (before label noise). A threshold baseline (an HU
 window on the smoothed image, components of node-like volume) is scored with the same
 matching, to show what intensity alone achieves on these phantoms.
@@ -9,12 +13,12 @@ matching, to show what intensity alone achieves on these phantoms.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
-from inference import phantoms
+from inference import phantoms, phantoms_heldout, plausibility
 from inference.findings import SliceRef
 from inference.model_store import LoadedModel
 from inference.pipeline import PipelineSettings, analyse
@@ -27,9 +31,17 @@ SENSITIVITY_MIN_SHORT_AXIS_MM = 5.0
 THRESHOLD_BASELINE_HU = (15.0, 80.0)
 
 
-def phantom_volume(ph: phantoms.Phantom) -> Volume:
+#: Phantom families: name -> (generator(seed, spec), default spec, UID key).
+FAMILIES = {
+    "train": (phantoms.generate, phantoms.PhantomSpec, "nodal-phantom"),
+    "heldout": (phantoms_heldout.generate, phantoms_heldout.HeldoutSpec, "nodal-phantom-heldout"),
+}
+DEFAULT_FAMILY = "train"
+
+
+def phantom_volume(ph, family: str = DEFAULT_FAMILY) -> Volume:
     """The phantom as a loaded volume, without a round trip through DICOM files."""
-    return array_volume(ph.hu.astype(np.float32), ph.affine, "nodal-phantom", str(ph.seed))
+    return array_volume(ph.hu.astype(np.float32), ph.affine, FAMILIES[family][2], str(ph.seed))
 
 
 def array_volume(hu: np.ndarray, affine: np.ndarray, *key: str) -> Volume:
@@ -80,7 +92,7 @@ def auc(scores: list[float], positive: list[bool]) -> float | None:
     return float(greater / (len(pos) * len(neg)))
 
 
-def threshold_baseline(ph: phantoms.Phantom) -> list[tuple[tuple, np.ndarray]]:
+def threshold_baseline(ph) -> list[tuple[tuple, np.ndarray]]:
     lo, hi = THRESHOLD_BASELINE_HU
     smooth = ndimage.gaussian_filter(ph.hu.astype(np.float32), 1.0)
     lab, _ = ndimage.label((smooth >= lo) & (smooth <= hi))
@@ -97,30 +109,43 @@ def evaluate(
     model: LoadedModel,
     cases: int = 20,
     seed: int = EVAL_SEED_BASE,
-    spec: phantoms.PhantomSpec | None = None,
+    spec=None,
     settings: PipelineSettings | None = None,
+    family: str = DEFAULT_FAMILY,
 ) -> dict:
+    """Score `model` on `cases` phantoms of `family`.
+
+    The headline figures are the pipeline's own (with the model card's plausibility rules
+    when `settings.plausibility` is on). The pipeline runs once with the rules off, and
+    every candidate is judged by every rule, so `plausibility` reports, from the same run,
+    the figures without the rules and what each rule alone removes (false positives) and
+    costs (nodes of short axis >= 5 mm no longer found)."""
     if seed < EVAL_SEED_BASE:
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_BASE} (training seeds are below)")
-    spec = spec or phantoms.PhantomSpec()
-    gt_rows, pred_rows, fps, base_fps, base_hits, seconds = [], [], [], [], [], []
+    if family not in FAMILIES:
+        raise ValueError(f"unknown phantom family {family!r}; choose one of {', '.join(FAMILIES)}")
+    generate, spec_type, _ = FAMILIES[family]
+    spec = spec or spec_type()
+    settings = settings or PipelineSettings()
+    rules = model.plausibility if settings.plausibility else None
+    judged = rules or plausibility.Rules()
+    runs, base_fps, base_hits, seconds, drawn = [], [], [], [], []
     for n in range(cases):
-        ph = phantoms.generate(seed + n, spec)
+        ph = generate(seed + n, spec)
+        drawn.append(getattr(ph, "acquisition", None))
+        volume = phantom_volume(ph, family)
         t = time.perf_counter()
-        analysis = analyse(phantom_volume(ph), model, settings)
-        seconds.append(time.perf_counter() - t)
+        analysis = analyse(volume, model, replace(settings, plausibility=False))
         findings = analysis.findings.findings
+        verdicts = [
+            plausibility.verdict_of(
+                volume.array, volume.spacing, f.mask, f.bbox, f.short_axis, f.long_axis, f.key_slice, judged
+            )
+            for f in findings
+        ]
+        seconds.append(time.perf_counter() - t)
         matches = match(ph.labels, [(f.bbox, f.mask) for f in findings])
-        fps.append(sum(m.gt == 0 for m in matches))
-        best: dict[int, tuple] = {}
-        for f, m in zip(findings, matches, strict=True):
-            if m.gt and (m.gt not in best or m.dice > best[m.gt][1].dice):
-                best[m.gt] = (f, m)
-        for node in ph.nodes:
-            gt_rows.append((node, node.index in best))
-            if node.index in best:
-                f, m = best[node.index]
-                pred_rows.append((node, f, m.dice))
+        runs.append((ph.nodes, findings, matches, verdicts))
         bm = match(ph.labels, threshold_baseline(ph))
         base_fps.append(sum(m.gt == 0 for m in bm))
         found = {m.gt for m in bm if m.gt}
@@ -128,11 +153,63 @@ def evaluate(
             node.index in found for node in ph.nodes if node.short_axis_mm >= SENSITIVITY_MIN_SHORT_AXIS_MM
         )
 
+    def rejected_by(names):
+        return lambda v: any(v[r] for r in names)
+
+    headline = _score(runs, rejected_by(rules.enabled()) if rules else lambda v: False)
+    without = _score(runs, lambda v: False)
+    with_all = _score(runs, rejected_by(judged.enabled()))
+    per_rule = {}
+    for r in plausibility.RULES:
+        alone = _score(runs, rejected_by((r,)))
+        per_rule[r] = {
+            "fp_removed": round((without["fp_per_volume"] - alone["fp_per_volume"]) * cases),
+            "nodes_lost": without["_found_ge_5mm"] - alone["_found_ge_5mm"],
+        }
+    for d in (headline, without, with_all):
+        d.pop("_found_ge_5mm")
+    brief = ("sensitivity", "fp_per_volume", "dice", "short_axis_mae_mm", "auc", "auc_size_rule")
+    return {
+        "family": family,
+        "cases": cases,
+        "seeds": [seed, seed + cases - 1],
+        **headline,
+        "threshold_baseline": {
+            "window_hu": list(THRESHOLD_BASELINE_HU),
+            "sensitivity": _r(np.mean(base_hits)) if base_hits else None,
+            "fp_per_volume": _r(np.mean(base_fps)),
+        },
+        "plausibility": {
+            "applied": list(rules.enabled()) if rules else [],
+            "thresholds": judged.to_card()["thresholds"],
+            "without_rules": {k: without[k] for k in brief},
+            "with_rules": {k: with_all[k] for k in brief},
+            "per_rule": per_rule,
+        },
+        "seconds_per_case": _r(np.mean(seconds)),
+        "model": {"name": model.name, "version": model.version, "device": model.device.type},
+        "phantom": _describe(spec, drawn),
+    }
+
+
+def _score(runs, rejected) -> dict:
+    """Detection, measurement and malignancy figures of the findings that `rejected` keeps."""
+    gt_rows, pred_rows, fps = [], [], []
+    for nodes, findings, matches, verdicts in runs:
+        kept = [(f, m) for f, m, v in zip(findings, matches, verdicts, strict=True) if not rejected(v)]
+        fps.append(sum(m.gt == 0 for _, m in kept))
+        best: dict[int, tuple] = {}
+        for f, m in kept:
+            if m.gt and (m.gt not in best or m.dice > best[m.gt][1].dice):
+                best[m.gt] = (f, m)
+        for node in nodes:
+            gt_rows.append((node, node.index in best))
+            if node.index in best:
+                f, m = best[node.index]
+                pred_rows.append((node, f, m.dice))
     big = [hit for node, hit in gt_rows if node.short_axis_mm >= SENSITIVITY_MIN_SHORT_AXIS_MM]
     crit = [node.malignant_criterion for node, _, _ in pred_rows]
     return {
-        "cases": cases,
-        "seeds": [seed, seed + cases - 1],
         "nodes": len(gt_rows),
         "nodes_short_axis_ge_5mm": len(big),
         "sensitivity": _r(np.mean(big)) if big else None,
@@ -149,19 +226,35 @@ def evaluate(
         "auc": _r(auc([f.malignancy_probability for _, f, _ in pred_rows], crit)),
         "auc_size_rule": _r(auc([f.short_axis.length_mm for _, f, _ in pred_rows], crit)),
         "malignant_nodes": int(sum(crit)),
-        "threshold_baseline": {
-            "window_hu": list(THRESHOLD_BASELINE_HU),
-            "sensitivity": _r(np.mean(base_hits)) if base_hits else None,
-            "fp_per_volume": _r(np.mean(base_fps)),
-        },
-        "seconds_per_case": _r(np.mean(seconds)),
-        "model": {"name": model.name, "version": model.version, "device": model.device.type},
-        "phantom": {
+        "_found_ge_5mm": int(sum(big)),
+    }
+
+
+def _describe(spec, drawn: list) -> dict:
+    if isinstance(spec, phantoms.PhantomSpec):
+        return {
             "rows": spec.rows,
             "slices": spec.slices,
             "pixel_spacing_mm": spec.pixel_spacing_mm,
             "slice_spacing_mm": spec.slice_spacing_mm,
-        },
+        }
+    acq = [a for a in drawn if a is not None]
+    if not acq:
+        return {}
+
+    def count(attr):
+        values = [getattr(a, attr) for a in acq]
+        return {str(v): values.count(v) for v in sorted(set(values), key=str)}
+
+    return {
+        "rows": spec.matrix,
+        "pixel_spacing_mm": [min(a.pixel_mm for a in acq), max(a.pixel_mm for a in acq)],
+        "slice_spacing_mm": count("slice_mm"),
+        "slices": [min(a.slices for a in acq), max(a.slices for a in acq)],
+        "kernel": count("kernel"),
+        "phase": count("phase"),
+        "region": count("region"),
+        "metal": sum(a.metal for a in acq),
     }
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from inference.networks import NodeClassifier, build_segmenter
+from inference.plausibility import Rules
 from inference.verify import Verifier
 
 CARD_NAME = "model_card.json"
@@ -45,6 +46,7 @@ class LoadedModel:
     classifier: nn.Module
     device: torch.device
     verifier: Verifier | None = None
+    plausibility: Rules | None = None  # the card's plausibility rules (inference.plausibility)
 
     @property
     def name(self) -> str:
@@ -114,7 +116,13 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         net.to(dev).eval()
     entry = card["weights"].get("verifier")
     verifier = Verifier.load(model_dir / entry["file"]) if entry else None
-    return LoadedModel(card=card, segmenter=seg, classifier=cls, device=dev, verifier=verifier)
+    try:
+        rules = Rules.from_card(card.get("plausibility"))
+    except (TypeError, ValueError) as e:
+        raise ModelCardError(f"{model_dir / CARD_NAME}: plausibility: {e}") from e
+    return LoadedModel(
+        card=card, segmenter=seg, classifier=cls, device=dev, verifier=verifier, plausibility=rules
+    )
 
 
 def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:
@@ -141,3 +149,15 @@ def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn
         card["weights"][role] = {"file": path.name, "sha256": sha256(path)}
     (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return model_dir
+
+
+def set_plausibility(model_dir: Path, rules: Rules | None) -> dict:
+    """Write the plausibility rules (inference.plausibility) into the card; None removes them."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    if rules is None:
+        card.pop("plausibility", None)
+    else:
+        card["plausibility"] = rules.to_card()
+    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card

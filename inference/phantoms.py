@@ -52,6 +52,30 @@ PHASES = {
     "unenhanced": (42.0, 40.0, 0.0, 0.0),
 }
 
+#: Domain randomisation (`PhantomSpec.variety`), each range documented in docs/model.md.
+VARIETY_STREAM = 0x56415259  # the second random stream: (seed, VARIETY_STREAM)
+VARIETY = {
+    "patient_size": (0.85, 1.25),  # body scale: the FOV may cut the body
+    "pixel_spacing_mm": (0.5, 1.0),  # variety_spec
+    "slice_spacing_mm": (0.6, 5.0),  # variety_spec
+    "noise_hu": (6.0, 25.0),  # variety_spec, before the kernel's factor and patient size
+    "bowel_loops": (2, 5),  # extra wide loops in the abdomen
+    "bowel_radius_mm": (12.5, 27.5),  # diameter 25-55 mm
+    "bowel_wall_mm": (2.0, 4.0),
+    "vessels": (4, 10),  # extra vessels in every orientation
+    "vessel_radius_mm": (2.0, 5.0),
+    "unenhanced_vessel_hu": (30.0, 55.0),
+    "crus_hu": (40.0, 55.0),
+    "ureter_hu": (15.0, 45.0),
+    "adrenal_hu": (25.0, 45.0),
+    "elongated_share": 0.3,  # nodes with long/short 2.2-3
+    "touching_share": 0.25,  # nodes allowed to touch a vessel, organ or muscle (70 % in fat)
+    "cluster_share": 0.2,  # a node followed by a neighbour 2-5 mm away
+    "metal_share": 0.15,
+}
+#: kernel: (extra in-plane blur in px, edge enhancement, noise factor, noise correlation in px)
+KERNELS = {"smooth": (0.6, 0.0, 0.6, 1.0), "standard": (0.0, 0.0, 1.0, 0.7), "sharp": (0.0, 0.7, 1.7, 0.45)}
+
 
 @dataclass(frozen=True)
 class PhantomSpec:
@@ -65,6 +89,11 @@ class PhantomSpec:
     label_noise: float = 0.05
     region: str = "auto"  # chest | abdomen | auto (diaphragm somewhere in the volume)
     phase: str = "auto"  # arterial | venous | unenhanced | auto (drawn from the seed)
+    # Domain randomisation (issue 15, docs/model.md): more anatomy (wide bowel loops,
+    # vessels in every orientation, crura, ureters, adrenals, elongated nodes, clusters,
+    # nodes touching other tissue), patient size, kernel, noise and metal streaks, drawn
+    # from a second random stream so that the phantoms without it stay exactly as they were.
+    variety: bool = False
 
 
 @dataclass(frozen=True)
@@ -217,6 +246,8 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     """Build one phantom; the same seed and spec always give the same phantom."""
     spec = spec or PhantomSpec()
     rng = np.random.default_rng(seed)
+    extra = np.random.default_rng((seed, VARIETY_STREAM)) if spec.variety else None
+    size = float(extra.uniform(*VARIETY["patient_size"])) if extra is not None else 1.0
     height = spec.slices * spec.slice_spacing_mm
     region = spec.region if spec.region != "auto" else str(rng.choice(["mixed", "mixed", "chest", "abdomen"]))
     # z = 0 at the diaphragm dome; choose where the volume sits relative to it.
@@ -234,7 +265,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     art, ven, organ_enh, node_enh = PHASES[phase]
 
     # Body wall: fat, muscle ring, ribs.
-    A, B = rng.uniform(140, 165), rng.uniform(100, 120)
+    A, B = rng.uniform(140, 165) * size, rng.uniform(100, 120) * size
     fat_t, mus_t = rng.uniform(8, 25), rng.uniform(7, 14)
     cy = rng.uniform(-5, 5)
     cv.slab_ellipse((zlo, zhi), (cy, 0), (B, A), -100.0, FAT)
@@ -329,8 +360,11 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
                 where=(FAT_ABDOMEN,),
             )
 
+    if extra is not None:
+        _variety_anatomy(extra, cv, (zlo, zhi), cy, Bc, Ac, sy, (art, ven, organ_enh))
+
     labels = np.zeros(cv.shape, dtype=np.uint8)
-    nodes = _place_nodes(rng, cv, labels, spec, node_enh)
+    nodes = _place_nodes(rng, cv, labels, spec, node_enh, extra)
 
     # Texture, partial-volume blur and correlated noise.
     hu = cv.hu
@@ -338,11 +372,118 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     hu += np.where(fat, 1.0, 0.0) * _smooth_noise(rng, cv.shape, 2.0, 8.0)
     lung = cv.tissue == LUNG
     hu += np.where(lung, 1.0, 0.0) * _smooth_noise(rng, cv.shape, 1.5, 40.0)
+    if extra is not None and extra.random() < VARIETY["metal_share"]:
+        _metal_streaks(extra, cv, hu, sy)
     pv = (0.7 / 1.0, 0.6, 0.6) if spec.slice_spacing_mm <= 1.5 else (0.45, 0.6, 0.6)
     hu = ndimage.gaussian_filter(hu, pv)
-    hu += _smooth_noise(rng, cv.shape, 0.7, spec.noise_hu)
+    noise_corr, noise_hu = 0.7, spec.noise_hu
+    if extra is not None:  # reconstruction kernel: extra blur or edge enhancement, noise texture
+        kernel = str(extra.choice(list(KERNELS)))
+        blur_px, sharpen, noise_factor, noise_corr = KERNELS[kernel]
+        if blur_px:
+            hu = ndimage.gaussian_filter(hu, (0, blur_px, blur_px))
+        if sharpen:
+            hu = hu + sharpen * (hu - ndimage.gaussian_filter(hu, (0, 1.5, 1.5)))
+        noise_hu = float(np.clip(noise_hu * noise_factor * size**2, 5.0, 45.0))
+    hu += _smooth_noise(rng, cv.shape, noise_corr, noise_hu)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     return Phantom(hu=hu, labels=labels, tissue=cv.tissue, affine=affine, nodes=nodes, seed=seed, phase=phase)
+
+
+def variety_spec(seed: int, nodes: tuple[int, int] = (5, 12), max_voxels: float = 36e6) -> PhantomSpec:
+    """A randomised acquisition for phantom `seed`: pixels 0.5-1 mm, slices 0.6-5 mm, field
+    of view 300-400 mm, noise 6-25 HU, with `variety` on; the scan is shortened where the
+    grid would exceed `max_voxels`."""
+    rng = np.random.default_rng((seed, VARIETY_STREAM, 1))
+    ps = float(rng.uniform(*VARIETY["pixel_spacing_mm"]))
+    ss = float(
+        np.exp(rng.uniform(np.log(VARIETY["slice_spacing_mm"][0]), np.log(VARIETY["slice_spacing_mm"][1])))
+    )
+    ss = round(ss, 2)
+    n = int(rng.uniform(300, 400) / ps)
+    slices = int(min(150 / ss, max_voxels / n**2))
+    return PhantomSpec(
+        rows=n,
+        columns=n,
+        pixel_spacing_mm=round(ps, 4),
+        slices=max(slices, 24),
+        slice_spacing_mm=ss,
+        nodes=nodes,
+        noise_hu=round(float(rng.uniform(*VARIETY["noise_hu"])), 2),
+        variety=True,
+    )
+
+
+def _variety_anatomy(rng, cv: _Canvas, z_range, cy, Bc, Ac, sy, blood) -> None:
+    """The extra anatomy of `PhantomSpec.variety` (look-alikes the training family lacked)."""
+    zlo, zhi = z_range
+    art, ven, organ_enh = blood
+    v = VARIETY
+    if zlo < -45:  # abdomen: wide bowel loops, ureters, adrenals
+        for _ in range(int(rng.integers(v["bowel_loops"][0], v["bowel_loops"][1] + 1))):
+            start = (rng.uniform(zlo, -40), cy - rng.uniform(0.1, 0.6) * Bc, rng.uniform(-0.5, 0.5) * Ac)
+            drift = rng.normal(0, 1, 3)
+            if rng.random() < 0.5:
+                drift[0] = 3.0 * np.sign(drift[0] or 1.0)  # along z: a ring on axial images
+            path = _random_walk(rng, start, 8, 9.0, drift, (zlo, cy - Bc, -Ac), (-20, cy + 0.3 * Bc, Ac))
+            r = rng.uniform(*v["bowel_radius_mm"])
+            wall = rng.uniform(*v["bowel_wall_mm"])
+            content = float(
+                rng.choice([rng.uniform(-5, 20), rng.uniform(-5, 20), -900.0, rng.uniform(150, 400)])
+            )
+            cv.tube(path, r, 40.0 + organ_enh / 2 + rng.uniform(-8, 8), BOWEL, where=(FAT_ABDOMEN,))
+            cv.tube(path, r - wall, content, BOWEL, where=(BOWEL,))
+        for side in (-1, 1):
+            kz = rng.uniform(-140, -100)
+            ureter = [(kz, sy - 15, side * 50), (kz - 60, sy - 25, side * 45), (zlo, sy - 35, side * 42)]
+            cv.tube(ureter, rng.uniform(2.0, 3.5), rng.uniform(*v["ureter_hu"]), ORGAN, where=(FAT_ABDOMEN,))
+            top = (rng.uniform(-70, -45), sy - 30, side * 38)
+            for limb in (-1, 1):
+                end = (top[0] - 22, top[1] + 8, top[2] + limb * 9)
+                cv.tube(
+                    [top, end],
+                    rng.uniform(1.8, 3.0),
+                    rng.uniform(*v["adrenal_hu"]),
+                    ORGAN,
+                    where=(FAT_ABDOMEN,),
+                )
+    if zlo < 15 and zhi > -70:  # diaphragmatic crura beside the aorta
+        for side in (-1, 1):
+            path = [
+                (20, sy - 32, 10 + side * 16),
+                (-30, sy - 22, 10 + side * 13),
+                (-75, sy - 12, 10 + side * 10),
+            ]
+            cv.tube(path, rng.uniform(3.0, 5.0), rng.uniform(*v["crus_hu"]), MUSCLE, where=FAT_CODES)
+    for _ in range(int(rng.integers(v["vessels"][0], v["vessels"][1] + 1))):  # every orientation
+        start = (rng.uniform(zlo, zhi), cy + rng.uniform(-0.6, 0.5) * Bc, rng.uniform(-0.5, 0.5) * Ac)
+        drift = rng.normal(0, 1, 3)
+        if rng.random() < 0.4:
+            drift[0] = 0.0  # lying in the axial plane
+        path = _random_walk(rng, start, 12, 6.0, drift, (zlo, cy - Bc, -Ac), (zhi, cy + Bc, Ac))
+        hu = float(rng.choice([art, ven, rng.uniform(*v["unenhanced_vessel_hu"])]))
+        cv.tube(path, rng.uniform(*v["vessel_radius_mm"]), hu, VESSEL, where=(FAT_MEDIASTINUM, FAT_ABDOMEN))
+
+
+def _metal_streaks(rng, cv: _Canvas, hu: np.ndarray, sy: float) -> None:
+    """A metal object beside the spine and the bright and dark streaks it throws in plane."""
+    k = int(rng.integers(0, cv.shape[0]))
+    zc = cv.origin[0] + k * cv.spacing[0]
+    centre = (zc, sy + rng.uniform(-5, 5), float(rng.choice([-14.0, 14.0])))
+    sl, mask = cv.ellipsoid(centre, (rng.uniform(5, 12), 3.0, 3.0), 3000.0, BONE)
+    if sl is None:
+        return
+    hu[sl][mask] = 3000.0
+    y = cv.origin[1] + np.arange(cv.shape[1])[:, None] * cv.spacing[1] - centre[1]
+    x = cv.origin[2] + np.arange(cv.shape[2])[None, :] * cv.spacing[2] - centre[2]
+    theta, r = np.arctan2(y, x), np.hypot(y, x)
+    streaks = np.zeros(theta.shape, np.float32)
+    for _ in range(int(rng.integers(8, 20))):
+        ang = np.angle(np.exp(1j * (theta - rng.uniform(-np.pi, np.pi))))
+        streaks += rng.uniform(-300, 250) * np.exp(-0.5 * (ang / 0.015) ** 2) / (1 + r / 35.0)
+    ks = slice(max(0, k - int(10 / cv.spacing[0])), min(cv.shape[0], k + int(10 / cv.spacing[0]) + 1))
+    body = cv.tissue[ks] != AIR
+    hu[ks] += np.where(body, streaks[None], 0.0)
 
 
 def _smooth_noise(rng, shape, sigma, std):
@@ -351,8 +492,9 @@ def _smooth_noise(rng, shape, sigma, std):
     return n * (std / (n.std() + 1e-6))
 
 
-def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_enh: float):
+def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_enh: float, extra=None):
     count = int(rng.integers(spec.nodes[0], spec.nodes[1] + 1))
+    near: list[np.ndarray] = []  # variety: centres next to the last node (a cluster)
     pools = {name: np.flatnonzero(cv.tissue == code) for name, code in STATIONS.items()}
     pools = {k: v for k, v in pools.items() if v.size > 2000}
     names = list(pools)
@@ -363,6 +505,11 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
         for _attempt in range(60):
             sa = float(np.exp(rng.uniform(math.log(4.0), math.log(35.0))))
             ratio = float(rng.choice([rng.uniform(0.8, 1.0), rng.uniform(0.4, 0.8)]))
+            touching = False
+            if extra is not None:
+                if extra.random() < VARIETY["elongated_share"]:
+                    ratio = float(extra.uniform(1 / 3, 0.45))  # long/short up to 3
+                touching = bool(extra.random() < VARIETY["touching_share"])
             la = min(sa / ratio, 55.0)
             ratio = sa / la
             zext = rng.uniform(sa, la) if la > sa else sa
@@ -370,6 +517,10 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
             idx = np.unravel_index(rng.choice(pools[station]), cv.shape)
             centre = cv.origin + np.array(idx) * cv.spacing
             semi = np.array([zext / 2, sa / 2, la / 2])
+            if near:  # a cluster: beside the last node, a few mm apart
+                d = extra.normal(0, 1, 3)
+                d[0] *= 0.4
+                centre = near[0] + d / np.linalg.norm(d) * (near[1] + la / 2 + extra.uniform(2, 5))
             rot = rng.uniform(0, math.pi)
             box = cv.axes_mm(centre - semi.max() - 2, centre + semi.max() + 2)
             if box is None:
@@ -383,7 +534,10 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
             full = np.prod([s.stop - s.start for s in sl]) == inner.size and inner.any()
             if not full or _touches_edge(sl, cv.shape):
                 continue
-            if occupied[sl][halo].any() or np.isin(cv.tissue[sl][inner], FAT_CODES).mean() < 0.9:
+            fat_needed = 0.7 if touching else 0.9  # variety: some nodes touch a vessel or organ
+            if occupied[sl][halo].any() or np.isin(cv.tissue[sl][inner], FAT_CODES).mean() < fat_needed:
+                continue
+            if touching and np.isin(cv.tissue[sl][inner], (LUNG, AIRWAY, BONE)).any():
                 continue
             necrosis = sa >= 8 and rng.random() < 0.3
             hilum = sa >= 7 and not necrosis and rng.random() < 0.4
@@ -429,7 +583,12 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
                     malignant=noisy,
                 )
             )
+            near.clear()
+            if extra is not None and extra.random() < VARIETY["cluster_share"]:
+                near.extend([centre, la / 2])
             break
+        else:
+            near.clear()
     return nodes
 
 

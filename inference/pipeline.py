@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference import rules, verify
+from inference import plausibility, rules, verify
 from inference.classify import malignancy_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
@@ -35,6 +35,7 @@ class PipelineSettings:
     overlap: float = 0.25
     batch_size: int = 2
     boundary_refine_mm: float = 3.0  # settle each node's edge on the image within this (0: off)
+    plausibility: bool = True  # apply the model card's plausibility rules (inference.plausibility)
 
 
 @dataclass
@@ -114,6 +115,14 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
             _refined_pair(volume, c, m, s.boundary_refine_mm, image_w, grid) for c, m in measured_pairs
         ]
         seconds["refine"] = time.perf_counter() - t
+    if s.plausibility and model.plausibility is not None and measured_pairs:
+        t = time.perf_counter()
+        measured_pairs = [
+            (c, m)
+            for c, m in measured_pairs
+            if not plausibility.implausible(_verdict(volume, m, model.plausibility), model.plausibility)
+        ]
+        seconds["plausibility"] = time.perf_counter() - t
     measured_pairs = _exclusive_pairs(volume, measured_pairs, image_w, grid)
     measured = [m for _, m in measured_pairs]
 
@@ -160,6 +169,12 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         findings=tuple(findings),
     )
     return Analysis(result, seconds)
+
+
+def _verdict(volume: Volume, m: dict, rules_: plausibility.Rules) -> dict[str, bool]:
+    return plausibility.verdict_of(
+        volume.array, volume.spacing, m["mask"], m["bbox"], m["short"], m["long"], m["key_slice"], rules_
+    )
 
 
 def _refined_pair(

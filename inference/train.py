@@ -23,6 +23,7 @@ from inference import phantoms
 from inference.classify import CROP
 from inference.model_store import save_model
 from inference.networks import NodeClassifier, build_segmenter, classifier_scalars
+from inference.plausibility import Rules
 from inference.preprocess import normalise
 from inference.training_data import (
     Case,
@@ -59,6 +60,7 @@ class TrainConfig:
     init_from: str | None = None  # model directory whose weights both networks start from
     fresh_classifier: bool = False  # with init_from: the classifier starts from random weights
     workers: int = 2
+    variety: bool = False  # domain-randomised phantoms (phantoms.variety_spec), issue 15
     name: str = "nodal-ln-demo"
     version: str = "0.1.0"
 
@@ -83,7 +85,8 @@ def training_spec(seed: int) -> phantoms.PhantomSpec:
 def _phantom_samples(args) -> tuple:
     seed, cfg = args
     torch.set_num_threads(1)
-    case = phantom_case(seed, training_spec(seed), cfg.working_spacing_mm)
+    spec = phantoms.variety_spec(seed) if cfg.variety else training_spec(seed)
+    case = phantom_case(seed, spec, cfg.working_spacing_mm)
     return _samples(case, seed, cfg)
 
 
@@ -131,6 +134,8 @@ def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = No
         key = f"s{cfg.seed}-n{cfg.cases}-p{cfg.patch}x{cfg.patches_per_case}-w{cfg.working_spacing_mm}"
         if (cfg.node_share, cfg.hard_share) != (0.4, 0.3):  # the first recorded shares keep their key
             key += f"-h{cfg.node_share}-{cfg.hard_share}"
+        if cfg.variety:
+            key += "-variety"
         if cfg.mined_share:  # mined patches depend on the model that made the mistakes
             key += f"-m{cfg.mined_share}-{_parent_segmenter_sha(cfg)[:12]}"
         cache = Path(cache_dir) / f"samples-{key}.pkl"
@@ -320,7 +325,8 @@ def train(
         "version": cfg.version,
         "training_data": (
             f"{cfg.cases} synthetic CT phantoms (inference/phantoms.py, "
-            f"seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
+            + ("domain-randomised (variety_spec), " if cfg.variety else "")
+            + f"seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
             f" {len(imgs)} patches, {len(crops)} labelled nodes"
             if synthetic
             else f"site data from {Path(data_dir).name}: {len(crops)} labelled nodes"
@@ -351,6 +357,7 @@ def train(
             "width": cfg.cls_width,
             "crop_voxels": CROP,
         },
+        "plausibility": Rules().to_card(),
         "training": {
             "command": command,
             "initialised_from": parent,

@@ -43,8 +43,10 @@ def labelled_candidates(
     return x, np.array([m.gt != 0 for m in matches])
 
 
-def phantom_candidates(model: LoadedModel, seed: int, settings: PipelineSettings) -> tuple:
-    ph = phantoms.generate(seed, training_spec(seed))
+def phantom_candidates(
+    model: LoadedModel, seed: int, settings: PipelineSettings, variety: bool = False
+) -> tuple:
+    ph = phantoms.generate(seed, phantoms.variety_spec(seed) if variety else training_spec(seed))
     return labelled_candidates(model, phantom_volume(ph), ph.labels, settings)
 
 
@@ -74,10 +76,11 @@ def train_verifier(
     cache_dir: Path | None = None,
     settings: PipelineSettings | None = None,
     command: str = "",
+    variety: bool = False,
 ) -> dict:
     """Fit and store the verifier of the model in `model_dir` on phantoms; return the fit report."""
-    parts = phantom_parts(model_dir, cases, seed, cache_dir, settings)
-    source = {"phantoms": cases, "seeds": [seed, seed + cases - 1]}
+    parts = phantom_parts(model_dir, cases, seed, cache_dir, settings, variety)
+    source = {"phantoms": cases, "seeds": [seed, seed + cases - 1], "variety": variety}
     if command:
         source["command"] = command
     return _fit_and_store(model_dir, parts, keep_share, source)
@@ -89,6 +92,7 @@ def phantom_parts(
     seed: int = VERIFIER_SEED_BASE,
     cache_dir: Path | None = None,
     settings: PipelineSettings | None = None,
+    variety: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(features, is node) of the candidates in each training phantom, cached per phantom."""
     if seed + cases > EVAL_SEED_BASE:
@@ -96,7 +100,9 @@ def phantom_parts(
     model = load_model(model_dir)
     settings = settings or PipelineSettings()
     features_key = hashlib.sha256(" ".join(verify.FEATURES).encode()).hexdigest()[:8]
-    key = f"{model.card['weights']['segmenter']['sha256'][:16]}-{features_key}"
+    key = f"{model.card['weights']['segmenter']['sha256'][:16]}-{features_key}" + (
+        "-variety" if variety else ""
+    )
     parts = []
     for n in range(cases):
         cached = cache_dir / f"verifier-{key}-{seed + n}.npz" if cache_dir else None
@@ -105,7 +111,7 @@ def phantom_parts(
                 x, y = z["x"], z["y"]
         else:
             t = time.perf_counter()
-            x, y = phantom_candidates(model, seed + n, settings)
+            x, y = phantom_candidates(model, seed + n, settings, variety)
             log.info(
                 "verifier phantom %d/%d: %d candidate(s), %d node(s), %.0f s",
                 n + 1,

@@ -1,0 +1,72 @@
+"""Domain randomisation of the training family (`PhantomSpec.variety`): off by default and
+then byte-identical to the phantoms before it existed; on, it adds what it documents."""
+
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from inference import phantoms
+
+SMALL = phantoms.PhantomSpec(rows=256, columns=256, pixel_spacing_mm=1.45, slices=48, slice_spacing_mm=2.5)
+TINY = phantoms.PhantomSpec(rows=176, columns=176, pixel_spacing_mm=2.2, slices=44, slice_spacing_mm=3.5)
+# generate(7, SMALL) before `variety` existed (hu, labels and tissue bytes, in that order)
+BEFORE = "4303cf6093313e61192c9263a6f03ee95cba1efe04efd30e60e02a0cd39bdbc8"
+
+
+def _digest(ph) -> str:
+    h = hashlib.sha256()
+    for a in (ph.hu, ph.labels, ph.tissue):
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def test_without_variety_the_phantoms_are_unchanged():
+    assert _digest(phantoms.generate(7, SMALL)) == BEFORE
+
+
+def test_variety_is_deterministic_and_changes_the_phantom():
+    spec = replace(SMALL, variety=True)
+    a, b = phantoms.generate(7, spec), phantoms.generate(7, spec)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != BEFORE
+
+
+def test_variety_spec_ranges():
+    specs = [phantoms.variety_spec(s) for s in range(300)]
+    assert all(s.variety for s in specs)
+    ps = [s.pixel_spacing_mm for s in specs]
+    ss = [s.slice_spacing_mm for s in specs]
+    assert 0.5 <= min(ps) < 0.55 and 0.95 < max(ps) <= 1.0
+    assert 0.6 <= min(ss) < 0.8 and 4.0 < max(ss) <= 5.0
+    assert all(s.rows * s.columns * s.slices <= 36e6 or s.slices == 24 for s in specs)
+    assert all(300 <= s.rows * s.pixel_spacing_mm <= 400 for s in specs)
+
+
+@pytest.fixture(scope="module")
+def varied():
+    return [phantoms.generate(s, replace(TINY, variety=True, region="abdomen")) for s in range(20)]
+
+
+def test_variety_adds_elongated_nodes(varied):
+    ratios = [n.long_axis_mm / n.short_axis_mm for ph in varied for n in ph.nodes]
+    assert max(ratios) > 2.2 and max(ratios) <= 3.0 + 1e-6
+
+
+def test_variety_adds_wide_bowel_loops_and_metal(varied):
+    plain = [phantoms.generate(s, replace(TINY, region="abdomen")) for s in range(4)]
+    bowel_plain = np.mean([(ph.tissue == phantoms.BOWEL).sum() for ph in plain])
+    bowel_varied = np.mean([(ph.tissue == phantoms.BOWEL).sum() for ph in varied[:4]])
+    assert bowel_varied > 1.3 * bowel_plain
+    assert any((ph.hu > 2500).any() for ph in varied)  # metal in about one phantom in seven
+
+
+def test_variety_draws_patient_size_and_kernel():
+    spec = replace(TINY, variety=True)
+    widths = []
+    for s in range(6):
+        ph = phantoms.generate(s, spec)
+        body = (ph.hu[ph.hu.shape[0] // 2] > -500).any(axis=0)
+        widths.append(body.sum() * spec.pixel_spacing_mm)
+    assert max(widths) - min(widths) > 25  # patient size 0.85-1.25
