@@ -8,7 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-from dicom_node.analysis import pipeline_settings, source_datasets
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.logs import configure_logging
 
@@ -158,49 +157,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(settings: Settings):
-    import torch
-
-    from inference.model_store import load_model
-
-    if settings.inference.threads:
-        torch.set_num_threads(settings.inference.threads)
-    return load_model(settings.inference.model_dir, settings.inference.device)
-
-
-def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict:
-    """Load, analyse, write findings.json; returns the findings document."""
-    from inference.dicom_volume import load_series
-    from inference.pipeline import analyse
-
-    vs = settings.volume
-    volume = load_series(
-        input_path, min_slices=vs.min_slices, max_tilt_degrees=vs.max_tilt_degrees, gap_factor=vs.gap_factor
-    )
-    model = model or _model(settings)
-    analysis = analyse(volume, model, pipeline_settings(settings))
-    out.mkdir(parents=True, exist_ok=True)
-    doc = analysis.findings.to_json()
-    (out / "findings.json").write_text(json.dumps(doc, indent=2) + "\n")
-    from sr_templates import write_results
-
-    written = write_results(
-        source_datasets(series_files(input_path), {ref.sop_instance_uid for ref in analysis.findings.slices}),
-        analysis.findings,
-        out,
-        result_images=settings.results.result_images,
-        omit_empty_frames=settings.results.omit_empty_frames,
-        editable_in_ohif=settings.results.editable_in_ohif,
-    )
-    doc["result_files"] = [p.name for p in written]
-    log.info("stage seconds: %s", {k: round(v, 2) for k, v in analysis.seconds.items()})
-    return doc
-
-
-def series_files(input_path: Path) -> list[Path]:
-    return sorted(p for p in input_path.rglob("*") if p.is_file()) if input_path.is_dir() else [input_path]
-
-
 def findings_table(doc: dict) -> str:
     head = f"{'node':<6} {'short mm':>8} {'long mm':>8} {'vol mm3':>9} {'HU':>6} {'p(malig)':>8}  size class"
     lines = [f"model {doc['model']['name']} {doc['model']['version']}: {len(doc['nodes'])} node(s)", head]
@@ -213,6 +169,8 @@ def findings_table(doc: dict) -> str:
 
 
 def cmd_process(args, settings: Settings) -> int:
+    from dicom_node.analysis import process
+
     doc = process(args.input, args.out, settings)
     print(findings_table(doc))
     print(f"results in {args.out}: findings.json, {', '.join(doc['result_files'])}")
@@ -272,6 +230,8 @@ def cmd_demo(args, settings: Settings) -> int:
         phantoms.write_phantom(ph, ct / "dicom")
         (ct / "ground_truth.json").write_text(json.dumps(ph.ground_truth(), indent=2) + "\n")
     truth = json.loads((ct / "ground_truth.json").read_text())
+    from dicom_node.analysis import process
+
     doc = process(ct / "dicom", work / "results", settings)
     print(findings_table(doc))
     print(f"\nground truth ({ct / 'ground_truth.json'}):")
@@ -343,11 +303,12 @@ def cmd_train_verifier(args, settings: Settings) -> int:
 def cmd_evaluate(args, settings: Settings) -> int:
     if getattr(args, "data", None) is not None:
         return evaluate_data(args, settings)
+    from dicom_node.analysis import load_model, pipeline_settings
     from inference.evaluate import evaluate
     from inference.train import EVAL_SEED_BASE
 
     result = evaluate(
-        _model(settings),
+        load_model(settings),
         args.cases,
         args.seed if args.seed is not None else EVAL_SEED_BASE,
         settings=pipeline_settings(settings),
@@ -358,11 +319,12 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 def evaluate_data(args, settings: Settings) -> int:
     """`nodal evaluate --data DIR`: the evaluation's scores on a site's labelled cases."""
+    from dicom_node.analysis import load_model, pipeline_settings
     from inference.datasets import open_dataset
     from inference.evaluate_data import evaluate_dataset
 
     dataset = open_dataset(args.data)
-    result = evaluate_dataset(_model(settings), dataset, args.split, pipeline_settings(settings))
+    result = evaluate_dataset(load_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

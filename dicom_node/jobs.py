@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -22,30 +20,13 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
 from dicom_node.index import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Job, JobState
+from dicom_node.outcome import JobOutcome
 
 log = logging.getLogger("nodal.jobs")
 
 
 class JobConflict(ValueError):
     """The requested change does not fit the job's state (HTTP 409)."""
-
-
-@dataclass(frozen=True)
-class ResultFile:
-    file: str  # relative to the outbox
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """What a finished attempt produced."""
-
-    result_dir: str
-    files: Sequence[ResultFile]
-    findings: int
-    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
-    malignant: int | None = None  # findings at or above inference.malignancy_threshold
 
 
 def owner_id(worker: int | str, pid: int | None = None) -> str:

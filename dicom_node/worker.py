@@ -102,10 +102,10 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
 def load_model_or_exit(settings: Settings, who: str):
     """Load the model once per worker process (kept warm for every job)."""
     try:
-        from dicom_node.cli import _model
+        from dicom_node.analysis import load_model
 
         t = time.perf_counter()
-        model = _model(settings)
+        model = load_model(settings)
         log.info("%s: model %s %s loaded in %.1f s", who, model.name, model.version, time.perf_counter() - t)
         return model
     except Exception as e:

@@ -13,8 +13,6 @@ from dicom_node.index import Database, Delivery, DeliveryState, Job, JobState
 from dicom_node.ingest import Receiver, Source
 from dicom_node.jobs import (
     JobConflict,
-    JobOutcome,
-    ResultFile,
     claim,
     finish_done,
     finish_error,
@@ -23,6 +21,7 @@ from dicom_node.jobs import (
     retry,
 )
 from dicom_node.outbox import backoff, deliver_due
+from dicom_node.outcome import JobOutcome, ResultFile
 from dicom_node.spool import Spool
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
