@@ -53,7 +53,7 @@ from peers import Nodal, Orthanc, free_port, model_dir, node_config, wait_until 
 
 from benchmarks.run import phantom_series  # noqa: E402
 from dicom_node.config import SpoolSection  # noqa: E402
-from dicom_node.metrics import SPOOL_UNWRITTEN  # noqa: E402
+from dicom_node.observe.metrics import SPOOL_UNWRITTEN  # noqa: E402
 
 DEFAULT = SpoolSection().durability  # what `nodal serve` uses unless configured
 KINDS = ("stock", "tuned", "floor", "log", "fsync")

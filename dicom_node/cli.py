@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.logs import configure_logging
+from dicom_node.observe.logs import configure_logging
 
 log = logging.getLogger("nodal")
 
@@ -169,7 +169,7 @@ def findings_table(doc: dict) -> str:
 
 
 def cmd_process(args, settings: Settings) -> int:
-    from dicom_node.analysis import process
+    from dicom_node.jobs.analysis import process
 
     doc = process(args.input, args.out, settings)
     print(findings_table(doc))
@@ -230,7 +230,7 @@ def cmd_demo(args, settings: Settings) -> int:
         phantoms.write_phantom(ph, ct / "dicom")
         (ct / "ground_truth.json").write_text(json.dumps(ph.ground_truth(), indent=2) + "\n")
     truth = json.loads((ct / "ground_truth.json").read_text())
-    from dicom_node.analysis import process
+    from dicom_node.jobs.analysis import process
 
     doc = process(ct / "dicom", work / "results", settings)
     print(findings_table(doc))
@@ -303,7 +303,7 @@ def cmd_train_verifier(args, settings: Settings) -> int:
 def cmd_evaluate(args, settings: Settings) -> int:
     if getattr(args, "data", None) is not None:
         return evaluate_data(args, settings)
-    from dicom_node.analysis import load_model, pipeline_settings
+    from dicom_node.jobs.analysis import load_model, pipeline_settings
     from inference.evaluate import evaluate
     from inference.train import EVAL_SEED_BASE
 
@@ -319,7 +319,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 def evaluate_data(args, settings: Settings) -> int:
     """`nodal evaluate --data DIR`: the evaluation's scores on a site's labelled cases."""
-    from dicom_node.analysis import load_model, pipeline_settings
+    from dicom_node.jobs.analysis import load_model, pipeline_settings
     from inference.datasets import open_dataset
     from inference.evaluate_data import evaluate_dataset
 
@@ -343,7 +343,7 @@ def cmd_serve(args, settings: Settings) -> int:
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    from dicom_node.celery_queue import run_worker
+    from dicom_node.jobs.celery_backend import run_worker
 
     if settings.queue.backend != "celery":
         print(
@@ -354,8 +354,8 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def cmd_db(args, settings: Settings) -> int:
-    from dicom_node import schema
-    from dicom_node.index import make_engine
+    from dicom_node.index import schema
+    from dicom_node.index.db import make_engine
 
     engine = make_engine(settings.index_url())
     try:
@@ -372,7 +372,7 @@ def cmd_db(args, settings: Settings) -> int:
 
 
 def cmd_echo(args, settings: Settings) -> int:
-    from dicom_node.echo import echo, resolve_peer
+    from dicom_node.delivery.echo import echo, resolve_peer
 
     try:
         peer = resolve_peer(args.peer, settings)

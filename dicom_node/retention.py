@@ -20,8 +20,8 @@ from pathlib import Path
 from sqlalchemy import delete, exists, func, select, update
 
 from dicom_node.config import Settings
-from dicom_node.header import check_uid
-from dicom_node.index import Database, Delivery, DeliveryState, Instance, Job, JobState, Series, Study
+from dicom_node.index.db import Database, Delivery, DeliveryState, Instance, Job, JobState, Series, Study
+from dicom_node.spool.header import check_uid
 
 log = logging.getLogger("nodal.retention")
 

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dicom_node.config import Settings
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver
-from dicom_node.scp import DimseServer
-from dicom_node.spool import Spool
+from dicom_node.index.db import Database
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.scp import DimseServer
+from dicom_node.spool.store import Spool
 
 
 @contextmanager

@@ -8,10 +8,10 @@ import os
 import pytest
 from test_node_jobs import settings
 
-from dicom_node.celery_queue import TASK, Dispatcher
-from dicom_node.index import Database, Job, JobState
-from dicom_node.jobs import claim, finish_error
-from dicom_node.worker import run_next
+from dicom_node.index.db import Database, Job, JobState
+from dicom_node.jobs.celery_backend import TASK, Dispatcher
+from dicom_node.jobs.embedded import run_next
+from dicom_node.jobs.table import claim, finish_error
 
 FUTURE = 5e9  # job 3 falls due in 2128
 
@@ -77,8 +77,8 @@ def test_a_duplicate_message_is_harmless_and_a_requeued_job_is_announced_again(d
 def test_nodal_worker_binds_its_gpu_and_refuses_an_outdated_index(tmp_path, monkeypatch, caplog):
     from sqlalchemy import create_engine
 
-    from dicom_node import schema
-    from dicom_node.celery_queue import run_worker
+    from dicom_node.index import schema
+    from dicom_node.jobs.celery_backend import run_worker
 
     url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     schema.upgrade(create_engine(url), schema.FIRST_REVISION)

@@ -49,10 +49,10 @@ from sqlalchemy import select
 from test_node_spool import part10
 from test_node_stow import BOUNDARY, HEADERS, body
 
-from dicom_node.api import create_app
+from dicom_node.api.app import create_app
 from dicom_node.config import Settings
-from dicom_node.index import Database, Instance
-from dicom_node.ingest import (
+from dicom_node.index.db import Database, Instance
+from dicom_node.receive.receiver import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
@@ -62,7 +62,7 @@ from dicom_node.ingest import (
     Receiver,
     Source,
 )
-from dicom_node.spool import Spool
+from dicom_node.spool.store import Spool
 
 # pydicom warns about every malformed value it meets: tens of thousands here, all expected
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

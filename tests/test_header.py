@@ -10,7 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from test_node_spool import part10
 from test_part10 import _dataset_and_ts, _in_syntax
 
-from dicom_node.header import InvalidInstanceError, read_dataset_header, read_header
+from dicom_node.spool.header import InvalidInstanceError, read_dataset_header, read_header
 
 
 def both(data: bytes, ts: str = str(ExplicitVRLittleEndian)):

@@ -11,10 +11,10 @@ from alembic.runtime.migration import MigrationContext
 from peers import Postgres, postgres_bin
 from sqlalchemy import create_engine, text
 
-from dicom_node import schema
 from dicom_node.cli import main
-from dicom_node.index import Base, Database, Delivery, Instance, Job, Series, Study
-from dicom_node.jobs import claim
+from dicom_node.index import schema
+from dicom_node.index.db import Base, Database, Delivery, Instance, Job, Series, Study
+from dicom_node.jobs.table import claim
 
 ROWS = {
     "studies": "INSERT INTO studies (study_uid, first_received_at, last_received_at, pending, completions,"

@@ -23,14 +23,14 @@ from test_node_jobs import FakeSender, complete, done_job, receive, settings
 from test_node_jobs import node as node
 from test_node_spool import part10
 
-from dicom_node import audit, metrics
-from dicom_node.api import create_app
+from dicom_node.api.app import create_app
 from dicom_node.config import Settings
-from dicom_node.index import Database, Job, JobState
-from dicom_node.ingest import Source
-from dicom_node.logs import JsonFormatter
-from dicom_node.observe import JobWatcher, read_state
-from dicom_node.outbox import deliver_due
+from dicom_node.delivery.outbox import deliver_due
+from dicom_node.index.db import Database, Job, JobState
+from dicom_node.observe import audit, metrics
+from dicom_node.observe.job_watcher import JobWatcher, read_state
+from dicom_node.observe.logs import JsonFormatter
+from dicom_node.receive.receiver import Source
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -334,9 +334,9 @@ def test_associations_counted_open_accepted_and_rejected_by_reason(tmp_path):
     from pynetdicom.sop_class import Verification
     from test_node_scp import free_port
 
-    from dicom_node.ingest import Receiver
-    from dicom_node.scp import DimseServer
-    from dicom_node.spool import Spool
+    from dicom_node.receive.receiver import Receiver
+    from dicom_node.receive.scp import DimseServer
+    from dicom_node.spool.store import Spool
 
     port = free_port()
     s = Settings.model_validate(
@@ -408,7 +408,7 @@ def test_workers_publish_their_model_to_the_pool_for_model_info():
 
     import torch
 
-    from dicom_node.worker import WorkerPool, _publish_model
+    from dicom_node.jobs.embedded import WorkerPool, _publish_model
 
     pool = WorkerPool(Settings.model_validate({"jobs": {"workers": 2}}), db=None)  # not started
     model = SimpleNamespace(name="nodal-ln-demo", version="0.3.1", device=torch.device("cpu"))

@@ -174,8 +174,8 @@ def test_prometheus_sees_a_study_go_through_and_no_phi_is_logged_or_audited(tmp_
         r for r in records if r.get("event") == "association_end" and r.get("calling_ae") == "MODALITY"
     ]
     assert f"{len(paths)} stored" in assoc["message"] and stored["study_key"] in assoc["message"]
-    from dicom_node.audit import query
-    from dicom_node.index import Database
+    from dicom_node.index.db import Database
+    from dicom_node.observe.audit import query
 
     db = Database(f"sqlite:///{tmp_path / 'var' / 'index.sqlite3'}")
     try:

@@ -17,15 +17,15 @@ from test_node_spool import part10
 from test_node_stow import HEADERS, body
 from tls_certs import have_openssl, make_pki
 
-from dicom_node import metrics
-from dicom_node.api import create_app
-from dicom_node.auth import OPEN_PATHS, token_matches
+from dicom_node.api.app import create_app
+from dicom_node.api.auth import OPEN_PATHS, token_matches
 from dicom_node.config import ConfigError, Settings
-from dicom_node.index import AuditEvent, Database
-from dicom_node.ingest import Receiver
-from dicom_node.senders import Outgoing, make_sender
+from dicom_node.delivery.senders import Outgoing, make_sender
+from dicom_node.index.db import AuditEvent, Database
+from dicom_node.observe import metrics
+from dicom_node.receive.receiver import Receiver
 from dicom_node.serve import check_destinations
-from dicom_node.spool import Spool
+from dicom_node.spool.store import Spool
 
 TOKEN = "tok-5f1d8c0e9a7b4e21"
 

@@ -7,11 +7,12 @@ import pytest
 from sqlalchemy import select
 from test_node_spool import part10
 
-from dicom_node.completion import complete_due_studies
+from dicom_node.completion.quiet import complete_due_studies
 from dicom_node.config import Settings
-from dicom_node.index import Database, Delivery, DeliveryState, Job, JobState
-from dicom_node.ingest import Receiver, Source
-from dicom_node.jobs import (
+from dicom_node.delivery.outbox import backoff, deliver_due
+from dicom_node.index.db import Database, Delivery, DeliveryState, Job, JobState
+from dicom_node.jobs.outcome import JobOutcome, ResultFile
+from dicom_node.jobs.table import (
     JobConflict,
     claim,
     finish_done,
@@ -20,9 +21,8 @@ from dicom_node.jobs import (
     requeue_lost,
     retry,
 )
-from dicom_node.outbox import backoff, deliver_due
-from dicom_node.outcome import JobOutcome, ResultFile
-from dicom_node.spool import Spool
+from dicom_node.receive.receiver import Receiver, Source
+from dicom_node.spool.store import Spool
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -14,12 +14,12 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from test_monitoring import sample
 from test_node_spool import part10
 
-from dicom_node import limits
 from dicom_node.config import Settings
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver
-from dicom_node.scp import DimseServer
-from dicom_node.spool import Spool
+from dicom_node.index.db import Database
+from dicom_node.receive import limits
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.scp import DimseServer
+from dicom_node.spool.store import Spool
 
 ATTACKER = "127.0.0.2"  # another address on the loopback network
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dicom_node.completion import is_complete
+from dicom_node.completion.quiet import is_complete
+from dicom_node.completion.routing import SeriesSummary, route
 from dicom_node.config import RoutingRule, Settings
-from dicom_node.routing import SeriesSummary, route
 
 RULES = Settings().routing.rules
 AXIAL = SeriesSummary(

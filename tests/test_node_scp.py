@@ -12,10 +12,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from test_node_spool import part10
 
 from dicom_node.config import Settings
-from dicom_node.index import Database, Instance, Study
-from dicom_node.ingest import Receiver
-from dicom_node.scp import DimseServer
-from dicom_node.spool import Spool
+from dicom_node.index.db import Database, Instance, Study
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.scp import DimseServer
+from dicom_node.spool.store import Spool
 
 
 def free_port() -> int:

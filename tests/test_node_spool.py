@@ -9,10 +9,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
-from dicom_node.header import InvalidInstanceError, check_uid, read_header
-from dicom_node.index import Database, Instance, Series, Study
-from dicom_node.ingest import CANNOT_UNDERSTAND, SUCCESS, Outcome, Receiver, Source, reconcile
-from dicom_node.spool import Spool, relative_path
+from dicom_node.index.db import Database, Instance, Series, Study
+from dicom_node.receive.receiver import CANNOT_UNDERSTAND, SUCCESS, Outcome, Receiver, Source, reconcile
+from dicom_node.spool.header import InvalidInstanceError, check_uid, read_header
+from dicom_node.spool.store import Spool, relative_path
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

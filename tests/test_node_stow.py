@@ -9,13 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_node_spool import part10
 
-from dicom_node import metrics
-from dicom_node.api import create_app
+from dicom_node.api.app import create_app
 from dicom_node.config import Settings
-from dicom_node.dicomweb import DICOM_JSON, DICOM_XML
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver
-from dicom_node.multipart import (
+from dicom_node.index.db import Database
+from dicom_node.observe import metrics
+from dicom_node.receive.multipart import (
     MAX_BOUNDARY,
     MultipartError,
     MultipartParser,
@@ -24,7 +22,9 @@ from dicom_node.multipart import (
     PartStart,
     parse_content_type,
 )
-from dicom_node.spool import Spool
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.stow import DICOM_JSON, DICOM_XML
+from dicom_node.spool.store import Spool
 
 BOUNDARY = "nodal-boundary-1234"
 

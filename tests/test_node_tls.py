@@ -15,8 +15,8 @@ from test_node_spool import part10
 from tls_certs import have_openssl, make_pki
 
 from dicom_node.config import ClientTls, ConfigError, ServerTls, Settings
-from dicom_node.echo import echo, resolve_peer
-from dicom_node.senders import DimseSender, Outgoing
+from dicom_node.delivery.echo import echo, resolve_peer
+from dicom_node.delivery.senders import DimseSender, Outgoing
 from dicom_node.tls import client_context, server_context
 
 if not have_openssl() or missing_binaries("storescu", "echoscu"):

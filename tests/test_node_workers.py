@@ -5,11 +5,11 @@ import time
 import pytest
 from test_node_jobs import complete, later, receive, settings
 
-from dicom_node.index import Database, Job, JobState
-from dicom_node.ingest import Receiver
-from dicom_node.jobs import claim, owner_id
-from dicom_node.spool import Spool
-from dicom_node.worker import WorkerPool
+from dicom_node.index.db import Database, Job, JobState
+from dicom_node.jobs.embedded import WorkerPool
+from dicom_node.jobs.table import claim, owner_id
+from dicom_node.receive.receiver import Receiver
+from dicom_node.spool.store import Spool
 
 
 class FakeProcess:

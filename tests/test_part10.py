@@ -22,8 +22,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dsutils import encode_file_meta
 from test_node_spool import CT, part10
 
-from dicom_node.header import InvalidInstanceError, read_dataset_header, read_header
-from dicom_node.part10 import PREAMBLE, file_meta_prefix
+from dicom_node.spool.header import InvalidInstanceError, read_dataset_header, read_header
+from dicom_node.spool.part10 import PREAMBLE, file_meta_prefix
 
 
 def pydicom_meta(sop_class: str, sop: str, ts: str, ae: str) -> bytes:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import spool_log
-from dicom_node.spool import Placer, Spool
-from dicom_node.spool_log import HEAD, MAGIC
+from dicom_node.spool import log as spool_log
+from dicom_node.spool.log import HEAD, MAGIC
+from dicom_node.spool.store import Placer, Spool
 
 MIB = 1 << 20
 

@@ -34,13 +34,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from dicom_node.api import create_app
+from dicom_node.api.app import create_app
 from dicom_node.config import Settings
-from dicom_node.index import Database, Instance
-from dicom_node.ingest import Receiver
-from dicom_node.senders import DicomwebSender, Outgoing
+from dicom_node.delivery.senders import DicomwebSender, Outgoing
+from dicom_node.index.db import Database, Instance
+from dicom_node.receive.receiver import Receiver
 from dicom_node.serve import _http_server
-from dicom_node.spool import Spool
+from dicom_node.spool.store import Spool
 
 N = 60
 CT = "1.2.840.10008.5.1.4.1.1.2"

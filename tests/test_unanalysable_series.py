@@ -12,14 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.encaps import encapsulate
 
-from dicom_node.api import create_app
-from dicom_node.completion import complete_due_studies
+from dicom_node.api.app import create_app
+from dicom_node.completion.quiet import complete_due_studies
 from dicom_node.config import Settings
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver, Source
-from dicom_node.jobs import claim
-from dicom_node.spool import Spool
-from dicom_node.worker import run_one
+from dicom_node.index.db import Database
+from dicom_node.jobs.embedded import run_one
+from dicom_node.jobs.table import claim
+from dicom_node.receive.receiver import Receiver, Source
+from dicom_node.spool.store import Spool
 from inference import phantoms
 
 SPEC = phantoms.PhantomSpec(

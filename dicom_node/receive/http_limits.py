@@ -14,7 +14,7 @@
   and the STOW-RS handler removes the partial file of a cut-off upload.
 
 Every refusal is counted in `nodal_connections_refused_total{receiver="http", reason}`
-and logged once per burst (`dicom_node.limits`).
+and logged once per burst (`dicom_node.receive.limits`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from dicom_node import limits
 from dicom_node.config import HttpLimits
+from dicom_node.receive import limits
 
 STOW_PATH = "/dicom-web/studies"
 RETRY_AFTER_SECONDS = 10

@@ -3,7 +3,7 @@
 `logging.format: json` writes one JSON object per line with `time`, `level`, `logger`,
 `message` and the structured fields a line carries (`extra=`: `event`, `job_id`,
 `study_key`, `destination`, `calling_ae`, `count`, ...). Lines name studies by their
-`study_key` (see `dicom_node.audit.study_key`) and never carry patient name, ID or birth
+`study_key` (see `dicom_node.observe.audit.study_key`) and never carry patient name, ID or birth
 date.
 """
 

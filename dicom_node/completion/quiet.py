@@ -16,12 +16,12 @@ from collections.abc import Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node import metrics
-from dicom_node.audit import study_key
+from dicom_node.completion.routing import SeriesSummary, route
 from dicom_node.config import Settings
-from dicom_node.index import Database, Job, JobState, Series, Study
-from dicom_node.jobs import supersede_older
-from dicom_node.routing import SeriesSummary, route
+from dicom_node.index.db import Database, Job, JobState, Series, Study
+from dicom_node.jobs.table import supersede_older
+from dicom_node.observe import metrics
+from dicom_node.observe.audit import study_key
 
 log = logging.getLogger("nodal.completion")
 

@@ -19,8 +19,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
-from dicom_node.index import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Job, JobState
-from dicom_node.outcome import JobOutcome
+from dicom_node.index.db import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Job, JobState
+from dicom_node.jobs.outcome import JobOutcome
 
 log = logging.getLogger("nodal.jobs")
 

@@ -10,7 +10,7 @@ the log can write it again (``spool.durability``):
   fdatasynced, and acknowledged; the placer thread later copies it out of the log into
   its file and renames it, without a sync, once the receivers pause or a reader asks
   (`settle`); a checkpoint makes the files durable in bulk, and opening the spool
-  replays what was not checkpointed (`dicom_node.spool_log`). Instances larger than a log
+  replays what was not checkpointed (`dicom_node.spool.log`). Instances larger than a log
   segment take the fsync path;
 - ``fsync`` (portable POSIX): fsync the temporary file, rename it, fsync the folder;
 - ``syncfs`` (Linux): rename, then one ``syncfs`` of the spool file system, shared by
@@ -18,7 +18,7 @@ the log can write it again (``spool.durability``):
   when the spool has a file system of its own; slower when other programs write a lot to
   the same one.
 
-UIDs become path components only after `dicom_node.header.check_uid` accepted them:
+UIDs become path components only after `dicom_node.spool.header.check_uid` accepted them:
 digits and dots, at most 64 characters, so no name can leave the spool.
 """
 
@@ -34,8 +34,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-from dicom_node.header import InstanceHeader
-from dicom_node.spool_log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs, write_all
+from dicom_node.spool.header import InstanceHeader
+from dicom_node.spool.log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs, write_all
 
 log = logging.getLogger("nodal.spool")
 

@@ -1,8 +1,8 @@
-"""Alembic environment: runs on the connection that dicom_node.schema hands over."""
+"""Alembic environment: runs on the connection that dicom_node.index.schema hands over."""
 
 from alembic import context
 
-from dicom_node.index import Base
+from dicom_node.index.db import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

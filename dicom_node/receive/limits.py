@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dicom_node import metrics
+from dicom_node.observe import metrics
 
 log = logging.getLogger("nodal.limits")
 

@@ -3,7 +3,7 @@
 `worker_main` is the body of one worker process: load the model (kept warm for every
 job), then claim a job, renew its lease while `run_analysis` works, record the outcome,
 repeat. Claim-and-run is `run_next`, the one job function of both queue backends (the
-Celery task of `nodal worker`, dicom_node.celery_queue, calls it too). `WorkerPool` (in the
+Celery task of `nodal worker`, dicom_node.jobs.celery_backend, calls it too). `WorkerPool` (in the
 `nodal serve` process) starts the workers, restarts one that died, stops one whose job ran
 past `jobs.time_limit_seconds`, and on shutdown lets running jobs finish for
 `jobs.shutdown_grace_seconds` before it stops them and re-queues their jobs.
@@ -30,8 +30,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.config import Settings
-from dicom_node.index import Database, Instance, JobState
-from dicom_node.jobs import claim, finish_done, finish_error, owner_id, release, renew
+from dicom_node.index.db import Database, Instance, JobState
+from dicom_node.jobs.table import claim, finish_done, finish_error, owner_id, release, renew
 
 log = logging.getLogger("nodal.worker")
 
@@ -75,7 +75,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from dicom_node.logs import configure_logging
+    from dicom_node.observe.logs import configure_logging
 
     configure_logging(settings)
     db = Database(settings.index_url(), upgrade=False)  # `nodal serve` upgraded it
@@ -102,7 +102,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
 def load_model_or_exit(settings: Settings, who: str):
     """Load the model once per worker process (kept warm for every job)."""
     try:
-        from dicom_node.analysis import load_model
+        from dicom_node.jobs.analysis import load_model
 
         t = time.perf_counter()
         model = load_model(settings)
@@ -162,7 +162,7 @@ def run_one(
     outbox: Path,
     model,
 ) -> None:
-    from dicom_node.analysis import JobInput, NotAnalysable, run_analysis
+    from dicom_node.jobs.analysis import JobInput, NotAnalysable, run_analysis
 
     heartbeat = _Heartbeat(db, job_id, owner, settings.jobs.lease_seconds)
     heartbeat.start()

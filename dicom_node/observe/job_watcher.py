@@ -22,8 +22,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node import audit, metrics
-from dicom_node.index import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Instance, Job, JobState
+from dicom_node.index.db import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Instance, Job, JobState
+from dicom_node.observe import audit, metrics
 
 log = logging.getLogger("nodal.observe")
 

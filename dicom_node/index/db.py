@@ -1,5 +1,5 @@
 """The index: studies, series, instances, jobs and deliveries (SQLAlchemy 2; SQLite by default,
-PostgreSQL for scale-out; the schema is migrated by dicom_node.schema).
+PostgreSQL for scale-out; the schema is migrated by dicom_node.index.schema).
 
 Times are seconds since the epoch (UTC), as floats. The spool is the source of truth for
 received instances (`ingest.reconcile` re-indexes files the index lost), so SQLite runs
@@ -160,7 +160,7 @@ class Delivery(Base):
 
 
 class AuditEvent(Base):
-    """One IHE ATNA-style audit event; rows are only ever inserted (see `dicom_node.audit`)."""
+    """One IHE ATNA-style audit event; rows are only ever inserted (see `dicom_node.observe.audit`)."""
 
     __tablename__ = "audit_events"
 
@@ -214,7 +214,7 @@ class Database:
 
     def __init__(self, url: str, upgrade: bool = True):
         """`upgrade`: migrate the schema to the newest revision; False: refuse an outdated one."""
-        from dicom_node import schema
+        from dicom_node.index import schema
 
         self.engine = make_engine(url)
         if upgrade:

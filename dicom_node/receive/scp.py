@@ -6,7 +6,7 @@ rejection happens: it is logged with its reason and answered "rejected-permanent
 AE title not recognised" (1, 1, 3). With `node.dimse_tls` the port speaks DICOM TLS only
 (optionally requiring a client certificate signed by `ca_file`). Each C-STORE
 dataset is written as received (no decode and re-encode) behind a file meta header
-(`dicom_node.part10`, naming the caller as Source Application Entity Title), and answered
+(`dicom_node.spool.part10`, naming the caller as Source Application Entity Title), and answered
 only after `Receiver` made it durable.
 """
 
@@ -23,9 +23,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import audit, limits, metrics
 from dicom_node.config import AllowedCaller, Settings
-from dicom_node.ingest import Receiver, Source, summary_line
+from dicom_node.observe import audit, metrics
+from dicom_node.receive import limits
+from dicom_node.receive.receiver import Receiver, Source, summary_line
 from dicom_node.tls import peer_subject, server_context
 
 log = logging.getLogger("nodal.scp")

@@ -5,11 +5,11 @@
 - `POST /api/jobs/{id}/retry`: run a finished job again, or re-send its failed deliveries
 - `GET /api/studies?limit=&offset=`, `GET /api/studies/{uid}`: studies, their series and
   routing decisions
-- `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.audit`)
-- `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.monitoring`)
+- `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.observe.audit`)
+- `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.observe.probes`)
 
 With a token configured (`node.http_auth`), everything but the probes (and `/metrics`)
-needs `Authorization: Bearer <token>` (`dicom_node.auth`).
+needs `Authorization: Bearer <token>` (`dicom_node.api.auth`).
 
 Thin endpoints over `jobs` and the index; no patient data is returned (UIDs, counts,
 states, reasons and times only). Times are ISO 8601 UTC.
@@ -25,15 +25,15 @@ from datetime import UTC, datetime
 from fastapi import FastAPI, HTTPException, Query
 from sqlalchemy import func, select
 
-from dicom_node import audit
-from dicom_node.auth import BearerAuth, http_token
+from dicom_node.api.auth import BearerAuth, http_token
 from dicom_node.config import Settings
-from dicom_node.dicomweb import stow_router
-from dicom_node.http_limits import UploadGuard
-from dicom_node.index import Database, Delivery, Job, Series, Study, now
-from dicom_node.ingest import Receiver
-from dicom_node.jobs import JobConflict, retry
-from dicom_node.monitoring import Probes, monitoring_router
+from dicom_node.index.db import Database, Delivery, Job, Series, Study, now
+from dicom_node.jobs.table import JobConflict, retry
+from dicom_node.observe import audit
+from dicom_node.observe.probes import Probes, monitoring_router
+from dicom_node.receive.http_limits import UploadGuard
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.stow import stow_router
 
 
 def iso(t: float | None) -> str | None:

@@ -25,7 +25,7 @@ from celery.signals import worker_ready
 from sqlalchemy import or_, select
 
 from dicom_node.config import Settings
-from dicom_node.index import Database, Job, JobState
+from dicom_node.index.db import Database, Job, JobState
 
 log = logging.getLogger("nodal.queue")
 
@@ -145,9 +145,9 @@ def run_worker(settings: Settings, gpu: int | None = None, name: str | None = No
     """`nodal worker`: one Celery worker process, one job at a time, bound to one GPU."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch is imported
-    from dicom_node.jobs import owner_id
-    from dicom_node.schema import SchemaOutdated
-    from dicom_node.worker import load_model_or_exit, run_next
+    from dicom_node.index.schema import SchemaOutdated
+    from dicom_node.jobs.embedded import load_model_or_exit, run_next
+    from dicom_node.jobs.table import owner_id
 
     name = name or (f"gpu{gpu}" if gpu is not None else "cpu")
     try:

@@ -14,9 +14,9 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dicom_node import audit, metrics
 from dicom_node.config import HttpAuth, read_secret
-from dicom_node.index import Database
+from dicom_node.index.db import Database
+from dicom_node.observe import audit, metrics
 
 log = logging.getLogger("nodal.auth")
 

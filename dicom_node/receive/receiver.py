@@ -33,12 +33,12 @@ from sqlalchemy import case, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from dicom_node import metrics
-from dicom_node.audit import study_key
-from dicom_node.header import InstanceHeader, InvalidInstanceError, read_dataset_header, read_header
-from dicom_node.index import Database, Instance, Series, Study, now
-from dicom_node.part10 import file_meta_prefix
-from dicom_node.spool import Data, Spool, pieces, relative_path
+from dicom_node.index.db import Database, Instance, Series, Study, now
+from dicom_node.observe import metrics
+from dicom_node.observe.audit import study_key
+from dicom_node.spool.header import InstanceHeader, InvalidInstanceError, read_dataset_header, read_header
+from dicom_node.spool.part10 import file_meta_prefix
+from dicom_node.spool.store import Data, Spool, pieces, relative_path
 
 log = logging.getLogger("nodal.ingest")
 

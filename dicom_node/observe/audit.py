@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import insert, select
 
-from dicom_node.index import AuditEvent, Database, now
+from dicom_node.index.db import AuditEvent, Database, now
 
 log = logging.getLogger("nodal.audit")
 

@@ -30,9 +30,16 @@ from pydicom.datadict import keyword_for_tag
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from dicom_node import audit, metrics
-from dicom_node.header import InvalidInstanceError, check_uid
-from dicom_node.ingest import (
+from dicom_node.observe import audit, metrics
+from dicom_node.receive.multipart import (
+    MultipartError,
+    MultipartParser,
+    PartData,
+    PartEnd,
+    PartStart,
+    parse_content_type,
+)
+from dicom_node.receive.receiver import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     Outcome,
@@ -42,14 +49,7 @@ from dicom_node.ingest import (
     TransferSummary,
     summary_line,
 )
-from dicom_node.multipart import (
-    MultipartError,
-    MultipartParser,
-    PartData,
-    PartEnd,
-    PartStart,
-    parse_content_type,
-)
+from dicom_node.spool.header import InvalidInstanceError, check_uid
 
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"

@@ -1,4 +1,4 @@
-"""Schema migrations of the index (Alembic, scripts in `dicom_node/migrations/versions`).
+"""Schema migrations of the index (Alembic, scripts in `dicom_node/index/migrations/versions`).
 
 `nodal serve` and `nodal db upgrade` bring the index to the newest revision; `nodal worker`
 processes only check it (several workers racing to migrate one PostgreSQL index would be
@@ -29,7 +29,7 @@ class SchemaOutdated(RuntimeError):
 
 def alembic_config(connection: Connection | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", "dicom_node:migrations")
+    cfg.set_main_option("script_location", "dicom_node.index:migrations")
     cfg.attributes["connection"] = connection
     return cfg
 

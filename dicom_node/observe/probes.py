@@ -9,7 +9,7 @@ router.
 - `/readyz`: 200 when a worker has the model loaded, the index takes a write, the spool
   takes a file and its disk has more than `spool.min_free_mb` free; else 503 naming the
   failing checks (readiness: stop sending studies here).
-- `/metrics`: the Prometheus text exposition (`dicom_node.metrics`).
+- `/metrics`: the Prometheus text exposition (`dicom_node.observe.metrics`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from dicom_node import metrics
-from dicom_node.index import Database, Heartbeat, now
+from dicom_node.index.db import Database, Heartbeat, now
+from dicom_node.observe import metrics
 
 
 @dataclass(frozen=True)

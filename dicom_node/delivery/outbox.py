@@ -19,11 +19,11 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from dicom_node import audit, metrics
 from dicom_node.config import ConfigError, Settings
-from dicom_node.index import Database, Delivery, DeliveryState, Job
-from dicom_node.observe import series_first_received
-from dicom_node.senders import NoRoute, Outgoing, Sender, make_sender
+from dicom_node.delivery.senders import NoRoute, Outgoing, Sender, make_sender
+from dicom_node.index.db import Database, Delivery, DeliveryState, Job
+from dicom_node.observe import audit, metrics
+from dicom_node.observe.job_watcher import series_first_received
 
 log = logging.getLogger("nodal.outbox")
 
