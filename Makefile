@@ -32,8 +32,12 @@ HELM_LIB := $(VENV)/helm-sdkpy
 run: $(STAMP)
 	$(BIN)/nodal serve
 
+# The walls between the rooms and the node's layers (import contracts in pyproject.toml), then
+# the type checker, then the tests: a crossed wall fails `make test` before any test runs.
 test: $(STAMP) peers chart-tools ohif
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 install: $(STAMP)
@@ -76,6 +80,8 @@ $(HELM_LIB)/helm_sdkpy: | $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The recorded commands behind the shipped demo weights and benchmarks/RESULTS.md. Each
 # version is trained on from the one before (docs/training.md): 0.1.0 from random weights on

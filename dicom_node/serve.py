@@ -34,6 +34,7 @@ from dicom_node.delivery.outbox import DeliveryLoop
 from dicom_node.delivery.senders import make_sender
 from dicom_node.index.db import Database
 from dicom_node.jobs.embedded import WorkerPool
+from dicom_node.jobs.queue import JobQueue
 from dicom_node.jobs.table import requeue_lost
 from dicom_node.observe import audit, metrics
 from dicom_node.observe.job_watcher import JobWatcher, read_state
@@ -81,7 +82,7 @@ class Node:
             mon = monitoring_app(
                 probes(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
             )
-            self.monitoring = _http_server(mon, node.bind_address, node.monitoring_port, header_timeout)
+            self.monitoring = _http_server(mon, node.bind_address, node.monitoring_port, header_timeout)  # type: ignore[arg-type]
             self._monitoring_thread = threading.Thread(
                 target=self.monitoring.run, name="monitoring", daemon=True
             )
@@ -209,7 +210,7 @@ def _start_http(server: uvicorn.Server, thread: threading.Thread, host: str, wha
         time.sleep(0.05)
 
 
-def _queue(settings: Settings, db: Database):
+def _queue(settings: Settings, db: Database) -> JobQueue:
     """In-process workers (embedded) or the announcer of jobs to `nodal worker` processes (celery)."""
     if settings.queue.backend == "celery":
         from dicom_node.jobs.celery_backend import Dispatcher

@@ -38,7 +38,7 @@ def is_complete(
     if quiet_for >= quiet_seconds:
         return True
     released_after_last = released_at is not None and released_at >= last_received_at
-    return not transfer_open and released_after_last and t - released_at >= after_release_seconds
+    return not transfer_open and released_after_last and t - released_at >= after_release_seconds  # type: ignore[operator]
 
 
 def summary(series: Series) -> SeriesSummary:
@@ -89,7 +89,7 @@ def complete_due_studies(
         for uid in quiet:
             study = s.get(Study, uid)
             if due(study):  # again: an instance may have come in meanwhile
-                created.extend(j.id for j in complete_study(s, study, settings, t))
+                created.extend(j.id for j in complete_study(s, study, settings, t))  # type: ignore[arg-type]
     return created
 
 

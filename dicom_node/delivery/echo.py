@@ -46,7 +46,7 @@ def resolve_peer(text: str, settings: Settings) -> Peer:
 
 def echo(calling_ae: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     ae = AE(ae_title=calling_ae)
@@ -55,7 +55,7 @@ def echo(calling_ae: str, peer: Peer, timeout: float = 10.0) -> EchoResult:
     t = time.perf_counter()
     try:
         tls_args = (peer.tls, peer.host if peer.tls.check_hostname else None) if peer.tls else None
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
     except OSError as e:
         return EchoResult(False, f"C-ECHO {where}: cannot connect: {e}")
     if not assoc.is_established:

@@ -106,7 +106,7 @@ def record(
             else:
                 d.last_error = error
                 d.next_attempt_at = t + backoff(d.attempts, dl.retry_initial_seconds, dl.retry_max_seconds)
-            outcome[d.state] += 1
+            outcome[d.state] += 1  # type: ignore[index]
         job = s.get(Job, batch.job_id)
         if job is not None:
             study_uid = job.study_uid

@@ -75,7 +75,7 @@ class DimseSender:
             ae.add_requested_context(sop_class, sorted(ts))
         tls_args = (self.tls, self.host if self.tls.check_hostname else None) if self.tls else None
         try:
-            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)
+            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)  # type: ignore[arg-type]
         except OSError as e:
             return _all(items, f"cannot connect to {where}: {e}")
         if not assoc.is_established:

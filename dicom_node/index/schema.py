@@ -59,7 +59,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
         after = MigrationContext.configure(conn).get_current_revision()
     if before != after:
         log.info("index schema upgraded from %s to %s", before or "empty", after)
-    return before, after
+    return before, after  # type: ignore[return-value]
 
 
 def require_current(engine: Engine) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import or_, select
 
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Job, JobState
+from dicom_node.jobs.queue import JobQueue
 
 log = logging.getLogger("nodal.queue")
 
@@ -55,10 +56,10 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
-class Dispatcher:
+class Dispatcher(JobQueue):
     """In `nodal serve`: announces due queued jobs (`supervise` every main-loop round).
 
-    Same interface as `worker.WorkerPool`, so `serve.Node` holds one or the other. The
+    It implements `queue.JobQueue`, as `embedded.WorkerPool` does, so `serve.Node` holds one or the other. The
     workers run elsewhere: their model and GPU memory are not seen from here."""
 
     READY_CHECK = ("queue_broker", "the Celery broker does not answer")  # /readyz: name, why not

@@ -26,12 +26,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Instance, JobState
+from dicom_node.jobs.queue import JobQueue
 from dicom_node.jobs.table import claim, finish_done, finish_error, owner_id, release, renew
+
+if TYPE_CHECKING:
+    from inference.model_store import LoadedModel
 
 log = logging.getLogger("nodal.worker")
 
@@ -99,7 +104,7 @@ def worker_main(settings: Settings, index: int, stop, slot, parent_pid: int) -> 
     db.close()
 
 
-def load_model_or_exit(settings: Settings, who: str):
+def load_model_or_exit(settings: Settings, who: str) -> LoadedModel:
     """Load the model once per worker process (kept warm for every job)."""
     try:
         from dicom_node.jobs.analysis import load_model
@@ -117,7 +122,7 @@ def run_next(
     db: Database,
     settings: Settings,
     owner: str,
-    model,
+    model: LoadedModel,
     job_id: int | None = None,
     on_claim: Callable[[int], None] | None = None,
 ) -> int | None:
@@ -134,14 +139,14 @@ def run_next(
     return job.id
 
 
-def _publish_model(slot, model) -> None:
+def _publish_model(slot: _Slot, model: LoadedModel) -> None:
     """Name, version and device of the loaded model, for `nodal_model_info` in the serve process."""
     info = json.dumps({"name": model.name, "version": model.version, "device": str(model.device)})
     slot.info.value = info.encode()[: len(slot.info) - 1]
     _publish_gpu(slot, model)
 
 
-def _publish_gpu(slot, model) -> None:
+def _publish_gpu(slot: _Slot, model: LoadedModel) -> None:
     """GPU memory this process holds (CUDA only): what torch's caching allocator reserved,
     which keeps what the largest job needed. Published after loading, after each job and
     while idle."""
@@ -160,7 +165,7 @@ def run_one(
     owner: str,
     spool_root: Path,
     outbox: Path,
-    model,
+    model: LoadedModel,
 ) -> None:
     from dicom_node.jobs.analysis import JobInput, NotAnalysable, run_analysis
 
@@ -203,17 +208,17 @@ def run_one(
 class _Slot:
     """Shared between the pool and one worker process."""
 
-    job_id: object  # mp.Value("q"): the running job, 0 when idle
-    started: object  # mp.Value("d"): when it started
-    ready: object  # mp.Value("b"): model loaded
-    info: object  # mp.Array("c"): JSON {name, version, device} of the loaded model
-    gpu_bytes: object  # mp.Value("q"): GPU memory held (CUDA only)
+    job_id: Any  # mp.Value("q"): the running job, 0 when idle
+    started: Any  # mp.Value("d"): when it started
+    ready: Any  # mp.Value("b"): model loaded
+    info: Any  # mp.Array("c"): JSON {name, version, device} of the loaded model
+    gpu_bytes: Any  # mp.Value("q"): GPU memory held (CUDA only)
     process: mp.process.BaseProcess | None = None
     respawn_at: float = 0.0
     spawned_at: float = 0.0
 
 
-class WorkerPool:
+class WorkerPool(JobQueue):
     """Embedded workers: spawned processes of this node, each with the model loaded."""
 
     READY_CHECK = ("model_loaded", "no worker has the model loaded (yet)")  # /readyz: name, why not

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -82,7 +83,7 @@ def claim(db: Database, owner: str, lease_seconds: float, t: float, job_id: int 
 def renew(db: Database, job_id: int, owner: str, lease_seconds: float, t: float) -> bool:
     """Extend the lease; False when this owner no longer holds the job."""
     with db.session() as s:
-        n = s.execute(
+        n = s.execute(  # type: ignore[attr-defined]
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
             .values(lease_expires_at=t + lease_seconds)
@@ -183,7 +184,9 @@ def _after_failure(job: Job, error: str, settings: Settings, t: float, final_sta
     )
 
 
-def requeue_lost(db: Database, settings: Settings, t: float, dead_owners: set[str] = frozenset()) -> int:
+def requeue_lost(
+    db: Database, settings: Settings, t: float, dead_owners: AbstractSet[str] = frozenset()
+) -> int:
     """Running jobs whose lease expired, or whose owner is known dead, count a failed attempt."""
     n = 0
     with db.session() as s:

@@ -66,7 +66,7 @@ class JobWatcher:
         # Jobs that finished before the start were counted by the previous run.
         with db.session() as s:
             for job in self._finished(s):
-                self._seen[(job.id, job.finished_at)] = job.finished_at
+                self._seen[(job.id, job.finished_at)] = job.finished_at  # type: ignore[assignment,index]
 
     def _finished(self, s: Session) -> list[Job]:
         return list(
@@ -85,7 +85,7 @@ class JobWatcher:
             for job in self._finished(s):
                 key = (job.id, job.finished_at)
                 if key not in self._seen:
-                    self._seen[key] = job.finished_at
+                    self._seen[key] = job.finished_at  # type: ignore[assignment,index]
                     new.append((job, series_first_received(s, job.series_uid)))
         for job, first in new:
             observe_job(job, first, self.has_destinations)

@@ -261,7 +261,7 @@ class StateCollector(Collector):
 
 
 def state_metrics(st: NodeState) -> list[Metric]:
-    out = []
+    out: list[Metric] = []
     jobs = GaugeMetricFamily(JOBS, STATE_HELP[JOBS], labels=["state"])
     for state, n in sorted(st.jobs.items()):
         jobs.add_metric([state], n)

@@ -41,7 +41,7 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
         _header_timer: asyncio.TimerHandle | None = None
         _waiting_cycle: object = None
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
 

@@ -362,7 +362,7 @@ def _index(s: Session, items: list[Pending]) -> None:
     for uid, group in series.items():
         _upsert_series(s, uid, group)
     s.execute(
-        insert(Instance.__table__),
+        insert(Instance.__table__),  # type: ignore[arg-type]
         [
             {
                 "sop_uid": p.header.sop_instance_uid,
@@ -386,8 +386,8 @@ def _index(s: Session, items: list[Pending]) -> None:
 def _upsert_study(s: Session, uid: str, group: list[Pending]) -> None:
     table = Study.__table__
     first, last = min(p.t for p in group), max(p.t for p in group)
-    done = s.execute(
-        update(table)
+    done = s.execute(  # type: ignore[attr-defined]
+        update(table)  # type: ignore[arg-type]
         .where(table.c.study_uid == uid)
         .values(
             last_received_at=case((table.c.last_received_at > last, table.c.last_received_at), else_=last),
@@ -398,7 +398,7 @@ def _upsert_study(s: Session, uid: str, group: list[Pending]) -> None:
     ).rowcount
     if not done:
         s.execute(
-            insert(table).values(
+            insert(table).values(  # type: ignore[arg-type]
                 study_uid=uid,
                 first_received_at=first,
                 last_received_at=last,
@@ -413,8 +413,8 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
     table = Series.__table__
     latest = max(group, key=lambda p: p.t)
     frames = sum(p.header.frames for p in group)
-    done = s.execute(
-        update(table)
+    done = s.execute(  # type: ignore[attr-defined]
+        update(table)  # type: ignore[arg-type]
         .where(table.c.series_uid == uid)
         .values(
             instance_count=table.c.instance_count + len(group),
@@ -427,7 +427,7 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
     if not done:
         h = group[0].header
         s.execute(
-            insert(table).values(
+            insert(table).values(  # type: ignore[arg-type]
                 series_uid=uid,
                 study_uid=h.study_instance_uid,
                 modality=h.modality,
@@ -493,7 +493,7 @@ class Indexer:
             stop = taken[-1] is None
             batch = taken[:-1] if stop else taken
             if batch:
-                self._write(batch)
+                self._write(batch)  # type: ignore[arg-type]
             for _ in taken:
                 self._q.task_done()
             if stop:

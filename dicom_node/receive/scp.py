@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pydicom import uid as tsuid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import AllowedCaller, Settings
@@ -94,7 +94,7 @@ def caller_rules(callers: list[AllowedCaller]) -> list[CallerRule]:
                     e,
                 )
                 addresses = frozenset()
-        rules.append(CallerRule(c.ae_title.strip(), addresses))
+        rules.append(CallerRule(c.ae_title.strip(), addresses))  # type: ignore[arg-type]
     return rules
 
 
@@ -119,7 +119,7 @@ class _GatedServer(ThreadedAssociationServer):
     # kernel drop SYNs, and a sender retries its SYN only after a second
     request_queue_size = 256
 
-    def verify_request(self, request, client_address) -> bool:  # type: ignore[override]
+    def verify_request(self, request, client_address) -> bool:
         if self.gate is None:
             return True
         reason = self.gate.admit(client_address)
@@ -132,7 +132,7 @@ class _GatedServer(ThreadedAssociationServer):
 class _GatedAE(AE):
     gate: limits.ConnectionGate | None = None
 
-    def make_server(self, address, *args, **kwargs):  # type: ignore[override]
+    def make_server(self, address, *args, **kwargs):
         kwargs["server_class"] = _GatedServer
         server = super().make_server(address, *args, **kwargs)
         server.gate = self.gate  # before start_server starts its accept loop
@@ -204,8 +204,11 @@ class DimseServer:
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         ssl_context = server_context(node.dimse_tls, "node.dimse_tls", deferred_handshake=True)
-        self._server = self.ae.start_server(
-            (node.bind_address, node.dimse_port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        self._server = self.ae.start_server(  # type: ignore[assignment]
+            (node.bind_address, node.dimse_port),
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=ssl_context,
         )
         self._stopped.clear()
         threading.Thread(target=self._sweep, name="dimse-gate", daemon=True).start()

@@ -163,7 +163,7 @@ async def _stow(request: Request, receiver: Receiver, study: str | None) -> Resp
                 if isinstance(ev, PartStart):
                     part = _Part.open(receiver, ev.headers)
                 elif isinstance(ev, PartData) and part is not None:
-                    part.write(ev.data)
+                    part.write(ev.data)  # type: ignore[arg-type]
                 elif isinstance(ev, PartEnd) and part is not None:
                     results.append(await part.finish(receiver, source, study))
                     part = None

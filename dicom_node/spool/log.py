@@ -77,7 +77,7 @@ class SpoolLog:
             os.close(self._root_fd)
             raise RuntimeError(f"the spool {self.root} is in use by another nodal process") from None
         self._fds = [self._open_segment(i) for i in range(SEGMENTS)]
-        self._syncs = [GroupSync(lambda fd=fd: os.fdatasync(fd)) for fd in self._fds]
+        self._syncs = [GroupSync(lambda fd=fd: os.fdatasync(fd)) for fd in self._fds]  # type: ignore[misc]
         self._cond = threading.Condition()
         self.restored, last_seq = self._replay(restore)
         self._sync_spool()

@@ -114,7 +114,7 @@ class Spool:
             except LogUnavailable:
                 pass  # too large for a segment, or the log failed: the fsync path below
             else:
-                self._placer.put(seq, rel)
+                self._placer.put(seq, rel)  # type: ignore[union-attr]
                 return self.root / rel
         temp = self.write_temp(data, synced=self._group is None)
         try:
@@ -163,7 +163,7 @@ class Spool:
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                self.log.copy_to(seq, fd)
+                self.log.copy_to(seq, fd)  # type: ignore[union-attr]
             finally:
                 os.close(fd)
         except OSError:
@@ -329,7 +329,7 @@ class Placer:
 
 
 def pieces(data: Data) -> tuple[bytes, ...]:
-    return (data,) if isinstance(data, bytes | bytearray | memoryview) else tuple(data)
+    return (data,) if isinstance(data, bytes | bytearray | memoryview) else tuple(data)  # type: ignore[return-value]
 
 
 def _ensure_dir(folder: Path, root: Path) -> None:
