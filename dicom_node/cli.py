@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+CONFIG_HELP = "YAML configuration (default: $NODAL_CONFIG or embedded defaults)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodal", description="DICOM AI node for lymph nodes on CT")
-    p.add_argument("--config", help="YAML configuration (default: $NODAL_CONFIG or embedded defaults)")
+    p.add_argument("--config", help=CONFIG_HELP)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     c = sub.add_parser("process", help="analyse one CT series offline and write the results")
@@ -40,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="folder for findings.json and the DICOM results")
     c.set_defaults(func=cmd_process)
 
-    c = sub.add_parser("demo", help="generate a phantom CT study and process it (what `make run` does)")
+    c = sub.add_parser("demo", help="generate a phantom CT study and process it offline (no node needed)")
     c.add_argument("--seed", type=int, default=2_000_000)
     c.add_argument("--dir", type=Path, default=None, help="work folder (default: <data_dir>/demo)")
     c.set_defaults(func=cmd_demo)
@@ -154,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("peer", help="destination name from the configuration, or AE@HOST:PORT")
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_echo)
+    for command in sub.choices.values():  # `nodal serve --config FILE` as well as `nodal --config FILE serve`
+        command.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     return p
 
 

@@ -69,6 +69,7 @@ class Node:
         self.scp = DimseServer(settings, self.receiver)
         self.workers = _queue(settings, self.db)
         check_destinations(settings)
+        metrics.declare_destinations(dest.name for dest in settings.destinations)
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)

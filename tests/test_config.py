@@ -1,5 +1,6 @@
 """Configuration: embedded defaults = conf/node.yaml, env overrides, one clear line per mistake."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,25 @@ def test_ae_title_longer_than_16_is_refused(monkeypatch):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_taken_before_or_after_the_command(tmp_path: Path, capsys, where: str) -> None:
+    from dicom_node.cli import main
+
+    path = tmp_path / "node.yaml"
+    path.write_text("node:\n  ae_title: WHEREVER\n")
+    argv = ["--config", str(path), "config"] if where == "before" else ["config", "--config", str(path)]
+    assert main(argv) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["node"]["ae_title"] == "WHEREVER"
+
+
+def test_every_command_takes_config_and_the_help_names_no_stale_make_target(capsys) -> None:
+    from dicom_node.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        assert any("--config" in a.option_strings for a in command._actions), name
+    parser.print_help()
+    assert "make run" not in capsys.readouterr().out

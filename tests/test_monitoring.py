@@ -121,6 +121,25 @@ def test_receiver_counts_instances_and_bytes_by_outcome(node):
     assert receiver.release("a9", released=True) is None  # a second end reports nothing
 
 
+def test_known_label_series_exist_at_zero_from_the_start():
+    """rate() and the alert rules see zeros, not absent series: every receiver and outcome,
+    and the delivery series of each configured destination."""
+    from dicom_node.receive.receiver import Outcome
+
+    assert set(metrics.RECEIVE_OUTCOMES) == {o.value for o in Outcome}
+    exposed = metrics.exposition()[0].decode()
+    for receiver in metrics.RECEIVERS:
+        assert f'nodal_received_bytes_total{{receiver="{receiver}"}}' in exposed
+        for outcome in metrics.RECEIVE_OUTCOMES:
+            line = f'nodal_instances_received_total{{outcome="{outcome}",receiver="{receiver}"}}'
+            assert line in exposed
+    metrics.declare_destinations(["pacs-zero"])
+    exposed = metrics.exposition()[0].decode()
+    for name in ("nodal_results_sent_total", "nodal_results_failed_total", "nodal_send_retries_total"):
+        assert f'{name}{{destination="pacs-zero"}} 0.0' in exposed
+    assert 'nodal_send_duration_seconds_count{destination="pacs-zero"} 0.0' in exposed
+
+
 def test_json_log_lines_carry_the_structured_fields():
     fmt = JsonFormatter()
     rec = logging.LogRecord("nodal.outbox", logging.INFO, __file__, 1, "job %d -> %s", (7, "pacs"), None)

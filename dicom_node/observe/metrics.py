@@ -63,8 +63,13 @@ STORE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )
-for _receiver in ("dimse", "stow"):  # both series exist from the start (empty, not absent)
+RECEIVERS = ("dimse", "stow")
+RECEIVE_OUTCOMES = ("stored", "duplicate", "refused")  # the values of receive.receiver.Outcome
+for _receiver in RECEIVERS:  # every known series exists from the start (at 0, not absent)
     STORE_SECONDS.labels(_receiver)
+    BYTES_RECEIVED.labels(_receiver)
+    for _outcome in RECEIVE_OUTCOMES:
+        INSTANCES_RECEIVED.labels(_receiver, _outcome)
 ASSOCIATIONS_ACTIVE = Gauge("nodal_associations_active", "DIMSE associations open now", registry=REGISTRY)
 ASSOCIATIONS_ACCEPTED = Counter(
     "nodal_associations_accepted_total", "DIMSE associations accepted", registry=REGISTRY
@@ -200,6 +205,18 @@ SEND_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
     registry=REGISTRY,
 )
+
+
+def declare_destinations(names: Iterable[str]) -> None:
+    """The delivery series of each configured destination, at 0 from the start, so that
+    `rate()` and the alert rules see zeros rather than absent series."""
+    for name in names:
+        RESULTS_SENT.labels(name)
+        RESULTS_FAILED.labels(name)
+        SEND_RETRIES.labels(name)
+        SEND_SECONDS.labels(name)
+
+
 END_TO_END = Histogram(
     "nodal_end_to_end_seconds",
     "From the first instance of a series received to its last result delivered "
