@@ -24,7 +24,8 @@ from pathlib import Path
 
 from benchmarks.run import phantom_series
 from dicom_node.index.db import Database
-from dicom_node.receive.receiver import Receiver, Source
+from dicom_node.receive.contract import Source
+from dicom_node.receive.receiver import Receiver
 from dicom_node.spool.header import read_dataset_header, read_header
 from dicom_node.spool.part10 import file_meta_prefix
 from dicom_node.spool.store import Spool, relative_path

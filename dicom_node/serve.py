@@ -40,7 +40,8 @@ from dicom_node.observe import audit, metrics
 from dicom_node.observe.job_watcher import JobWatcher, read_state
 from dicom_node.observe.probes import monitoring_app
 from dicom_node.receive.http_limits import header_timeout_protocol
-from dicom_node.receive.receiver import Receiver, reconcile
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.reconcile import reconcile
 from dicom_node.receive.scp import DimseServer
 from dicom_node.retention import RetentionLoop
 from dicom_node.spool.store import Spool

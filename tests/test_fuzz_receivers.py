@@ -52,16 +52,16 @@ from test_node_stow import BOUNDARY, HEADERS, body
 from dicom_node.api.app import create_app
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Instance
-from dicom_node.receive.receiver import (
+from dicom_node.receive.contract import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SUCCESS,
     Outcome,
-    Receiver,
     Source,
 )
+from dicom_node.receive.receiver import Receiver
 from dicom_node.spool.store import Spool
 
 # pydicom warns about every malformed value it meets: tens of thousands here, all expected

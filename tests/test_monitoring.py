@@ -30,7 +30,7 @@ from dicom_node.index.db import Database, Job, JobState
 from dicom_node.observe import audit, metrics
 from dicom_node.observe.job_watcher import JobWatcher, read_state
 from dicom_node.observe.logs import JsonFormatter
-from dicom_node.receive.receiver import Source
+from dicom_node.receive.contract import Source
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -124,7 +124,7 @@ def test_receiver_counts_instances_and_bytes_by_outcome(node):
 def test_known_label_series_exist_at_zero_from_the_start():
     """rate() and the alert rules see zeros, not absent series: every receiver and outcome,
     and the delivery series of each configured destination."""
-    from dicom_node.receive.receiver import Outcome
+    from dicom_node.receive.contract import Outcome
 
     assert set(metrics.RECEIVE_OUTCOMES) == {o.value for o in Outcome}
     exposed = metrics.exposition()[0].decode()

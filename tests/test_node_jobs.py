@@ -21,7 +21,8 @@ from dicom_node.jobs.table import (
     requeue_lost,
     retry,
 )
-from dicom_node.receive.receiver import Receiver, Source
+from dicom_node.receive.contract import Source
+from dicom_node.receive.receiver import Receiver
 from dicom_node.spool.store import Spool
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

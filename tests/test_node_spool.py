@@ -10,7 +10,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from dicom_node.index.db import Database, Instance, Series, Study
-from dicom_node.receive.receiver import CANNOT_UNDERSTAND, SUCCESS, Outcome, Receiver, Source, reconcile
+from dicom_node.receive.contract import CANNOT_UNDERSTAND, SUCCESS, Outcome, Source
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.reconcile import reconcile
 from dicom_node.spool.header import InvalidInstanceError, check_uid, read_header
 from dicom_node.spool.store import Spool, relative_path
 

@@ -18,7 +18,8 @@ from dicom_node.config import Settings
 from dicom_node.index.db import Database
 from dicom_node.jobs.embedded import run_one
 from dicom_node.jobs.table import claim
-from dicom_node.receive.receiver import Receiver, Source
+from dicom_node.receive.contract import Source
+from dicom_node.receive.receiver import Receiver
 from dicom_node.spool.store import Spool
 from inference import phantoms
 

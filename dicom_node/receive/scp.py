@@ -26,7 +26,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.observe import audit, metrics
 from dicom_node.receive import limits
-from dicom_node.receive.receiver import Receiver, Source, summary_line
+from dicom_node.receive.contract import Source
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.transfers import summary_line
 from dicom_node.tls import peer_subject, server_context
 
 log = logging.getLogger("nodal.scp")

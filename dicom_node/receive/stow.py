@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dicom_node.observe import audit, metrics
+from dicom_node.receive.contract import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Outcome, Source, StoreResult
 from dicom_node.receive.multipart import (
     MultipartError,
     MultipartParser,
@@ -39,16 +40,8 @@ from dicom_node.receive.multipart import (
     PartStart,
     parse_content_type,
 )
-from dicom_node.receive.receiver import (
-    CANNOT_UNDERSTAND,
-    OUT_OF_RESOURCES,
-    Outcome,
-    Receiver,
-    Source,
-    StoreResult,
-    TransferSummary,
-    summary_line,
-)
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.transfers import TransferSummary, summary_line
 from dicom_node.spool.header import InvalidInstanceError, check_uid
 
 DICOM_JSON = "application/dicom+json"
