@@ -21,7 +21,7 @@ import pydicom
 
 from dicom_node.config import Settings
 from dicom_node.jobs.outcome import JobOutcome, ResultFile
-from dicom_node.spool.store import fsync_dir, fsync_tree
+from dicom_node.spool.durable import fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from inference.model_store import LoadedModel

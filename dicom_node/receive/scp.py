@@ -34,20 +34,23 @@ from dicom_node.tls import peer_subject, server_context
 log = logging.getLogger("nodal.scp")
 
 STORAGE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
-    # Accepted (and skipped by routing) so that a PACS forwarding whole studies, our own
-    # results included, does not see failures.
-    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
-    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
-    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage",
+    str(uid): uid.name
+    for uid in (
+        tsuid.CTImageStorage,
+        tsuid.EnhancedCTImageStorage,
+        tsuid.LegacyConvertedEnhancedCTImageStorage,
+        tsuid.SecondaryCaptureImageStorage,
+        tsuid.MultiFrameSingleBitSecondaryCaptureImageStorage,
+        tsuid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        tsuid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        tsuid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+        # Accepted (and skipped by routing) so that a PACS forwarding whole studies, our own
+        # results included, does not see failures.
+        tsuid.SegmentationStorage,
+        tsuid.EnhancedSRStorage,
+        tsuid.ComprehensiveSRStorage,
+        tsuid.Comprehensive3DSRStorage,
+    )
 }
 
 TRANSFER_SYNTAXES = [

@@ -28,7 +28,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_dataset, read_partial
 from pydicom.uid import UID
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_PATTERN = r"[0-9]+(?:\.[0-9]+)*"  # the one UID pattern: header checks, spool log paths
+UID_RE = re.compile(rf"^{UID_PATTERN}$")
 
 CHARSET = 0x00080005
 IMAGE_TYPE = 0x00080008

@@ -23,8 +23,6 @@ an acknowledged record never follows a hole; they share their fdatasyncs (group 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -38,6 +36,9 @@ from pathlib import Path
 
 from isal.isal_zlib import crc32
 
+from dicom_node.spool.durable import GroupSync, fsync_dir, syncfs, write_all
+from dicom_node.spool.header import UID_PATTERN
+
 log = logging.getLogger("nodal.spool")
 
 LOG_DIR = ".log"
@@ -47,8 +48,7 @@ HEAD = struct.Struct("<4sQHQII")  # magic, seq, path length, data length, body C
 #: A checkpoint follows this long after the last append when no segment filled before.
 IDLE_CHECKPOINT_S = 0.5
 #: `<study>/<series>/<sop>.dcm`, each a checked UID: the only paths a record may name.
-_UID = r"[0-9]+(?:\.[0-9]+)*"
-_REL_RE = re.compile(rf"^{_UID}/{_UID}/{_UID}\.dcm$")
+_REL_RE = re.compile(rf"^{UID_PATTERN}/{UID_PATTERN}/{UID_PATTERN}\.dcm$")
 
 
 class LogUnavailable(Exception):
@@ -264,11 +264,7 @@ class SpoolLog:
         finally:
             os.close(fd)
         os.replace(tmp, self.dir / "checkpoint")
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.dir)
 
     def _read_checkpoint(self) -> int:
         try:
@@ -290,11 +286,7 @@ class SpoolLog:
             while left > 0:
                 left -= os.write(fd, zeros[: min(left, len(zeros))])
             os.fsync(fd)
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.dir)
         return fd
 
     def _replay(self, restore: Callable[[str, bytes], None]) -> tuple[int, int]:
@@ -348,63 +340,3 @@ def _same_file(path: Path, data: bytes) -> bool:
         return path.stat().st_size == len(data) and path.read_bytes() == data
     except OSError:
         return False
-
-
-def write_all(fd: int, parts: Sequence[bytes]) -> None:
-    """Write `parts` one after the other at the file's position (writev, short writes resumed)."""
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-
-
-class GroupSync:
-    """Run `sync_fn` once for every caller whose write finished before the call started."""
-
-    def __init__(self, sync_fn: Callable[[], None]):
-        self._sync_fn = sync_fn
-        self._cond = threading.Condition()
-        self._requested = 0
-        self._done = 0
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while True:
-                if self._done >= mine:
-                    return
-                if not self._running:
-                    self._running = True
-                    target = self._requested
-                    break
-                self._cond.wait()
-        ok = False
-        try:
-            self._sync_fn()
-            ok = True
-        finally:
-            with self._cond:
-                self._running = False
-                if ok:
-                    self._done = max(self._done, target)
-                self._cond.notify_all()
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def syncfs(fd: int) -> None:
-    """syncfs(2) of the file system holding `fd` (Linux); os.sync() where libc lacks it."""
-    fn = getattr(_libc, "syncfs", None)
-    if fn is None:
-        os.sync()
-        return
-    if fn(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs failed: {os.strerror(err)}")

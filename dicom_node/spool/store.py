@@ -34,8 +34,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
+from dicom_node.spool.durable import GroupSync, fsync_dir, fsync_path, syncfs, write_all
 from dicom_node.spool.header import InstanceHeader
-from dicom_node.spool.log import LOG_DIR, GroupSync, LogUnavailable, SpoolLog, syncfs, write_all
+from dicom_node.spool.log import LOG_DIR, LogUnavailable, SpoolLog
 
 log = logging.getLogger("nodal.spool")
 
@@ -342,27 +343,3 @@ def _ensure_dir(folder: Path, root: Path) -> None:
     except FileExistsError:
         return
     fsync_dir(folder.parent)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file in `folder` and the folder itself (results in the outbox)."""
-    for p in folder.iterdir():
-        if p.is_file():
-            fsync_path(p)
-    fsync_dir(folder)
