@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -51,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("phantom", help="write a synthetic CT phantom series and its ground truth")
     c.add_argument("--seed", type=int, required=True)
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--rows", type=int, default=384)
-    c.add_argument("--slices", type=int, default=96)
-    c.add_argument("--pixel-spacing", type=float, default=0.95)
-    c.add_argument("--slice-spacing", type=float, default=2.0)
+    # defaults of the geometry options: inference.phantoms.PhantomSpec's
+    c.add_argument("--rows", type=int, default=None, help="rows and columns")
+    c.add_argument("--slices", type=int, default=None)
+    c.add_argument("--pixel-spacing", type=float, default=None)
+    c.add_argument("--slice-spacing", type=float, default=None)
     c.add_argument(
         "--format",
         choices=["dicom", "nnunet", "dicom-seg"],
@@ -75,26 +77,27 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="site data: cases.json, nnU-Net raw dataset or CT with DICOM SEG (default: phantoms)",
     )
-    c.add_argument("--cases", type=int, default=48, help="number of phantoms (ignored with --data)")
-    c.add_argument("--seed", type=int, default=0)
+    # defaults of the training options: inference.train.TrainConfig's (None: not given)
+    c.add_argument("--cases", type=int, default=None, help="number of phantoms (ignored with --data)")
+    c.add_argument("--seed", type=int, default=None)
     c.add_argument(
-        "--seg-steps", type=int, default=1800, help="0 with --init-from: keep its segmenter as it is"
+        "--seg-steps", type=int, default=None, help="0 with --init-from: keep its segmenter as it is"
     )
-    c.add_argument("--cls-epochs", type=int, default=30)
-    c.add_argument("--seg-lr", type=float, default=2e-3, help="peak learning rate of the segmenter")
+    c.add_argument("--cls-epochs", type=int, default=None)
+    c.add_argument("--seg-lr", type=float, default=None, help="peak learning rate of the segmenter")
     c.add_argument(
         "--hard-share",
         type=float,
-        default=0.3,
+        default=None,
         help="share of segmenter patches centred on node-like tissue that is not a node",
     )
     c.add_argument(
-        "--node-share", type=float, default=0.4, help="share of segmenter patches centred on a node"
+        "--node-share", type=float, default=None, help="share of segmenter patches centred on a node"
     )
     c.add_argument(
         "--mined-share",
         type=float,
-        default=0.0,
+        default=None,
         help="share of segmenter patches centred on the false positives of the --init-from model",
     )
     c.add_argument(
@@ -105,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --init-from: train the classifier from random weights (the segmenter continues)",
     )
-    c.add_argument("--version", default="0.1.0")
-    c.add_argument("--name", default="nodal-ln-demo")
+    c.add_argument("--version", default=None)
+    c.add_argument("--name", default=None)
     c.add_argument(
         "--verifier-cases", type=int, default=32, help="phantoms to fit the candidate verifier on (0: none)"
     )
@@ -117,7 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--model-dir", type=Path, required=True)
     c.add_argument("--cases", type=int, default=32)
-    c.add_argument("--keep-share", type=float, default=0.98, help="share of true nodes the threshold keeps")
+    c.add_argument(
+        "--keep-share",
+        type=float,
+        default=None,
+        help="share of true nodes the threshold keeps",
+    )
     c.add_argument(
         "--cross-validate", action="store_true", help="only print 4-fold figures for several keep shares"
     )
@@ -162,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given(args: argparse.Namespace, **fields: str) -> dict:
+    """The options given on the command line, by the dataclass field they set; the others
+    keep the dataclass's default (one fact, one place)."""
+    return {field: getattr(args, arg) for field, arg in fields.items() if getattr(args, arg) is not None}
+
+
 def findings_table(doc: dict) -> str:
     head = f"{'node':<6} {'short mm':>8} {'long mm':>8} {'vol mm3':>9} {'HU':>6} {'p(malig)':>8}  size class"
     lines = [f"model {doc['model']['name']} {doc['model']['version']}: {len(doc['nodes'])} node(s)", head]
@@ -185,13 +199,15 @@ def cmd_process(args, settings: Settings) -> int:
 def cmd_phantom(args, settings: Settings) -> int:
     from inference import phantoms
 
-    spec = phantoms.PhantomSpec(
-        rows=args.rows,
-        columns=args.rows,
-        slices=args.slices,
-        pixel_spacing_mm=args.pixel_spacing,
-        slice_spacing_mm=args.slice_spacing,
+    geometry = _given(
+        args,
+        rows="rows",
+        columns="rows",
+        slices="slices",
+        pixel_spacing_mm="pixel_spacing",
+        slice_spacing_mm="slice_spacing",
     )
+    spec = phantoms.PhantomSpec(**geometry)
     if args.format != "dicom":
         return phantom_dataset(args, spec)
     if args.count != 1 or args.test_count:
@@ -252,26 +268,30 @@ def cmd_demo(args, settings: Settings) -> int:
 def cmd_train(args, settings: Settings) -> int:
     from inference.train import TrainConfig, train
 
+    given = _given(
+        args,
+        cases="cases",
+        seed="seed",
+        seg_steps="seg_steps",
+        cls_epochs="cls_epochs",
+        seg_lr="seg_lr",
+        hard_share="hard_share",
+        node_share="node_share",
+        mined_share="mined_share",
+        version="version",
+        name="name",
+    )
     cfg = TrainConfig(
-        cases=args.cases,
-        seed=args.seed,
-        seg_steps=args.seg_steps,
-        cls_epochs=args.cls_epochs,
-        seg_lr=args.seg_lr,
-        hard_share=args.hard_share,
-        node_share=args.node_share,
-        mined_share=args.mined_share,
+        **given,
         fresh_classifier=args.fresh_classifier,
         patches_per_case=0 if args.seg_steps == 0 else TrainConfig.patches_per_case,
         init_from=str(args.init_from) if args.init_from else None,
-        version=args.version,
-        name=args.name,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")
     print(f"model written to {out}")
     if args.verifier_cases and args.data is None:
-        args.model_dir, args.cases, args.keep_share = out, args.verifier_cases, 0.98
+        args.model_dir, args.cases, args.keep_share = out, args.verifier_cases, None
         return cmd_train_verifier(args, settings)
     if args.data is not None:
         from inference.train_verifier import train_verifier_on_site
@@ -296,10 +316,13 @@ def cmd_train_verifier(args, settings: Settings) -> int:
         parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache)
         print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
         return 0
+    keep_share = args.keep_share
+    if keep_share is None:  # train_verifier's own default
+        keep_share = inspect.signature(train_verifier).parameters["keep_share"].default
     command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
-    command += f" --keep-share {args.keep_share}"
+    command += f" --keep-share {keep_share}"
     report = train_verifier(
-        args.model_dir, args.cases, keep_share=args.keep_share, cache_dir=cache, command=command
+        args.model_dir, args.cases, keep_share=keep_share, cache_dir=cache, command=command
     )
     print(json.dumps({"verifier": report}))
     return 0
