@@ -18,6 +18,7 @@ from inference import phantoms
 from inference.findings import SliceRef
 from inference.model_store import LoadedModel
 from inference.pipeline import PipelineSettings, analyse
+from inference.progress import progress
 from inference.train import EVAL_SEED_BASE
 from inference.uids import deterministic_uid
 from inference.volume import Volume
@@ -104,7 +105,7 @@ def evaluate(
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_BASE} (training seeds are below)")
     spec = spec or phantoms.PhantomSpec()
     gt_rows, pred_rows, fps, base_fps, base_hits, seconds = [], [], [], [], [], []
-    for n in range(cases):
+    for n in progress(range(cases), cases, "evaluation phantoms"):
         ph = phantoms.generate(seed + n, spec)
         t = time.perf_counter()
         analysis = analyse(phantom_volume(ph), model, settings)
