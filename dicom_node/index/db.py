@@ -2,7 +2,7 @@
 PostgreSQL for scale-out; the schema is migrated by dicom_node.index.schema).
 
 Times are seconds since the epoch (UTC), as floats. The spool is the source of truth for
-received instances (`ingest.reconcile` re-indexes files the index lost), so SQLite runs
+received instances (`receive.reconcile` re-indexes files the index lost), so SQLite runs
 in WAL mode with ``synchronous=NORMAL``: a crash of the process loses nothing, a power
 loss may lose the last commits of the index but never an acknowledged file. Every
 SQLite transaction starts with ``BEGIN IMMEDIATE`` so that concurrent writers (receiver

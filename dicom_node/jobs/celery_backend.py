@@ -1,13 +1,13 @@
 """The Celery queue backend: `nodal serve` announces jobs, `nodal worker` processes run them.
 
 The job table stays the source of truth. A Celery message only says "job N is ready"; the
-worker claims job N through `jobs.claim` (a message for a job already claimed, finished or
-not yet due is dropped) and runs it with `worker.run_next`, the same job function as the
+worker claims job N through `table.claim` (a message for a job already claimed, finished or
+not yet due is dropped) and runs it with `embedded.run_next`, the same job function as the
 embedded workers. Messages are acknowledged late and prefetched one at a time, and each
 worker process runs one job at a time (solo pool).
 
 A worker that dies mid-job stops renewing its lease; `nodal serve` re-queues the job
-(`jobs.requeue_lost`, one attempt counted) and announces it again once it is due, so
+(`table.requeue_lost`, one attempt counted) and announces it again once it is due, so
 another worker takes it up. The dead worker's unacknowledged message, redelivered later
 by the broker, finds the job claimed or done and is dropped.
 """

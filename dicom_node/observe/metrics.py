@@ -8,7 +8,7 @@ small fixed sets (receiver, outcome, reason, state, stage) or from the configura
 The metrics live in their own registry (`REGISTRY`, with the process metrics), served on
 `/metrics` by the `nodal serve` process. Worker processes never touch them: a worker
 records its stage timings, findings and malignant calls on the job row, and the serve
-process observes them when it sees the job finish (`observe.JobWatcher`). Values that are
+process observes them when it sees the job finish (`job_watcher.JobWatcher`). Values that are
 state rather than events (jobs by state, queue depth, spool free space, model info, GPU
 memory) are read at scrape time by `StateCollector`.
 """
