@@ -7,11 +7,11 @@ STAMP  := $(VENV)/.installed
 PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus openssl
 PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool openssl
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
-# scale-out peers (tests/test_scaleout.py, tests/test_migrations.py): Celery broker, PostgreSQL index
+# scale-out peers (tests/peers/test_scaleout.py, tests/node/index/test_migrations.py): Celery broker, PostgreSQL index
 PEERS  += redis-server postgresql
 PEER_BINARIES += redis-server
 PEER_FILES += /usr/lib/postgresql
-# what the radiologist sees (tests/test_ohif_display.py): OHIF in Debian's headless chromium
+# what the radiologist sees (tests/peers/test_ohif_display.py): OHIF in Debian's headless chromium
 PEERS  += chromium
 PEER_BINARIES += chromium
 
@@ -19,7 +19,7 @@ PEER_BINARIES += chromium
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
-# `helm lint` for deploy/helm/nodal (tests/test_deploy.py): no helm binary comes from the package
+# `helm lint` for deploy/helm/nodal (tests/peers/test_deploy.py): no helm binary comes from the package
 # registries here, so the Helm library itself (helm-sdkpy: Helm's Go code as a shared library).
 # Its wheel asks for Python 3.12 but is pure Python over the library; it works on 3.11, so it
 # goes into a folder of its own, apart from the project's dependencies.

@@ -28,7 +28,7 @@ from peers import Nodal, NodalWorker, Redis, free_port, model_dir, node_config, 
 
 from inference import phantoms  # noqa: E402
 
-# the study size of tests/test_scaleout.py: 24 slices of 128x128, about 3 mm voxels
+# the study size of tests/peers/test_scaleout.py: 24 slices of 128x128, about 3 mm voxels
 SPEC = phantoms.PhantomSpec(rows=128, columns=128, pixel_spacing_mm=2.9, slices=24, slice_spacing_mm=4.0)
 
 

@@ -9,7 +9,7 @@ the spool disk is almost full; 415 for a body that is not multipart/related
 application/dicom, 400 for a malformed one, 406 when Accept names neither DICOM JSON nor
 DICOM XML. The response is DICOM XML when Accept prefers it, DICOM JSON otherwise.
 
-What real clients send is accepted (tests/test_stow_clients.py): boundaries longer than
+What real clients send is accepted (tests/peers/test_stow_clients.py): boundaries longer than
 RFC 2046's 70 characters (Orthanc's are 73), quoted or not; chunked bodies; parts with or
 without Content-Length; the `type` parameter quoted, unquoted or absent. Every request
 refused as a whole is logged at WARNING with the client's address and the reason, and

@@ -5,7 +5,7 @@ A C-STORE brings the dataset alone; the spool keeps it as a DICOM file, so nodal
 received. The group is encoded here directly (explicit VR little endian, seven elements)
 rather than through a pydicom Dataset: this runs once per instance while the sender waits,
 and building and encoding a FileMetaDataset cost about 0.4 ms of the ~5 ms a C-STORE may
-take (benchmarks/RESULTS.md). tests/test_part10.py checks the bytes against pydicom's own
+take (benchmarks/RESULTS.md). tests/node/spool/test_part10.py checks the bytes against pydicom's own
 encoder.
 """
 
