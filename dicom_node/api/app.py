@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from dicom_node.api.auth import BearerAuth, http_token
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Delivery, Job, Series, Study, now
+from dicom_node.jobs.embedded import WorkerPool
 from dicom_node.jobs.table import JobConflict, retry
 from dicom_node.observe import audit
 from dicom_node.observe.probes import Probes, monitoring_router
@@ -106,7 +107,7 @@ def create_app(
     db: Database,
     receiver: Receiver,
     ready: Callable[[], bool],
-    ready_check: tuple[str, str] = Probes.ready_check,
+    ready_check: tuple[str, str] = WorkerPool.READY_CHECK,
 ) -> FastAPI:
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
@@ -230,7 +231,7 @@ def probes(
     db: Database,
     receiver: Receiver,
     ready: Callable[[], bool],
-    ready_check: tuple[str, str] = Probes.ready_check,
+    ready_check: tuple[str, str] = WorkerPool.READY_CHECK,
 ) -> Probes:
     return Probes(db, receiver.spool.tmp, settings.spool.min_free_mb * 2**20, ready, ready_check)
 

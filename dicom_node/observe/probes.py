@@ -35,7 +35,7 @@ class Probes:
     spool_tmp: Path  # the spool's temporary folder (same file system as the spool)
     min_free_bytes: int
     model_loaded: Callable[[], bool]  # or, with Celery workers elsewhere: the broker answers
-    ready_check: tuple[str, str] = ("model_loaded", "no worker has the model loaded (yet)")  # name, why not
+    ready_check: tuple[str, str]  # name, why not: the queue backend's READY_CHECK
 
 
 def index_writable(db: Database) -> tuple[bool, str]:
