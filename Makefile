@@ -7,11 +7,11 @@ STAMP  := $(VENV)/.installed
 PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus openssl
 PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool openssl
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
-# scale-out peers (tests/test_scaleout.py, tests/test_migrations.py): Celery broker, PostgreSQL index
+# scale-out peers (tests/peers/test_scaleout.py, tests/node/index/test_migrations.py): Celery broker, PostgreSQL index
 PEERS  += redis-server postgresql
 PEER_BINARIES += redis-server
 PEER_FILES += /usr/lib/postgresql
-# what the radiologist sees (tests/test_ohif_display.py): OHIF in Debian's headless chromium
+# what the radiologist sees (tests/peers/test_ohif_display.py): OHIF in Debian's headless chromium
 PEERS  += chromium
 PEER_BINARIES += chromium
 
@@ -19,7 +19,7 @@ PEER_BINARIES += chromium
 OHIF_VERSION := 3.13.2
 OHIF_DIR := .cache/ohif/$(OHIF_VERSION)
 
-# `helm lint` for deploy/helm/nodal (tests/test_deploy.py): no helm binary comes from the package
+# `helm lint` for deploy/helm/nodal (tests/peers/test_deploy.py): no helm binary comes from the package
 # registries here, so the Helm library itself (helm-sdkpy: Helm's Go code as a shared library).
 # Its wheel asks for Python 3.12 but is pure Python over the library; it works on 3.11, so it
 # goes into a folder of its own, apart from the project's dependencies.
@@ -32,8 +32,12 @@ HELM_LIB := $(VENV)/helm-sdkpy
 run: $(STAMP)
 	$(BIN)/nodal serve
 
+# The walls between the rooms and the node's layers (import contracts in pyproject.toml), then
+# the type checker, then the tests: a crossed wall fails `make test` before any test runs.
 test: $(STAMP) peers chart-tools ohif
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 install: $(STAMP)
@@ -76,6 +80,8 @@ $(HELM_LIB)/helm_sdkpy: | $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # The recorded commands behind the shipped demo weights and benchmarks/RESULTS.md. Each
 # version is trained on from the one before (docs/training.md): 0.1.0 from random weights on

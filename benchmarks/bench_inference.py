@@ -29,8 +29,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dicom_node.analysis import source_datasets
-    from dicom_node.cli import series_files
+    from dicom_node.jobs.analysis import series_files, source_datasets
     from inference.dicom_volume import load_series
     from inference.model_store import load_model
     from inference.pipeline import analyse

@@ -38,7 +38,6 @@ import shutil
 import socket
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
@@ -47,13 +46,11 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from peers import Nodal, Orthanc, free_port, model_dir, node_config, wait_until  # noqa: E402
 
 from benchmarks.run import phantom_series  # noqa: E402
 from dicom_node.config import SpoolSection  # noqa: E402
-from dicom_node.metrics import SPOOL_UNWRITTEN  # noqa: E402
+from dicom_node.observe.metrics import SPOOL_UNWRITTEN  # noqa: E402
+from tests.helpers.peers import Nodal, Orthanc, free_port, model_dir, node_config, wait_until  # noqa: E402
 
 DEFAULT = SpoolSection().durability  # what `nodal serve` uses unless configured
 KINDS = ("stock", "tuned", "floor", "log", "fsync")

@@ -23,11 +23,12 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.run import phantom_series
-from dicom_node.header import read_dataset_header, read_header
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver, Source
-from dicom_node.part10 import file_meta_prefix
-from dicom_node.spool import Spool, relative_path
+from dicom_node.index.db import Database
+from dicom_node.receive.contract import Source
+from dicom_node.receive.receiver import Receiver
+from dicom_node.spool.header import read_dataset_header, read_header
+from dicom_node.spool.part10 import file_meta_prefix
+from dicom_node.spool.store import Spool, relative_path
 
 
 def as_received(part10: bytes) -> tuple[bytes, str]:

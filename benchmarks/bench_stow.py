@@ -6,11 +6,11 @@ uvicorn hands the endpoint) and each part written to its own file as it arrives,
 STOW-RS endpoint does (no sync: the parser's and the copy's cost, not the disk's). Each
 parser is run `--rounds` times, alternating; the figure is the best round's MB/s.
 
-- `nodal`: `dicom_node.multipart.MultipartParser` (the one the endpoint uses);
+- `nodal`: `dicom_node.receive.multipart.MultipartParser` (the one the endpoint uses);
 - `python-multipart`: `python_multipart.MultipartParser` with callbacks, when installed
   (`pip install python-multipart`); it is not a dependency of nodal;
-- `--also FILE`: another version of `dicom_node/multipart.py` (e.g. an earlier one from
-  `git show COMMIT:dicom_node/multipart.py`), run the same way, for a before/after in one run.
+- `--also FILE`: another version of `dicom_node/receive/multipart.py` (e.g. an earlier one from
+  `git show COMMIT:dicom_node/receive/multipart.py`), run the same way, for a before/after in one run.
 
 `--sink null` drops the parts instead of writing them: the parser's own cost alone.
 
@@ -32,7 +32,7 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.run import phantom_series
-from dicom_node.multipart import MultipartParser, PartData, PartEnd, PartStart
+from dicom_node.receive.multipart import MultipartParser, PartData, PartEnd, PartStart
 
 CHUNK = 65536
 
@@ -120,7 +120,7 @@ def measure(fn: Callable, body: bytes, boundary: str, expected: list[bytes], sin
 
 
 def load_parser(path: str):
-    """MultipartParser from another copy of dicom_node/multipart.py."""
+    """MultipartParser from another copy of dicom_node/receive/multipart.py."""
     spec = importlib.util.spec_from_file_location("multipart_also", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["multipart_also"] = module  # dataclasses look their module up
@@ -134,7 +134,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=3_000_300)
     p.add_argument("--boundary-length", type=int, default=73, help="at most 73 (70: what RFC 2046 allows)")
     p.add_argument("--sink", choices=("files", "null"), default="files")
-    p.add_argument("--also", help="another dicom_node/multipart.py to run beside the current one")
+    p.add_argument("--also", help="another dicom_node/receive/multipart.py to run beside the current one")
     args = p.parse_args()
     files = [f.read_bytes() for f in sorted(phantom_series(300, args.seed).glob("*.dcm"))]
     # two UUIDs and a dash, 73 characters, as Orthanc's DICOMweb plugin sends

@@ -16,19 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from peers import Nodal, NodalWorker, Redis, free_port, model_dir, node_config, storescu, wait_until  # noqa: E402
 
 from inference import phantoms  # noqa: E402
+from tests.helpers.peers import (  # noqa: E402
+    Nodal,
+    NodalWorker,
+    Redis,
+    free_port,
+    model_dir,
+    node_config,
+    storescu,
+    wait_until,
+)
 
-# the study size of tests/test_scaleout.py: 24 slices of 128x128, about 3 mm voxels
+# the study size of tests/peers/test_scaleout.py: 24 slices of 128x128, about 3 mm voxels
 SPEC = phantoms.PhantomSpec(rows=128, columns=128, pixel_spacing_mm=2.9, slices=24, slice_spacing_mm=4.0)
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
 from pathlib import Path
 
-from dicom_node.analysis import pipeline_settings, source_datasets
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.logs import configure_logging
+from dicom_node.observe.logs import configure_logging
 
 log = logging.getLogger("nodal")
 
@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+CONFIG_HELP = "YAML configuration (default: $NODAL_CONFIG or embedded defaults)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodal", description="DICOM AI node for lymph nodes on CT")
-    p.add_argument("--config", help="YAML configuration (default: $NODAL_CONFIG or embedded defaults)")
+    p.add_argument("--config", help=CONFIG_HELP)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     c = sub.add_parser("process", help="analyse one CT series offline and write the results")
@@ -41,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="folder for findings.json and the DICOM results")
     c.set_defaults(func=cmd_process)
 
-    c = sub.add_parser("demo", help="generate a phantom CT study and process it (what `make run` does)")
+    c = sub.add_parser("demo", help="generate a phantom CT study and process it offline (no node needed)")
     c.add_argument("--seed", type=int, default=2_000_000)
     c.add_argument("--dir", type=Path, default=None, help="work folder (default: <data_dir>/demo)")
     c.set_defaults(func=cmd_demo)
@@ -49,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("phantom", help="write a synthetic CT phantom series and its ground truth")
     c.add_argument("--seed", type=int, required=True)
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--rows", type=int, default=384)
-    c.add_argument("--slices", type=int, default=96)
-    c.add_argument("--pixel-spacing", type=float, default=0.95)
-    c.add_argument("--slice-spacing", type=float, default=2.0)
+    # defaults of the geometry options: inference.phantoms.PhantomSpec's
+    c.add_argument("--rows", type=int, default=None, help="rows and columns")
+    c.add_argument("--slices", type=int, default=None)
+    c.add_argument("--pixel-spacing", type=float, default=None)
+    c.add_argument("--slice-spacing", type=float, default=None)
     c.add_argument(
         "--format",
         choices=["dicom", "nnunet", "dicom-seg"],
@@ -73,26 +77,27 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="site data: cases.json, nnU-Net raw dataset or CT with DICOM SEG (default: phantoms)",
     )
-    c.add_argument("--cases", type=int, default=48, help="number of phantoms (ignored with --data)")
-    c.add_argument("--seed", type=int, default=0)
+    # defaults of the training options: inference.train.TrainConfig's (None: not given)
+    c.add_argument("--cases", type=int, default=None, help="number of phantoms (ignored with --data)")
+    c.add_argument("--seed", type=int, default=None)
     c.add_argument(
-        "--seg-steps", type=int, default=1800, help="0 with --init-from: keep its segmenter as it is"
+        "--seg-steps", type=int, default=None, help="0 with --init-from: keep its segmenter as it is"
     )
-    c.add_argument("--cls-epochs", type=int, default=30)
-    c.add_argument("--seg-lr", type=float, default=2e-3, help="peak learning rate of the segmenter")
+    c.add_argument("--cls-epochs", type=int, default=None)
+    c.add_argument("--seg-lr", type=float, default=None, help="peak learning rate of the segmenter")
     c.add_argument(
         "--hard-share",
         type=float,
-        default=0.3,
+        default=None,
         help="share of segmenter patches centred on node-like tissue that is not a node",
     )
     c.add_argument(
-        "--node-share", type=float, default=0.4, help="share of segmenter patches centred on a node"
+        "--node-share", type=float, default=None, help="share of segmenter patches centred on a node"
     )
     c.add_argument(
         "--mined-share",
         type=float,
-        default=0.0,
+        default=None,
         help="share of segmenter patches centred on the false positives of the --init-from model",
     )
     c.add_argument(
@@ -109,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         help="domain-randomised phantoms (inference.phantoms.variety_spec: anatomy, patient size, "
         "spacing, kernel, noise, metal; docs/model.md)",
     )
-    c.add_argument("--version", default="0.1.0")
-    c.add_argument("--name", default="nodal-ln-demo")
+    c.add_argument("--version", default=None)
+    c.add_argument("--name", default=None)
     c.add_argument(
         "--verifier-cases", type=int, default=32, help="phantoms to fit the candidate verifier on (0: none)"
     )
@@ -121,7 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--model-dir", type=Path, required=True)
     c.add_argument("--cases", type=int, default=32)
-    c.add_argument("--keep-share", type=float, default=0.98, help="share of true nodes the threshold keeps")
+    c.add_argument(
+        "--keep-share",
+        type=float,
+        default=None,
+        help="share of true nodes the threshold keeps",
+    )
     c.add_argument(
         "--cross-validate", action="store_true", help="only print 4-fold figures for several keep shares"
     )
@@ -177,50 +187,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("peer", help="destination name from the configuration, or AE@HOST:PORT")
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_echo)
+    for command in sub.choices.values():  # `nodal serve --config FILE` as well as `nodal --config FILE serve`
+        command.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     return p
 
 
-def _model(settings: Settings):
-    import torch
-
-    from inference.model_store import load_model
-
-    if settings.inference.threads:
-        torch.set_num_threads(settings.inference.threads)
-    return load_model(settings.inference.model_dir, settings.inference.device)
-
-
-def process(input_path: Path, out: Path, settings: Settings, model=None) -> dict:
-    """Load, analyse, write findings.json; returns the findings document."""
-    from inference.dicom_volume import load_series
-    from inference.pipeline import analyse
-
-    vs = settings.volume
-    volume = load_series(
-        input_path, min_slices=vs.min_slices, max_tilt_degrees=vs.max_tilt_degrees, gap_factor=vs.gap_factor
-    )
-    model = model or _model(settings)
-    analysis = analyse(volume, model, pipeline_settings(settings))
-    out.mkdir(parents=True, exist_ok=True)
-    doc = analysis.findings.to_json()
-    (out / "findings.json").write_text(json.dumps(doc, indent=2) + "\n")
-    from sr_templates import write_results
-
-    written = write_results(
-        source_datasets(series_files(input_path), {ref.sop_instance_uid for ref in analysis.findings.slices}),
-        analysis.findings,
-        out,
-        result_images=settings.results.result_images,
-        omit_empty_frames=settings.results.omit_empty_frames,
-        editable_in_ohif=settings.results.editable_in_ohif,
-    )
-    doc["result_files"] = [p.name for p in written]
-    log.info("stage seconds: %s", {k: round(v, 2) for k, v in analysis.seconds.items()})
-    return doc
-
-
-def series_files(input_path: Path) -> list[Path]:
-    return sorted(p for p in input_path.rglob("*") if p.is_file()) if input_path.is_dir() else [input_path]
+def _given(args: argparse.Namespace, **fields: str) -> dict:
+    """The options given on the command line, by the dataclass field they set; the others
+    keep the dataclass's default (one fact, one place)."""
+    return {field: getattr(args, arg) for field, arg in fields.items() if getattr(args, arg) is not None}
 
 
 def findings_table(doc: dict) -> str:
@@ -235,6 +210,8 @@ def findings_table(doc: dict) -> str:
 
 
 def cmd_process(args, settings: Settings) -> int:
+    from dicom_node.jobs.analysis import process
+
     doc = process(args.input, args.out, settings)
     print(findings_table(doc))
     print(f"results in {args.out}: findings.json, {', '.join(doc['result_files'])}")
@@ -244,13 +221,15 @@ def cmd_process(args, settings: Settings) -> int:
 def cmd_phantom(args, settings: Settings) -> int:
     from inference import phantoms
 
-    spec = phantoms.PhantomSpec(
-        rows=args.rows,
-        columns=args.rows,
-        slices=args.slices,
-        pixel_spacing_mm=args.pixel_spacing,
-        slice_spacing_mm=args.slice_spacing,
+    geometry = _given(
+        args,
+        rows="rows",
+        columns="rows",
+        slices="slices",
+        pixel_spacing_mm="pixel_spacing",
+        slice_spacing_mm="slice_spacing",
     )
+    spec = phantoms.PhantomSpec(**geometry)
     if args.format != "dicom":
         return phantom_dataset(args, spec)
     if args.count != 1 or args.test_count:
@@ -294,6 +273,8 @@ def cmd_demo(args, settings: Settings) -> int:
         phantoms.write_phantom(ph, ct / "dicom")
         (ct / "ground_truth.json").write_text(json.dumps(ph.ground_truth(), indent=2) + "\n")
     truth = json.loads((ct / "ground_truth.json").read_text())
+    from dicom_node.jobs.analysis import process
+
     doc = process(ct / "dicom", work / "results", settings)
     print(findings_table(doc))
     print(f"\nground truth ({ct / 'ground_truth.json'}):")
@@ -309,27 +290,31 @@ def cmd_demo(args, settings: Settings) -> int:
 def cmd_train(args, settings: Settings) -> int:
     from inference.train import TrainConfig, train
 
+    given = _given(
+        args,
+        cases="cases",
+        seed="seed",
+        seg_steps="seg_steps",
+        cls_epochs="cls_epochs",
+        seg_lr="seg_lr",
+        hard_share="hard_share",
+        node_share="node_share",
+        mined_share="mined_share",
+        version="version",
+        name="name",
+    )
     cfg = TrainConfig(
-        cases=args.cases,
-        seed=args.seed,
-        seg_steps=args.seg_steps,
-        cls_epochs=args.cls_epochs,
-        seg_lr=args.seg_lr,
-        hard_share=args.hard_share,
-        node_share=args.node_share,
-        mined_share=args.mined_share,
+        **given,
         fresh_classifier=args.fresh_classifier,
         patches_per_case=0 if args.seg_steps == 0 else TrainConfig.patches_per_case,
         init_from=str(args.init_from) if args.init_from else None,
         variety=args.variety,
-        version=args.version,
-        name=args.name,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")
     print(f"model written to {out}")
     if args.verifier_cases and args.data is None:
-        args.model_dir, args.cases, args.keep_share = out, args.verifier_cases, 0.98
+        args.model_dir, args.cases, args.keep_share = out, args.verifier_cases, None
         return cmd_train_verifier(args, settings)
     if args.data is not None:
         from inference.train_verifier import train_verifier_on_site
@@ -354,12 +339,15 @@ def cmd_train_verifier(args, settings: Settings) -> int:
         parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety)
         print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
         return 0
+    keep_share = args.keep_share
+    if keep_share is None:  # train_verifier's own default
+        keep_share = inspect.signature(train_verifier).parameters["keep_share"].default
     command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
-    command += f" --keep-share {args.keep_share}" + (" --variety" if getattr(args, "variety", False) else "")
+    command += f" --keep-share {keep_share}" + (" --variety" if getattr(args, "variety", False) else "")
     report = train_verifier(
         args.model_dir,
         args.cases,
-        keep_share=args.keep_share,
+        keep_share=keep_share,
         cache_dir=cache,
         command=command,
         variety=getattr(args, "variety", False),
@@ -384,11 +372,12 @@ def cmd_plausibility(args, settings: Settings) -> int:
 def cmd_evaluate(args, settings: Settings) -> int:
     if getattr(args, "data", None) is not None:
         return evaluate_data(args, settings)
+    from dicom_node.jobs.analysis import load_model, pipeline_settings
     from inference.evaluate import evaluate
     from inference.train import EVAL_SEED_BASE
 
     families = ("train", "heldout") if args.family == "both" else (args.family,)
-    model = _model(settings)
+    model = load_model(settings)
     results = {
         family: evaluate(
             model,
@@ -408,11 +397,12 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 def evaluate_data(args, settings: Settings) -> int:
     """`nodal evaluate --data DIR`: the evaluation's scores on a site's labelled cases."""
+    from dicom_node.jobs.analysis import load_model, pipeline_settings
     from inference.datasets import open_dataset
     from inference.evaluate_data import evaluate_dataset
 
     dataset = open_dataset(args.data)
-    result = evaluate_dataset(_model(settings), dataset, args.split, pipeline_settings(settings))
+    result = evaluate_dataset(load_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -441,7 +431,7 @@ def cmd_serve(args, settings: Settings) -> int:
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    from dicom_node.celery_queue import run_worker
+    from dicom_node.jobs.celery_backend import run_worker
 
     if settings.queue.backend != "celery":
         print(
@@ -452,8 +442,8 @@ def cmd_worker(args, settings: Settings) -> int:
 
 
 def cmd_db(args, settings: Settings) -> int:
-    from dicom_node import schema
-    from dicom_node.index import make_engine
+    from dicom_node.index import schema
+    from dicom_node.index.db import make_engine
 
     engine = make_engine(settings.index_url())
     try:
@@ -470,7 +460,7 @@ def cmd_db(args, settings: Settings) -> int:
 
 
 def cmd_echo(args, settings: Settings) -> int:
-    from dicom_node.echo import echo, resolve_peer
+    from dicom_node.delivery.echo import echo, resolve_peer
 
     try:
         peer = resolve_peer(args.peer, settings)

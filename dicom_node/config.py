@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydicom import uid
 
 CONFIG_ENV = "NODAL_CONFIG"
 
@@ -38,9 +39,9 @@ class _Section(BaseModel):
 
 
 AE_TITLE = r"^[ -~]*[!-~][ -~]*$"  # 1-16 printable ASCII characters, not all spaces
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_IMAGE_STORAGE = str(uid.CTImageStorage)
+ENHANCED_CT_IMAGE_STORAGE = str(uid.EnhancedCTImageStorage)
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = str(uid.LegacyConvertedEnhancedCTImageStorage)
 
 
 # -- security: TLS and secrets (docs/security.md) --

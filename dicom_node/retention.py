@@ -20,8 +20,8 @@ from pathlib import Path
 from sqlalchemy import delete, exists, func, select, update
 
 from dicom_node.config import Settings
-from dicom_node.header import check_uid
-from dicom_node.index import Database, Delivery, DeliveryState, Instance, Job, JobState, Series, Study
+from dicom_node.index.db import Database, Delivery, DeliveryState, Instance, Job, JobState, Series, Study
+from dicom_node.spool.header import check_uid
 
 log = logging.getLogger("nodal.retention")
 
@@ -53,7 +53,7 @@ def _purge_studies(db: Database, spool_root: Path, before: float, min_free_gb: f
         ).all()
     n = 0
     for uid, completed_at in candidates:
-        if completed_at > before and _free_gb(spool_root) >= min_free_gb:
+        if completed_at > before and _free_gb(spool_root) >= min_free_gb:  # type: ignore[operator]
             break
         with db.session() as s:
             study = s.get(Study, uid)
@@ -91,9 +91,9 @@ def _purge_results(db: Database, outbox: Path, before: float, min_free_gb: float
         ).all()
     n = 0
     for job_id, result_dir, finished_at in candidates:
-        if finished_at > before and _free_gb(outbox) >= min_free_gb:
+        if finished_at > before and _free_gb(outbox) >= min_free_gb:  # type: ignore[operator]
             break
-        shutil.rmtree(outbox / Path(result_dir).name, ignore_errors=True)
+        shutil.rmtree(outbox / Path(result_dir).name, ignore_errors=True)  # type: ignore[arg-type]
         with db.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(results_purged_at=time.time()))
         n += 1

@@ -1,6 +1,6 @@
 """`nodal serve`: every part of the node in one process (workers in child processes).
 
-Start-up: upgrade the index schema (dicom_node.schema), reconcile the spool with the index
+Start-up: upgrade the index schema (dicom_node.index.schema), reconcile the spool with the index
 (files an earlier run wrote but never indexed; temporary files it never acknowledged),
 re-queue jobs whose worker is gone, start the workers (or, with `queue.backend: celery`,
 the announcer of jobs to `nodal worker` processes), the DIMSE receiver, the HTTP server
@@ -27,23 +27,25 @@ from alembic.util import CommandError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import audit, metrics
-from dicom_node.api import create_app, probes
-from dicom_node.completion import complete_due_studies
+from dicom_node.api.app import create_app, probes
+from dicom_node.completion.quiet import complete_due_studies
 from dicom_node.config import ReplyDestination, Settings
-from dicom_node.http_limits import header_timeout_protocol
-from dicom_node.index import Database
-from dicom_node.ingest import Receiver, reconcile
-from dicom_node.jobs import requeue_lost
-from dicom_node.monitoring import monitoring_app
-from dicom_node.observe import JobWatcher, read_state
-from dicom_node.outbox import DeliveryLoop
+from dicom_node.delivery.outbox import DeliveryLoop
+from dicom_node.delivery.senders import make_sender
+from dicom_node.index.db import Database
+from dicom_node.jobs.embedded import WorkerPool
+from dicom_node.jobs.queue import JobQueue
+from dicom_node.jobs.table import requeue_lost
+from dicom_node.observe import audit, metrics
+from dicom_node.observe.job_watcher import JobWatcher, read_state
+from dicom_node.observe.probes import monitoring_app
+from dicom_node.receive.http_limits import header_timeout_protocol
+from dicom_node.receive.receiver import Receiver
+from dicom_node.receive.reconcile import reconcile
+from dicom_node.receive.scp import DimseServer
 from dicom_node.retention import RetentionLoop
-from dicom_node.scp import DimseServer
-from dicom_node.senders import make_sender
-from dicom_node.spool import Spool
+from dicom_node.spool.store import Spool
 from dicom_node.tls import server_context
-from dicom_node.worker import WorkerPool
 
 log = logging.getLogger("nodal.serve")
 
@@ -68,6 +70,7 @@ class Node:
         self.scp = DimseServer(settings, self.receiver)
         self.workers = _queue(settings, self.db)
         check_destinations(settings)
+        metrics.declare_destinations(dest.name for dest in settings.destinations)
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
@@ -81,7 +84,7 @@ class Node:
             mon = monitoring_app(
                 probes(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
             )
-            self.monitoring = _http_server(mon, node.bind_address, node.monitoring_port, header_timeout)
+            self.monitoring = _http_server(mon, node.bind_address, node.monitoring_port, header_timeout)  # type: ignore[arg-type]
             self._monitoring_thread = threading.Thread(
                 target=self.monitoring.run, name="monitoring", daemon=True
             )
@@ -209,10 +212,10 @@ def _start_http(server: uvicorn.Server, thread: threading.Thread, host: str, wha
         time.sleep(0.05)
 
 
-def _queue(settings: Settings, db: Database):
+def _queue(settings: Settings, db: Database) -> JobQueue:
     """In-process workers (embedded) or the announcer of jobs to `nodal worker` processes (celery)."""
     if settings.queue.backend == "celery":
-        from dicom_node.celery_queue import Dispatcher
+        from dicom_node.jobs.celery_backend import Dispatcher
 
         return Dispatcher(settings, db)
     return WorkerPool(settings, db)

@@ -19,7 +19,7 @@ from dicom_node.config import ClientTls, ConfigError, ServerTls
 
 
 class _DeferredHandshakeContext(ssl.SSLContext):
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):  # type: ignore[override]
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
         return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False, **kwargs)
 
 
@@ -41,7 +41,7 @@ def server_context(tls: ServerTls, what: str, deferred_handshake: bool = False) 
     cls = _DeferredHandshakeContext if deferred_handshake else ssl.SSLContext
     ctx = cls(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(lambda: ctx.load_cert_chain(tls.cert_file, tls.key_file), what, tls.cert_file, tls.key_file)
+    _load(lambda: ctx.load_cert_chain(tls.cert_file, tls.key_file), what, tls.cert_file, tls.key_file)  # type: ignore[arg-type]
     if tls.ca_file is not None:
         _load(lambda: ctx.load_verify_locations(cafile=tls.ca_file), what, tls.ca_file)
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL

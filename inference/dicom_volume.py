@@ -31,9 +31,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder, iter_pixels
 from pydicom.uid import (
     UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    LegacyConvertedEnhancedCTImageStorage,
 )
 
 from inference.findings import SliceRef
@@ -59,9 +62,9 @@ __all__ = [
     "load_series",
 ]
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_IMAGE_STORAGE = str(CTImageStorage)
+ENHANCED_CT_IMAGE_STORAGE = str(EnhancedCTImageStorage)
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = str(LegacyConvertedEnhancedCTImageStorage)
 _MULTIFRAME_CT = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
 _CT_CLASSES = {CT_IMAGE_STORAGE, *_MULTIFRAME_CT}
 

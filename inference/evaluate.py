@@ -22,6 +22,7 @@ from inference import phantoms, phantoms_heldout, plausibility
 from inference.findings import SliceRef
 from inference.model_store import LoadedModel
 from inference.pipeline import PipelineSettings, analyse
+from inference.progress import progress
 from inference.train import EVAL_SEED_BASE
 from inference.uids import deterministic_uid
 from inference.volume import Volume
@@ -130,7 +131,7 @@ def evaluate(
     rules = model.plausibility if settings.plausibility else None
     judged = rules or plausibility.Rules()
     runs, base_fps, base_hits, seconds, drawn = [], [], [], [], []
-    for n in range(cases):
+    for n in progress(range(cases), cases, f"{family} phantoms"):
         ph = generate(seed + n, spec)
         drawn.append(getattr(ph, "acquisition", None))
         volume = phantom_volume(ph, family)

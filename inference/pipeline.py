@@ -115,6 +115,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
             _refined_pair(volume, c, m, s.boundary_refine_mm, image_w, grid) for c, m in measured_pairs
         ]
         seconds["refine"] = time.perf_counter() - t
+    measured_pairs = _exclusive_pairs(volume, measured_pairs, image_w, grid)
     if s.plausibility and model.plausibility is not None and measured_pairs:
         t = time.perf_counter()
         measured_pairs = [
@@ -123,7 +124,6 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
             if not plausibility.implausible(_verdict(volume, m, model.plausibility), model.plausibility)
         ]
         seconds["plausibility"] = time.perf_counter() - t
-    measured_pairs = _exclusive_pairs(volume, measured_pairs, image_w, grid)
     measured = [m for _, m in measured_pairs]
 
     t = time.perf_counter()

@@ -25,6 +25,7 @@ from inference.model_store import save_model
 from inference.networks import NodeClassifier, build_segmenter, classifier_scalars
 from inference.plausibility import Rules
 from inference.preprocess import normalise
+from inference.progress import progress
 from inference.training_data import (
     Case,
     classifier_samples,
@@ -158,7 +159,7 @@ def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
             raise ValueError("training seeds must stay below the evaluation seeds")
         jobs = [(cfg.seed + i, cfg) for i in range(cfg.cases)]
         with ProcessPoolExecutor(cfg.workers) as pool:
-            parts = list(pool.map(_phantom_samples, jobs))
+            parts = list(progress(pool.map(_phantom_samples, jobs), len(jobs), "training phantoms"))
     else:
         from inference.datasets import open_dataset
 
@@ -207,7 +208,7 @@ def train_segmenter(
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     net.train()
     t0 = time.time()
-    for step in range(cfg.seg_steps):
+    for step in progress(range(cfg.seg_steps), cfg.seg_steps, "segmenter"):
         idx = rng.integers(0, len(imgs), cfg.seg_batch)
         o = rng.integers(0, cfg.patch - cfg.train_crop + 1, 3)
         crop = (idx, *(slice(a, a + cfg.train_crop) for a in o))
@@ -250,7 +251,7 @@ def train_classifier(cfg: TrainConfig, crops, scalars, labels, start: dict | Non
     s_all = torch.tensor([classifier_scalars(sa, la) for sa, la in scalars], dtype=torch.float32)
     net.train()
     t0 = time.time()
-    for step in range(steps):
+    for step in progress(range(steps), steps, "classifier"):
         idx = rng.integers(0, len(crops), batch)
         x = _flip(torch.from_numpy(x_all[idx].astype(np.float32)), rng)
         if rng.random() < 0.5:

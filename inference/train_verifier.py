@@ -22,6 +22,7 @@ from inference.datasets import SiteCase, open_dataset
 from inference.evaluate import match, phantom_volume
 from inference.model_store import LoadedModel, add_verifier, load_model
 from inference.pipeline import PipelineSettings, candidate_features, detect
+from inference.progress import progress
 from inference.train import EVAL_SEED_BASE, training_spec
 from inference.volume import Volume
 
@@ -104,7 +105,7 @@ def phantom_parts(
         "-variety" if variety else ""
     )
     parts = []
-    for n in range(cases):
+    for n in progress(range(cases), cases, "verifier phantoms"):
         cached = cache_dir / f"verifier-{key}-{seed + n}.npz" if cache_dir else None
         if cached is not None and cached.is_file():
             with np.load(cached) as z:

@@ -151,9 +151,7 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
         if finding.key_slice == key.k:
             for axis in (finding.long_axis, finding.short_axis):
                 (c0, r0), (c1, r1) = axis.endpoints_pixel
-                rr, cc = draw_line(
-                    *(round(v * scale - 0.5) for v in (r0, c0, r1, c1))  # type: ignore[misc]
-                )
+                rr, cc = draw_line(*(round(v * scale - 0.5) for v in (r0, c0, r1, c1)))
                 ok = (rr >= 0) & (rr < rows) & (cc >= 0) & (cc < cols)
                 rgb[rr[ok], cc[ok]] = (255, 255, 255)
 

@@ -101,7 +101,7 @@ def fill_type2(ds: Dataset) -> Dataset:
 def _frame_position(ds: Dataset, frame_number: int) -> tuple[float, float, float]:
     try:
         item = ds.PerFrameFunctionalGroupsSequence[frame_number - 1]
-        return tuple(float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient)
+        return tuple(float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient)  # type: ignore[return-value]
     except (AttributeError, IndexError) as exc:
         raise SourceMismatchError(
             f"frame {frame_number} of the multi-frame source has no Plane Position "
@@ -180,9 +180,9 @@ def prepare_sources(source_datasets: Sequence[Dataset], study_findings: StudyFin
             plane_index = frame - 1
         else:
             frame = None
-            position = tuple(float(v) for v in ds.ImagePositionPatient)
+            position = tuple(float(v) for v in ds.ImagePositionPatient)  # type: ignore[assignment]
             plane_index = index
-        planes.append(Plane(index, frame, plane_index, position))  # type: ignore[arg-type]
+        planes.append(Plane(index, frame, plane_index, position))
 
     _check_positions(planes, np.asarray(study_findings.affine, dtype=float))
     header = fill_type2(header_copy(first))

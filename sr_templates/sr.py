@@ -233,7 +233,7 @@ def observation_context(study_findings: StudyFindings) -> hd.sr.ObservationConte
     model = study_findings.model
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DEVICE,
+            observer_type=codes.DEVICE,  # type: ignore[arg-type]
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
                 uid=provenance.algorithm_device_uid(model),
                 name=provenance.model_label(model),

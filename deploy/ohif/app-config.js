@@ -2,7 +2,7 @@
  *
  * OHIF and DICOMweb come from one origin: the web server in front of OHIF proxies
  * /dicom-web/ to Orthanc (Orthanc sends no CORS headers). nodal's browser test
- * (tests/test_ohif_display.py) serves this same file.
+ * (tests/peers/test_ohif_display.py) serves this same file.
  */
 window.config = {
   name: 'nodal',

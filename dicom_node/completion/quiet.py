@@ -1,0 +1,135 @@
+"""Study completion: a study is complete after a quiet period since its last new instance.
+
+The quiet period is `completion.quiet_seconds`, or the shorter `after_release_seconds`
+once every association (or STOW-RS request) that brought the study has been released
+normally. An aborted association does not count as released. Only series with new
+instances since the last completion are routed again: a late instance in an analysed
+series gives a new job that supersedes the earlier one; our own results coming back from
+the PACS (SEG, SR, secondary capture) are routed, skipped, and trigger nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.completion.routing import SeriesSummary, route
+from dicom_node.config import Settings
+from dicom_node.index.db import Database, Job, JobState, Series, Study
+from dicom_node.jobs.table import supersede_older
+from dicom_node.observe import metrics
+from dicom_node.observe.audit import study_key
+
+log = logging.getLogger("nodal.completion")
+
+
+def is_complete(
+    last_received_at: float,
+    released_at: float | None,
+    transfer_open: bool,
+    t: float,
+    quiet_seconds: float,
+    after_release_seconds: float,
+) -> bool:
+    quiet_for = t - last_received_at
+    if quiet_for >= quiet_seconds:
+        return True
+    released_after_last = released_at is not None and released_at >= last_received_at
+    return not transfer_open and released_after_last and t - released_at >= after_release_seconds  # type: ignore[operator]
+
+
+def summary(series: Series) -> SeriesSummary:
+    return SeriesSummary(
+        modality=series.modality,
+        sop_class_uid=series.sop_class_uid,
+        image_type=tuple(v for v in series.image_type.split("\\") if v),
+        slice_thickness_mm=series.slice_thickness_mm,
+        description=series.description,
+        slices=series.frame_count,
+    )
+
+
+def complete_due_studies(
+    db: Database,
+    settings: Settings,
+    open_studies: set[str],
+    t: float,
+    files_written: Callable[[], bool] = lambda: True,
+) -> list[int]:
+    """Complete every study whose quiet period is over; return the ids of the jobs created.
+    `files_written` is called once before the first study is completed (the spool's files
+    of everything acknowledged are written when it returns: jobs read them)."""
+    c = settings.completion
+
+    def due(study: Study | None) -> bool:
+        return (
+            study is not None
+            and study.pending
+            and is_complete(
+                study.last_received_at,
+                study.released_at,
+                study.study_uid in open_studies,
+                t,
+                c.quiet_seconds,
+                c.after_release_seconds,
+            )
+        )
+
+    with db.session() as s:
+        quiet = [
+            study.study_uid for study in s.scalars(select(Study).where(Study.pending.is_(True))) if due(study)
+        ]
+    if quiet and not files_written():
+        log.warning("spool files still being written after the wait; completing anyway")
+    created: list[int] = []
+    with db.session() as s:
+        for uid in quiet:
+            study = s.get(Study, uid)
+            if due(study):  # again: an instance may have come in meanwhile
+                created.extend(j.id for j in complete_study(s, study, settings, t))  # type: ignore[arg-type]
+    return created
+
+
+def complete_study(s: Session, study: Study, settings: Settings, t: float) -> list[Job]:
+    """Route each series with new instances; one job per series (queued, or skipped with the reason)."""
+    jobs = []
+    dirty = s.scalars(select(Series).where(Series.study_uid == study.study_uid, Series.pending.is_(True)))
+    for series in dirty:
+        decision = route(summary(series), settings.routing.rules)
+        job = Job(
+            study_uid=study.study_uid,
+            series_uid=series.series_uid,
+            state=JobState.QUEUED if decision.selected else JobState.SKIPPED,
+            rule=decision.rule,
+            reason=None if decision.selected else decision.reason,
+            created_at=t,
+            not_before=t,
+            finished_at=None if decision.selected else t,
+            reply_ae=series.calling_ae,
+            instance_count=series.instance_count,
+        )
+        s.add(job)
+        s.flush()
+        supersede_older(s, job, t)
+        series.pending = False
+        series.routing = decision.reason
+        jobs.append(job)
+        log.info(
+            "job %d (study %s): series of %d instance(s) %s (%s)",
+            job.id,
+            study_key(study.study_uid),
+            series.instance_count,
+            "queued" if decision.selected else "skipped",
+            decision.reason,
+            extra={"event": "job", "job_id": job.id, "state": job.state},
+        )
+    metrics.STUDIES_COMPLETED.inc()
+    if study.completions == 0:
+        metrics.RECEIVE_TO_COMPLETE.observe(max(0.0, t - study.first_received_at))
+    study.pending = False
+    study.completed_at = t
+    study.completions += 1
+    return jobs

@@ -1,0 +1,1 @@
+"""The index database: studies, series, instances, jobs, deliveries, and its migrations."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the index (`nodal db upgrade`); see dicom_node.index.schema."""

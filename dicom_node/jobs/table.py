@@ -1,0 +1,279 @@
+"""The durable job table: claim with a lease, renew, finish, re-queue, supersede, retry.
+
+A worker owns a running job while its lease (`lease_owner`, `lease_expires_at`) is fresh;
+it renews the lease while it works. A job whose lease expired (its worker crashed or was
+killed) is queued again, and counts as an attempt; after `max_attempts` it fails. Every
+state change checks the owner, so a worker that lost its lease cannot overwrite the work
+of the one that took the job over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Settings
+from dicom_node.index.db import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Job, JobState
+from dicom_node.jobs.outcome import JobOutcome
+
+log = logging.getLogger("nodal.jobs")
+
+
+class JobConflict(ValueError):
+    """The requested change does not fit the job's state (HTTP 409)."""
+
+
+def owner_id(worker: int | str, pid: int | None = None) -> str:
+    """Who holds a lease: host, process id and worker name."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}:{worker}"
+
+
+def supersede_older(s: Session, job: Job, t: float) -> None:
+    """Older jobs of `job`'s series give way: finished ones become superseded at once,
+    a running one when it finishes; their undelivered results are cancelled."""
+    older = s.scalars(
+        select(Job).where(Job.series_uid == job.series_uid, Job.id < job.id, Job.state != JobState.SUPERSEDED)
+    )
+    for old in older:
+        old.superseded_by = job.id
+        if old.state != JobState.RUNNING:
+            old.state = JobState.SUPERSEDED
+            old.finished_at = old.finished_at or t
+            old.lease_owner = old.lease_expires_at = None
+        _cancel_deliveries(s, old.id, f"superseded by job {job.id}")
+
+
+def _cancel_deliveries(s: Session, job_id: int, why: str) -> None:
+    s.execute(
+        update(Delivery)
+        .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.CANCELLED, last_error=why)
+    )
+
+
+def claim(db: Database, owner: str, lease_seconds: float, t: float, job_id: int | None = None) -> Job | None:
+    """Take the oldest due queued job (or job `job_id` if it is queued and due), or None.
+
+    A claimed job is RUNNING under `owner`, so a second claim of the same job (a duplicate
+    queue message, another worker) finds nothing."""
+    query = select(Job).where(Job.state == JobState.QUEUED, Job.not_before <= t)
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    query = query.order_by(Job.not_before, Job.id).limit(1).with_for_update(skip_locked=True)
+    with db.session() as s:
+        job = s.scalars(query).first()
+        if job is None:
+            return None
+        job.state = JobState.RUNNING
+        job.lease_owner = job.worker = owner
+        job.published_at = None  # a re-queued job is announced again as soon as it is due
+        job.lease_expires_at = t + lease_seconds
+        job.attempts += 1
+        job.started_at = t
+        return job
+
+
+def renew(db: Database, job_id: int, owner: str, lease_seconds: float, t: float) -> bool:
+    """Extend the lease; False when this owner no longer holds the job."""
+    with db.session() as s:
+        n = s.execute(  # type: ignore[attr-defined]
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.RUNNING)
+            .values(lease_expires_at=t + lease_seconds)
+        ).rowcount
+    return n == 1
+
+
+def _owned(s: Session, job_id: int, owner: str) -> Job | None:
+    job = s.get(Job, job_id, with_for_update=True)
+    if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+        log.warning("job %d: lease lost before the attempt finished; its outcome is dropped", job_id)
+        return None
+    return job
+
+
+def finish_done(db: Database, job_id: int, owner: str, out: JobOutcome, settings: Settings, t: float) -> bool:
+    """Record a successful attempt and queue one delivery per destination and result file."""
+    with db.session() as s:
+        job = _owned(s, job_id, owner)
+        if job is None:
+            return False
+        job.lease_owner = job.lease_expires_at = None
+        job.finished_at = t
+        job.result_dir = out.result_dir
+        job.findings = out.findings
+        job.malignant = out.malignant
+        job.seconds = json.dumps({k: round(v, 3) for k, v in out.seconds.items()})
+        job.last_error = None
+        if job.superseded_by is not None:
+            job.state = JobState.SUPERSEDED
+            log.info(
+                "job %d finished but was superseded by job %d; its results are not sent",
+                job.id,
+                job.superseded_by,
+            )
+            return True
+        job.state = JobState.DONE
+        expires = t + settings.delivery.expire_hours * 3600
+        for dest in settings.destinations:
+            for f in out.files:
+                s.add(
+                    Delivery(
+                        job_id=job.id,
+                        destination=dest.name,
+                        sop_uid=f.sop_instance_uid,
+                        sop_class_uid=f.sop_class_uid,
+                        file=f.file,
+                        state=DeliveryState.PENDING,
+                        created_at=t,
+                        expires_at=expires,
+                        next_attempt_at=t,
+                    )
+                )
+        if not settings.destinations:
+            log.info("job %d done; no destinations configured, results kept in the outbox", job.id)
+        return True
+
+
+def finish_error(
+    db: Database,
+    job_id: int,
+    owner: str,
+    error: str,
+    settings: Settings,
+    t: float,
+    final_state: JobState | None,
+) -> bool:
+    """Record a failed attempt: `final_state` (skipped/failed) ends the job; None retries it
+    after a backoff while attempts remain."""
+    with db.session() as s:
+        job = _owned(s, job_id, owner)
+        if job is None:
+            return False
+        _after_failure(job, error, settings, t, final_state)
+        return True
+
+
+def _after_failure(job: Job, error: str, settings: Settings, t: float, final_state: JobState | None) -> None:
+    job.lease_owner = job.lease_expires_at = None
+    job.last_error = error
+    if job.superseded_by is not None:
+        job.state, job.finished_at = JobState.SUPERSEDED, t
+    elif final_state is not None:
+        job.state, job.finished_at, job.reason = final_state, t, error
+    elif job.attempts >= settings.jobs.max_attempts:
+        job.state, job.finished_at = JobState.FAILED, t
+        job.reason = f"gave up after {job.attempts} attempt(s): {error}"
+    else:
+        job.state = JobState.QUEUED
+        job.not_before = t + settings.jobs.retry_delay_seconds * 2 ** (job.attempts - 1)
+    log.warning(
+        "job %d attempt %d: %s -> %s",
+        job.id,
+        job.attempts,
+        error,
+        job.state,
+        extra={"event": "job", "job_id": job.id, "state": str(job.state)},
+    )
+
+
+def requeue_lost(
+    db: Database, settings: Settings, t: float, dead_owners: AbstractSet[str] = frozenset()
+) -> int:
+    """Running jobs whose lease expired, or whose owner is known dead, count a failed attempt."""
+    n = 0
+    with db.session() as s:
+        for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING).with_for_update()):
+            expired = job.lease_expires_at is not None and job.lease_expires_at < t
+            if expired or job.lease_owner in dead_owners or _owner_dead(job.lease_owner):
+                _after_failure(
+                    job, "worker lost (crash, kill or restart) while the job ran", settings, t, None
+                )
+                n += 1
+    return n
+
+
+def _owner_dead(owner: str | None) -> bool:
+    """True for an owner on this host whose process no longer exists."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        pid = int(rest.split(":", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed worker whose new parent does not reap it (a container's init) stays a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def release(db: Database, job_id: int, owner: str, why: str) -> None:
+    """Give a running job back without counting the attempt (orderly shutdown)."""
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+            return
+        job.state = JobState.QUEUED
+        job.attempts = max(0, job.attempts - 1)
+        job.lease_owner = job.lease_expires_at = None
+        job.last_error = why
+
+
+def retry(db: Database, job_id: int, settings: Settings, t: float) -> Job:
+    """Run a finished job again, or re-send its failed deliveries."""
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.state == JobState.SUPERSEDED:
+            raise JobConflict(f"job {job.id} was superseded by job {job.superseded_by}; retry that one")
+        if job.state in (JobState.QUEUED, JobState.RUNNING):
+            raise JobConflict(f"job {job.id} is {job.state}; nothing to retry")
+        if job.state == JobState.DONE:
+            failed = s.scalars(
+                select(Delivery).where(Delivery.job_id == job.id, Delivery.state == DeliveryState.FAILED)
+            ).all()
+            if not failed:
+                raise JobConflict(f"job {job.id} is done and has no failed deliveries")
+            for d in failed:
+                d.state = DeliveryState.PENDING
+                d.next_attempt_at = t
+                d.expires_at = t + settings.delivery.expire_hours * 3600
+                d.attempts = 0
+            log.info("job %d: %d failed deliveries queued again", job.id, len(failed))
+            return job
+        job.state = JobState.QUEUED
+        job.attempts = 0
+        job.not_before = t
+        job.finished_at = None
+        job.reason = None
+        log.info("job %d queued again by request", job.id)
+        return job
+
+
+def is_final(state: str) -> bool:
+    return state in FINAL_JOB_STATES

@@ -1,1 +1,0 @@
-"""Alembic migrations of the index (`nodal db upgrade`); see dicom_node.schema."""

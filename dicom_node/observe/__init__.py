@@ -1,0 +1,1 @@
+"""Observation: metrics, health and readiness probes, the job watcher, logs and the audit trail."""

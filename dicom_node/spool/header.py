@@ -1,0 +1,229 @@
+"""What nodal reads from an instance before it stores it: the UIDs that name its spool file
+and the few attributes that the index and the routing rules need.
+
+The values are read raw (pydicom's element reader, no `Dataset`, no value conversion) up
+to Number of Frames (0028,0008): everything needed lies before it. A multi-frame instance
+without Slice Thickness there (Enhanced CT keeps it in its functional groups) is read on
+up to its pixel data. One decoder (`_header`) turns the raw values into an
+`InstanceHeader`, whichever way the instance came:
+- `read_dataset_header`: a dataset as a C-STORE brings it (no preamble, no file meta), on
+  the receiving path of every instance;
+- `read_header`: a Part 10 file (STOW-RS, files recovered from the spool).
+
+A UID is accepted only by `check_uid`: digits and dots, at most 64 characters, so no UID
+that becomes a file name can leave the spool.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator, read_dataset, read_partial
+from pydicom.uid import UID
+
+UID_PATTERN = r"[0-9]+(?:\.[0-9]+)*"  # the one UID pattern: header checks, spool log paths
+UID_RE = re.compile(rf"^{UID_PATTERN}$")
+
+CHARSET = 0x00080005
+IMAGE_TYPE = 0x00080008
+SOP_CLASS = 0x00080016
+SOP_INSTANCE = 0x00080018
+MODALITY = 0x00080060
+SERIES_DESCRIPTION = 0x0008103E
+SLICE_THICKNESS = 0x00180050
+STUDY = 0x0020000D
+SERIES = 0x0020000E
+FRAMES = 0x00280008  # the last tag read, except for multi-frame instances
+HEADER_TAGS = (
+    CHARSET,
+    IMAGE_TYPE,
+    SOP_CLASS,
+    SOP_INSTANCE,
+    MODALITY,
+    SERIES_DESCRIPTION,
+    SLICE_THICKNESS,
+    STUDY,
+    SERIES,
+    FRAMES,
+)
+_WANTED = frozenset(HEADER_TAGS)
+SHARED_FUNCTIONAL_GROUPS = 0x52009229
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+Values = dict[int, bytes | None]  # raw values by tag
+
+
+class InvalidInstanceError(ValueError):
+    """The instance cannot be stored: unreadable, or a UID is missing or malformed."""
+
+
+def check_uid(value: object, what: str) -> str:
+    """Return `value` as a UID string, or raise InvalidInstanceError naming `what`."""
+    uid = str(value or "").rstrip("\0 ")
+    if not uid:
+        raise InvalidInstanceError(f"{what} is missing")
+    if len(uid) > 64:
+        raise InvalidInstanceError(f"{what} is longer than 64 characters ({len(uid)})")
+    if not UID_RE.match(uid):
+        raise InvalidInstanceError(f"{what} is not a UID (only digits and dots are allowed)")
+    return uid
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the index and the routing rules need from one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    image_type: tuple[str, ...] = ()
+    slice_thickness_mm: float | None = None
+    series_description: str = ""
+    frames: int = 1
+    source_ae: str = ""  # file meta Source Application Entity Title (the C-STORE caller)
+
+
+def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
+    """Parse the header of a dataset as a C-STORE brings it (no preamble, no file meta),
+    encoded in `transfer_syntax_uid`; the same result as `read_header` on its Part 10 file."""
+    try:
+        ts = UID(check_uid(transfer_syntax_uid, "Transfer Syntax UID"))
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        if ts.is_deflated:
+            dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
+        stream = io.BytesIO(dataset)
+        values = _collect(data_element_generator(stream, implicit, little, stop_when=_past_header))
+        groups = None
+        if _needs_functional_groups(values):
+            stream.seek(0)
+            groups = read_dataset(
+                stream, implicit, little, stop_when=_at_pixel_data, specific_tags=[SHARED_FUNCTIONAL_GROUPS]
+            )
+    except InvalidInstanceError:
+        raise
+    except Exception as e:
+        raise InvalidInstanceError(f"not a readable DICOM dataset: {type(e).__name__}") from None
+    return _header(values, str(ts), groups, source_ae.strip()[:16])
+
+
+def read_header(source: bytes | Path) -> InstanceHeader:
+    """Parse the header of a Part 10 file (bytes or a path); pixel data is not read."""
+    try:
+        with _open(source) as stream:
+            ds = read_partial(stream, stop_when=_past_header, specific_tags=list(HEADER_TAGS))
+            values = _collect(ds.get_item(tag) for tag in HEADER_TAGS if tag in ds)
+            groups = None
+            if _needs_functional_groups(values):
+                stream.seek(0)
+                groups = read_partial(
+                    stream, stop_when=_at_pixel_data, specific_tags=[SHARED_FUNCTIONAL_GROUPS]
+                )
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
+    except Exception as e:
+        raise InvalidInstanceError(f"not a readable DICOM Part 10 file: {type(e).__name__}") from None
+    return _header(values, ts, groups, source_ae)
+
+
+def _collect(elements: Iterable) -> Values:
+    return {tag: _raw(e.value) for e in elements if (tag := int(e.tag)) in _WANTED}
+
+
+def _raw(value) -> bytes | None:
+    """The value as read; a `Dataset` that pydicom read holds Specific Character Set
+    already decoded (a string, or a list of them)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return "\\".join([value] if isinstance(value, str) else map(str, value)).encode("latin-1", "replace")
+
+
+def _past_header(tag, vr, length) -> bool:
+    return int(tag) > FRAMES
+
+
+def _at_pixel_data(tag, vr, length) -> bool:
+    return tag in PIXEL_DATA_TAGS
+
+
+def _open(source: bytes | Path):
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def _text(raw: bytes | None) -> str:
+    """A value of a text VR that holds only the default repertoire (UI, CS, DS, IS)."""
+    return raw.decode("latin-1").strip("\0 ") if raw else ""
+
+
+def _frames(values: Values) -> int:
+    text = _text(values.get(FRAMES))
+    if not text:
+        return 1
+    try:
+        return max(1, int(text))
+    except ValueError:
+        number = float(text)  # an IS written as "3.0"; anything else is malformed
+        if not number.is_integer():
+            raise
+        return max(1, int(number))
+
+
+def _needs_functional_groups(values: Values) -> bool:
+    try:
+        return _frames(values) > 1 and not _text(values.get(SLICE_THICKNESS))
+    except ValueError:
+        return False  # reported by `_header`
+
+
+def _header(
+    values: Values, transfer_syntax_uid: str, groups: Dataset | None, source_ae: str
+) -> InstanceHeader:
+    try:
+        charset = [v.strip() for v in _text(values.get(CHARSET)).split("\\")]
+        description = values.get(SERIES_DESCRIPTION)
+        image_type = _text(values.get(IMAGE_TYPE))
+        return InstanceHeader(
+            sop_class_uid=check_uid(_text(values.get(SOP_CLASS)), "SOP Class UID"),
+            sop_instance_uid=check_uid(_text(values.get(SOP_INSTANCE)), "SOP Instance UID"),
+            study_instance_uid=check_uid(_text(values.get(STUDY)), "Study Instance UID"),
+            series_instance_uid=check_uid(_text(values.get(SERIES)), "Series Instance UID"),
+            transfer_syntax_uid=check_uid(transfer_syntax_uid, "Transfer Syntax UID"),
+            modality=_text(values.get(MODALITY))[:16],
+            image_type=tuple(v.strip().upper() for v in image_type.split("\\"))[:8] if image_type else (),
+            slice_thickness_mm=_thickness(_text(values.get(SLICE_THICKNESS)), groups),
+            series_description=(
+                decode_bytes(description, convert_encodings(charset if any(charset) else None), set()).strip(
+                    "\0 "
+                )[:64]
+                if description
+                else ""
+            ),
+            frames=_frames(values),
+            source_ae=source_ae,
+        )
+    except InvalidInstanceError:
+        raise
+    except Exception as e:  # a malformed value (e.g. a non-numeric IS)
+        raise InvalidInstanceError(f"malformed header: {type(e).__name__}") from None
+
+
+def _thickness(text: str, groups: Dataset | None) -> float | None:
+    """Slice Thickness, or the one in the shared functional groups (Enhanced CT)."""
+    if not text and groups is not None:
+        try:
+            text = str(groups.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness)
+        except (AttributeError, IndexError):
+            return None
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -1,0 +1,1 @@
+"""Builders and peers shared by the tests (imported as `helpers.<module>`)."""

@@ -1,0 +1,90 @@
+"""The header nodal reads before storing: raw values decoded as pydicom would decode them."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom_node.spool.header import InvalidInstanceError, read_dataset_header, read_header
+from tests.helpers.dicom import dataset_and_ts, in_syntax, part10
+
+
+def both(data: bytes, ts: str = str(ExplicitVRLittleEndian)):
+    """The header from the Part 10 file and from the dataset as a C-STORE carries it."""
+    data = in_syntax(data, ts)
+    dataset, found = dataset_and_ts(data)
+    return read_header(data), read_dataset_header(dataset, found)
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    "charset, description",
+    [
+        ("ISO_IR 100", "Thorax Übersicht"),
+        ("ISO_IR 192", "Грудная клетка 胸部"),
+        (["", "ISO 2022 IR 87"], "胸部"),  # code extensions after the default repertoire
+        (None, "Thorax  axial"),
+    ],
+)
+def test_series_description_decoded_in_its_character_set(ts, charset, description):
+    extra = {"SpecificCharacterSet": charset} if charset else {}
+    data = part10(SeriesDescription=description, **extra)
+    expected = pydicom.dcmread(io.BytesIO(data)).SeriesDescription
+    for header in both(data, str(ts)):
+        assert header.series_description == expected == description
+
+
+def test_values_as_pydicom_reads_them():
+    data = part10(
+        Modality="CT",
+        ImageType=["derived", "SECONDARY ", "AXIAL"],
+        SliceThickness="0.625 ",
+        NumberOfFrames="1",
+    )
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for h in both(data):
+        assert h.image_type == tuple(v.strip().upper() for v in ds.ImageType)
+        assert h.slice_thickness_mm == float(ds.SliceThickness) == 0.625
+        assert (h.modality, h.frames) == ("CT", 1)
+
+
+def test_an_integer_written_as_a_decimal_counts_frames():
+    for h in both(part10(NumberOfFrames="3.0")):
+        assert h.frames == 3
+
+
+def written_as(data: bytes, valid: bytes, raw: bytes) -> bytes:
+    """`data` with a valid value replaced by raw bytes of the same length (pydicom will not
+    write an invalid one)."""
+    assert data.count(valid) == 1 and len(raw) == len(valid)
+    return data.replace(valid, raw)
+
+
+@pytest.mark.parametrize("frames", [b"abc ", b"2.5 "])
+def test_a_malformed_frame_count_is_refused_with_a_reason(frames):
+    data = written_as(part10(NumberOfFrames="987"), b"987 ", frames)
+    dataset, ts = dataset_and_ts(data)
+    with pytest.raises(InvalidInstanceError, match="malformed header: ValueError"):
+        read_dataset_header(dataset, ts)
+    with pytest.raises(InvalidInstanceError, match="malformed header: ValueError"):
+        read_header(data)
+
+
+def test_a_thickness_that_is_no_number_is_left_out():
+    for h in both(written_as(part10(SliceThickness="9.75"), b"9.75", b"thin")):
+        assert h.slice_thickness_mm is None
+
+
+def test_missing_optional_values_are_empty():
+    data = part10()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for name in ("Modality", "ImageType", "SliceThickness", "SeriesDescription"):
+        delattr(ds, name)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    for h in both(buf.getvalue()):
+        assert (h.modality, h.image_type, h.slice_thickness_mm, h.series_description) == ("", (), None, "")
+        assert h.sop_instance_uid == "1.2.3.4.5"

@@ -1,0 +1,68 @@
+"""The `nodal` command line: defaults come from the dataclasses they configure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_train_defaults_are_train_configs(tmp_path: Path, monkeypatch) -> None:
+    import inference.train as train_module
+
+    seen = {}
+
+    def fake_train(out, cfg, data, **kwargs):
+        seen["cfg"] = cfg
+        raise _Stop
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(_Stop):
+        main(["train", "--out", str(tmp_path / "m"), "--verifier-cases", "0"])
+    assert seen["cfg"] == train_module.TrainConfig()
+    with pytest.raises(_Stop):
+        main(["train", "--out", str(tmp_path / "m"), "--cases", "3", "--seg-lr", "0.01", "--name", "x"])
+    assert seen["cfg"] == train_module.TrainConfig(cases=3, seg_lr=0.01, name="x")
+
+
+def test_phantom_defaults_are_phantom_specs(tmp_path: Path, monkeypatch) -> None:
+    from inference import phantoms
+
+    seen = {}
+
+    def fake_generate(seed, spec):
+        seen["spec"] = spec
+        raise _Stop
+
+    monkeypatch.setattr(phantoms, "generate", fake_generate)
+    with pytest.raises(_Stop):
+        main(["phantom", "--seed", "1", "--out", str(tmp_path)])
+    assert seen["spec"] == phantoms.PhantomSpec()
+    with pytest.raises(_Stop):
+        main(["phantom", "--seed", "1", "--out", str(tmp_path), "--rows", "128", "--slice-spacing", "3"])
+    assert seen["spec"] == phantoms.PhantomSpec(rows=128, columns=128, slice_spacing_mm=3.0)
+
+
+def test_train_verifier_keep_share_default_is_the_functions(tmp_path: Path, monkeypatch) -> None:
+    import inspect
+
+    import inference.train_verifier as tv
+
+    seen = {}
+    default = inspect.signature(tv.train_verifier).parameters["keep_share"].default
+
+    def fake(model_dir, cases, keep_share=default, cache_dir=None, command=""):
+        seen.update(cases=cases, keep_share=keep_share, command=command)
+        raise _Stop
+
+    monkeypatch.setattr(tv, "train_verifier", fake)
+    with pytest.raises(_Stop):
+        main(["train-verifier", "--model-dir", str(tmp_path)])
+    assert seen["keep_share"] == default and seen["cases"] == 32
+    assert seen["command"].endswith(f"--keep-share {default}")

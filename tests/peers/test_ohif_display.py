@@ -1,0 +1,370 @@
+"""What the radiologist sees: nodal's SEG and SR in OHIF 3.13, in a real browser.
+
+A phantom CT is analysed by `nodal process`; the CT and nodal's SEG, SR and result images
+go into Orthanc; OHIF (its prebuilt `dist/`, `make ohif`) opens the study through Orthanc's
+DICOMweb in Debian's headless chromium, driven over the DevTools protocol (Playwright). The
+test double-clicks the SEG and then the SR as a radiologist would, and asserts on what
+OHIF itself holds (its services and Cornerstone's state), not on pixels:
+
+* every segment's voxel count in OHIF's labelmap equals the SEG file's;
+* in the SR viewport every node is one measurement with two lines drawn (long and short
+  axis) and its values: the call and size class, both axes, the volume, the probability;
+* no uncaught error in the page.
+
+Screenshots for a person go to var/ohif/ (the README's come from there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from inference import phantoms
+from tests.helpers.ohif import CHROMIUM_ARGS, OHIF_DIST, OhifSite, chromium_binary
+from tests.helpers.peers import Orthanc, orthanc_binary
+
+pytestmark = [pytest.mark.slow, pytest.mark.peers]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "var" / "ohif"
+SPEC = phantoms.PhantomSpec(rows=288, columns=288, pixel_spacing_mm=1.25, slices=64, slice_spacing_mm=2.5)
+SEED = 1_500_001
+TIMEOUT_MS = 180_000  # a loaded 2-core machine renders WebGL on the CPU
+
+#: Voxels per segment in OHIF's labelmap(s), through the segment bindings Cornerstone keeps
+#: (one labelmap layer per group of non-overlapping segments).
+SEGMENT_VOXELS_JS = """() => {
+  const seg = window.services.segmentationService.getSegmentations()[0];
+  const lm = seg.representationData.Labelmap;
+  const layers = lm.labelmaps || {};
+  const counts = {};
+  for (const [layerId, layer] of Object.entries(layers)) {
+    counts[layerId] = {};
+    for (const id of layer.imageIds || lm.imageIds) {
+      const image = window.cornerstone.cache.getImage(id);
+      const data = image.voxelManager ? image.voxelManager.getScalarData() : image.getPixelData();
+      for (let i = 0; i < data.length; i++) {
+        if (data[i]) counts[layerId][data[i]] = (counts[layerId][data[i]] || 0) + 1;
+      }
+    }
+  }
+  const out = {};
+  for (const [index, segment] of Object.entries(seg.segments)) {
+    if (!segment) continue;
+    const b = (lm.segmentBindings || {})[index]
+      || {labelmapId: lm.primaryLabelmapId, labelValue: Number(index)};
+    out[index] = {label: segment.label, voxels: (counts[b.labelmapId] || {})[b.labelValue] || 0};
+  }
+  return out;
+}"""
+
+#: The SR display set's measurements as OHIF merged them, and the annotations drawn.
+SR_STATE_JS = """(uid) => {
+  const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+  const drawn = window.cornerstoneTools.annotation.state.getAllAnnotations()
+    .filter(a => a.metadata.toolName === 'DICOMSRDisplay');
+  return {
+    measurements: (ds.measurements || []).map(m => ({
+      uid: m.TrackingUniqueIdentifier, loaded: m.loaded, labels: m.labels,
+      lines: m.coords.filter(c => c.GraphicType === 'POLYLINE').map(c => Array.from(c.GraphicData)),
+    })),
+    annotations: drawn.map(a => ({
+      uid: a.annotationUID, lines: (a.data.renderableData.POLYLINE || []).length, labels: a.data.labels,
+    })),
+  };
+}"""
+
+#: OHIF's tracked measurements: tool, label and the texts it shows.
+TRACKED_JS = """() => window.services.measurementService.getMeasurements()
+  .map(m => ({tool: m.toolName, label: m.label, primary: (m.displayText || {}).primary || []}))"""
+
+#: A returning radiologist: the first-visit tour (an overlay over the viewer) seen before.
+RETURNING_USER_JS = "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
+
+#: What Cornerstone drew in the SVG layer of the viewport now shown: per annotation its text
+#: lines, and the measurement lines (dashed 4,4; the text box's link line is dashed 2,3).
+SVG_DRAWN_JS = """() => {
+  const layer = document.querySelector('.svg-layer');
+  const texts = {};
+  for (const g of layer.querySelectorAll('g[data-annotation-uid]')) {
+    texts[g.dataset.annotationUid] = Array.from(g.querySelectorAll('tspan')).map(t => t.textContent);
+  }
+  return {texts, lines: layer.querySelectorAll('line[stroke-dasharray="4,4"]').length};
+}"""
+
+
+def _missing() -> str | None:
+    if not OHIF_DIST.joinpath("index.html").exists():
+        return f"OHIF's dist/ not in {OHIF_DIST.relative_to(ROOT)} (`make ohif`; `make test` runs it)"
+    if chromium_binary() is None:
+        return "chromium not installed (Debian package chromium; `make test` installs it)"
+    if orthanc_binary() is None:
+        return "Orthanc not installed (`make test` installs it)"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright (Python) missing: `pip install -e '.[dev]'`"
+    return None
+
+
+def _process(ct: Path, out: Path, **env: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "process", str(ct), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    """A phantom CT and nodal's results for it, as `nodal process` writes them."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("ohif")
+    phantoms.write_phantom(phantoms.generate(SEED, SPEC), root / "ct")
+    _process(root / "ct", root / "out")
+    return root
+
+
+@contextmanager
+def _viewer(files: list[Path], folder: Path, seen: dict) -> Iterator:
+    """A page of OHIF showing the study of `files`, stored in an Orthanc of its own."""
+    from playwright.sync_api import sync_playwright
+
+    orthanc = Orthanc(folder).start()
+    try:
+        for f in files:
+            requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        with OhifSite(orthanc.url) as site, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium_binary(), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.add_init_script(RETURNING_USER_JS)
+                page.set_default_timeout(TIMEOUT_MS)
+                page.on("pageerror", lambda e: seen["page_errors"].append(str(e)))
+                page.on(
+                    "console",
+                    lambda m: seen["console_errors"].append(m.text) if m.type == "error" else None,
+                )
+                _open_study(page, site.url, study, len({_series(f) for f in files}))
+                yield page
+            finally:
+                browser.close()
+    finally:
+        orthanc.stop()
+
+
+def _series(path: Path) -> str:
+    return pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
+
+
+def _display_sets(page) -> dict[str, str]:
+    """Modality -> display set UID of the study's series."""
+    sets = page.evaluate(
+        "() => window.services.displaySetService.getActiveDisplaySets()"
+        ".map(d => ({uid: d.displaySetInstanceUID, modality: d.Modality}))"
+    )
+    return {d["modality"]: d["uid"] for d in sets}
+
+
+@pytest.fixture(scope="module")
+def viewed(processed: Path, tmp_path_factory) -> dict:
+    """Open the study in OHIF, load the SEG, then the SR; what OHIF held at each step."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    files = sorted((processed / "ct").glob("*.dcm")) + sorted((processed / "out").glob("*.dcm"))
+    nodes = _findings(processed)
+    seen: dict = {"page_errors": [], "console_errors": []}
+    with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif"), seen) as page:
+        uid = _display_sets(page)
+        seen["modalities"] = sorted(uid)
+
+        page.dblclick(f"#thumbnail-{uid['SEG']}")
+        page.get_by_role("button", name="Yes").click()  # "open this Segmentation?"
+        page.wait_for_function("() => window.services.segmentationService.getSegmentations().length > 0")
+        seen["segments"] = _settled(page, SEGMENT_VOXELS_JS)
+        page.evaluate(
+            "() => { const s = window.services.segmentationService.getSegmentations()[0];"
+            " window.services.segmentationService.jumpToSegmentCenter(s.segmentationId, 1); }"
+        )
+        _frame(page, nodes[0]["centroid_lps_mm"])
+        page.screenshot(path=str(SCREENSHOTS / "seg.png"))
+
+        page.dblclick(f"#thumbnail-{uid['SR']}")
+        page.wait_for_function(
+            "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+            ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
+        )
+        seen["sr"] = _settled(page, SR_STATE_JS, uid["SR"])
+        page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
+        seen["svg"] = _settled(page, SVG_DRAWN_JS)
+        shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
+        _frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
+        page.screenshot(path=str(SCREENSHOTS / "sr.png"))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def tracked(processed: Path, tmp_path_factory) -> dict:
+    """The SR written with `results.editable_in_ohif`, opened in OHIF and taken over as
+    tracked measurements ("continue tracking measurements for this study?" Yes)."""
+    out = processed / "out-editable"
+    _process(processed / "ct", out, NODAL_RESULTS__EDITABLE_IN_OHIF="true")
+    files = [*sorted((processed / "ct").glob("*.dcm")), out / "sr.dcm"]
+    seen: dict = {"page_errors": [], "console_errors": []}
+    with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-tracked"), seen) as page:
+        page.dblclick(f"#thumbnail-{_display_sets(page)['SR']}")
+        page.get_by_role("button", name="Yes").click()
+        page.wait_for_function("() => window.services.measurementService.getMeasurements().length > 0")
+        seen["measurements"] = _settled(page, TRACKED_JS)
+        page.screenshot(path=str(SCREENSHOTS / "sr-tracked.png"))
+    return seen
+
+
+def _open_study(page, url: str, study: str, series: int) -> None:
+    page.goto(f"{url}/viewer?StudyInstanceUIDs={study}")
+    page.wait_for_function(
+        "(n) => window.services && window.services.displaySetService.getActiveDisplaySets().length >= n",
+        arg=series,
+    )
+    notice = page.get_by_role("button", name="Confirm and hide")  # investigational use
+    if notice.count():
+        notice.first.click()
+
+
+def _settled(page, script: str, arg=None, every: float = 1.0, rounds: int = 60):
+    """`script`'s value once two readings a second apart agree (loading has finished)."""
+    last = None
+    for _ in range(rounds):
+        value = page.evaluate(script, arg)
+        if value and value == last:
+            return value
+        last = value
+        time.sleep(every)
+    return last
+
+
+def _frame(page, centre_lps: list[float], factor: float = 4.0) -> None:
+    """Centre the active viewport on `centre_lps` within the slice shown, and zoom in (the
+    nodes are small beside the whole body): for the screenshots only."""
+    page.evaluate(
+        """([c, f]) => {
+          const id = window.services.viewportGridService.getActiveViewportId();
+          const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(id);
+          const cam = vp.getCamera();
+          const n = cam.viewPlaneNormal;
+          const along = [0, 1, 2].reduce((s, i) => s + (c[i] - cam.focalPoint[i]) * n[i], 0);
+          const focal = [0, 1, 2].map(i => c[i] - along * n[i]);
+          const position = [0, 1, 2].map(i => focal[i] + cam.position[i] - cam.focalPoint[i]);
+          vp.setCamera({focalPoint: focal, position});
+          vp.setZoom(f);
+          vp.render();
+        }""",
+        [centre_lps, factor],
+    )
+    time.sleep(1)
+
+
+def _findings(processed: Path) -> list[dict]:
+    return json.loads((processed / "out" / "findings.json").read_text())["nodes"]
+
+
+def _seg_voxels(path: Path) -> dict[int, int]:
+    seg = hd.seg.segread(path)
+    return {
+        n: int((seg.get_volume(segment_numbers=[n], combine_segments=False).array > 0).sum())
+        for n in seg.segment_numbers
+    }
+
+
+def test_the_study_opens_with_ct_seg_sr_and_result_images(viewed) -> None:
+    assert viewed["modalities"] == ["CT", "OT", "SEG", "SR"]
+
+
+def test_every_segment_keeps_all_its_voxels_in_ohif(processed, viewed) -> None:
+    findings = _findings(processed)
+    expected = _seg_voxels(processed / "out" / "seg.dcm")
+    assert len(expected) == len(findings) > 0
+    shown = {int(k): v for k, v in viewed["segments"].items()}
+    assert {n: s["voxels"] for n, s in shown.items()} == expected
+    assert [shown[n]["label"] for n in sorted(shown)] == [f["label"] for f in findings]
+
+
+def test_every_node_has_two_lines_and_its_values_in_the_sr_viewport(processed, viewed) -> None:
+    findings = _findings(processed)
+    measurements = {m["uid"]: m for m in viewed["sr"]["measurements"]}
+    drawn = {a["uid"]: a for a in viewed["sr"]["annotations"]}
+    assert set(measurements) == set(drawn) == {f["tracking_uid"] for f in findings}
+    for f in findings:
+        m = measurements[f["tracking_uid"]]
+        assert m["loaded"], f"{f['label']} was not placed on its image"
+        assert len(m["lines"]) == 2 and drawn[f["tracking_uid"]]["lines"] == 2, f["label"]
+        lengths = sorted(np.hypot(x1 - x0, y1 - y0) for x0, y0, x1, y1 in m["lines"])
+        assert lengths[0] > 0
+        labels = {entry["label"]: entry["value"] for entry in m["labels"]}
+        call = "malignant" if f["malignancy_probability"] >= 0.5 else "benign"
+        assert f"{f['label']} {call}, size: {f['size_category']}" in labels
+        # OHIF prints two decimals; findings.json rounds axes to 0.01, volume to 0.1 and
+        # the probability to 0.0001
+        for label, unit, expected, rounding in (
+            ("Long Axis", "mm", f["long_axis_mm"], 0.01),
+            ("Short Axis", "mm", f["short_axis_mm"], 0.01),
+            ("Volume", "mm3", f["volume_mm3"], 0.1),
+            ("Probability of cancer", "%", 100 * f["malignancy_probability"], 0.01),
+        ):
+            number, shown_unit = labels[label].split()
+            assert shown_unit == unit and abs(float(number) - expected) <= rounding, (f["label"], label)
+        assert drawn[f["tracking_uid"]]["labels"] == m["labels"]
+
+
+def test_the_nodes_on_the_slice_shown_are_drawn_with_both_lines_and_their_text(processed, viewed) -> None:
+    findings = {f["tracking_uid"]: f for f in _findings(processed)}
+    shown = viewed["svg"]["texts"]
+    assert shown, "no SR annotation drawn on the slice shown"
+    assert viewed["svg"]["lines"] == 2 * len(shown)
+    for uid, lines in shown.items():
+        f = findings[uid]
+        assert lines[0].startswith(f"{f['label']} ")
+        assert lines[1].startswith("L: ") and lines[1].endswith(" mm")  # OHIF's short hand
+        assert lines[2].startswith("W: ") and lines[2].endswith(" mm")
+        assert abs(float(lines[1].split()[-2]) - f["long_axis_mm"]) <= 0.01
+        assert abs(float(lines[2].split()[-2]) - f["short_axis_mm"]) <= 0.01
+
+
+def test_no_uncaught_error_in_the_page(viewed) -> None:
+    assert viewed["page_errors"] == []
+    assert [e for e in viewed["console_errors"] if "Uncaught" in e] == []
+
+
+def test_editable_sr_becomes_one_tracked_bidirectional_measurement_per_node(processed, tracked) -> None:
+    """`results.editable_in_ohif`: OHIF takes the axes over as measurements the radiologist
+    can keep, correct or delete, each named with its node's call and size class."""
+    findings = _findings(processed)
+    measurements = tracked["measurements"]
+    assert [m["tool"] for m in measurements] == ["Bidirectional"] * len(findings)
+    by_label = {m["label"].split(" ")[0]: m for m in measurements}
+    for f in findings:
+        m = by_label[f["label"]]
+        call = "malignant" if f["malignancy_probability"] >= 0.5 else "benign"
+        assert m["label"] == f"{f['label']} {call}, size: {f['size_category']}"
+        long_text, short_text = m["primary"][:2]
+        assert long_text.startswith("L: ") and short_text.startswith("W: ")
+        # OHIF recomputes the lengths from the line end points: the SR's lines are the axes
+        assert abs(float(long_text.split()[1]) - f["long_axis_mm"]) <= 0.06
+        assert abs(float(short_text.split()[1]) - f["short_axis_mm"]) <= 0.06
+    assert tracked["page_errors"] == []

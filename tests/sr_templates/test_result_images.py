@@ -1,0 +1,92 @@
+"""Result images: key slices with contours, labels and an "AI result, not verified" banner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from sr_templates import build_results, codes, write_results
+from sr_templates.result_images import (
+    BANNER_COLOR,
+    MIN_SIZE,
+    banner_text,
+    footer_text,
+    key_images,
+)
+from sr_templates.seg import segment_rgb
+from sr_templates.sources import header_copy
+from tests.helpers.sr_case import MODEL, make_case
+
+
+@pytest.fixture(scope="module")
+def images(case) -> list[pydicom.Dataset]:
+    paths = write_results(case.datasets, case.findings, case.folder / "out")
+    return [pydicom.dcmread(p) for p in paths if p.name.startswith("sc-")]
+
+
+def test_one_image_per_key_slice_in_its_own_series(case, images) -> None:
+    key_slices = {f.key_slice for f in case.findings.findings}
+    assert len(images) == len(key_slices)
+    source = case.datasets[0]
+    assert len({ds.SeriesInstanceUID for ds in images}) == 1
+    for number, ds in enumerate(images, start=1):
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert ds.InstanceNumber == number
+        assert ds.BurnedInAnnotation == "YES"
+        assert "AI" in ds.SeriesDescription and "unverified" in ds.SeriesDescription
+        assert ds.PhotometricInterpretation == "RGB"
+        assert list(ds.PatientOrientation) == ["L", "P"]
+        assert max(ds.Rows, ds.Columns) >= MIN_SIZE
+
+
+def test_each_image_references_its_ct_slice(case, images) -> None:
+    keys = key_images(case.findings)
+    for ds, key in zip(images, keys, strict=True):
+        ref = ds.SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == case.findings.slices[key.k].sop_instance_uid
+
+
+def test_contours_labels_and_banner_are_drawn(case, images) -> None:
+    keys = key_images(case.findings)
+    for ds, key in zip(images, keys, strict=True):
+        rgb = ds.pixel_array
+        scale = ds.Columns // case.findings.shape[2]
+        for n, finding in key.findings:
+            colour = np.array(segment_rgb(n), dtype=np.uint8)
+            _, j0, i0, _, j1, i1 = finding.bbox
+            box = rgb[j0 * scale : j1 * scale, i0 * scale : i1 * scale]
+            assert np.all(box == colour, axis=-1).sum() > 10, f"no contour of {finding.label}"
+        banner = rgb[: ds.Rows // 12]
+        assert np.all(banner == np.array(BANNER_COLOR, dtype=np.uint8), axis=-1).any()
+
+
+def test_banner_names_the_model_and_the_footer_the_software() -> None:
+    """A reader must tell the model's version from the package's: the banner has the model,
+    the legend's last line the software, each labelled."""
+    text = banner_text(MODEL)
+    assert "AI RESULT" in text and "NOT VERIFIED" in text
+    assert text.endswith(f"model {MODEL.name} {MODEL.version}")
+    assert codes.SOFTWARE_VERSION not in text
+    assert footer_text() == f"software nodal {codes.SOFTWARE_VERSION}"
+
+
+def test_no_findings_image_says_so(tmp_path: Path) -> None:
+    case = make_case(tmp_path, nodes=())
+    results = build_results(case.datasets, case.findings)
+    (image,) = results.result_images
+    rgb = image.pixel_array
+    text = np.all(rgb == np.array(BANNER_COLOR, dtype=np.uint8), axis=-1)
+    assert text[: image.Rows // 12].any() and text[-image.Rows // 8 :].any()
+
+
+def test_result_images_need_pixel_data_but_seg_and_sr_do_not(case) -> None:
+    headers = [header_copy(ds) for ds in case.datasets]
+    results = build_results(headers, case.findings, result_images=False)
+    assert results.seg is not None and results.result_images == ()
+    with pytest.raises(ValueError, match="pixel data"):
+        build_results(headers, case.findings)
