@@ -185,7 +185,7 @@ class _Geometry:
                 "affine columns 1 and 2 (row and column steps) must be orthogonal: DICOM "
                 "Image Orientation (Patient) cannot express sheared pixels"
             )
-        geometry = cls(a[:3, 3], a[:3, 0], row_cos, col_cos, (row_spacing, col_spacing))
+        geometry = cls(a[:3, 3], a[:3, 0], row_cos, col_cos, (float(row_spacing), float(col_spacing)))
         if geometry.slice_spacing < 1e-6:
             raise ValueError("affine column 0 (slice step) lies in the image plane")
         return geometry

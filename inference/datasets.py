@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -148,8 +149,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     LPS flips the first two patient axes.
     """
     import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
 
-    img = nib.load(str(path))
+    img = cast(SpatialImage, nib.load(str(path)))  # NIfTI images are spatial images
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -204,7 +206,8 @@ def read_listed_case(name: str, image_path: Path, label_path: Path) -> SiteCase:
     for p in (image_path, label_path):
         if not p.exists():
             raise DatasetError(f"cases.json, {name}: {p.name} does not exist")
-    lab, lab_affine = read_nifti(label_path)
+    lab, nifti_affine = read_nifti(label_path)
+    lab_affine: np.ndarray | None = nifti_affine
     volume = None
     if image_path.is_dir():
         from inference.dicom_volume import load_series
@@ -359,7 +362,7 @@ def _dicom_files(root: Path) -> list[Path]:
 def _dicom_seg(root: Path) -> list[CaseRef]:
     import pydicom
 
-    segs: list[tuple[Path, object]] = []
+    segs: list[tuple[Path, pydicom.dataset.FileDataset]] = []
     series: dict[str, _Series] = {}
     for p in _dicom_files(root):
         try:
@@ -457,14 +460,15 @@ def read_seg_case(name: str, seg_path: Path, ct_paths: list[Path]) -> SiteCase:
     volume = load_series(ct_paths)
     seg = hd.seg.segread(seg_path)
     kinds = {int(d.SegmentNumber): segment_kind(d) for d in seg.SegmentSequence}
-    numbers = sorted(k for k, v in kinds.items() if v is not None)
+    node_kinds = {k: v for k, v in kinds.items() if v is not None}
+    numbers = sorted(node_kinds)
     label = np.zeros(volume.shape, np.uint8)
     if not numbers:
         log.warning("%s: the SEG has no lymph-node segment; the case has no nodes", name)
     else:
         masks = seg_on_grid(seg, volume, numbers, name)
         for s, number in enumerate(numbers):
-            np.maximum(label, np.where(masks[..., s], np.uint8(kinds[number]), np.uint8(0)), out=label)
+            np.maximum(label, np.where(masks[..., s], np.uint8(node_kinds[number]), np.uint8(0)), out=label)
     return SiteCase(name, volume.array, volume.affine, label, volume)
 
 

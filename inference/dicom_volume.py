@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
@@ -225,7 +225,9 @@ def load_series(
 # --- reading --------------------------------------------------------------------------------
 
 
-def _as_items(sources: object) -> list[Path | Dataset]:
+def _as_items(
+    sources: str | os.PathLike[str] | Dataset | Iterable[str | os.PathLike[str] | Dataset],
+) -> list[Path | Dataset]:
     if isinstance(sources, Dataset):
         return [sources]
     if isinstance(sources, str | os.PathLike):
@@ -233,7 +235,9 @@ def _as_items(sources: object) -> list[Path | Dataset]:
         if path.is_dir():
             return [p for p in sorted(path.rglob("*")) if p.is_file() and _is_dicom_file(p)]
         return [path]
-    return [s if isinstance(s, Dataset) else Path(s) for s in sources]  # type: ignore[union-attr]
+    # mypy keeps Dataset (itself iterable, of DataElements) in the union after the first check
+    items = cast("Iterable[str | os.PathLike[str] | Dataset]", sources)
+    return [s if isinstance(s, Dataset) else Path(s) for s in items]
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -331,9 +335,9 @@ def _functional_group(ds: Dataset, frame: int, macro: str, attribute: str | None
     return item.get(attribute)
 
 
-def _floats(value: object, count: int, what: str, where: str) -> np.ndarray:
+def _floats(value: Any, count: int, what: str, where: str) -> np.ndarray:
     try:
-        arr = np.array([float(v) for v in value], dtype=float)  # type: ignore[union-attr]
+        arr = np.array([float(v) for v in value], dtype=float)
     except (TypeError, ValueError):
         arr = np.empty(0)
     if arr.shape != (count,) or not np.all(np.isfinite(arr)):
@@ -360,7 +364,7 @@ def _frames_of(ds: Dataset, n: int) -> list[_Frame]:
                 frame_index=None,
                 ipp=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
                 iop=_floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where),
-                pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+                pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)),
                 rows=rows,
                 columns=columns,
                 slope=slope,
@@ -389,7 +393,7 @@ def _frames_of(ds: Dataset, n: int) -> list[_Frame]:
                 frame_index=f,
                 ipp=_floats(ipp, 3, "ImagePositionPatient", here),
                 iop=_floats(iop, 6, "ImageOrientationPatient", here),
-                pixel_spacing=tuple(_floats(spacing, 2, "PixelSpacing", here)),  # type: ignore[arg-type]
+                pixel_spacing=tuple(_floats(spacing, 2, "PixelSpacing", here)),
                 rows=rows,
                 columns=columns,
                 slope=slope,
@@ -539,8 +543,9 @@ def _fill_pixels(
                 "must be monochrome — exclude colour images from the series"
             )
         order = sorted(slots, key=lambda s: s[1].frame_index or 0)
-        indices = [f.frame_index for _, f in order]
-        multi = indices[0] is not None
+        # the frames of a multi-frame instance all carry their index, a single frame none
+        indices = [f.frame_index for _, f in order if f.frame_index is not None]
+        multi = bool(indices)
         try:
             decoded = _iter_frames(items[source], header, indices if multi else None)
             for (k, f), raw in zip(order, decoded, strict=True):

@@ -13,7 +13,9 @@ matching, to show what intensity alone achieves on these phantoms.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -33,7 +35,9 @@ THRESHOLD_BASELINE_HU = (15.0, 80.0)
 
 
 #: Phantom families: name -> (generator(seed, spec), default spec, UID key).
-FAMILIES = {
+FAMILIES: dict[
+    str, tuple[Callable[[int, Any], phantoms.Phantom | phantoms_heldout.HeldoutPhantom], type, str]
+] = {
     "train": (phantoms.generate, phantoms.PhantomSpec, "nodal-phantom"),
     "heldout": (phantoms_heldout.generate, phantoms_heldout.HeldoutSpec, "nodal-phantom-heldout"),
 }
@@ -130,7 +134,11 @@ def evaluate(
     settings = settings or PipelineSettings()
     rules = model.plausibility if settings.plausibility else None
     judged = rules or plausibility.Rules()
-    runs, base_fps, base_hits, seconds, drawn = [], [], [], [], []
+    runs: list[tuple] = []
+    base_fps: list[int] = []
+    base_hits: list[bool] = []
+    seconds: list[float] = []
+    drawn: list = []
     for n in progress(range(cases), cases, f"{family} phantoms"):
         ph = generate(seed + n, spec)
         drawn.append(getattr(ph, "acquisition", None))

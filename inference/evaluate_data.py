@@ -28,6 +28,7 @@ from inference.evaluate import (
     match,
     threshold_baseline,
 )
+from inference.findings import Finding
 from inference.measure import axial_diameters
 from inference.model_store import LoadedModel
 from inference.pipeline import PipelineSettings, analyse
@@ -83,7 +84,12 @@ def evaluate_cases(
     settings: PipelineSettings | None = None,
 ) -> dict:
     """The scores of `inference.evaluate.evaluate` on labelled site cases."""
-    gt_rows, pred_rows, fps, base_fps, base_hits, seconds = [], [], [], [], [], []
+    gt_rows: list[tuple[TruthNode, bool]] = []
+    pred_rows: list[tuple[TruthNode, Finding, float]] = []
+    fps: list[int] = []
+    base_fps: list[int] = []
+    base_hits: list[bool] = []
+    seconds: list[float] = []
     for ref in cases:
         case = ref.load()
         inst, nodes = truth_nodes(case.label, case.affine)
@@ -102,7 +108,7 @@ def evaluate_cases(
             if node.index in best:
                 f, m = best[node.index]
                 pred_rows.append((node, f, m.dice))
-        bm = match(inst, threshold_baseline(_Image(case.hu, case.affine)))  # type: ignore[arg-type]
+        bm = match(inst, threshold_baseline(_Image(case.hu, case.affine)))
         base_fps.append(sum(m.gt == 0 for m in bm))
         found = {m.gt for m in bm if m.gt}
         base_hits.extend(

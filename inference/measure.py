@@ -47,8 +47,8 @@ def axial_diameters(soft: np.ndarray, spacing_ji: tuple[float, float], level: fl
     return Diameters(
         long_mm=long_mm,
         short_mm=short_mm,
-        long_endpoints=(tuple(pts[a]), tuple(pts[b])),  # type: ignore[arg-type]
-        short_endpoints=(tuple(s0 * to_px), tuple(s1 * to_px)),  # type: ignore[arg-type]
+        long_endpoints=(tuple(pts[a]), tuple(pts[b])),
+        short_endpoints=(tuple(s0 * to_px), tuple(s1 * to_px)),
     )
 
 

@@ -61,7 +61,7 @@ def components(
         if n > 1:
             sizes = ndimage.sum_labels(mask, lab, range(1, n + 1))
             mask = lab == (int(np.argmax(sizes)) + 1)
-        bbox = (*(int(v) for v in lo_n), *(int(v) for v in hi_n))
+        bbox = (int(lo_n[0]), int(lo_n[1]), int(lo_n[2]), int(hi_n[0]), int(hi_n[1]), int(hi_n[2]))
         centre = [c + x.start for c, x in zip(ndimage.center_of_mass(comp), sl, strict=True)]
         extent = max(x.stop - x.start for x in sl)
         crop = crop_around(image_w, labels, centre, extent, label=idx)

@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from scipy import ndimage
@@ -52,9 +53,30 @@ PHASES = {
     "unenhanced": (42.0, 40.0, 0.0, 0.0),
 }
 
+
+class _Variety(TypedDict):
+    patient_size: tuple[float, float]
+    pixel_spacing_mm: tuple[float, float]
+    slice_spacing_mm: tuple[float, float]
+    noise_hu: tuple[float, float]
+    bowel_loops: tuple[int, int]
+    bowel_radius_mm: tuple[float, float]
+    bowel_wall_mm: tuple[float, float]
+    vessels: tuple[int, int]
+    vessel_radius_mm: tuple[float, float]
+    unenhanced_vessel_hu: tuple[float, float]
+    crus_hu: tuple[float, float]
+    ureter_hu: tuple[float, float]
+    adrenal_hu: tuple[float, float]
+    elongated_share: float
+    touching_share: float
+    cluster_share: float
+    metal_share: float
+
+
 #: Domain randomisation (`PhantomSpec.variety`), each range documented in docs/model.md.
 VARIETY_STREAM = 0x56415259  # the second random stream: (seed, VARIETY_STREAM)
-VARIETY = {
+VARIETY: _Variety = {
     "patient_size": (0.85, 1.25),  # body scale: the FOV may cut the body
     "pixel_spacing_mm": (0.5, 1.0),  # variety_spec
     "slice_spacing_mm": (0.6, 5.0),  # variety_spec
@@ -320,8 +342,8 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         for _ in range(rng.integers(4, 8)):  # small mediastinal vessels: node-like in cross-section
             start = (max(5.0, zlo), cy + rng.uniform(-0.5, 0.5) * Bc, rng.uniform(-35, 35))
             path = _random_walk(rng, start, 40, 6.0, (1, 0, 0), (0, cy - Bc, -Ac), (zhi, cy + Bc, Ac))
-            hu = float(rng.choice([art, ven, rng.uniform(35, 55)]))
-            cv.tube(path, rng.uniform(2.5, 6.5), hu, VESSEL, where=(FAT_MEDIASTINUM,))
+            vessel_hu = float(rng.choice([art, ven, rng.uniform(35, 55)]))
+            cv.tube(path, rng.uniform(2.5, 6.5), vessel_hu, VESSEL, where=(FAT_MEDIASTINUM,))
         for _ in range(rng.integers(10, 20)):  # pulmonary vessels
             side = rng.choice([-1, 1])
             start = (rng.uniform(5, zhi), cy, side * 25)
@@ -494,7 +516,8 @@ def _smooth_noise(rng, shape, sigma, std):
 
 def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_enh: float, extra=None):
     count = int(rng.integers(spec.nodes[0], spec.nodes[1] + 1))
-    near: list[np.ndarray] = []  # variety: centres next to the last node (a cluster)
+    # variety: the last node's centre and half long axis, for a neighbour beside it (a cluster)
+    near: tuple[np.ndarray, float] | None = None
     pools = {name: np.flatnonzero(cv.tissue == code) for name, code in STATIONS.items()}
     pools = {k: v for k, v in pools.items() if v.size > 2000}
     names = list(pools)
@@ -517,7 +540,7 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
             idx = np.unravel_index(rng.choice(pools[station]), cv.shape)
             centre = cv.origin + np.array(idx) * cv.spacing
             semi = np.array([zext / 2, sa / 2, la / 2])
-            if near:  # a cluster: beside the last node, a few mm apart
+            if near is not None:  # a cluster: beside the last node, a few mm apart
                 d = extra.normal(0, 1, 3)
                 d[0] *= 0.4
                 centre = near[0] + d / np.linalg.norm(d) * (near[1] + la / 2 + extra.uniform(2, 5))
@@ -569,7 +592,7 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
                 NodeTruth(
                     index=len(nodes) + 1,
                     station=station,
-                    centre_lps_mm=tuple(round(c, 3) for c in lps),
+                    centre_lps_mm=(round(lps[0], 3), round(lps[1], 3), round(lps[2], 3)),
                     semi_axes_mm=(round(la / 2, 3), round(sa / 2, 3), round(zext / 2, 3)),
                     rotation_deg=round(math.degrees(rot), 3),
                     short_axis_mm=round(sa, 3),
@@ -583,12 +606,12 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
                     malignant=noisy,
                 )
             )
-            near.clear()
+            near = None
             if extra is not None and extra.random() < VARIETY["cluster_share"]:
-                near.extend([centre, la / 2])
+                near = (centre, la / 2)
             break
         else:
-            near.clear()
+            near = None
     return nodes
 
 

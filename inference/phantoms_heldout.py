@@ -498,14 +498,14 @@ def _anatomy(scene: _Scene, rng: np.random.Generator) -> dict:
 
     if zl < 20:  # diaphragmatic crura: muscle bands hugging the aorta
         for side in (-1, 1):
-            ctrl = [
+            crus = [
                 (ax + side * 14, ay - 6, 20),
                 (ax + side * 12, ay + 2, -25),
                 (ax + side * 9, ay + 12, -75),
             ]
             _tube(
                 scene,
-                ctrl,
+                crus,
                 rng.uniform(3.0, 5.0),
                 _u(rng, (40, 55)),
                 T_CRUS,
@@ -848,7 +848,7 @@ def _station_of(c, sx, sy, wall_outer) -> str | None:
     for name, (zr, xr, yr) in STATIONS.items():
         if not zr[0] <= c[2] <= zr[1]:
             continue
-        if xr is None:  # axillary: outside the chest wall
+        if xr is None or yr is None:  # axillary: outside the chest wall
             if abs(c[0] - sx) > wall_outer - 5:
                 return name
             continue

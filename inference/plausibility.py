@@ -32,6 +32,7 @@ configuration turns them off, and a rule set to `null` in the card is skipped.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -84,7 +85,7 @@ class Rules:
         bad = set(rules) - set(RULES)
         if bad:
             raise ValueError(f"plausibility rules {sorted(bad)} are unknown; known: {', '.join(RULES)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in thresholds.items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in thresholds.items()}
         off = tuple(r for r in RULES if not rules.get(r, True))
         return cls(**values, off=off)
 
@@ -228,7 +229,7 @@ def verdict_of(
     volume_hu: np.ndarray, spacing, mask, bbox, short_line, long_line, key_slice: int, rules: Rules
 ):
     """`judge` for a measured node given its axis lines (`inference.findings.AxisLine`)."""
-    ends = tuple((float(p[1]) - 0.5, float(p[0]) - 0.5) for p in long_line.endpoints_pixel)
+    a, b = ((float(p[1]) - 0.5, float(p[0]) - 0.5) for p in long_line.endpoints_pixel)
     return judge(
-        volume_hu, spacing, mask, bbox, short_line.length_mm, long_line.length_mm, ends, key_slice, rules
-    )  # type: ignore[arg-type]
+        volume_hu, spacing, mask, bbox, short_line.length_mm, long_line.length_mm, (a, b), key_slice, rules
+    )

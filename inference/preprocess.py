@@ -57,7 +57,7 @@ def body_box(hu: np.ndarray, margin: int = 4) -> tuple[slice, slice, slice]:
     return tuple(box)  # type: ignore[return-value]
 
 
-def normalise(hu: np.ndarray | torch.Tensor):
+def normalise(hu: np.ndarray | np.floating | torch.Tensor):
     lo, hi = HU_WINDOW
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     if isinstance(hu, torch.Tensor):

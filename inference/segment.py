@@ -40,4 +40,4 @@ def node_probability(
             padding_mode="constant",
             cval=float(normalise(np.float32(-1000.0))),
         )
-    return torch.sigmoid(logits.float())[0, 0].numpy()
+    return torch.sigmoid(logits.float())[0, 0].numpy()  # type: ignore[union-attr]

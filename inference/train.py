@@ -211,7 +211,7 @@ def train_segmenter(
     for step in progress(range(cfg.seg_steps), cfg.seg_steps, "segmenter"):
         idx = rng.integers(0, len(imgs), cfg.seg_batch)
         o = rng.integers(0, cfg.patch - cfg.train_crop + 1, 3)
-        crop = (idx, *(slice(a, a + cfg.train_crop) for a in o))
+        crop: tuple[np.ndarray | slice, ...] = (idx, *(slice(a, a + cfg.train_crop) for a in o))
         hu = torch.from_numpy(imgs[crop].astype(np.float32))[:, None]
         hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
         x = normalise(hu)
@@ -329,7 +329,7 @@ def train(
             + ("domain-randomised (variety_spec), " if cfg.variety else "")
             + f"seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
             f" {len(imgs)} patches, {len(crops)} labelled nodes"
-            if synthetic
+            if data_dir is None
             else f"site data from {Path(data_dir).name}: {len(crops)} labelled nodes"
         )
         + (

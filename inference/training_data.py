@@ -39,8 +39,8 @@ def nearest(array: np.ndarray, grid: Grid) -> np.ndarray:
 
 def phantom_case(seed: int, spec: phantoms.PhantomSpec, working_spacing: float) -> Case:
     ph = phantoms.generate(seed, spec)
-    spacing = tuple(float(np.linalg.norm(ph.affine[:3, a])) for a in range(3))
-    image, grid = to_working(ph.hu.astype(np.float32), spacing, working_spacing)
+    sk, sj, si = (float(np.linalg.norm(ph.affine[:3, a])) for a in range(3))
+    image, grid = to_working(ph.hu.astype(np.float32), (sk, sj, si), working_spacing)
     nodes = nearest(ph.labels, grid)
     tissue = nearest(ph.tissue, grid)
     hard = np.isin(tissue, phantoms.DISTRACTOR_CODES)
@@ -100,12 +100,12 @@ def segmentation_patches(
     shares = (node_share, hard_share, mined_share)
     if min(shares) < 0 or sum(shares) > 1:
         raise ValueError("patch shares must be non-negative and add up to at most 1")
-    body = case.image > -500
+    body = np.flatnonzero(case.image > -500)
     pools = [
         np.flatnonzero(case.nodes > 0),
         None if case.hard_negative is None else np.flatnonzero(case.hard_negative),
         None if case.mined is None else np.flatnonzero(case.mined),
-        np.flatnonzero(body),
+        body,
     ]
     bounds = np.cumsum(shares)
     node_mask = (case.nodes > 0).astype(np.uint8)
@@ -113,7 +113,7 @@ def segmentation_patches(
     for _ in range(count):
         pool = pools[int(np.searchsorted(bounds, rng.random(), side="right"))]
         if pool is None or pool.size == 0:
-            pool = pools[3]
+            pool = body
         c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
         images.append(_patch(case.image, c, size, -1000.0))
         masks.append(_patch(node_mask, c, size, 0))

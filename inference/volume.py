@@ -25,7 +25,7 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
