@@ -20,7 +20,7 @@ import time
 COOKIE = "nodal_session"
 MAX_AGE_SECONDS = 12 * 3600
 PAGE_PREFIXES = ("/status/",)
-OPEN_PAGE_PATHS = frozenset({"/status/login", "/status/static/status.css"})
+OPEN_PAGE_PATHS = frozenset({"/status/login", "/status/logout", "/status/static/status.css"})
 
 
 def is_page_path(path: str) -> bool:

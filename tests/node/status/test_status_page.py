@@ -202,7 +202,8 @@ def test_login_cookie_opens_the_page_not_the_api(node):
     r = node.get("/", follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/status/login"
     assert node.get("/status/data.json").status_code == 401
-    assert node.get("/status/login").status_code == 200
+    form = node.get("/status/login")
+    assert form.status_code == 200 and "Log out" not in form.text and 'name="token"' in form.text
     assert node.get("/status/static/status.css").status_code == 200
     bad = node.post("/status/login", data={"token": "wrong"}, follow_redirects=False)
     assert bad.status_code == 401 and COOKIE not in bad.cookies
@@ -212,6 +213,7 @@ def test_login_cookie_opens_the_page_not_the_api(node):
     assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
     assert TOKEN not in set_cookie and TOKEN not in ok.headers["location"]
     assert node.get("/").status_code == 200 and node.get("/status/data.json").status_code == 200
+    assert "Log out" in node.get("/").text
     assert node.get("/api/jobs").status_code == 401  # the cookie is for the page, not the API
     assert node.get("/status/data.json", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     node.post("/status/logout")
