@@ -6,6 +6,7 @@
 - `GET /status/data.json?offset=`: the same figures and study page as JSON
 - `GET /status/studies/{uid}`: one study: series and routing, jobs, deliveries with errors,
   a retry button per job, a link to a viewer (`status_page.viewer_url`)
+- `GET /status/jobs/{id}/images/sc-NNN.png`: a result image of the job as a thumbnail
 - `POST /status/jobs/{id}/retry`: the retry button (CSRF token + same origin; audited)
 - `GET|POST /status/login`, `POST /status/logout`: the session cookie (`dicom_node.status.session`)
 """
@@ -13,8 +14,10 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
@@ -24,7 +27,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
 from dicom_node.config import Settings
-from dicom_node.index.db import Database, now
+from dicom_node.index.db import Database, Job, now
 from dicom_node.jobs.table import JobConflict, retry
 from dicom_node.observe import audit, metrics
 from dicom_node.observe.probes import Probes, readiness
@@ -82,9 +85,43 @@ def health(probes: Probes, settings: Settings) -> dict:
     }
 
 
+RESULT_IMAGE = re.compile(r"^sc-\d{3}\.dcm$")
+THUMBNAIL_PX = 320
+
+
+def result_images(outbox: Path, result_dir: str | None) -> list[str]:
+    """The result images (secondary captures) a job left in the outbox, by file name."""
+    if not result_dir:
+        return []
+    folder = outbox / result_dir
+    try:
+        return sorted(p.name for p in folder.iterdir() if RESULT_IMAGE.match(p.name))
+    except OSError:
+        return []
+
+
+def thumbnail(path: Path, size: int = THUMBNAIL_PX) -> bytes:
+    """A result image (8-bit RGB or MONOCHROME2 secondary capture) as a small PNG."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if pixels.dtype != np.uint8:
+        lo, hi = float(pixels.min()), float(pixels.max())
+        pixels = ((pixels - lo) * (255.0 / max(hi - lo, 1.0))).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
 def status_router(settings: Settings, db: Database, probes: Probes, sessions: Sessions) -> APIRouter:
     router = APIRouter(tags=["status page"], include_in_schema=False)
     page = settings.status_page
+    outbox = settings.node.data_dir / "outbox"
     card = model_card(settings)
     config_text = effective_config(settings)
 
@@ -124,6 +161,8 @@ def status_router(settings: Settings, db: Database, probes: Probes, sessions: Se
         if detail is None:
             raise HTTPException(404, "no such study")
         detail["viewer_url"] = viewer_link(page.viewer_url, study_uid)
+        for j in detail["jobs"]:
+            j["images"] = [] if j["results_purged"] else result_images(outbox, j["result_dir"])
         return render("study.html", request, s=detail, message=request.query_params.get("message"))
 
     @router.post("/status/jobs/{job_id}/retry")
@@ -150,6 +189,25 @@ def status_router(settings: Settings, db: Database, probes: Probes, sessions: Se
         log.info("job %d retried from the status page by %s", job_id, client)
         target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(f"job {job_id} retried")
         return RedirectResponse(target, status_code=303)
+
+    @router.get("/status/jobs/{job_id}/images/{name}")
+    def job_image(job_id: int, name: str) -> Response:
+        dcm = name.removesuffix(".png") + ".dcm"
+        if not name.endswith(".png") or not RESULT_IMAGE.match(dcm):
+            raise HTTPException(404, "no such image")
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            folder = None if job is None or job.results_purged_at is not None else job.result_dir
+        if not folder or dcm not in result_images(outbox, folder):
+            raise HTTPException(404, "no such image")
+        try:
+            png = thumbnail(outbox / folder / dcm)
+        except Exception as e:  # a file that does not decode: no image, the page stays
+            log.warning("result image %s of job %d unreadable: %s", dcm, job_id, type(e).__name__)
+            raise HTTPException(404, "image unreadable") from None
+        return Response(
+            png, media_type="image/png", headers={**_headers(), "Cache-Control": "private, max-age=3600"}
+        )
 
     @router.get("/status/login", response_class=HTMLResponse)
     def login_form(request: Request) -> Response:

@@ -171,6 +171,8 @@ def study_detail(db: Database, study_uid: str) -> dict | None:
         for j in all_jobs:
             row = _job_row(j)
             row["superseded_by"] = j.superseded_by
+            row["result_dir"] = j.result_dir
+            row["results_purged"] = j.results_purged_at is not None
             row["deliveries"] = [
                 {
                     "destination": d.destination,

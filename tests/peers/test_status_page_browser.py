@@ -201,6 +201,17 @@ def test_status_page_in_chromium(tmp_path):
                 expect(page.locator("section.job .state-delivered").first).to_be_visible()
                 page.screenshot(path=str(SCREENSHOTS / "study-retried.png"), full_page=True)
 
+                # the delivered study: its result images as thumbnails
+                page.goto(f"{nodal.http}/status/studies/{delivered_uid}")
+                thumbs = page.locator(".thumbs img")
+                expect(thumbs.first).to_be_visible()
+                page.wait_for_function(
+                    "Array.from(document.querySelectorAll('.thumbs img')).every(i => i.complete)"
+                )
+                assert thumbs.count() >= 1
+                assert all(w > 0 for w in thumbs.evaluate_all("imgs => imgs.map(i => i.naturalWidth)"))
+                page.screenshot(path=str(SCREENSHOTS / "study-delivered.png"), full_page=True)
+
                 page.set_viewport_size({"width": 390, "height": 844})
                 page.goto(nodal.http + "/")
                 expect(page.locator("#studies tr")).to_have_count(3)

@@ -3,10 +3,16 @@ and its protection against cross-site requests (FastAPI's TestClient over a real
 
 from __future__ import annotations
 
+import io
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import select
 
 from dicom_node.api.app import create_app
@@ -98,19 +104,40 @@ def fill(db: Database) -> dict[str, int]:
     return ids
 
 
+def secondary_capture(path: Path) -> None:
+    """An 8-bit RGB image of 64 x 48 pixels, as the result-image writer stores them."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 48, 64, 3, 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = np.full((48, 64, 3), 200, np.uint8).tobytes()
+    path.parent.mkdir(parents=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
 @pytest.fixture
 def node(tmp_path, request):
     db = Database(f"sqlite:///{tmp_path / 'i.sqlite3'}")
     spool = Spool(tmp_path / "spool")
     receiver = Receiver(spool, db)
     config: dict = {
-        "status_page": {"viewer_url": "http://viewer.test/v?StudyInstanceUIDs={StudyInstanceUID}"}
+        "node": {"data_dir": str(tmp_path)},
+        "status_page": {"viewer_url": "http://viewer.test/v?StudyInstanceUIDs={StudyInstanceUID}"},
     }
     if getattr(request, "param", None) == "token":
         (tmp_path / "token").write_text(TOKEN + "\n")
-        config["node"] = {"http_auth": {"token_file": str(tmp_path / "token")}}
+        config["node"]["http_auth"] = {"token_file": str(tmp_path / "token")}
     settings = Settings.model_validate(config)
     ids = fill(db)
+    with db.session() as s:
+        s.get(Job, ids[DONE]).result_dir = "r/1"
+    secondary_capture(tmp_path / "outbox" / "r" / "1" / "sc-001.dcm")
     with TestClient(
         create_app(settings, db, receiver, ready=lambda: True), base_url="http://nodal.test"
     ) as c:
@@ -188,6 +215,19 @@ def test_study_detail_and_retry_with_csrf(node):
     # nothing left to retry: 409
     assert node.post(f"/status/jobs/{job_id}/retry", data={"csrf": csrf}, headers=ORIGIN).status_code == 409
     assert node.get("/status/studies/1.2.3.404").status_code == 404
+
+
+def test_result_images_as_thumbnails(node):
+    job_id = node.ids[DONE]
+    html = node.get(f"/status/studies/{DONE}").text
+    src = f"/status/jobs/{job_id}/images/sc-001.png"
+    assert f'src="{src}"' in html
+    r = node.get(src)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (64, 48)
+    for bad in ("sc-002.png", "sc-001.dcm", "..%2F..%2Fi.sqlite3", "sr.png"):
+        assert node.get(f"/status/jobs/{job_id}/images/{bad}").status_code == 404, bad
+    assert node.get(f"/status/jobs/{node.ids[DOWN]}/images/sc-001.png").status_code == 404
 
 
 def test_paging_bounds(node):
