@@ -205,11 +205,11 @@ def test_status_page_in_chromium(tmp_path):
                 page.goto(f"{nodal.http}/status/studies/{delivered_uid}")
                 thumbs = page.locator(".thumbs img")
                 expect(thumbs.first).to_be_visible()
-                page.wait_for_function(
-                    "Array.from(document.querySelectorAll('.thumbs img')).every(i => i.complete)"
+                widths = "imgs => imgs.map(i => i.complete ? i.naturalWidth : -1)"  # the CSP forbids eval
+                loaded = wait_until(
+                    lambda: (w := thumbs.evaluate_all(widths)) and min(w) >= 0 and w, 30, "thumbnails"
                 )
-                assert thumbs.count() >= 1
-                assert all(w > 0 for w in thumbs.evaluate_all("imgs => imgs.map(i => i.naturalWidth)"))
+                assert min(loaded) > 0, f"a thumbnail did not decode: {loaded}"
                 page.screenshot(path=str(SCREENSHOTS / "study-delivered.png"), full_page=True)
 
                 page.set_viewport_size({"width": 390, "height": 844})
