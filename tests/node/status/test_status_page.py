@@ -282,3 +282,16 @@ def test_views_without_studies(tmp_path):
     assert views.live(db, now(), 300)["oldest_waiting_seconds"] is None
     assert views.study_detail(db, "1.2") is None
     db.close()
+
+
+def test_page_can_be_switched_off(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'off.sqlite3'}")
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(spool, db)
+    settings = Settings.model_validate({"status_page": {"enabled": False}})
+    with TestClient(create_app(settings, db, receiver, ready=lambda: True)) as c:
+        assert c.get("/").status_code == 404 and c.get("/status/data.json").status_code == 404
+        assert c.get("/api/jobs").status_code == 200
+    receiver.close()
+    spool.close()
+    db.close()
