@@ -380,6 +380,18 @@ class ResultsSection(_Section):
     )
 
 
+class StatusPageSection(_Section):
+    enabled: bool = Field(True, description="the status page at / (behind node.http_auth when set)")
+    viewer_url: str | None = Field(
+        None,
+        description="link to open a study in a viewer; {StudyInstanceUID} is replaced, "
+        "e.g. http://ohif:3000/viewer?StudyInstanceUIDs={StudyInstanceUID}",
+    )
+    refresh_seconds: float = Field(5.0, ge=1.0, le=3600.0, description="the page polls its data this often")
+    page_size: int = Field(50, ge=10, le=500, description="studies per page of the list")
+    live_window_minutes: float = Field(5.0, gt=0, le=1440.0, description="'instances in the last minutes'")
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
@@ -406,6 +418,7 @@ class Settings(BaseSettings):
     inference: InferenceSection = InferenceSection()
     volume: VolumeSection = VolumeSection()
     results: ResultsSection = ResultsSection()
+    status_page: StatusPageSection = StatusPageSection()
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")

@@ -7,9 +7,11 @@
   routing decisions
 - `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.observe.audit`)
 - `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.observe.probes`)
+- `GET /` and `/status/...`: the status page (`dicom_node.status.router`; `status_page` settings)
 
 With a token configured (`node.http_auth`), everything but the probes (and `/metrics`)
-needs `Authorization: Bearer <token>` (`dicom_node.api.auth`).
+needs `Authorization: Bearer <token>` (`dicom_node.api.auth`); the status page also takes
+the session cookie its login form sets (`dicom_node.status.session`).
 
 Thin endpoints over `jobs` and the index; no patient data is returned (UIDs, counts,
 states, reasons and times only). Times are ISO 8601 UTC.
@@ -35,6 +37,8 @@ from dicom_node.observe.probes import Probes, monitoring_router
 from dicom_node.receive.http_limits import UploadGuard
 from dicom_node.receive.receiver import Receiver
 from dicom_node.receive.stow import stow_router
+from dicom_node.status.router import status_router
+from dicom_node.status.session import Sessions
 
 
 def iso(t: float | None) -> str | None:
@@ -112,10 +116,14 @@ def create_app(
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
     token = http_token(settings.node.http_auth)  # a wrong token file stops start-up first
-    app.include_router(monitoring_router(probes(settings, db, receiver, ready, ready_check)))
+    checks = probes(settings, db, receiver, ready, ready_check)
+    app.include_router(monitoring_router(checks))
+    sessions = Sessions(token)
+    if settings.status_page.enabled:
+        app.include_router(status_router(settings, db, checks, sessions))
     app.add_middleware(UploadGuard, settings=settings.node.http_limits)  # inside BearerAuth
     if token:
-        app.add_middleware(BearerAuth, token=token, db=db)
+        app.add_middleware(BearerAuth, token=token, db=db, sessions=sessions)
     else:
         logging.getLogger("nodal.auth").warning(
             "node.http_auth has no token: STOW-RS and the API answer anyone who can reach the HTTP port"

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dicom_node.config import HttpAuth, read_secret
 from dicom_node.index.db import Database
 from dicom_node.observe import audit, metrics
+from dicom_node.status.session import OPEN_PAGE_PATHS, Sessions, cookie_from_header, is_page_path
 
 log = logging.getLogger("nodal.auth")
 
@@ -40,22 +41,38 @@ def token_matches(header: str, token: str) -> bool:
 class BearerAuth:
     """ASGI middleware: 401 for HTTP requests outside OPEN_PATHS without the right token."""
 
-    def __init__(self, app: ASGIApp, token: str, db: Database | None = None):
+    def __init__(
+        self, app: ASGIApp, token: str, db: Database | None = None, sessions: Sessions | None = None
+    ):
         self.app = app
         self._token = token
         self._db = db  # where refusals are audited
+        self._sessions = sessions  # the status page's cookie, accepted on its own paths only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path in OPEN_PAGE_PATHS:
             await self.app(scope, receive, send)
             return
-        header = ""
+        header = cookies = ""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 header = value.decode("latin-1")
-                break
+            elif name == b"cookie":
+                cookies = value.decode("latin-1")
         if token_matches(header, self._token):
             await self.app(scope, receive, send)
+            return
+        page = self._sessions is not None and is_page_path(path)
+        if page and self._sessions is not None and self._sessions.valid(cookie_from_header(cookies)):
+            await self.app(scope, receive, send)
+            return
+        if page and not header and scope["method"] == "GET" and not path.endswith(".json"):
+            # a browser without a session: to the login form (not audited: nothing was tried)
+            await send(
+                {"type": "http.response.start", "status": 303, "headers": [(b"location", b"/status/login")]}
+            )
+            await send({"type": "http.response.body", "body": b""})
             return
         client = scope.get("client") or ("-", 0)
         why = "no bearer token" if not header else "wrong token or scheme"

@@ -101,7 +101,7 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(256))  # relative to the spool root
     size: Mapped[int] = mapped_column(Integer)
     frames: Mapped[int] = mapped_column(Integer, default=1)
-    received_at: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float, index=True)  # the status page's recent count
     via: Mapped[str] = mapped_column(String(8))  # dimse | stow | recovered
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_host: Mapped[str] = mapped_column(String(64), default="")

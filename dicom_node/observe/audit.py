@@ -13,6 +13,7 @@ Events:
 - `results_transferred`: result instances of a job sent to a destination (count, outcome)
 - `config_loaded`: `nodal serve` started with a configuration (its hash, secrets masked)
 - `application_stop`: `nodal serve` stopped
+- `user_action`: an action taken on the status page (retry of a job), accepted or refused
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ EVENTS = (
     "results_transferred",
     "config_loaded",
     "application_stop",
+    "user_action",
 )
 SUCCESS, FAILURE = "success", "failure"
 
