@@ -24,7 +24,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     JPEG2000,
     UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -42,8 +44,8 @@ __all__ = [
     "write_ct_series",
 ]
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE_STORAGE = str(CTImageStorage)
+ENHANCED_CT_IMAGE_STORAGE = str(EnhancedCTImageStorage)
 _JPEG2000 = {JPEG2000Lossless, JPEG2000}
 _NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 

@@ -32,17 +32,23 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+from pydicom.uid import SegmentationStorage
 
+from inference.dicom_volume import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
+)
 from inference.volume import Volume
 
 log = logging.getLogger(__name__)
 
 BACKGROUND, NODE, MALIGNANT = 0, 1, 2
 NIFTI_ENDINGS = (".nii.gz", ".nii")
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_STORAGE = str(SegmentationStorage)
+#: Label Map Segmentation Storage (DICOM 2024c); pydicom 3.0 has no name for it yet.
 LABEL_MAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-CT_STORAGE = {CT_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+CT_STORAGE = {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
 #: Segmented Property Type codes of a lymph node: SNOMED CT, and the retired SNOMED RT code.
 LYMPH_NODE_CODES = {("59441001", "SCT"), ("T-C4000", "SRT")}
 #: Grid agreement of label and image affines, in mm.

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference import phantoms, phantoms_heldout, plausibility
+from inference.dicom_volume import CT_IMAGE_STORAGE
 from inference.findings import SliceRef
 from inference.model_store import LoadedModel
 from inference.pipeline import PipelineSettings, analyse
@@ -29,7 +30,6 @@ from inference.train import EVAL_SEED_BASE
 from inference.uids import deterministic_uid
 from inference.volume import Volume
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SENSITIVITY_MIN_SHORT_AXIS_MM = 5.0
 THRESHOLD_BASELINE_HU = (15.0, 80.0)
 
