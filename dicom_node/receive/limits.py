@@ -97,6 +97,14 @@ class BurstLog:
         timer.daemon = True
         timer.start()
 
+    def flush(self) -> None:
+        """Log the summary of every open burst now (at shutdown) rather than when its timer
+        fires, which may be after the logging streams are gone."""
+        with self._lock:
+            keys = list(self._bursts)
+        for key in keys:
+            self._summarise(key)
+
     def _summarise(self, key: tuple[str, str]) -> None:
         with self._lock:
             burst = self._bursts.pop(key, None)

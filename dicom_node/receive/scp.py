@@ -242,6 +242,7 @@ class DimseServer:
             log.warning("aborting an open association at shutdown (its unacknowledged instance is resent)")
             assoc.abort()
         self._server = None
+        limits.REFUSALS.flush()  # the open bursts' summaries, while logging still runs
 
     def _acceptors(self) -> list:
         return [a for a in self.ae.active_associations if a.is_acceptor]

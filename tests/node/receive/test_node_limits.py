@@ -165,3 +165,14 @@ def test_burst_log_logs_the_first_and_summarises_the_rest(caplog):
     assert len(caplog.records) == 2
     assert "from 127.0.0.2 refused: header_timeout" in caplog.records[0].getMessage()
     assert "127.0.0.3 (10)" in caplog.records[1].getMessage()
+
+
+def test_burst_log_flush_summarises_at_once_and_its_timer_then_logs_nothing(caplog):
+    burst = limits.BurstLog(logging.getLogger("nodal.test"), seconds=0.05)
+    with caplog.at_level(logging.WARNING, logger="nodal.test"):
+        for _ in range(3):
+            burst.refused("dimse", limits.HOST_NOT_ALLOWED, "127.0.0.2")
+        burst.flush()  # as DimseServer.stop does
+        assert "2 more refused" in caplog.records[-1].getMessage()
+        time.sleep(0.5)  # ten times the burst's timer
+    assert len(caplog.records) == 2
