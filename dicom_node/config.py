@@ -390,6 +390,11 @@ class StatusPageSection(_Section):
     refresh_seconds: float = Field(5.0, ge=1.0, le=3600.0, description="the page polls its data this often")
     page_size: int = Field(50, ge=10, le=500, description="studies per page of the list")
     live_window_minutes: float = Field(5.0, gt=0, le=1440.0, description="'instances in the last minutes'")
+    show_patient: bool = Field(
+        False,
+        description="show patient name and ID on the page; only then does the index keep them "
+        "(off: they are never stored, and those stored earlier are erased at start)",
+    )
 
 
 class LoggingSection(_Section):

@@ -32,7 +32,7 @@ from dicom_node.completion.quiet import complete_due_studies
 from dicom_node.config import ReplyDestination, Settings
 from dicom_node.delivery.outbox import DeliveryLoop
 from dicom_node.delivery.senders import make_sender
-from dicom_node.index.db import Database
+from dicom_node.index.db import Database, forget_patients
 from dicom_node.jobs.embedded import WorkerPool
 from dicom_node.jobs.queue import JobQueue
 from dicom_node.jobs.table import requeue_lost
@@ -66,7 +66,9 @@ class Node:
         self.spool = Spool(data / "spool", settings.spool.durability, settings.spool.log_segment_mb << 20)
         self.outbox = data / "outbox"
         self.outbox.mkdir(exist_ok=True)
-        self.receiver = Receiver(self.spool, self.db, settings.spool.min_free_mb * 2**20)
+        self.receiver = Receiver(
+            self.spool, self.db, settings.spool.min_free_mb * 2**20, settings.status_page.show_patient
+        )
         self.scp = DimseServer(settings, self.receiver)
         self.workers = _queue(settings, self.db)
         check_destinations(settings)
@@ -100,7 +102,13 @@ class Node:
         )
 
     def start(self) -> None:
-        reconcile(self.spool, self.db)
+        show_patient = self.settings.status_page.show_patient
+        if not show_patient and (erased := forget_patients(self.db)):
+            log.warning(
+                "status_page.show_patient is off: patient name and ID erased from %d stud(y/ies) of the index",
+                erased,
+            )
+        reconcile(self.spool, self.db, show_patient)
         lost = requeue_lost(self.db, self.settings, time.time())
         if lost:
             log.warning("%d job(s) left running by an earlier run were taken up again", lost)

@@ -3,8 +3,10 @@
 - `GET /api/jobs?state=&study=&limit=&offset=`: jobs, newest first
 - `GET /api/jobs/{id}`: one job with its result files and per-destination deliveries
 - `POST /api/jobs/{id}/retry`: run a finished job again, or re-send its failed deliveries
-- `GET /api/studies?limit=&offset=`, `GET /api/studies/{uid}`: studies, their series and
-  routing decisions
+- `GET /api/studies?limit=&offset=`, `GET /api/studies/{uid}`: studies (with their accession
+  numbers), their series and routing decisions
+- `POST /api/studies/{uid}/reprocess`: analyse the study's routed series again from the spool
+  (new jobs; audited as a `user_action`)
 - `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.observe.audit`)
 - `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.observe.probes`)
 - `GET /` and `/status/...`: the status page (`dicom_node.status.router`; `status_page` settings)
@@ -13,8 +15,8 @@ With a token configured (`node.http_auth`), everything but the probes (and `/met
 needs `Authorization: Bearer <token>` (`dicom_node.api.auth`); the status page also takes
 the session cookie its login form sets (`dicom_node.status.session`).
 
-Thin endpoints over `jobs` and the index; no patient data is returned (UIDs, counts,
-states, reasons and times only). Times are ISO 8601 UTC.
+Thin endpoints over `jobs` and the index; no patient name or ID is returned (UIDs, accession
+numbers, counts, states, reasons and times only). Times are ISO 8601 UTC.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from sqlalchemy import func, select
 
 from dicom_node.api.auth import BearerAuth, http_token
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Delivery, Job, Series, Study, now
 from dicom_node.jobs.embedded import WorkerPool
-from dicom_node.jobs.table import JobConflict, retry
+from dicom_node.jobs.table import JobConflict, reprocess, retry
 from dicom_node.observe import audit
 from dicom_node.observe.probes import Probes, monitoring_router
 from dicom_node.receive.http_limits import UploadGuard
@@ -95,6 +97,7 @@ def _deliveries(rows: list[Delivery]) -> dict:
 def study_json(study: Study, jobs: dict[str, int]) -> dict:
     return {
         "study_instance_uid": study.study_uid,
+        "accession_number": study.accession_number,
         "instances": study.instance_count,
         "pending": study.pending,
         "first_received_at": iso(study.first_received_at),
@@ -120,7 +123,7 @@ def create_app(
     app.include_router(monitoring_router(checks))
     sessions = Sessions(token)
     if settings.status_page.enabled:
-        app.include_router(status_router(settings, db, checks, sessions))
+        app.include_router(status_router(settings, db, checks, sessions, receiver.spool.root))
     app.add_middleware(UploadGuard, settings=settings.node.http_limits)  # inside BearerAuth
     if token:
         app.add_middleware(BearerAuth, token=token, db=db, sessions=sessions)
@@ -216,6 +219,29 @@ def create_app(
                 s.scalars(select(Job.id).where(Job.study_uid == study_uid).order_by(Job.id))
             )
             return out
+
+    # issue 18: the reprocess action (the status page's button does the same)
+    @app.post("/api/studies/{study_uid}/reprocess")
+    def reprocess_study(study_uid: str, request: Request) -> dict:
+        client = request.client.host if request.client else "-"
+        key = audit.study_key(study_uid)
+
+        def record(outcome: str, result: str, count: int | None = None) -> None:
+            detail = {"action": "reprocess", "via": "api", "result": result}
+            event = audit.Event(
+                "user_action", outcome, actor="api", peer=client, study_key=key, count=count, detail=detail
+            )
+            audit.record(db, event)
+
+        try:
+            jobs = reprocess(db, study_uid, receiver.spool.root, now())
+        except KeyError:
+            raise HTTPException(404, "no such study") from None
+        except JobConflict as e:
+            record(audit.FAILURE, str(e))
+            raise HTTPException(409, str(e)) from None
+        record(audit.SUCCESS, "job(s) " + ", ".join(str(j.id) for j in jobs) + " queued", len(jobs))
+        return {"study_instance_uid": study_uid, "jobs": [job_json(j) for j in jobs]}
 
     return app
 

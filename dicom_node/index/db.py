@@ -28,11 +28,14 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    or_,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 UID = String(64)
+PATIENT_NAME_CHARS = 200  # PN: up to three component groups of 64 characters, with separators
 
 
 class JobState(enum.StrEnum):
@@ -70,6 +73,10 @@ class Study(Base):
     completions: Mapped[int] = mapped_column(Integer, default=0)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     purged_at: Mapped[float | None] = mapped_column(Float, default=None)
+    # from the latest instance that carries them; the patient's only with status_page.show_patient
+    accession_number: Mapped[str | None] = mapped_column(String(16), default=None)
+    patient_name: Mapped[str | None] = mapped_column(String(PATIENT_NAME_CHARS), default=None)
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Series(Base):
@@ -230,6 +237,17 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def forget_patients(db: Database) -> int:
+    """Erase every stored patient name and ID (`status_page.show_patient` off); returns how
+    many studies had one."""
+    with db.session() as s:
+        return s.execute(  # type: ignore[attr-defined]
+            update(Study)
+            .where(or_(Study.patient_name.is_not(None), Study.patient_id.is_not(None)))
+            .values(patient_name=None, patient_id=None)
+        ).rowcount
 
 
 def now() -> float:

@@ -20,7 +20,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
-from dicom_node.index.db import FINAL_JOB_STATES, Database, Delivery, DeliveryState, Job, JobState
+from dicom_node.index.db import (
+    FINAL_JOB_STATES,
+    Database,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Study,
+)
 from dicom_node.jobs.outcome import JobOutcome
 
 log = logging.getLogger("nodal.jobs")
@@ -28,6 +37,10 @@ log = logging.getLogger("nodal.jobs")
 
 class JobConflict(ValueError):
     """The requested change does not fit the job's state (HTTP 409)."""
+
+
+class NotInSpool(JobConflict):
+    """The instances a job would read are no longer in the spool (retention removed them)."""
 
 
 def owner_id(worker: int | str, pid: int | None = None) -> str:
@@ -273,6 +286,88 @@ def retry(db: Database, job_id: int, settings: Settings, t: float) -> Job:
         job.reason = None
         log.info("job %d queued again by request", job.id)
         return job
+
+
+def routed(latest: Job) -> bool:
+    """Whether the series of `latest` (its newest job) was chosen for analysis: every job but
+    one that routing skipped (skipped before any attempt)."""
+    return not (latest.state == JobState.SKIPPED and latest.attempts == 0)
+
+
+def reprocess(db: Database, study_uid: str, spool_root: Path, t: float) -> list[Job]:
+    """Analyse the study's routed series again from the spool: one new queued job per series.
+
+    The newest job of each series gives way to the new one as after a late instance
+    (superseded; its results stay in the outbox and the PACS, its undelivered ones are
+    cancelled). Refused (JobConflict) while the study is being received or a job of it is
+    queued or running, and (NotInSpool) once retention removed any of its instance files."""
+    with db.session() as s:
+        latest = _routed_series(s, study_uid)
+        paths = {
+            series: list(s.scalars(select(Instance.path).where(Instance.series_uid == series)))
+            for series in latest
+        }
+    for series, rels in paths.items():  # outside the transaction: a stat per file
+        missing = sum(not (spool_root / rel).is_file() for rel in rels)
+        if not rels or missing:
+            raise NotInSpool(
+                f"{missing or 'all'} of the instance files of series {series} are no longer in the spool "
+                "(retention removes them after retention.spool_days); send the study to nodal again "
+                "to analyse it"
+            )
+    with db.session() as s:
+        again = _routed_series(s, study_uid)
+        if {k: j.id for k, j in again.items()} != {k: j.id for k, j in latest.items()}:
+            raise JobConflict("the study's jobs changed meanwhile; reload and try again")
+        created = []
+        for series, old in again.items():
+            job = Job(
+                study_uid=study_uid,
+                series_uid=series,
+                state=JobState.QUEUED,
+                rule=old.rule,
+                created_at=t,
+                not_before=t,
+                reply_ae=old.reply_ae,
+                instance_count=len(paths[series]),
+            )
+            s.add(job)
+            s.flush()
+            supersede_older(s, job, t)
+            created.append(job)
+            log.info("job %d queued to reprocess the series of job %d", job.id, old.id)
+        return created
+
+
+def reprocess_refusal(purged: bool, waiting: bool, jobs: list[Job]) -> str | None:
+    """Why the study of `jobs` (all of them, oldest first) cannot be reprocessed now, or None."""
+    if purged:
+        return (
+            "the study's instances are no longer in the spool (retention removed them); "
+            "send the study to nodal again to analyse it"
+        )
+    if waiting:
+        return "the study is still being received; it is analysed once it is complete"
+    latest = {j.series_uid: j for j in jobs}
+    busy = [j for j in latest.values() if j.state in (JobState.QUEUED, JobState.RUNNING)]
+    if busy:
+        return f"job {busy[0].id} of this study is {busy[0].state}; wait until it has finished"
+    if not any(routed(j) for j in latest.values()):
+        return "no series of this study was routed for analysis; there is nothing to reprocess"
+    return None
+
+
+def _routed_series(s: Session, study_uid: str) -> dict[str, Job]:
+    """The newest job of each routed series of a study that can be reprocessed now."""
+    study = s.get(Study, study_uid)
+    if study is None:
+        raise KeyError(study_uid)
+    jobs = list(s.scalars(select(Job).where(Job.study_uid == study_uid).order_by(Job.id)))
+    why = reprocess_refusal(study.purged_at is not None, study.pending, jobs)
+    if why is not None:
+        raise (NotInSpool if study.purged_at is not None else JobConflict)(why)
+    latest = {j.series_uid: j for j in jobs}
+    return {series: job for series, job in latest.items() if routed(job)}
 
 
 def is_final(state: str) -> bool:

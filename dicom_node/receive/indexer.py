@@ -15,7 +15,7 @@ from sqlalchemy import case, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from dicom_node.index.db import Database, Instance, Series, Study
+from dicom_node.index.db import PATIENT_NAME_CHARS, Database, Instance, Series, Study
 from dicom_node.observe.audit import study_key
 from dicom_node.receive.contract import Source
 from dicom_node.spool.header import InstanceHeader
@@ -34,12 +34,15 @@ class Pending:
     t: float  # when it was acknowledged
 
 
-def index_batch(db: Database, items: list[Pending]) -> list[Pending]:
+def index_batch(db: Database, items: list[Pending], keep_patient: bool = False) -> list[Pending]:
     """Index `items` in one transaction; return those whose SOP Instance UID was already
     indexed (under another path: the same instance sent in another series or study).
 
     One statement per study, one per series and one multi-row insert for the instances,
-    however many instances the batch holds: the indexer's share of the GIL stays small."""
+    however many instances the batch holds: the indexer's share of the GIL stays small.
+    The study row takes the accession number of the batch's latest instance that has one, and
+    its patient name and ID only with `keep_patient` (`status_page.show_patient`): the index
+    holds no patient's name or ID that nobody is shown."""
     duplicates: list[Pending] = []
     fresh: list[Pending] = []
     with db.session() as s:
@@ -52,11 +55,11 @@ def index_batch(db: Database, items: list[Pending]) -> list[Pending]:
                 known.add(p.header.sop_instance_uid)
                 fresh.append(p)
         if fresh:
-            _index(s, fresh)
+            _index(s, fresh, keep_patient)
     return duplicates
 
 
-def _index(s: Session, items: list[Pending]) -> None:
+def _index(s: Session, items: list[Pending], keep_patient: bool) -> None:
     """Insert the instances and bring their studies and series up to date (Core statements)."""
     studies: dict[str, list[Pending]] = {}
     series: dict[str, list[Pending]] = {}
@@ -64,7 +67,7 @@ def _index(s: Session, items: list[Pending]) -> None:
         studies.setdefault(p.header.study_instance_uid, []).append(p)
         series.setdefault(p.header.series_instance_uid, []).append(p)
     for uid, group in studies.items():
-        _upsert_study(s, uid, group)
+        _upsert_study(s, uid, group, keep_patient)
     for uid, group in series.items():
         _upsert_series(s, uid, group)
     s.execute(
@@ -89,9 +92,30 @@ def _index(s: Session, items: list[Pending]) -> None:
     )
 
 
-def _upsert_study(s: Session, uid: str, group: list[Pending]) -> None:
+def study_labels(group: list[Pending], keep_patient: bool) -> dict[str, str]:
+    """The accession number (and, with `keep_patient`, patient name and ID) that the latest
+    instance of `group` (in the order they were acknowledged) carrying each of them gives
+    its study; empty values are left out, so an instance without them never blanks what an
+    earlier one gave. Usually the last instance has them all: one look per study and batch."""
+    labels: dict[str, str] = {}
+    for p in reversed(group):
+        h = p.header
+        for key, value in (
+            ("accession_number", h.accession_number),
+            ("patient_name", h.patient_name[:PATIENT_NAME_CHARS] if keep_patient else ""),
+            ("patient_id", h.patient_id if keep_patient else ""),
+        ):
+            if value and key not in labels:
+                labels[key] = value
+        if len(labels) == (3 if keep_patient else 1):
+            break
+    return labels
+
+
+def _upsert_study(s: Session, uid: str, group: list[Pending], keep_patient: bool) -> None:
     table = Study.__table__
     first, last = min(p.t for p in group), max(p.t for p in group)
+    labels = study_labels(group, keep_patient)
     done = s.execute(  # type: ignore[attr-defined]
         update(table)  # type: ignore[arg-type]
         .where(table.c.study_uid == uid)
@@ -100,6 +124,7 @@ def _upsert_study(s: Session, uid: str, group: list[Pending]) -> None:
             pending=True,
             purged_at=None,
             instance_count=table.c.instance_count + len(group),
+            **labels,
         )
     ).rowcount
     if not done:
@@ -111,6 +136,7 @@ def _upsert_study(s: Session, uid: str, group: list[Pending]) -> None:
                 pending=True,
                 completions=0,
                 instance_count=len(group),
+                **labels,
             )
         )
 
@@ -161,9 +187,10 @@ class Indexer:
     BATCH = 256
     WINDOW = 0.1
 
-    def __init__(self, db: Database, spool_root: Path, settle=None):
+    def __init__(self, db: Database, spool_root: Path, settle=None, keep_patient: bool = False):
         self.db = db
         self.spool_root = spool_root
+        self.keep_patient = keep_patient  # status_page.show_patient
         self._settle = settle  # waits until the spool files of what was stored are written
         self._q: queue.Queue[Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
@@ -208,7 +235,7 @@ class Indexer:
     def _write(self, batch: list[Pending]) -> None:
         while True:
             try:
-                duplicates = index_batch(self.db, batch)
+                duplicates = index_batch(self.db, batch, self.keep_patient)
                 break
             except SQLAlchemyError as e:  # the files are safe on disk; keep trying
                 log.error("index write failed (%s); retrying in 1 s", type(e).__name__)

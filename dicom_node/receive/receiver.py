@@ -48,13 +48,14 @@ log = logging.getLogger("nodal.ingest")
 
 
 class Receiver:
-    def __init__(self, spool: Spool, db: Database, min_free_bytes: int = 0):
+    def __init__(self, spool: Spool, db: Database, min_free_bytes: int = 0, keep_patient: bool = False):
+        """`keep_patient`: the index keeps patient name and ID (`status_page.show_patient`)."""
         self.spool = spool
         self.db = db
         self.min_free_bytes = min_free_bytes
         self.transfers = Transfers()
         self._stripes = [threading.Lock() for _ in range(64)]
-        self.indexer = Indexer(db, spool.root, spool.settle)
+        self.indexer = Indexer(db, spool.root, spool.settle, keep_patient)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every acknowledged instance is in the spool and the index (False on

@@ -15,8 +15,9 @@ from dicom_node.spool.store import Spool, relative_path
 log = logging.getLogger("nodal.ingest")
 
 
-def reconcile(spool: Spool, db: Database) -> tuple[int, int]:
-    """After a crash: drop unacknowledged temporary files, index spool files the index lost.
+def reconcile(spool: Spool, db: Database, keep_patient: bool = False) -> tuple[int, int]:
+    """After a crash: drop unacknowledged temporary files, index spool files the index lost
+    (`keep_patient`: with patient name and ID, as `status_page.show_patient` says).
 
     Returns (temporary files removed, files re-indexed).
     """
@@ -37,7 +38,8 @@ def reconcile(spool: Spool, db: Database) -> tuple[int, int]:
             log.warning("spool file %s does not match its own UIDs; left in place", rel)
             continue
         source = Source(via="recovered", transfer_id="reconcile", calling_ae=header.source_ae)
-        if index_batch(db, [Pending(header, rel, path.stat().st_size, source, path.stat().st_mtime)]):
+        pending = Pending(header, rel, path.stat().st_size, source, path.stat().st_mtime)
+        if index_batch(db, [pending], keep_patient):
             log.warning("spool file %s repeats an indexed SOP Instance UID; left in place", rel)
             continue
         recovered += 1

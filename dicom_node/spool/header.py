@@ -2,7 +2,9 @@
 and the few attributes that the index and the routing rules need.
 
 The values are read raw (pydicom's element reader, no `Dataset`, no value conversion) up
-to Number of Frames (0028,0008): everything needed lies before it. A multi-frame instance
+to Number of Frames (0028,0008): everything needed lies before it. The labels a person knows
+a study by (accession number, patient name and ID) are read too; the index keeps the
+patient's only when the status page shows them (`receive.indexer`). A multi-frame instance
 without Slice Thickness there (Enhanced CT keeps it in its functional groups) is read on
 up to its pixel data. One decoder (`_header`) turns the raw values into an
 `InstanceHeader`, whichever way the instance came:
@@ -27,6 +29,7 @@ from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_dataset, read_partial
 from pydicom.uid import UID
+from pydicom.valuerep import PersonName
 
 UID_PATTERN = r"[0-9]+(?:\.[0-9]+)*"  # the one UID pattern: header checks, spool log paths
 UID_RE = re.compile(rf"^{UID_PATTERN}$")
@@ -35,8 +38,11 @@ CHARSET = 0x00080005
 IMAGE_TYPE = 0x00080008
 SOP_CLASS = 0x00080016
 SOP_INSTANCE = 0x00080018
+ACCESSION = 0x00080050
 MODALITY = 0x00080060
 SERIES_DESCRIPTION = 0x0008103E
+PATIENT_NAME = 0x00100010
+PATIENT_ID = 0x00100020
 SLICE_THICKNESS = 0x00180050
 STUDY = 0x0020000D
 SERIES = 0x0020000E
@@ -46,8 +52,11 @@ HEADER_TAGS = (
     IMAGE_TYPE,
     SOP_CLASS,
     SOP_INSTANCE,
+    ACCESSION,
     MODALITY,
     SERIES_DESCRIPTION,
+    PATIENT_NAME,
+    PATIENT_ID,
     SLICE_THICKNESS,
     STUDY,
     SERIES,
@@ -91,6 +100,9 @@ class InstanceHeader:
     series_description: str = ""
     frames: int = 1
     source_ae: str = ""  # file meta Source Application Entity Title (the C-STORE caller)
+    accession_number: str = ""
+    patient_name: str = ""  # as text: "Family^Given", component groups joined by "="
+    patient_id: str = ""
 
 
 def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
@@ -189,7 +201,7 @@ def _header(
 ) -> InstanceHeader:
     try:
         charset = [v.strip() for v in _text(values.get(CHARSET)).split("\\")]
-        description = values.get(SERIES_DESCRIPTION)
+        encodings = convert_encodings(charset if any(charset) else None)
         image_type = _text(values.get(IMAGE_TYPE))
         return InstanceHeader(
             sop_class_uid=check_uid(_text(values.get(SOP_CLASS)), "SOP Class UID"),
@@ -200,20 +212,33 @@ def _header(
             modality=_text(values.get(MODALITY))[:16],
             image_type=tuple(v.strip().upper() for v in image_type.split("\\"))[:8] if image_type else (),
             slice_thickness_mm=_thickness(_text(values.get(SLICE_THICKNESS)), groups),
-            series_description=(
-                decode_bytes(description, convert_encodings(charset if any(charset) else None), set()).strip(
-                    "\0 "
-                )[:64]
-                if description
-                else ""
-            ),
+            series_description=_decoded(values.get(SERIES_DESCRIPTION), encodings)[:64],
             frames=_frames(values),
             source_ae=source_ae,
+            accession_number=_decoded(values.get(ACCESSION), encodings)[:16],
+            patient_name=_person_name(values.get(PATIENT_NAME), encodings),
+            patient_id=_decoded(values.get(PATIENT_ID), encodings)[:64],
         )
     except InvalidInstanceError:
         raise
     except Exception as e:  # a malformed value (e.g. a non-numeric IS)
         raise InvalidInstanceError(f"malformed header: {type(e).__name__}") from None
+
+
+def _decoded(raw: bytes | None, encodings: list[str]) -> str:
+    """A value of a text VR in the instance's character set; plain ASCII needs no codec."""
+    if not raw:
+        return ""
+    text = raw.decode("ascii") if raw.isascii() and 0x1B not in raw else decode_bytes(raw, encodings, set())
+    return text.strip("\0 ")
+
+
+def _person_name(raw: bytes | None, encodings: list[str]) -> str:
+    if not raw:
+        return ""
+    if raw.isascii() and 0x1B not in raw:
+        return raw.decode("ascii").strip("\0 ")
+    return str(PersonName(raw, encodings)).strip("\0 ")
 
 
 def _thickness(text: str, groups: Dataset | None) -> float | None:

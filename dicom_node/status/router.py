@@ -8,6 +8,8 @@
   a retry button per job, a link to a viewer (`status_page.viewer_url`)
 - `GET /status/jobs/{id}/images/sc-NNN.png`: a result image of the job as a thumbnail
 - `POST /status/jobs/{id}/retry`: the retry button (CSRF token + same origin; audited)
+- `POST /status/studies/{uid}/reprocess`: the reprocess button: the study's routed series
+  analysed again from the spool, as new jobs (CSRF token + same origin; audited)
 - `GET|POST /status/login`, `POST /status/logout`: the session cookie (`dicom_node.status.session`)
 """
 
@@ -28,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Job, now
-from dicom_node.jobs.table import JobConflict, retry
+from dicom_node.jobs.table import JobConflict, reprocess, retry
 from dicom_node.observe import audit, metrics
 from dicom_node.observe.probes import Probes, readiness
 from dicom_node.status import views
@@ -118,7 +120,9 @@ def thumbnail(path: Path, size: int = THUMBNAIL_PX) -> bytes:
     return out.getvalue()
 
 
-def status_router(settings: Settings, db: Database, probes: Probes, sessions: Sessions) -> APIRouter:
+def status_router(
+    settings: Settings, db: Database, probes: Probes, sessions: Sessions, spool_root: Path
+) -> APIRouter:
     router = APIRouter(tags=["status page"], include_in_schema=False)
     page = settings.status_page
     outbox = settings.node.data_dir / "outbox"
@@ -127,7 +131,7 @@ def status_router(settings: Settings, db: Database, probes: Probes, sessions: Se
 
     def data(offset: int) -> dict:
         t = now()
-        listing = views.studies_page(db, page.page_size, offset)
+        listing = views.studies_page(db, page.page_size, offset, page.show_patient)
         for st in listing["studies"]:
             st["viewer_url"] = viewer_link(page.viewer_url, st["study_instance_uid"])
         return {
@@ -155,15 +159,30 @@ def status_router(settings: Settings, db: Database, probes: Probes, sessions: Se
     def status_data(offset: int = Query(0, ge=0)) -> JSONResponse:
         return JSONResponse(data(offset), headers=_headers())
 
-    @router.get("/status/studies/{study_uid}", response_class=HTMLResponse)
-    def study(request: Request, study_uid: str) -> HTMLResponse:
-        detail = views.study_detail(db, study_uid)
+    def study_page(request: Request, study_uid: str, status_code: int = 200, error: str | None = None):
+        detail = views.study_detail(db, study_uid, page.show_patient)
         if detail is None:
             raise HTTPException(404, "no such study")
         detail["viewer_url"] = viewer_link(page.viewer_url, study_uid)
         for j in detail["jobs"]:
             j["images"] = [] if j["results_purged"] else result_images(outbox, j["result_dir"])
-        return render("study.html", request, s=detail, message=request.query_params.get("message"))
+        message = request.query_params.get("message")
+        return render("study.html", request, status_code, s=detail, message=message, error=error)
+
+    @router.get("/status/studies/{study_uid}", response_class=HTMLResponse)
+    def study(request: Request, study_uid: str) -> HTMLResponse:
+        return study_page(request, study_uid)
+
+    def checked(request: Request, csrf: str, action: dict) -> str:
+        """The client's address once the form proved to come from this page; else 403 (audited)."""
+        cookie = request.cookies.get(COOKIE)
+        client = request.client.host if request.client else "-"
+        host = request.headers.get("host", "")
+        if not same_origin(dict(request.headers), host) or not sessions.csrf_ok(cookie, csrf):
+            log.warning("%s from %s refused: cross-site or stale form", action["action"], client)
+            _audit(db, client, audit.FAILURE, "cross-site request or stale form", **action)
+            raise HTTPException(403, "cross-site request refused: reload the page and press the button again")
+        return client
 
     @router.post("/status/jobs/{job_id}/retry")
     async def retry_button(request: Request, job_id: int) -> Response:
@@ -171,23 +190,39 @@ def status_router(settings: Settings, db: Database, probes: Probes, sessions: Se
         return await run_in_threadpool(do_retry, request, job_id, csrf)
 
     def do_retry(request: Request, job_id: int, csrf: str) -> Response:
-        cookie = request.cookies.get(COOKIE)
-        client = request.client.host if request.client else "-"
-        host = request.headers.get("host", "")
-        if not same_origin(dict(request.headers), host) or not sessions.csrf_ok(cookie, csrf):
-            log.warning("retry of job %d from %s refused: cross-site or stale form", job_id, client)
-            _audit(db, job_id, client, audit.FAILURE, "cross-site request or stale form")
-            raise HTTPException(403, "cross-site request refused: reload the page and press the button again")
+        action: dict = {"action": "retry", "job_id": job_id}
+        client = checked(request, csrf, action)
         try:
             study_uid = retry(db, job_id, settings, now()).study_uid
         except KeyError:
             raise HTTPException(404, f"no job {job_id}") from None
         except JobConflict as e:
-            _audit(db, job_id, client, audit.FAILURE, str(e))
+            _audit(db, client, audit.FAILURE, str(e), **action)
             raise HTTPException(409, str(e)) from None
-        _audit(db, job_id, client, audit.SUCCESS, "retry")
+        _audit(db, client, audit.SUCCESS, "retry", **action)
         log.info("job %d retried from the status page by %s", job_id, client)
         target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(f"job {job_id} retried")
+        return RedirectResponse(target, status_code=303)
+
+    @router.post("/status/studies/{study_uid}/reprocess")
+    async def reprocess_button(request: Request, study_uid: str) -> Response:
+        csrf = (await form(request)).get("csrf", "")
+        return await run_in_threadpool(do_reprocess, request, study_uid, csrf)
+
+    def do_reprocess(request: Request, study_uid: str, csrf: str) -> Response:
+        action: dict = {"action": "reprocess", "study_uid": study_uid}
+        client = checked(request, csrf, action)
+        try:
+            jobs = reprocess(db, study_uid, spool_root, now())
+        except KeyError:
+            raise HTTPException(404, "no such study") from None
+        except JobConflict as e:
+            _audit(db, client, audit.FAILURE, str(e), **action)
+            return study_page(request, study_uid, 409, f"Not reprocessed: {e}")
+        ids = ", ".join(f"#{j.id}" for j in jobs)
+        _audit(db, client, audit.SUCCESS, f"job(s) {ids} queued", count=len(jobs), **action)
+        log.info("study %s reprocessed from the status page by %s: job(s) %s", audit.study_key(study_uid), client, ids)
+        target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(f"reprocessing as job(s) {ids}")
         return RedirectResponse(target, status_code=303)
 
     @router.get("/status/jobs/{job_id}/images/{name}")
@@ -279,9 +314,27 @@ def _headers() -> dict[str, str]:
     }
 
 
-def _audit(db: Database, job_id: int, client: str, outcome: str, what: str) -> None:
-    detail = {"action": "retry", "via": "status page", "result": what}
+def _audit(
+    db: Database,
+    client: str,
+    outcome: str,
+    result: str,
+    action: str,
+    job_id: int | None = None,
+    study_uid: str | None = None,
+    count: int | None = None,
+) -> None:
+    """A `user_action` event: the study by its key, never its UID."""
     audit.record(
         db,
-        audit.Event("user_action", outcome, actor="status page", peer=client, job_id=job_id, detail=detail),
+        audit.Event(
+            "user_action",
+            outcome,
+            actor="status page",
+            peer=client,
+            study_key=None if study_uid is None else audit.study_key(study_uid),
+            job_id=job_id,
+            count=count,
+            detail={"action": action, "via": "status page", "result": result},
+        ),
     )

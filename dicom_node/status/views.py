@@ -1,9 +1,10 @@
 """What the status page shows, as plain values read from the index.
 
 Each function takes the database (and a time) and returns dicts and lists of plain values;
-the router renders them as HTML or JSON. No patient data: the index holds none (UIDs,
-counts, states, reasons and times only). Every query is bounded (one page of studies, a
-few recent refusals) so that the page stays fast with a large index.
+the router renders them as HTML or JSON. A study is labelled by its accession number; its
+patient's name and ID are added only with `show_patient` (`status_page.show_patient`; the
+index holds them only then). Every query is bounded (one page of studies, a few recent
+refusals) so that the page stays fast with a large index.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 
 from dicom_node.index.db import AuditEvent, Database, Delivery, Instance, Job, JobState, Series, Study
+from dicom_node.jobs.table import reprocess_refusal
 
 REFUSAL_EVENTS = ("association", "authentication")
 
@@ -115,7 +117,15 @@ def delivery_state(counts: dict[str, int]) -> str:
     return "none"
 
 
-def studies_page(db: Database, limit: int = 50, offset: int = 0) -> dict:
+def study_labels(st: Study, show_patient: bool) -> dict:
+    """Accession number, and patient name and ID only when they are to be shown."""
+    labels = {"accession_number": st.accession_number}
+    if show_patient:
+        labels |= {"patient_name": st.patient_name, "patient_id": st.patient_id}
+    return labels
+
+
+def studies_page(db: Database, limit: int = 50, offset: int = 0, show_patient: bool = False) -> dict:
     """One page of studies, newest arrival first, with their series, jobs and deliveries."""
     with db.session() as s:
         total = s.scalar(select(func.count()).select_from(Study)) or 0
@@ -143,6 +153,7 @@ def studies_page(db: Database, limit: int = 50, offset: int = 0) -> dict:
             rows.append(
                 {
                     "study_instance_uid": st.study_uid,
+                    **study_labels(st, show_patient),
                     "instances": st.instance_count,
                     "first_received_at": iso(st.first_received_at),
                     "last_received_at": iso(st.last_received_at),
@@ -160,7 +171,7 @@ def studies_page(db: Database, limit: int = 50, offset: int = 0) -> dict:
     return {"total": total, "limit": limit, "offset": offset, "studies": rows}
 
 
-def study_detail(db: Database, study_uid: str) -> dict | None:
+def study_detail(db: Database, study_uid: str, show_patient: bool = False) -> dict | None:
     """One study: its series and routing, every job, every delivered or failed result instance."""
     with db.session() as s:
         st = s.get(Study, study_uid)
@@ -193,12 +204,14 @@ def study_detail(db: Database, study_uid: str) -> dict | None:
             job_rows.append(row)
         return {
             "study_instance_uid": st.study_uid,
+            **study_labels(st, show_patient),
             "instances": st.instance_count,
             "first_received_at": iso(st.first_received_at),
             "last_received_at": iso(st.last_received_at),
             "completed_at": iso(st.completed_at),
             "waiting": st.pending,
             "purged": st.purged_at is not None,
+            "reprocess_refusal": reprocess_refusal(st.purged_at is not None, st.pending, list(all_jobs)),
             "series": [
                 _series_row(se, list(all_jobs))
                 for se in s.scalars(select(Series).where(Series.study_uid == study_uid))

@@ -24,6 +24,13 @@
     var arrival = [st.first_received_at || ""];
     if (st.waiting) arrival.push(" ", state("receiving"));
     tr.appendChild(cell("Arrival", arrival));
+    var labels = [el("span", "acc", st.accession_number || "–")];
+    if ("patient_name" in st) {
+      var p = el("div", "patient", (st.patient_name || "–") + " ");
+      p.appendChild(el("span", "muted", st.patient_id || ""));
+      labels.push(p);
+    }
+    tr.appendChild(cell("Accession", labels));
     var a = el("a", "uid", st.study_instance_uid);
     a.href = "/status/studies/" + encodeURIComponent(st.study_instance_uid);
     tr.appendChild(cell("Study", [a, " ", el("span", "muted", st.instances + " inst.")]));
@@ -78,7 +85,7 @@
     if (checks) checks.replaceChildren.apply(checks, d.health.checks.map(function (c) {
       var li = el("li", c.ok ? "ok" : "bad"); li.appendChild(el("b", null, c.name)); li.appendChild(document.createTextNode(": " + c.detail)); return li;
     }));
-    replace("studies", d.studies.studies.map(studyRow), "Nothing received yet.", 6);
+    replace("studies", d.studies.studies.map(studyRow), "Nothing received yet.", 7);
     replace("refusals", d.refusals.map(refusalRow), "None.", 4);
   }
   function poll() {
