@@ -307,13 +307,13 @@ def reprocess(db: Database, study_uid: str, spool_root: Path, t: float) -> list[
             series: list(s.scalars(select(Instance.path).where(Instance.series_uid == series)))
             for series in latest
         }
-    for series, rels in paths.items():  # outside the transaction: a stat per file
+    for rels in paths.values():  # outside the transaction: a stat per file
         missing = sum(not (spool_root / rel).is_file() for rel in rels)
         if not rels or missing:
             raise NotInSpool(
-                f"{missing or 'all'} of the instance files of series {series} are no longer in the spool "
-                "(retention removes them after retention.spool_days); send the study to nodal again "
-                "to analyse it"
+                f"{f'{missing} of {len(rels)}' if rels and missing < len(rels) else 'all'} instance files "
+                "of a routed series are no longer in the spool (retention removes them after "
+                "retention.spool_days); send the study to nodal again to analyse it"
             )
     with db.session() as s:
         again = _routed_series(s, study_uid)

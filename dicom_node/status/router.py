@@ -221,8 +221,15 @@ def status_router(
             return study_page(request, study_uid, 409, f"Not reprocessed: {e}")
         ids = ", ".join(f"#{j.id}" for j in jobs)
         _audit(db, client, audit.SUCCESS, f"job(s) {ids} queued", count=len(jobs), **action)
-        log.info("study %s reprocessed from the status page by %s: job(s) %s", audit.study_key(study_uid), client, ids)
-        target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(f"reprocessing as job(s) {ids}")
+        log.info(
+            "study %s reprocessed from the status page by %s: job(s) %s",
+            audit.study_key(study_uid),
+            client,
+            ids,
+        )
+        target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(
+            f"reprocessing as job(s) {ids}"
+        )
         return RedirectResponse(target, status_code=303)
 
     @router.get("/status/jobs/{job_id}/images/{name}")

@@ -6,9 +6,10 @@ refuse an outdated index with the command that fixes it."""
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from dicom_node.cli import main
 from dicom_node.index import schema
@@ -115,3 +116,23 @@ def test_workers_refuse_an_outdated_index_and_nodal_db_upgrade_fixes_it(url, mon
     out = capsys.readouterr().out
     assert f"{schema.FIRST_REVISION} -> {schema.head()}" in out
     Database(url, upgrade=False).close()
+
+
+def test_0005_adds_the_study_labels_empty_and_downgrade_removes_them(url):
+    engine = _first_revision_with_rows(url)
+    schema.upgrade(engine, "0004")
+    schema.upgrade(engine, "0005")
+    with engine.begin() as conn:
+        row = conn.execute(text("SELECT accession_number, patient_name, patient_id FROM studies")).one()
+        assert tuple(row) == (None, None, None)  # known once an instance of the study comes again
+        conn.execute(text("UPDATE studies SET accession_number = 'ACC-7', patient_name = 'Doe^Jane'"))
+    schema.upgrade(engine, "head")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT accession_number FROM studies")).scalar() == "ACC-7"
+    with engine.begin() as conn:
+        command.downgrade(schema.alembic_config(conn), "0004")
+    with engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("studies")}
+        assert "accession_number" not in columns and "patient_name" not in columns
+        assert conn.execute(text("SELECT instance_count FROM studies")).scalar() == 1
+    engine.dispose()

@@ -37,6 +37,36 @@ def test_series_description_decoded_in_its_character_set(ts, charset, descriptio
         assert header.series_description == expected == description
 
 
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    "charset, name, accession, patient_id",
+    [
+        ("ISO_IR 100", "Müller^Jürgen", "ACC-Ä1", "PID-ß7"),
+        ("ISO_IR 192", "Иванов^Иван", "A1", "ИД-1"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", "JP42", "P-1"),  # ideographic group
+        (None, "Doe^Jane", "20261205001", "0042"),
+    ],
+)
+def test_accession_number_and_patient_decoded_in_their_character_set(
+    ts, charset, name, accession, patient_id
+):
+    extra = {"SpecificCharacterSet": charset} if charset else {}
+    data = part10(PatientName=name, AccessionNumber=accession, PatientID=patient_id, **extra)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for h in both(data, str(ts)):
+        assert (h.patient_name, h.accession_number, h.patient_id) == (
+            str(ds.PatientName),
+            ds.AccessionNumber,
+            ds.PatientID,
+        )
+        assert (h.patient_name, h.accession_number, h.patient_id) == (name, accession, patient_id)
+
+
+def test_without_accession_number_or_patient_they_are_empty():
+    for h in both(part10()):
+        assert (h.accession_number, h.patient_name, h.patient_id) == ("", "", "")
+
+
 def test_values_as_pydicom_reads_them():
     data = part10(
         Modality="CT",

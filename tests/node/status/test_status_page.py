@@ -17,12 +17,14 @@ from sqlalchemy import select
 
 from dicom_node.api.app import create_app
 from dicom_node.config import Settings
-from dicom_node.index.db import AuditEvent, Database, Delivery, Job, Series, Study, now
+from dicom_node.index.db import AuditEvent, Database, Delivery, Instance, Job, Series, Study, now
 from dicom_node.observe import audit
+from dicom_node.receive.contract import Source
 from dicom_node.receive.receiver import Receiver
 from dicom_node.spool.store import Spool
 from dicom_node.status import views
 from dicom_node.status.session import COOKIE, MAX_AGE_SECONDS, Sessions, same_origin
+from tests.helpers.dicom import part10
 
 TOKEN = "tok-3c9a1e7d5b2f4a60"
 DONE, SKIPPED, DOWN = "1.2.826.0.1.1", "1.2.826.0.1.2", "1.2.826.0.1.3"
@@ -141,7 +143,7 @@ def node(tmp_path, request):
     with TestClient(
         create_app(settings, db, receiver, ready=lambda: True), base_url="http://nodal.test"
     ) as c:
-        c.db, c.ids = db, ids  # type: ignore[attr-defined]
+        c.db, c.ids, c.receiver = db, ids, receiver  # type: ignore[attr-defined]
         yield c
     receiver.close()
     spool.close()
@@ -295,3 +297,122 @@ def test_page_can_be_switched_off(tmp_path):
     receiver.close()
     spool.close()
     db.close()
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_accession_number_shown_patient_only_when_configured(tmp_path, show):
+    db = Database(f"sqlite:///{tmp_path / 'p.sqlite3'}")
+    spool = Spool(tmp_path / "spool")
+    receiver = Receiver(spool, db)
+    fill(db)
+    with db.session() as s:  # as an index written with show_patient on left it
+        st = s.get(Study, DONE)
+        st.accession_number, st.patient_name, st.patient_id = "ACC<1>", "Doe^Jane", "PID-77"
+    settings = Settings.model_validate(
+        {"node": {"data_dir": str(tmp_path)}, "status_page": {"show_patient": show}}
+    )
+    with TestClient(create_app(settings, db, receiver, ready=lambda: True)) as c:
+        texts = [c.get("/").text, c.get(f"/status/studies/{DONE}").text, c.get("/status/data.json").text]
+        data = c.get("/status/data.json").json()["studies"]["studies"]
+    assert "ACC&lt;1&gt;" in texts[0] and "ACC&lt;1&gt;" in texts[1] and "ACC<1>" not in texts[0]
+    assert next(s for s in data if s["study_instance_uid"] == DONE)["accession_number"] == "ACC<1>"
+    for text in texts:
+        assert ("Doe^Jane" in text and "PID-77" in text) is show
+    assert all(("patient_name" in s) is show for s in data)
+    receiver.close()
+    spool.close()
+    db.close()
+
+
+def in_spool(node, study_uid: str, n: int = 2) -> None:
+    """`n` instances of the study's series stored through the receiver, the study complete."""
+    for i in range(n):
+        node.receiver.store_bytes(
+            part10(sop=f"{study_uid}.5.{i}", study=study_uid, series=study_uid + ".1"),
+            Source("dimse", "t-" + study_uid),
+        )
+    assert node.receiver.flush(10)
+    with node.db.session() as s:
+        s.get(Study, study_uid).pending = False
+        s.get(Series, study_uid + ".1").pending = False
+
+
+def test_reprocess_button_new_job_from_the_spool_csrf_and_audit(node):
+    old = node.ids[DONE]
+    html = node.get(f"/status/studies/{DONE}").text
+    assert "Reprocess the study" in html
+    csrf = html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    url = f"/status/studies/{DONE}/reprocess"
+    # nothing in the spool (the fixture's index has no instance rows): refused, clearly
+    r = node.post(url, data={"csrf": csrf}, headers=ORIGIN)
+    assert r.status_code == 409 and "no longer in the spool" in r.text and 'role="alert"' in r.text
+    in_spool(node, DONE)
+    assert node.post(url, data={"csrf": csrf}).status_code == 403  # no Origin
+    assert node.post(url, data={"csrf": "x"}, headers=ORIGIN).status_code == 403
+    r = node.post(url, data={"csrf": csrf}, headers=ORIGIN, follow_redirects=False)
+    assert r.status_code == 303 and "reprocessing" in r.headers["location"]
+    with node.db.session() as s:
+        jobs = s.scalars(select(Job).where(Job.study_uid == DONE).order_by(Job.id)).all()
+        delivered = s.scalars(select(Delivery.state).where(Delivery.job_id == old)).all()
+    assert [(j.id == old, j.state) for j in jobs] == [(True, "superseded"), (False, "queued")]
+    new = jobs[1]
+    assert (new.series_uid, new.rule, new.instance_count, jobs[0].superseded_by) == (
+        DONE + ".1",
+        "ct-axial",
+        2,
+        new.id,
+    )
+    assert delivered == ["delivered"]  # the earlier results stay
+    page = node.get(r.headers["location"]).text
+    assert f"#{new.id}" in page and "is queued; wait until it has finished" in page
+    assert "Reprocess the study" not in page
+    again = node.post(url, data={"csrf": csrf}, headers=ORIGIN)
+    assert again.status_code == 409 and f"job {new.id} of this study is queued" in again.text
+    with node.db.session() as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.event == "user_action")).all()
+    actions = [(e.outcome, json.loads(e.detail)["action"], e.count) for e in events]
+    assert actions == [("failure", "reprocess", None)] * 3 + [
+        ("success", "reprocess", 1),
+        ("failure", "reprocess", None),
+    ]
+    assert all(e.study_key == audit.study_key(DONE) and DONE not in e.detail for e in events)
+    assert (
+        node.post("/status/studies/1.2.404/reprocess", data={"csrf": csrf}, headers=ORIGIN).status_code == 404
+    )
+
+
+def test_reprocess_refused_once_retention_purged_the_study_and_for_skipped_studies(node):
+    in_spool(node, DOWN)
+    with node.db.session() as s:
+        s.get(Study, DOWN).purged_at = now()
+    html = node.get(f"/status/studies/{DOWN}").text
+    assert "Reprocess the study" not in html and "retention removed them" in html
+    csrf = html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    r = node.post(f"/status/studies/{DOWN}/reprocess", data={"csrf": csrf}, headers=ORIGIN)
+    assert r.status_code == 409 and "send the study to nodal again" in r.text
+    assert "nothing to reprocess" in node.get(f"/status/studies/{SKIPPED}").text
+
+
+def test_reprocess_in_the_api(node):
+    assert node.post("/api/studies/1.2.404/reprocess").status_code == 404
+    r = node.post(f"/api/studies/{SKIPPED}/reprocess")
+    assert r.status_code == 409 and "no series of this study was routed" in r.json()["detail"]
+    r = node.post(f"/api/studies/{DOWN}/reprocess")
+    assert r.status_code == 409 and "no longer in the spool" in r.json()["detail"]
+    in_spool(node, DOWN, 3)
+    with node.db.session() as s:
+        first = node.receiver.spool.root / s.scalars(select(Instance.path).order_by(Instance.path)).first()
+    kept = first.read_bytes()
+    first.unlink()  # a file gone from under the index: refused, not analysed with a gap
+    r = node.post(f"/api/studies/{DOWN}/reprocess")
+    assert r.status_code == 409 and r.json()["detail"].startswith("1 of 3 instance files")
+    first.write_bytes(kept)
+    r = node.post(f"/api/studies/{DOWN}/reprocess")
+    assert r.status_code == 200
+    [job] = r.json()["jobs"]
+    assert (job["state"], job["series_instance_uid"], job["instances"]) == ("queued", DOWN + ".1", 3)
+    assert node.get(f"/api/jobs/{node.ids[DOWN]}").json()["superseded_by"] == job["id"]
+    events = node.get("/api/audit?event=user_action").json()["events"]
+    assert [(e["outcome"], e["detail"]["via"]) for e in events] == [("success", "api")] + [
+        ("failure", "api")
+    ] * 3
