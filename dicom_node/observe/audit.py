@@ -13,7 +13,8 @@ Events:
 - `results_transferred`: result instances of a job sent to a destination (count, outcome)
 - `config_loaded`: `nodal serve` started with a configuration (its hash, secrets masked)
 - `application_stop`: `nodal serve` stopped
-- `user_action`: an action taken on the status page (retry of a job), accepted or refused
+- `user_action`: an action taken on the status page (retry of a job, reprocess of a study) or a
+  reprocess through the API, accepted or refused
 """
 
 from __future__ import annotations

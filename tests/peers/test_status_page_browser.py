@@ -1,12 +1,15 @@
 """The status page in a real browser against a running node fed through real DIMSE.
 
 `nodal serve` with a token and one destination, an Orthanc PACS. dcmtk's storescu sends three
-studies: a phantom CT that is analysed and delivered, a short series that routing skips, and
-a phantom CT analysed while the PACS is down (its deliveries fail). Debian's headless
-chromium, driven over the DevTools protocol (Playwright), logs in with the token, reads the
-page (health, figures, the three studies with their states, the refusal of an unknown
-caller), opens the failed study, presses its retry button once the PACS is back and sees the
-results delivered. Screenshots go to var/status/ (the README's come from there).
+studies, each with an accession number and the phantom's patient name and ID: a phantom CT
+that is analysed and delivered, a short series that routing skips, and a phantom CT analysed
+while the PACS is down (its deliveries fail). Debian's headless chromium, driven over the
+DevTools protocol (Playwright), logs in with the token, reads the page (health, figures, the
+three studies with their accession numbers and states, no patient name or ID anywhere in the
+page or its data, the refusal of an unknown caller), opens the failed study, presses its retry
+button once the PACS is back and sees the results delivered, then presses the delivered
+study's reprocess button and sees a new job analyse it again from the spool. Screenshots go to
+var/status/ (the README's come from there).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 import requests
 
 from inference import phantoms
+from inference.ct_series import PatientInfo
 from tests.helpers.ohif import CHROMIUM_ARGS, chromium_binary
 from tests.helpers.peers import Nodal, Orthanc, free_port, model_dir, node_config, skip_reason, wait_until
 
@@ -51,8 +55,19 @@ if (_why := _missing()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 
+PATIENT = (PatientInfo().name, PatientInfo().id)  # what the phantoms carry, never to be shown
+
+
+def accession(seed: int) -> str:
+    return f"ACC{seed}"
+
+
 def phantom(root: Path, seed: int, spec=SPEC) -> tuple[list[Path], str]:
     paths = phantoms.write_phantom(phantoms.generate(seed, spec), root / f"ct-{seed}")
+    for path in paths:  # as a RIS would have it: the accession number of the order
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = accession(seed)
+        ds.save_as(path)
     return paths, str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
 
 
@@ -74,6 +89,10 @@ def api(nodal: Nodal, path: str) -> dict:
 def deliveries(nodal: Nodal, study_uid: str) -> dict | None:
     jobs = [j for j in api(nodal, f"/api/jobs?study={study_uid}")["jobs"] if j["state"] == "done"]
     return api(nodal, f"/api/jobs/{jobs[0]['id']}")["deliveries"].get("pacs") if jobs else None
+
+
+def jobs_of(nodal: Nodal, study_uid: str) -> dict[int, str]:
+    return {j["id"]: j["state"] for j in api(nodal, f"/api/jobs?study={study_uid}")["jobs"]}
 
 
 def test_status_page_in_chromium(tmp_path):
@@ -159,6 +178,15 @@ def test_status_page_in_chromium(tmp_path):
                 rows = page.locator("#studies tr")
                 expect(rows).to_have_count(3)
                 row = {uid: rows.filter(has_text=uid) for uid in (delivered_uid, skipped_uid, failed_uid)}
+                for uid, seed in (
+                    (delivered_uid, 1_800_001),
+                    (skipped_uid, 1_800_002),
+                    (failed_uid, 1_800_003),
+                ):
+                    expect(row[uid].locator(".acc")).to_have_text(accession(seed))
+                data = page.request.get(nodal.http + "/status/data.json").text()
+                for value in PATIENT:  # neither in the page nor in what it polls
+                    assert value not in page.content() and value not in data, value
                 expect(row[delivered_uid]).to_contain_text("pacs: delivered")
                 expect(row[delivered_uid].locator(".state-done").first).to_be_visible()
                 expect(row[skipped_uid]).to_contain_text("skipped")
@@ -212,6 +240,27 @@ def test_status_page_in_chromium(tmp_path):
                 assert min(loaded) > 0, f"a thumbnail did not decode: {loaded}"
                 page.screenshot(path=str(SCREENSHOTS / "study-delivered.png"), full_page=True)
 
+                # the delivered study analysed again from the spool: a new job, the first one kept
+                expect(page.locator("#accession")).to_have_text(accession(1_800_001))
+                assert all(value not in page.content() for value in PATIENT)
+                before = jobs_of(nodal, delivered_uid)
+                page.locator("button.reprocess").click()
+                expect(page.locator("[role=status]")).to_contain_text("reprocessing")
+                new = wait_until(
+                    lambda: (
+                        (added := set(jobs_of(nodal, delivered_uid)) - set(before))
+                        and jobs_of(nodal, delivered_uid)[max(added)] == "done"
+                        and max(added)
+                    ),
+                    400,
+                    "the reprocessed study's new job done",
+                )
+                assert jobs_of(nodal, delivered_uid)[max(before)] == "superseded"
+                page.reload()
+                expect(page.locator(f"#job-{new} .state-done").first).to_be_visible()
+                expect(page.locator(f"#job-{max(before)}")).to_contain_text(f"superseded by #{new}")
+                page.screenshot(path=str(SCREENSHOTS / "study-reprocessed.png"), full_page=True)
+
                 page.set_viewport_size({"width": 390, "height": 844})
                 page.goto(nodal.http + "/")
                 expect(page.locator("#studies tr")).to_have_count(3)
@@ -222,7 +271,10 @@ def test_status_page_in_chromium(tmp_path):
             finally:
                 browser.close()
         audit = api(nodal, "/api/audit?event=user_action")["events"]
-        assert [(e["outcome"], e["detail"]["action"]) for e in audit] == [("success", "retry")]
+        assert [(e["outcome"], e["detail"]["action"]) for e in audit] == [
+            ("success", "reprocess"),
+            ("success", "retry"),
+        ]
     finally:
         assert nodal.stop() == 0
         pacs.stop()
