@@ -1,6 +1,7 @@
 """Status page benchmark: `/` and `/status/data.json` with 10,000 studies in an SQLite index.
 
-Fills a fresh SQLite index with `--studies` studies (one CT series of `--instances` instance
+Fills a fresh SQLite index with `--studies` studies (an accession number, with
+`--show-patient` also a patient name and ID, and one CT series of `--instances` instance
 rows each, one job: most done with findings and two destinations delivered, every tenth
 skipped, every twentieth with a failed delivery) and 200 refused associations in the audit
 trail, then times the page, its polling data and one study's page through the real app
@@ -9,6 +10,7 @@ The readiness checks in the health box (an index write, a spool write) are part 
 request, as on a live node.
 
     .venv/bin/python -m benchmarks.bench_status [--studies 10000] [--instances 30] [--repeat 30]
+        [--show-patient]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dicom_node.receive.receiver import Receiver
 from dicom_node.spool.store import Spool
 
 
-def fill(db: Database, studies: int, instances: int, t0: float) -> None:
+def fill(db: Database, studies: int, instances: int, t0: float, patient: bool = False) -> None:
     with db.engine.begin() as conn:
         st, se, jobs, dl, inst = [], [], [], [], []
         for i in range(studies):
@@ -46,6 +48,9 @@ def fill(db: Database, studies: int, instances: int, t0: float) -> None:
                     completed_at=t + 50,
                     completions=1,
                     instance_count=instances,
+                    accession_number=f"A{i:09d}",
+                    patient_name=f"Family{i}^Given" if patient else None,
+                    patient_id=f"P{i:07d}" if patient else None,
                 )
             )
             se.append(
@@ -159,20 +164,23 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=10_000)
     ap.add_argument("--instances", type=int, default=30, help="instance rows per study")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--show-patient", action="store_true", help="status_page.show_patient on")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = Database(f"sqlite:///{Path(tmp) / 'index.sqlite3'}")
         t0 = time.time()
-        fill(db, args.studies, args.instances, t0)
+        fill(db, args.studies, args.instances, t0, args.show_patient)
         fill_s = time.time() - t0
         spool = Spool(Path(tmp) / "spool")
         receiver = Receiver(spool, db)
-        app = create_app(Settings(), db, receiver, ready=lambda: True)
+        settings = Settings.model_validate({"status_page": {"show_patient": args.show_patient}})
+        app = create_app(settings, db, receiver, ready=lambda: True)
         with TestClient(app) as c:
             out = {
                 "benchmark": "status_page",
                 "date": date.today().isoformat(),
                 "studies": args.studies,
+                "show_patient": args.show_patient,
                 "instances": args.studies * args.instances,
                 "fill_seconds": round(fill_s, 1),
                 "page": timed(c, "/", args.repeat),

@@ -105,7 +105,7 @@ class Node:
         show_patient = self.settings.status_page.show_patient
         if not show_patient and (erased := forget_patients(self.db)):
             log.warning(
-                "status_page.show_patient is off: patient name and ID erased from %d stud(y/ies) of the index",
+                "status_page.show_patient is off: patient name and ID erased from %d indexed stud(y/ies)",
                 erased,
             )
         reconcile(self.spool, self.db, show_patient)

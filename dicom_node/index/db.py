@@ -66,7 +66,7 @@ class Study(Base):
 
     study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
     first_received_at: Mapped[float] = mapped_column(Float)
-    last_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float, index=True)  # the status page's order
     released_at: Mapped[float | None] = mapped_column(Float, default=None)
     pending: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
     completed_at: Mapped[float | None] = mapped_column(Float, default=None)
