@@ -95,6 +95,19 @@ def jobs_of(nodal: Nodal, study_uid: str) -> dict[int, str]:
     return {j["id"]: j["state"] for j in api(nodal, f"/api/jobs?study={study_uid}")["jobs"]}
 
 
+def thumbnails_loaded(page) -> None:
+    """Every result thumbnail of the page scrolled into view (they load lazily) and decoded."""
+    from playwright.sync_api import expect
+
+    thumbs = page.locator(".thumbs img")
+    expect(thumbs.first).to_be_visible()
+    for i in range(thumbs.count()):
+        thumbs.nth(i).scroll_into_view_if_needed()
+    widths = "imgs => imgs.map(i => i.complete ? i.naturalWidth : -1)"  # the CSP forbids eval
+    loaded = wait_until(lambda: (w := thumbs.evaluate_all(widths)) and min(w) >= 0 and w, 30, "thumbnails")
+    assert min(loaded) > 0, f"a thumbnail did not decode: {loaded}"
+
+
 def test_status_page_in_chromium(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -209,6 +222,7 @@ def test_status_page_in_chromium(tmp_path):
                     "href", VIEWER.replace("{StudyInstanceUID}", failed_uid)
                 )
                 expect(page.locator("section.job")).to_contain_text("failed")
+                thumbnails_loaded(page)
                 page.screenshot(path=str(SCREENSHOTS / "study-failed.png"), full_page=True)
                 pacs.start()
                 page.locator("button.retry").first.click()
@@ -231,13 +245,7 @@ def test_status_page_in_chromium(tmp_path):
 
                 # the delivered study: its result images as thumbnails
                 page.goto(f"{nodal.http}/status/studies/{delivered_uid}")
-                thumbs = page.locator(".thumbs img")
-                expect(thumbs.first).to_be_visible()
-                widths = "imgs => imgs.map(i => i.complete ? i.naturalWidth : -1)"  # the CSP forbids eval
-                loaded = wait_until(
-                    lambda: (w := thumbs.evaluate_all(widths)) and min(w) >= 0 and w, 30, "thumbnails"
-                )
-                assert min(loaded) > 0, f"a thumbnail did not decode: {loaded}"
+                thumbnails_loaded(page)
                 page.screenshot(path=str(SCREENSHOTS / "study-delivered.png"), full_page=True)
 
                 # the delivered study analysed again from the spool: a new job, the first one kept
