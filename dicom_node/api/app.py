@@ -174,13 +174,16 @@ def create_app(
             return job_json(job, list(deliveries))
 
     @app.post("/api/jobs/{job_id}/retry")
-    def retry_job(job_id: int) -> dict:
+    def retry_job(job_id: int, request: Request) -> dict:
+        client = request.client.host if request.client else "-"
         try:
             retry(db, job_id, settings, now())
         except KeyError:
             raise HTTPException(404, f"no job {job_id}") from None
         except JobConflict as e:
+            audit.user_action(db, "retry", "api", audit.FAILURE, str(e), client, job_id=job_id)
             raise HTTPException(409, str(e)) from None
+        audit.user_action(db, "retry", "api", audit.SUCCESS, "retry", client, job_id=job_id)
         return get_job(job_id)
 
     @app.get("/api/studies")
@@ -224,23 +227,24 @@ def create_app(
     @app.post("/api/studies/{study_uid}/reprocess")
     def reprocess_study(study_uid: str, request: Request) -> dict:
         client = request.client.host if request.client else "-"
-        key = audit.study_key(study_uid)
-
-        def record(outcome: str, result: str, count: int | None = None) -> None:
-            detail = {"action": "reprocess", "via": "api", "result": result}
-            event = audit.Event(
-                "user_action", outcome, actor="api", peer=client, study_key=key, count=count, detail=detail
-            )
-            audit.record(db, event)
-
         try:
             jobs = reprocess(db, study_uid, receiver.spool.root, now())
         except KeyError:
             raise HTTPException(404, "no such study") from None
         except JobConflict as e:
-            record(audit.FAILURE, str(e))
+            audit.user_action(db, "reprocess", "api", audit.FAILURE, str(e), client, study_uid=study_uid)
             raise HTTPException(409, str(e)) from None
-        record(audit.SUCCESS, "job(s) " + ", ".join(str(j.id) for j in jobs) + " queued", len(jobs))
+        ids = ", ".join(f"#{j.id}" for j in jobs)
+        audit.user_action(
+            db,
+            "reprocess",
+            "api",
+            audit.SUCCESS,
+            f"job(s) {ids} queued",
+            client,
+            study_uid=study_uid,
+            count=len(jobs),
+        )
         return {"study_instance_uid": study_uid, "jobs": [job_json(j) for j in jobs]}
 
     return app

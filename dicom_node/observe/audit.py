@@ -13,8 +13,8 @@ Events:
 - `results_transferred`: result instances of a job sent to a destination (count, outcome)
 - `config_loaded`: `nodal serve` started with a configuration (its hash, secrets masked)
 - `application_stop`: `nodal serve` stopped
-- `user_action`: an action taken on the status page (retry of a job, reprocess of a study) or a
-  reprocess through the API, accepted or refused
+- `user_action`: a retry of a job or a reprocess of a study, asked for on the status page or
+  through the API, accepted or refused
 """
 
 from __future__ import annotations
@@ -83,6 +83,34 @@ def record(db: Database, ev: Event, t: float | None = None) -> None:
             )
     except Exception as e:
         log.error("could not write the audit event %s: %s", ev.event, type(e).__name__)
+
+
+def user_action(
+    db: Database,
+    action: str,
+    via: str,
+    outcome: str,
+    result: str,
+    peer: str,
+    job_id: int | None = None,
+    study_uid: str | None = None,
+    count: int | None = None,
+) -> None:
+    """A `user_action` event: `action` (retry, reprocess) asked for `via` the status page or
+    the API by `peer`; the study by its key, never its UID."""
+    record(
+        db,
+        Event(
+            "user_action",
+            outcome,
+            actor=via,
+            peer=peer,
+            study_key=None if study_uid is None else study_key(study_uid),
+            job_id=job_id,
+            count=count,
+            detail={"action": action, "via": via, "result": result},
+        ),
+    )
 
 
 def query(db: Database, event: str | None = None, since: float | None = None, limit: int = 100) -> list[dict]:

@@ -331,17 +331,4 @@ def _audit(
     study_uid: str | None = None,
     count: int | None = None,
 ) -> None:
-    """A `user_action` event: the study by its key, never its UID."""
-    audit.record(
-        db,
-        audit.Event(
-            "user_action",
-            outcome,
-            actor="status page",
-            peer=client,
-            study_key=None if study_uid is None else audit.study_key(study_uid),
-            job_id=job_id,
-            count=count,
-            detail={"action": action, "via": "status page", "result": result},
-        ),
-    )
+    audit.user_action(db, action, "status page", outcome, result, client, job_id, study_uid, count)

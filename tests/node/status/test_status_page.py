@@ -416,3 +416,13 @@ def test_reprocess_in_the_api(node):
     assert [(e["outcome"], e["detail"]["via"]) for e in events] == [("success", "api")] + [
         ("failure", "api")
     ] * 3
+
+
+def test_retry_through_the_api_is_audited_too(node):
+    assert node.post(f"/api/jobs/{node.ids[DONE]}/retry").status_code == 409  # nothing failed
+    assert node.post(f"/api/jobs/{node.ids[DOWN]}/retry").status_code == 200
+    events = node.get("/api/audit?event=user_action").json()["events"]
+    assert [(e["outcome"], e["actor"], e["job_id"], e["detail"]["action"]) for e in events] == [
+        ("success", "api", node.ids[DOWN], "retry"),
+        ("failure", "api", node.ids[DONE], "retry"),
+    ]
