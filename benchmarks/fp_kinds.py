@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -35,10 +36,11 @@ def main() -> None:
     p.add_argument("--first", type=int, default=600_000)
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--variety", action="store_true")
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the shipped demo model")
     args = p.parse_args()
     if args.first + args.count > EVAL_SEED_BASE:
         raise SystemExit(f"training seeds only (below {EVAL_SEED_BASE})")
-    model = load_model()
+    model = load_model(args.model_dir)
     rules = plausibility.Rules()
     kinds: collections.Counter = collections.Counter()
     for seed in range(args.first, args.first + args.count):
