@@ -187,6 +187,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("peer", help="destination name from the configuration, or AE@HOST:PORT")
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_echo)
+
+    c = sub.add_parser(
+        "retrieve", help="fetch a study from the PACS (query destination) and analyse it, with its prior"
+    )
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="Study Instance UID")
+    which.add_argument("--accession", help="Accession Number")
+    c.add_argument(
+        "--node", default=None, help="the running node's HTTP base (default: http://127.0.0.1:<http_port>)"
+    )
+    c.set_defaults(func=cmd_retrieve)
     for command in sub.choices.values():  # `nodal serve --config FILE` as well as `nodal --config FILE serve`
         command.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     return p
@@ -470,6 +481,38 @@ def cmd_echo(args, settings: Settings) -> int:
     result = echo(settings.node.ae_title, peer, args.timeout)
     print(result.message)
     return 0 if result.ok else 1
+
+
+def cmd_retrieve(args, settings: Settings) -> int:
+    """POST /api/retrieve on the running node (its token from the configuration)."""
+    import requests
+
+    from dicom_node.api.auth import http_token
+
+    scheme = "https" if settings.node.http_tls.enabled else "http"
+    base = (args.node or f"{scheme}://127.0.0.1:{settings.node.http_port}").rstrip("/")
+    token = http_token(settings.node.http_auth)
+    body = {"study_instance_uid": args.study} if args.study else {"accession_number": args.accession}
+    try:
+        r = requests.post(
+            f"{base}/api/retrieve",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            timeout=3600,
+            verify=str(settings.node.http_tls.ca_file) if settings.node.http_tls.ca_file else True,
+        )
+    except requests.RequestException as e:
+        print(f"nodal: cannot reach the node at {base}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    if r.status_code != 202:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        print(f"nodal: retrieve refused ({r.status_code}): {detail}", file=sys.stderr)
+        return 1
+    print(json.dumps(r.json(), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

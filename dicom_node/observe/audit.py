@@ -14,6 +14,9 @@ Events:
 - `config_loaded`: `nodal serve` started with a configuration (its hash, secrets masked)
 - `application_stop`: `nodal serve` stopped
 - `user_action`: an action taken on the status page (retry of a job), accepted or refused
+- `query`: nodal asked a PACS (C-FIND, QIDO-RS): destination, operation, matches, outcome
+- `retrieve`: nodal fetched instances from a PACS (C-GET, C-MOVE, WADO-RS) for a prior or
+  for `POST /api/retrieve`: destination, operation, instances, outcome
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ EVENTS = (
     "config_loaded",
     "application_stop",
     "user_action",
+    "query",
+    "retrieve",
 )
 SUCCESS, FAILURE = "success", "failure"
 
