@@ -203,7 +203,7 @@ class ResponseSummary:
     recist_response: str  # "CR" | "PR" | "SD" | "PD" | "NE" (no target and no non-target node)
     recist_reason: str  # in words, which rule decided
     spd_prior_mm2: float  # sum of products of perpendicular diameters (Lugano), prior
-    spd_current_mm2: float  # the same nodes now, plus new nodes
+    spd_current_mm2: float  # the same index nodes now (a gone node counts 0)
     new_nodes: int  # nodes counted as unequivocally new (RECIST 1.1)
 
     @property
