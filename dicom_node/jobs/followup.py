@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,7 +157,7 @@ def _prior_study(
 ):
     """The prior as `inference.followup.PriorStudy`, and the prior result files written."""
     from inference.dicom_volume import VolumeError
-    from inference.followup import FROM_ANALYSIS, FROM_SR, PriorStudy
+    from inference.followup import FROM_ANALYSIS, FROM_SR, FollowUpError, PriorStudy
 
     study = cand.study
     sr, ct_uid = _nodal_sr(client, cand, work / "sr")
@@ -185,7 +186,12 @@ def _prior_study(
     if sr is not None:
         from sr_templates import read_prior_nodes
 
-        return prior_study(read_prior_nodes(sr), FROM_SR), []
+        images = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        try:
+            nodes = read_prior_nodes(sr.sr, sr.seg, images=images)
+        except FollowUpError as e:
+            raise PriorUnusable(f"nodal's SR of the prior cannot be read: {e}") from None
+        return prior_study(nodes, FROM_SR), []
     findings = _analyse_prior(volume, settings, model)
     from inference.followup import prior_nodes
 
@@ -194,35 +200,47 @@ def _prior_study(
     return prior_study(prior_nodes(findings), FROM_ANALYSIS), written
 
 
-def _nodal_sr(client: QueryClient, cand: Candidate, work: Path) -> tuple[pydicom.Dataset | None, str | None]:
-    """nodal's newest SR in the prior study (and the CT series it reports on), or (None, None)."""
+def _nodal_sr(client: QueryClient, cand: Candidate, work: Path) -> tuple[NodalResults | None, str | None]:
+    """nodal's newest SR in the prior study with its SEG (if the PACS holds it), and the CT
+    series the SR reports on; (None, None) when nodal's SR is not there."""
     from sr_templates import is_nodal_sr
 
     best: pydicom.Dataset | None = None
     for n, series in enumerate(cand.sr_series):
-        for path in client.retrieve_series(cand.study.study_uid, series.series_uid, work / str(n)):
+        for path in client.retrieve_series(cand.study.study_uid, series.series_uid, work / f"sr-{n}"):
             ds = pydicom.dcmread(path)
             if is_nodal_sr(ds) and (best is None or _when(ds) > _when(best)):
                 best = ds
     if best is None:
         return None, None
-    return best, _evidence_series(best)
+    evidence = _evidence_series(best)
+    seg = None
+    for n, series in enumerate(s for s in cand.seg_series if s.series_uid in evidence):
+        paths = client.retrieve_series(cand.study.study_uid, series.series_uid, work / f"seg-{n}")
+        seg = pydicom.dcmread(paths[0])
+    ct = next((uid for uid in evidence if uid in {s.series_uid for s in cand.ct_series}), None)
+    return NodalResults(best, seg), ct
+
+
+@dataclass(frozen=True)
+class NodalResults:
+    """nodal's own results for the prior, found in the PACS."""
+
+    sr: pydicom.Dataset
+    seg: pydicom.Dataset | None
 
 
 def _when(ds: pydicom.Dataset) -> str:
     return f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}"
 
 
-def _evidence_series(sr: pydicom.Dataset) -> str | None:
-    """The image series the SR reports on (its Current Requested Procedure Evidence)."""
-    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
-        for series in study.get("ReferencedSeriesSequence", []):
-            refs = series.get("ReferencedSOPSequence", [])
-            if any(
-                str(r.get("ReferencedSOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.2") for r in refs
-            ):
-                return str(series.SeriesInstanceUID)
-    return None
+def _evidence_series(sr: pydicom.Dataset) -> list[str]:
+    """The series the SR names as its evidence (the CT it reports on, nodal's SEG)."""
+    out = []
+    for seq in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in sr.get(seq, []):
+            out += [str(series.SeriesInstanceUID) for series in study.get("ReferencedSeriesSequence", [])]
+    return out
 
 
 def _analyse_prior(volume: Volume, settings: Settings, model: LoadedModel) -> StudyFindings:

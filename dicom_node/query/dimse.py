@@ -120,7 +120,10 @@ class DimseClient:
             for status, answer in assoc.send_c_find(identifier, model):
                 code = getattr(status, "Status", None)
                 if code is None:
-                    raise QueryError(f"no C-FIND response from {self.where} (timeout or connection lost)")
+                    raise QueryError(
+                        f"no C-FIND response from {self.where} (timeout, or the peer aborted: "
+                        f"may {self.calling_ae} query there?)"
+                    )
                 if code in PENDING:
                     if answer is not None:
                         out.append(answer)
@@ -210,7 +213,10 @@ class DimseClient:
         for status, _ in responses:
             code = getattr(status, "Status", None)
             if code is None:
-                raise QueryError(f"no {what} response from {self.where} (timeout or connection lost)")
+                raise QueryError(
+                    f"no {what} response from {self.where} (timeout, or the peer aborted: "
+                    f"may {self.calling_ae} retrieve there?)"
+                )
             if code in PENDING:
                 continue
             if code in (0x0000, 0xB000):  # B000: some sub-operations failed; the caller checks what came

@@ -56,6 +56,8 @@ class Holding:
     def expect(self, series_uid: str, folder: Path) -> Iterator[None]:
         """While inside, instances of `series_uid` arriving at the receiver go to `folder`."""
         safe_uid(series_uid, "Series Instance UID")
+        if not folder.is_relative_to(self.root):
+            raise ValueError(f"a C-MOVE retrieval folder must be below {self.root}, not {folder}")
         folder.mkdir(parents=True, exist_ok=True)
         self.expected.mkdir(parents=True, exist_ok=True)
         marker = self.expected / series_uid
