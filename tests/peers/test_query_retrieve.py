@@ -169,7 +169,7 @@ def test_cmove_to_an_unknown_destination_is_a_clear_error(pacs, tmp_path):
     recorder = Recorder()
     client = make_client(s, s.query_peer(), recorder)
     _, study, series = studies["older"]
-    with pytest.raises(QueryError, match="NOWHERE|0xA801|no instance"):
+    with pytest.raises(QueryError, match=r"NOWHERE"):
         client.retrieve_series(study, series, tmp_path / "retrieve" / "r")
     assert recorder.operations[0].outcome == "failure" and recorder.operations[0].error
 
@@ -185,7 +185,7 @@ def test_peer_down_is_a_clear_error(tmp_path, kind):
     s = settings_for(tmp_path, dest)
     recorder = Recorder()
     t = time.monotonic()
-    with pytest.raises(QueryError, match="cannot connect|no association|failed"):
+    with pytest.raises(QueryError, match=r"cannot connect|no association|failed: ConnectionError"):
         make_client(s, s.query_peer(), recorder).find_studies(StudyQuery(patient_id="X"))
     assert time.monotonic() - t < 30
     assert recorder.operations[0].outcome == "failure"

@@ -1,0 +1,248 @@
+"""Follow-up studies end to end, Orthanc as the PACS and the real model (issue 17):
+
+(a) Orthanc holds a baseline that nodal analysed (its SEG and SR stored there); a follow-up
+    arrives by C-STORE; nodal finds the prior by C-FIND (QIDO-RS), reads its own SR, fetches
+    the prior CT by C-MOVE to itself (WADO-RS), compares, and sends an SR whose nodes keep the
+    baseline's tracking UIDs: over DIMSE and over DICOMweb;
+(b) the prior has no nodal results: its CT is fetched by C-GET and analysed first, and its
+    own SEG/SR go to the PACS beside the follow-up's;
+(c) failures: the query peer down, or the prior not retrievable: results sent as without a
+    prior, the reason on the job.
+
+Until the follow-up phantom pairs exist, the follow-up is the baseline's phantom acquired
+again (new UIDs, a later date): every node is matched, nothing changes, the response is SD.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+
+from inference import phantoms
+from inference.ct_series import PatientInfo
+from tests.helpers.followup import register_modality, restamp, upload
+from tests.helpers.peers import (
+    Nodal,
+    Orthanc,
+    free_port,
+    model_dir,
+    node_config,
+    skip_reason,
+    storescu,
+    study_series,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+if (_why := skip_reason("storescu", dicomweb=True)) is not None:
+    pytest.skip(_why, allow_module_level=True)
+
+SPEC = phantoms.PhantomSpec(rows=256, columns=256, pixel_spacing_mm=1.45, slices=48, slice_spacing_mm=2.5)
+SEED = 4_170_001
+BASELINE_DATE, FOLLOW_UP_DATE = "20260301", "20260601"
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return phantoms.generate(SEED, SPEC)
+
+
+def write_study(phantom, folder: Path, patient_id: str, name: str, date: str) -> tuple[list[Path], str]:
+    paths = phantoms.write_phantom(
+        phantom, folder / name, patient=PatientInfo(id=patient_id), uid_seed=f"nodal-fu-{patient_id}-{name}"
+    )
+    restamp(paths, StudyDate=date, SeriesDate=date)
+    return paths, str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    o = Orthanc(tmp_path_factory.mktemp("fu-orthanc")).start()
+    yield o
+    o.stop()
+
+
+def start_nodal(root: Path, orthanc: Orthanc, destinations: list[dict]) -> Nodal:
+    port = free_port()
+    register_modality(orthanc, "nodal", "NODAL", port)  # query, C-GET, C-MOVE destination
+    cfg = node_config(root / "var", port, model_dir(), destinations=destinations)
+    return Nodal(root, cfg).start()
+
+
+def dimse(orthanc: Orthanc, **query) -> dict:
+    return {
+        "name": "pacs",
+        "kind": "dimse",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "query": query,
+    }
+
+
+def dicomweb(orthanc: Orthanc) -> dict:
+    return {"name": "pacs", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web", "query": {}}
+
+
+def finished_job(nodal: Nodal, study_uid: str, timeout: float = 420) -> dict:
+    def done():
+        jobs = nodal.api(f"/api/jobs?study={study_uid}")["jobs"]
+        return jobs[0] if jobs and jobs[0]["state"] in ("done", "failed", "skipped") else None
+
+    job = wait_until(done, timeout, "the job to finish")
+    assert job["state"] == "done", job
+    return nodal.api(f"/api/jobs/{job['id']}")
+
+
+def delivered(nodal: Nodal, job_id: int) -> bool:
+    deliveries = nodal.api(f"/api/jobs/{job_id}")["deliveries"]
+    return bool(deliveries) and all(d["pending"] == 0 and d["failed"] == 0 for d in deliveries.values())
+
+
+def findings_json(nodal: Nodal, job: dict) -> dict:
+    return json.loads(
+        (Path(nodal.config["node"]["data_dir"]) / "outbox" / job["result_dir"] / "findings.json").read_text()
+    )
+
+
+def srs_in(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+    out = []
+    for s in study_series(orthanc, study_uid):
+        if s["modality"] == "SR":
+            for i in s["instances"]:
+                r = requests.get(f"{orthanc.url}/instances/{i}/file", timeout=30)
+                out.append(pydicom.dcmread(__import__("io").BytesIO(r.content)))
+    return out
+
+
+def tracking_uids(sr: pydicom.Dataset) -> set[str]:
+    out: set[str] = set()
+
+    def walk(items):
+        for item in items:
+            if item.get("ValueType") == "UIDREF" and item.ConceptNameCodeSequence[0].CodeValue == "112040":
+                out.add(str(item.UID))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
+def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc, phantom, protocol):
+    patient = f"FU-A-{protocol}"
+    dest = dimse(orthanc, retrieve="move") if protocol == "dimse" else dicomweb(orthanc)
+    nodal = start_nodal(tmp_path, orthanc, [dest])
+    try:
+        base_paths, base_uid = write_study(phantom, tmp_path, patient, "baseline", BASELINE_DATE)
+        upload(orthanc, base_paths)  # the PACS holds the baseline CT ...
+        storescu(base_paths, nodal.config["node"]["dimse_port"])  # ... and nodal analyses it
+        base_job = finished_job(nodal, base_uid)
+        assert base_job["followup"]["outcome"] == "no_prior", base_job["followup"]
+        wait_until(lambda: delivered(nodal, base_job["id"]), 120, "the baseline's SEG and SR in Orthanc")
+        [base_sr] = srs_in(orthanc, base_uid)
+        base_tracking = tracking_uids(base_sr)
+        assert base_tracking, "the baseline SR has no node"
+
+        fu_paths, fu_uid = write_study(phantom, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
+        upload(orthanc, fu_paths)
+        storescu(fu_paths, nodal.config["node"]["dimse_port"])
+        job = finished_job(nodal, fu_uid)
+        fu = job["followup"]
+        assert fu["outcome"] == "compared", fu
+        assert fu["prior_study_instance_uid"] == base_uid and fu["prior_source"] == "sr"
+        assert fu["prior_results"] == 0  # nothing re-sent for the baseline
+        ops = {(o["operation"], o["level"]) for o in fu["operations"]}
+        find, fetch = ("find", "move") if protocol == "dimse" else ("qido", "wado")
+        assert {(find, "STUDY"), (find, "SERIES"), (fetch, "SERIES")} <= ops, ops
+        assert all(o["outcome"] == "success" for o in fu["operations"])
+        assert fu["summary"]["recist_response"] in ("SD", "NE")  # the same phantom again
+
+        doc = findings_json(nodal, job)
+        nodes = doc["comparison"]["nodes"]
+        assert nodes and all(n["status"] == "matched" for n in nodes), nodes
+        assert all(abs(n["short_axis_mm"]["change_mm"]) < 1.5 for n in nodes)
+        wait_until(lambda: delivered(nodal, job["id"]), 120, "the follow-up's results in Orthanc")
+        [fu_sr] = srs_in(orthanc, fu_uid)
+        assert tracking_uids(fu_sr) == base_tracking  # every node keeps its baseline tracking UID
+        # the prior fetched for the comparison was not taken for a study to analyse
+        assert len(nodal.api(f"/api/jobs?study={base_uid}")["jobs"]) == 1
+        metrics = requests.get(f"{nodal.http}/metrics", timeout=10).text
+        assert 'nodal_followups_total{outcome="compared"} 1.0' in metrics
+        assert (
+            f'nodal_qr_requests_total{{destination="pacs",operation="{fetch}",outcome="success"}}' in metrics
+        )
+        events = {e["event"] for e in nodal.api("/api/audit?limit=500")["events"]}
+        assert {"query", "retrieve"} <= events
+    finally:
+        nodal.stop()
+
+
+def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, orthanc, phantom):
+    patient = "FU-B"
+    nodal = start_nodal(tmp_path, orthanc, [dimse(orthanc, retrieve="get")])
+    try:
+        base_paths, base_uid = write_study(phantom, tmp_path, patient, "baseline", BASELINE_DATE)
+        upload(orthanc, base_paths)  # only in the PACS: nodal never saw it
+        fu_paths, fu_uid = write_study(phantom, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
+        upload(orthanc, fu_paths)
+        storescu(fu_paths, nodal.config["node"]["dimse_port"])
+        job = finished_job(nodal, fu_uid)
+        fu = job["followup"]
+        assert fu["outcome"] == "compared" and fu["prior_source"] == "analysed", fu
+        assert fu["prior_results"] >= 2  # the prior's SEG and SR (and result images)
+        assert "get" in {o["operation"] for o in fu["operations"]}
+        nodes = findings_json(nodal, job)["comparison"]["nodes"]
+        assert nodes and all(n["status"] == "matched" for n in nodes)
+        wait_until(lambda: delivered(nodal, job["id"]), 120, "results in Orthanc")
+        [prior_sr] = srs_in(orthanc, base_uid)  # the prior's own results are in the PACS now
+        [fu_sr] = srs_in(orthanc, fu_uid)
+        assert tracking_uids(fu_sr) == tracking_uids(prior_sr)
+        assert nodal.api(f"/api/jobs?study={base_uid}")["jobs"] == []  # analysed inside the job only
+    finally:
+        nodal.stop()
+
+
+@pytest.mark.parametrize("failure", ["peer_down", "not_retrievable"])
+def test_a_prior_that_cannot_be_had_never_blocks_the_results(tmp_path, orthanc, phantom, failure):
+    patient = f"FU-C-{failure}"
+    results = {
+        "name": "results",
+        "kind": "dimse",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+    }
+    if failure == "peer_down":
+        query = {
+            "name": "query",
+            "kind": "dicomweb",
+            "url": f"http://127.0.0.1:{free_port()}/dicom-web",
+            "query": {"timeout_seconds": 5},
+        }
+        dests = [results, query]
+    else:  # Orthanc answers the C-FIND but cannot move to an AE it does not know
+        dests = [dict(results, query={"retrieve": "move", "move_destination": "NOWHERE"})]
+    nodal = start_nodal(tmp_path, orthanc, dests)
+    try:
+        base_paths, _ = write_study(phantom, tmp_path, patient, "baseline", BASELINE_DATE)
+        upload(orthanc, base_paths)
+        fu_paths, fu_uid = write_study(phantom, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
+        storescu(fu_paths, nodal.config["node"]["dimse_port"])
+        job = finished_job(nodal, fu_uid)
+        fu = job["followup"]
+        want = "query_failed" if failure == "peer_down" else "retrieve_failed"
+        assert fu["outcome"] == want and fu["reason"], fu
+        assert findings_json(nodal, job)["comparison"] is None
+        wait_until(
+            lambda: {s["modality"] for s in study_series(orthanc, fu_uid)} >= {"SEG", "SR"},
+            120,
+            "the results in Orthanc, as without a prior",
+        )
+    finally:
+        nodal.stop()
