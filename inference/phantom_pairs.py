@@ -125,7 +125,11 @@ def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> Phan
             _paint(hu, labels, tissue, prior.affine, grown, node.index, sigma, rng, check=False)
         current_nodes[node.index] = grown
     new_nodes = _new_nodes(rng, scenario, hu, labels, tissue, prior.affine, sigma, len(prior.nodes))
-    motion = _motion(rng, prior.affine, hu.shape)
+    everyone = [*current_nodes.values(), *new_nodes]
+    for attempt in range(50):  # re-position so that every node stays whole in the field of view
+        motion = _motion(rng, prior.affine, hu.shape, 0.9**attempt)
+        if all(_in_view(n, motion, prior.affine, hu.shape) for n in everyone):
+            break
     hu, labels = _moved(hu, labels, prior.affine, motion)
     hu += phantoms._smooth_noise(rng, hu.shape, 0.7, spec.noise_hu)  # new acquisition noise
     hu_i16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -300,17 +304,27 @@ def _new_nodes(rng, scenario, hu, labels, tissue, affine, sigma, first_index) ->
     return out
 
 
-def _motion(rng, affine: np.ndarray, shape) -> np.ndarray:
-    """Rigid prior -> current LPS: rotation about the volume's centre, then a shift."""
+def _in_view(node: phantoms.NodeTruth, motion: np.ndarray, affine: np.ndarray, shape) -> bool:
+    """Whether the node's bounding sphere, moved, lies inside the volume (one voxel inside)."""
+    centre = motion[:3, :3] @ np.asarray(node.centre_lps_mm) + motion[:3, 3]
+    kji = np.linalg.solve(affine[:3, :3], centre - affine[:3, 3])
+    reach = max(node.semi_axes_mm) / np.linalg.norm(affine[:3, :3], axis=0) + 1
+    return bool(np.all(kji - reach >= 0) and np.all(kji + reach <= np.asarray(shape) - 1))
+
+
+def _motion(rng, affine: np.ndarray, shape, factor: float = 1.0) -> np.ndarray:
+    """Rigid prior -> current LPS: rotation about the volume's centre, then a shift
+    (`factor` scales both down when a node would leave the field of view)."""
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
-    shift = direction * rng.uniform(0.5, 1.0) * MAX_SHIFT_MM
+    shift = direction * rng.uniform(0.5, 1.0) * MAX_SHIFT_MM * factor
     shift[2] = np.clip(shift[2], -MAX_Z_SHIFT_MM, MAX_Z_SHIFT_MM)
     angles = (
         rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG),
         rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG),
         rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG),
     )
+    angles = tuple(a * factor for a in angles)
     r = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
     centre = affine[:3, :3] @ ((np.asarray(shape, float) - 1) / 2) + affine[:3, 3]
     m = np.eye(4)

@@ -69,7 +69,7 @@ def test_every_change_is_in_the_image_where_the_truth_says(pairs) -> None:
             assert sa is not None and la is not None
             node = next(n for n in pair.current.nodes if n.index == fate.current_index)
             assert node.short_axis_mm == pytest.approx(sa)
-            assert np.linalg.norm(centre - np.asarray(fate.current_centre_lps_mm)) < 2.5
+            assert np.linalg.norm(centre - np.asarray(fate.current_centre_lps_mm)) < 3.0  # a voxel
             if sa >= 8:  # big enough for its voxel count to tell its size
                 assert volume == pytest.approx(node.volume_mm3, rel=0.25)
             if fate.status == pp.MATCHED:
