@@ -32,7 +32,13 @@ def test_prior_is_the_phantom_itself(pairs) -> None:
 
 @pytest.mark.parametrize(
     ("scenario", "expected"),
-    [("progression", PD), ("partial-response", PR), ("stable", SD), ("complete-response", CR), ("new-node", PD)],
+    [
+        ("progression", PD),
+        ("partial-response", PR),
+        ("stable", SD),
+        ("complete-response", CR),
+        ("new-node", PD),
+    ],
 )
 def test_scenarios_reach_their_response(pairs, scenario, expected) -> None:
     assert pairs[scenario].truth_response().recist_response == expected
