@@ -168,6 +168,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_evaluate)
 
+    # --- follow-up studies (issue 17): the comparison scored on phantom pairs -------------
+    c = sub.add_parser(
+        "evaluate-followup", help="score the follow-up comparison on phantom pairs of known truth"
+    )
+    c.add_argument("--pairs", type=int, default=12, help="phantom pairs (scenarios in turn)")
+    c.add_argument("--seed", type=int, default=None, help="first seed (default: the first follow-up seed)")
+    c.add_argument("--json", action="store_true", help="print JSON on one line")
+    c.set_defaults(func=cmd_evaluate_followup)
+    # --- end of follow-up block ------------------------------------------------------------
+
     c = sub.add_parser("config", help="check the configuration and print the effective values")
     c.set_defaults(func=cmd_config)
 
@@ -404,6 +414,25 @@ def cmd_evaluate(args, settings: Settings) -> int:
     if args.family == "both" and not args.json:
         print(side_by_side(results))
     return 0
+
+
+# --- follow-up studies (issue 17) --------------------------------------------------------
+def cmd_evaluate_followup(args, settings: Settings) -> int:
+    """`nodal evaluate-followup`: matching, short-axis change and response on phantom pairs."""
+    from dicom_node.jobs.analysis import load_model, pipeline_settings
+    from inference.evaluate_followup import FOLLOWUP_SEED_BASE, evaluate_followup
+
+    result = evaluate_followup(
+        load_model(settings),
+        args.pairs,
+        args.seed if args.seed is not None else FOLLOWUP_SEED_BASE,
+        settings=pipeline_settings(settings),
+    )
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+# --- end of follow-up block --------------------------------------------------------------
 
 
 def evaluate_data(args, settings: Settings) -> int:

@@ -58,15 +58,15 @@ def register(prior: Volume, current: Volume, settings: FollowUpSettings | None =
             sitk.Euler3DTransform(),
             sitk.CenteredTransformInitializerFilter.MOMENTS,
         )
-        rigid = _run(fixed, moving, initial, fixed_body, settings, iterations=120)
-        candidates = [("rigid", rigid)]
+        rigid, rigid_metric = _run(fixed, moving, initial, fixed_body, iterations=120)
+        candidates = [("rigid", rigid, rigid_metric)]
         if settings.registration == "affine" and _count(fixed_bone) >= MIN_BODY_VOXELS // 5:
             affine = sitk.AffineTransform(3)
             affine.SetMatrix(rigid.GetMatrix())
             affine.SetTranslation(rigid.GetTranslation())
             affine.SetCenter(rigid.GetCenter())
             mask = sitk.BinaryDilate(fixed_bone, [2, 2, 2])
-            candidates.append(("affine", _run(fixed, moving, affine, mask, settings, iterations=80)))
+            candidates.append(("affine", *_run(fixed, moving, affine, mask, iterations=80)))
     except RuntimeError as exc:  # ITK's errors (e.g. no overlap left to sample)
         return Registration(
             method="identity",
@@ -75,7 +75,7 @@ def register(prior: Volume, current: Volume, settings: FollowUpSettings | None =
             seconds=time.perf_counter() - started,
         )
     scored = []
-    for method, (transform, metric) in ((m, c) for m, c in candidates):
+    for method, transform, metric in candidates:
         matrix = _prior_to_current(transform)
         scored.append((_residual(distance, bone_points, matrix), method, matrix, metric))
     best = min(scored, key=lambda s: (s[0] + (0.1 if s[1] == "affine" else 0.0), s[1]))
@@ -131,7 +131,7 @@ def _coarse(volume: Volume, grid_mm: float, name: str) -> sitk.Image:
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
-def _run(fixed, moving, initial, mask, settings: FollowUpSettings, *, iterations: int):
+def _run(fixed, moving, initial, mask, *, iterations: int) -> tuple[sitk.Transform, float]:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.REGULAR)
