@@ -5,17 +5,20 @@
     the prior CT by C-MOVE to itself (WADO-RS), compares, and sends an SR whose nodes keep the
     baseline's tracking UIDs: over DIMSE and over DICOMweb;
 (b) the prior has no nodal results: its CT is fetched by C-GET and analysed first, and its
-    own SEG/SR go to the PACS beside the follow-up's;
+    own SEG/SR go to the PACS beside the follow-up's (the follow-up itself fetched from the
+    PACS by `nodal retrieve`);
 (c) failures: the query peer down, or the prior not retrievable: results sent as without a
     prior, the reason on the job.
 
-Until the follow-up phantom pairs exist, the follow-up is the baseline's phantom acquired
-again (new UIDs, a later date): every node is matched, nothing changes, the response is SD.
+The studies are a follow-up phantom pair (`inference.phantom_pairs`, scenario progression):
+the same patient re-positioned, nodes grown, resolved or new by known amounts.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -24,6 +27,7 @@ import requests
 
 from inference import phantoms
 from inference.ct_series import PatientInfo
+from inference.phantom_pairs import make_pair
 from tests.helpers.followup import register_modality, restamp, upload
 from tests.helpers.peers import (
     Nodal,
@@ -48,8 +52,8 @@ BASELINE_DATE, FOLLOW_UP_DATE = "20260301", "20260601"
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return phantoms.generate(SEED, SPEC)
+def pair():
+    return make_pair(SEED, "progression", SPEC)
 
 
 def write_study(phantom, folder: Path, patient_id: str, name: str, date: str) -> tuple[list[Path], str]:
@@ -134,12 +138,12 @@ def tracking_uids(sr: pydicom.Dataset) -> set[str]:
 
 
 @pytest.mark.parametrize("protocol", ["dimse", "dicomweb"])
-def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc, phantom, protocol):
+def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc, pair, protocol):
     patient = f"FU-A-{protocol}"
     dest = dimse(orthanc, retrieve="move") if protocol == "dimse" else dicomweb(orthanc)
     nodal = start_nodal(tmp_path, orthanc, [dest])
     try:
-        base_paths, base_uid = write_study(phantom, tmp_path, patient, "baseline", BASELINE_DATE)
+        base_paths, base_uid = write_study(pair.prior, tmp_path, patient, "baseline", BASELINE_DATE)
         upload(orthanc, base_paths)  # the PACS holds the baseline CT ...
         storescu(base_paths, nodal.config["node"]["dimse_port"])  # ... and nodal analyses it
         base_job = finished_job(nodal, base_uid)
@@ -149,7 +153,7 @@ def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc
         base_tracking = tracking_uids(base_sr)
         assert base_tracking, "the baseline SR has no node"
 
-        fu_paths, fu_uid = write_study(phantom, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
+        fu_paths, fu_uid = write_study(pair.current, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
         upload(orthanc, fu_paths)
         storescu(fu_paths, nodal.config["node"]["dimse_port"])
         job = finished_job(nodal, fu_uid)
@@ -161,15 +165,15 @@ def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc
         find, fetch = ("find", "move") if protocol == "dimse" else ("qido", "wado")
         assert {(find, "STUDY"), (find, "SERIES"), (fetch, "SERIES")} <= ops, ops
         assert all(o["outcome"] == "success" for o in fu["operations"])
-        assert fu["summary"]["recist_response"] in ("SD", "NE")  # the same phantom again
+        assert fu["summary"]["recist_response"] == pair.truth_response().recist_response
 
         doc = findings_json(nodal, job)
-        nodes = doc["comparison"]["nodes"]
-        assert nodes and all(n["status"] == "matched" for n in nodes), nodes
-        assert all(abs(n["short_axis_mm"]["change_mm"]) < 1.5 for n in nodes)
+        assert doc["comparison"]["summary"] == fu["summary"]
+        matched = {n["prior_tracking_uid"] for n in doc["comparison"]["nodes"] if n["status"] == "matched"}
+        assert matched and matched <= base_tracking, doc["comparison"]["nodes"]
         wait_until(lambda: delivered(nodal, job["id"]), 120, "the follow-up's results in Orthanc")
         [fu_sr] = srs_in(orthanc, fu_uid)
-        assert tracking_uids(fu_sr) == base_tracking  # every node keeps its baseline tracking UID
+        assert tracking_uids(fu_sr) & base_tracking == matched  # matched nodes keep their tracking UID
         # the prior fetched for the comparison was not taken for a study to analyse
         assert len(nodal.api(f"/api/jobs?study={base_uid}")["jobs"]) == 1
         metrics = requests.get(f"{nodal.http}/metrics", timeout=10).text
@@ -183,33 +187,51 @@ def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc
         nodal.stop()
 
 
-def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, orthanc, phantom):
+def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, orthanc, pair):
     patient = "FU-B"
     nodal = start_nodal(tmp_path, orthanc, [dimse(orthanc, retrieve="get")])
     try:
-        base_paths, base_uid = write_study(phantom, tmp_path, patient, "baseline", BASELINE_DATE)
+        base_paths, base_uid = write_study(pair.prior, tmp_path, patient, "baseline", BASELINE_DATE)
         upload(orthanc, base_paths)  # only in the PACS: nodal never saw it
-        fu_paths, fu_uid = write_study(phantom, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
-        upload(orthanc, fu_paths)
-        storescu(fu_paths, nodal.config["node"]["dimse_port"])
+        fu_paths, fu_uid = write_study(pair.current, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
+        upload(orthanc, fu_paths)  # the follow-up too: `nodal retrieve` fetches it on request
+        asked = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dicom_node.cli",
+                "--config",
+                str(nodal.folder / "node.yaml"),
+                "retrieve",
+                "--study",
+                fu_uid,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert asked.returncode == 0, asked.stderr
+        assert json.loads(asked.stdout)["instances"]["stored"] == len(fu_paths)
         job = finished_job(nodal, fu_uid)
         fu = job["followup"]
         assert fu["outcome"] == "compared" and fu["prior_source"] == "analysed", fu
         assert fu["prior_results"] >= 2  # the prior's SEG and SR (and result images)
         assert "get" in {o["operation"] for o in fu["operations"]}
         nodes = findings_json(nodal, job)["comparison"]["nodes"]
-        assert nodes and all(n["status"] == "matched" for n in nodes)
+        matched = {n["prior_tracking_uid"] for n in nodes if n["status"] == "matched"}
+        assert matched, nodes
         wait_until(lambda: delivered(nodal, job["id"]), 120, "results in Orthanc")
         [prior_sr] = srs_in(orthanc, base_uid)  # the prior's own results are in the PACS now
         [fu_sr] = srs_in(orthanc, fu_uid)
-        assert tracking_uids(fu_sr) == tracking_uids(prior_sr)
+        assert matched <= tracking_uids(prior_sr)
+        assert tracking_uids(fu_sr) & tracking_uids(prior_sr) == matched
         assert nodal.api(f"/api/jobs?study={base_uid}")["jobs"] == []  # analysed inside the job only
     finally:
         nodal.stop()
 
 
 @pytest.mark.parametrize("failure", ["peer_down", "not_retrievable"])
-def test_a_prior_that_cannot_be_had_never_blocks_the_results(tmp_path, orthanc, phantom, failure):
+def test_a_prior_that_cannot_be_had_never_blocks_the_results(tmp_path, orthanc, pair, failure):
     patient = f"FU-C-{failure}"
     results = {
         "name": "results",
@@ -230,9 +252,9 @@ def test_a_prior_that_cannot_be_had_never_blocks_the_results(tmp_path, orthanc, 
         dests = [dict(results, query={"retrieve": "move", "move_destination": "NOWHERE"})]
     nodal = start_nodal(tmp_path, orthanc, dests)
     try:
-        base_paths, _ = write_study(phantom, tmp_path, patient, "baseline", BASELINE_DATE)
+        base_paths, _ = write_study(pair.prior, tmp_path, patient, "baseline", BASELINE_DATE)
         upload(orthanc, base_paths)
-        fu_paths, fu_uid = write_study(phantom, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
+        fu_paths, fu_uid = write_study(pair.current, tmp_path, patient, "follow-up", FOLLOW_UP_DATE)
         storescu(fu_paths, nodal.config["node"]["dimse_port"])
         job = finished_job(nodal, fu_uid)
         fu = job["followup"]

@@ -208,3 +208,89 @@ def _orthanc_series(o: Orthanc, series_uid: str) -> str:
 
     found = requests.post(f"{o.url}/tools/lookup", data=series_uid, timeout=10).json()
     return next(f["ID"] for f in found if f["Type"] == "Series")
+
+
+# -- POST /api/retrieve: a study fetched on request goes through the receiver ----------------
+
+
+@pytest.fixture
+def api(pacs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from dicom_node.api.app import create_app
+    from dicom_node.receive.receiver import Receiver
+    from dicom_node.spool.store import Spool
+
+    def make(dest: dict | None):
+        s = (
+            settings_for(tmp_path, dest)
+            if dest
+            else Settings.model_validate({"node": {"data_dir": str(tmp_path)}})
+        )
+        db = Database(s.index_url())
+        spool = Spool(tmp_path / "spool")
+        receiver = Receiver(spool, db)
+        made.append((receiver, spool, db))
+        return TestClient(create_app(s, db, receiver, lambda: True)), db
+
+    made: list = []
+    yield make
+    for receiver, spool, db in made:
+        receiver.close()
+        spool.close()
+        db.close()
+
+
+@pytest.mark.parametrize("kind", ["dimse-get", "dicomweb"])  # C-MOVE: tests/peers/test_followup_peers.py
+def test_api_retrieve_stores_the_study_like_received_instances(pacs, api, tmp_path, kind):
+    o, studies, _ = pacs
+    client, db = api(dimse_dest(o, "get") if kind == "dimse-get" else web_dest(o))
+    paths, study, _ = studies["prior"]
+    r = client.post("/api/retrieve", json={"study_instance_uid": study})
+    assert r.status_code == 202, r.text
+    assert r.json()["instances"] == {"stored": len(paths), "duplicate": 0, "refused": 0}
+    with db.session() as s:
+        vias = s.scalars(select(Instance.via).where(Instance.study_uid == study)).all()
+    assert vias == ["retrieve"] * len(paths)
+    again = client.post("/api/retrieve", json={"study_instance_uid": study}).json()
+    assert again["instances"]["duplicate"] == len(paths) and "already" in again["note"]
+    actions = [e for e in audit.query(db, "user_action") if e["detail"].get("action") == "retrieve"]
+    assert len(actions) == 2 and all(e["outcome"] == "success" for e in actions)
+    assert audit.query(db, "retrieve")[0]["count"] == len(paths)
+
+
+def test_api_retrieve_by_accession_number_and_its_refusals(pacs, api, tmp_path):
+    o, _, root = pacs
+    paths, study, _ = small_ct(root / "acc", "acc", "QR-PATIENT-3", "20260505", AccessionNumber="ACC-17")
+    upload(o, paths)
+    client, db = api(dimse_dest(o, "get"))
+    r = client.post("/api/retrieve", json={"accession_number": "ACC-17"})
+    assert r.status_code == 202 and r.json()["study_instance_uid"] == study, r.text
+    assert client.post("/api/retrieve", json={"accession_number": "NO-SUCH"}).status_code == 404
+    both = client.post("/api/retrieve", json={"accession_number": "A", "study_instance_uid": study})
+    assert both.status_code == 422
+    assert client.post("/api/retrieve", json={"study_instance_uid": "not a uid"}).status_code == 422
+    refused = [e for e in audit.query(db, "user_action") if e["outcome"] == "failure"]
+    assert refused and refused[0]["detail"]["status"] == 404
+
+
+def test_api_retrieve_without_a_query_destination_is_409(api):
+    client, _ = api(None)
+    r = client.post("/api/retrieve", json={"study_instance_uid": "1.2.3"})
+    assert r.status_code == 409 and "query role" in r.json()["detail"]
+
+
+def test_api_retrieve_with_the_pacs_down_is_502(api):
+    client, db = api(
+        {
+            "name": "down",
+            "kind": "dimse",
+            "ae_title": "X",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "query": {},
+        }
+    )
+    r = client.post("/api/retrieve", json={"study_instance_uid": "1.2.3"})
+    assert r.status_code == 502 and "no association with X@127.0.0.1" in r.json()["detail"]
+    assert audit.query(db, "query")[0]["outcome"] == "failure"
