@@ -139,9 +139,12 @@ def write_findings(
     comparison: Comparison | None = None,
 ) -> list[Path]:
     """SEG, SR and result images of `findings` on the series `paths` (with the comparison, if any)."""
+    import inspect  # TEMPORARY until sr_templates.write_results takes `comparison` (issue 17A)
+
     from sr_templates import write_results
 
-    extra = {"comparison": comparison} if comparison is not None else {}
+    takes = "comparison" in inspect.signature(write_results).parameters
+    extra = {"comparison": comparison} if comparison is not None and takes else {}
     return write_results(
         source_datasets(paths, {ref.sop_instance_uid for ref in findings.slices}),
         findings,

@@ -7,12 +7,15 @@ again), so before the C-MOVE the job leaves a marker, `<data_dir>/retrieve/expec
 UID>`, naming its folder; the receiver, seeing a marker for an instance's series, writes the
 instance there instead of the spool and answers success. The job removes the marker when the
 C-MOVE has ended. Serve process and workers share `data_dir` (scale-out: shared storage).
+A marker older than `STALE_SECONDS` (left by a worker killed during its C-MOVE) is deleted
+when next seen, so that the series it named arrives normally again.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,7 @@ from pathlib import Path
 from dicom_node.spool.part10 import file_meta_prefix
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
+STALE_SECONDS = 3600.0  # longer than any retrieval may take (query timeouts are per message)
 
 
 def safe_uid(uid: str, what: str) -> str:
@@ -47,8 +51,12 @@ class Holding:
         """The folder a retrieval expects this series' instances in, or None."""
         if not _UID.match(series_uid):
             return None
+        marker = self.expected / series_uid
         try:
-            return self.root / (self.expected / series_uid).read_text().strip()
+            if time.time() - marker.stat().st_mtime > STALE_SECONDS:
+                marker.unlink(missing_ok=True)
+                return None
+            return self.root / marker.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
 

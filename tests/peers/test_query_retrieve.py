@@ -294,3 +294,18 @@ def test_api_retrieve_with_the_pacs_down_is_502(api):
     r = client.post("/api/retrieve", json={"study_instance_uid": "1.2.3"})
     assert r.status_code == 502 and "no association with X@127.0.0.1" in r.json()["detail"]
     assert audit.query(db, "query")[0]["outcome"] == "failure"
+
+
+def test_a_stale_holding_marker_is_dropped(tmp_path):
+    import os
+
+    from dicom_node.query.holding import STALE_SECONDS, Holding
+
+    holding = Holding(tmp_path)
+    with holding.expect("1.2.3", tmp_path / "retrieve" / "job-9"):
+        assert holding.waiting() and holding.folder_for("1.2.3") == tmp_path / "retrieve" / "job-9"
+        marker = holding.expected / "1.2.3"
+        old = marker.stat().st_mtime - STALE_SECONDS - 1
+        os.utime(marker, (old, old))  # as if its worker was killed an hour ago
+        assert holding.folder_for("1.2.3") is None and not holding.waiting()
+    assert holding.folder_for("not/a/uid") is None
