@@ -118,12 +118,12 @@ def _follow_up(
                     settings, client, cand, current, model, folder, work / str(n)
                 )
             except NotComparable as e:
-                skipped.append(f"{cand.study.study_date or 'undated'}: {e}")
+                skipped.append(f"prior {n + 1}: {e}")  # no dates: the reason is logged
                 continue
             except QueryError as e:
                 return FollowUp(
                     "retrieve_failed",
-                    f"prior of {cand.study.study_date or 'unknown date'}: {e}",
+                    f"prior {n + 1} (newest comparable first): {e}",
                     None,
                     cand.study.study_uid,
                 )
