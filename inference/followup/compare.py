@@ -98,6 +98,8 @@ def compare(
                 volume_mm3_current=f.volume_mm3,
                 distance_mm=None if prior_index is None else by_prior[prior_index][1],
                 recist_role="" if node is None else role.get(node.tracking_uid, ""),
+                prior_centroid_lps_mm=None if node is None else node.centroid_lps_mm,
+                current_centroid_lps_mm=f.centroid_lps_mm,
             )
         )
     for p, node in enumerate(prior.nodes):
@@ -116,6 +118,7 @@ def compare(
                     volume_mm3_prior=node.volume_mm3,
                     volume_mm3_current=None,
                     recist_role=role.get(node.tracking_uid, ""),
+                    prior_centroid_lps_mm=node.centroid_lps_mm,
                 )
             )
     return Comparison(

@@ -144,6 +144,8 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
         spd_prior_mm2=sum(_ppd(n.sa_prior, n.la_prior) for n in index),
         spd_current_mm2=sum(_ppd(n.sa_current, n.la_current) for n in index),
         new_nodes=len(unequivocal),
+        target_response=target_response or "",
+        non_target_response=(CR if non_target_cr else NON_CR_NON_PD) if non_targets else "",
     )
 
 

@@ -130,6 +130,8 @@ class NodeChange:
     volume_mm3_current: float | None
     distance_mm: float | None = None  # registered prior centroid to current centroid
     recist_role: str = ""  # at baseline: "target" | "non-target" | "normal" | "" (new node)
+    prior_centroid_lps_mm: Point3 | None = None  # in the prior's frame
+    current_centroid_lps_mm: Point3 | None = None  # in the current frame
 
     @property
     def tracking_uid(self) -> str:
@@ -205,6 +207,8 @@ class ResponseSummary:
     spd_prior_mm2: float  # sum of products of perpendicular diameters (Lugano), prior
     spd_current_mm2: float  # the same index nodes now (a gone node counts 0)
     new_nodes: int  # nodes counted as unequivocally new (RECIST 1.1)
+    target_response: str = ""  # "CR" | "PR" | "SD" | "PD" | "" (no target node)
+    non_target_response: str = ""  # "CR" | "non-CR/non-PD" | "" (no non-target node)
 
     @property
     def sum_short_axis_change_percent(self) -> float | None:
@@ -230,6 +234,8 @@ class ResponseSummary:
                 "change_percent": _r(self.spd_change_percent, 1),
             },
             "new_nodes": self.new_nodes,
+            "target_response": self.target_response,
+            "non_target_response": self.non_target_response,
         }
 
 
