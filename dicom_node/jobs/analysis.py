@@ -26,7 +26,6 @@ from dicom_node.spool.durable import fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     from inference.findings import StudyFindings
-    from inference.followup import Comparison
     from inference.model_store import LoadedModel
     from inference.pipeline import Analysis, PipelineSettings
     from inference.volume import Volume
@@ -114,18 +113,17 @@ def analyse_and_write(
         followup = follow_up(volume, analysis, folder)
         seconds["followup"] = time.perf_counter() - t
     t = time.perf_counter()
-    findings = analysis.findings
     comparison = followup.comparison if followup is not None else None
-    if comparison is not None:
-        findings = comparison.with_prior_tracking(findings)
     if findings_json or followup is not None:
-        doc = findings.to_json()
+        # matched nodes carry the prior's tracking UID, as in the SEG and SR
+        shown = comparison.with_prior_tracking(analysis.findings) if comparison else analysis.findings
+        doc = shown.to_json()
         if followup is not None:
             doc["followup"] = followup.to_json()
             doc["comparison"] = comparison.to_json() if comparison is not None else None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "findings.json").write_text(json.dumps(doc, indent=2) + "\n")
-    written = write_findings(paths, findings, folder, settings, comparison)
+    written = write_findings(paths, analysis.findings, folder, settings, followup)
     if followup is not None:
         written += [folder / rel for rel in followup.prior_files]
     return Written(analysis, written, {**seconds, "encode": time.perf_counter() - t}, followup)
@@ -136,15 +134,15 @@ def write_findings(
     findings: StudyFindings,
     folder: Path,
     settings: Settings,
-    comparison: Comparison | None = None,
+    followup: FollowUp | None = None,
 ) -> list[Path]:
-    """SEG, SR and result images of `findings` on the series `paths` (with the comparison, if any)."""
-    import inspect  # TEMPORARY until sr_templates.write_results takes `comparison` (issue 17A)
-
+    """SEG, SR and result images of `findings` on the series `paths`; with a comparison
+    (`followup`), matched nodes keep the prior's tracking UIDs and the SR and result images
+    show the prior (sr_templates)."""
     from sr_templates import write_results
 
-    takes = "comparison" in inspect.signature(write_results).parameters
-    extra = {"comparison": comparison} if comparison is not None and takes else {}
+    comparison = followup.comparison if followup is not None else None
+    prior_volume = followup.prior_volume if followup is not None and comparison is not None else None
     return write_results(
         source_datasets(paths, {ref.sop_instance_uid for ref in findings.slices}),
         findings,
@@ -152,7 +150,8 @@ def write_findings(
         result_images=settings.results.result_images,
         omit_empty_frames=settings.results.omit_empty_frames,
         editable_in_ohif=settings.results.editable_in_ohif,
-        **extra,
+        comparison=comparison,
+        prior_sources=prior_volume,
     )
 
 

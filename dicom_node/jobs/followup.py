@@ -137,7 +137,15 @@ def _follow_up(
                 return FollowUp(
                     "compare_failed", str(e), None, prior.study_instance_uid, prior.source, prior_files
                 )
-            return FollowUp("compared", "", comparison, prior.study_instance_uid, prior.source, prior_files)
+            return FollowUp(
+                "compared",
+                "",
+                comparison,
+                prior.study_instance_uid,
+                prior.source,
+                prior_files,
+                prior_volume=prior.volume,
+            )
     except NoPatientId as e:
         return FollowUp("no_prior", str(e))
     except QueryError as e:

@@ -40,6 +40,7 @@ class FollowUp:
     prior_source: str | None = None  # "sr" | "analysed"
     prior_files: list[str] = field(default_factory=list)  # prior results written, relative to the folder
     operations: list[dict] = field(default_factory=list)  # query.records.Operation.to_json()
+    prior_volume: Any = field(default=None, repr=False)  # the prior CT, for the result images
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {
