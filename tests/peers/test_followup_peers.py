@@ -114,10 +114,10 @@ def findings_json(nodal: Nodal, job: dict) -> dict:
     )
 
 
-def srs_in(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+def srs_in(orthanc: Orthanc, study_uid: str, modality: str = "SR") -> list[pydicom.Dataset]:
     out = []
     for s in study_series(orthanc, study_uid):
-        if s["modality"] == "SR":
+        if s["modality"] == modality:
             for i in s["instances"]:
                 r = requests.get(f"{orthanc.url}/instances/{i}/file", timeout=30)
                 out.append(pydicom.dcmread(__import__("io").BytesIO(r.content)))
@@ -135,6 +135,33 @@ def assert_changes_follow_the_truth(comparison: dict, pair) -> None:
     true_growth = max(n.short_axis_change_mm for n in pair.nodes if n.status == "matched")
     seen_growth = max(n["short_axis_mm"]["change_mm"] for n in matched)
     assert abs(seen_growth - true_growth) < 4.0, (true_growth, matched)
+
+
+def assert_follow_up_objects(orthanc: Orthanc, study_uid: str, comparison: dict, summary: dict) -> None:
+    """The SEG keeps the prior tracking UID of each matched node; the SR names every matched
+    and gone node by its prior tracking UID and codes the RECIST 1.1 response."""
+    from sr_templates import codes
+
+    by_status: dict[str, set] = {"matched": set(), "gone": set()}
+    for n in comparison["nodes"]:
+        if n["status"] in by_status:
+            by_status[n["status"]].add(n["prior_tracking_uid"])
+    [seg] = srs_in(orthanc, study_uid, "SEG")
+    segments = {str(s.TrackingUID) for s in seg.SegmentSequence}
+    assert by_status["matched"] <= segments and not by_status["gone"] & segments
+    [sr] = srs_in(orthanc, study_uid)
+    assert by_status["matched"] | by_status["gone"] <= tracking_uids(sr)
+    groups = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    summary_group = next(
+        g
+        for g in groups.ContentSequence
+        if any(
+            i.ConceptNameCodeSequence[0].CodeValue == codes.RESPONSE_EVALUATION_METHOD.value
+            for i in g.get("ContentSequence", [])
+        )
+    )
+    comments = [i.TextValue for i in summary_group.ContentSequence if i.ValueType == "TEXT"]
+    assert any(summary["recist_response"] in c for c in comments), comments
 
 
 def tracking_uids(sr: pydicom.Dataset) -> set[str]:
@@ -184,8 +211,7 @@ def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc
         matched = {n["prior_tracking_uid"] for n in doc["comparison"]["nodes"] if n["status"] == "matched"}
         assert matched and matched <= base_tracking, doc["comparison"]["nodes"]
         wait_until(lambda: delivered(nodal, job["id"]), 120, "the follow-up's results in Orthanc")
-        [fu_sr] = srs_in(orthanc, fu_uid)
-        assert tracking_uids(fu_sr) & base_tracking == matched  # matched nodes keep their tracking UID
+        assert_follow_up_objects(orthanc, fu_uid, doc["comparison"], fu["summary"])
         # the prior fetched for the comparison was not taken for a study to analyse
         assert len(nodal.api(f"/api/jobs?study={base_uid}")["jobs"]) == 1
         metrics = requests.get(f"{nodal.http}/metrics", timeout=10).text
@@ -234,9 +260,8 @@ def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, ort
         matched = {n["prior_tracking_uid"] for n in comparison["nodes"] if n["status"] == "matched"}
         wait_until(lambda: delivered(nodal, job["id"]), 120, "results in Orthanc")
         [prior_sr] = srs_in(orthanc, base_uid)  # the prior's own results are in the PACS now
-        [fu_sr] = srs_in(orthanc, fu_uid)
         assert matched <= tracking_uids(prior_sr)
-        assert tracking_uids(fu_sr) & tracking_uids(prior_sr) == matched
+        assert_follow_up_objects(orthanc, fu_uid, comparison, fu["summary"])
         assert nodal.api(f"/api/jobs?study={base_uid}")["jobs"] == []  # analysed inside the job only
     finally:
         nodal.stop()
