@@ -309,3 +309,50 @@ def test_a_stale_holding_marker_is_dropped(tmp_path):
         os.utime(marker, (old, old))  # as if its worker was killed an hour ago
         assert holding.folder_for("1.2.3") is None and not holding.waiting()
     assert holding.folder_for("not/a/uid") is None
+
+
+# -- DICOM TLS, as for sending: the destination's `tls` serves C-FIND and C-GET too -----------
+
+
+class TlsOrthanc(Orthanc):
+    """Orthanc speaking DICOM TLS only, requiring a client certificate from `pki.ca`."""
+
+    def __init__(self, folder: Path, pki):
+        super().__init__(folder)
+        self.pki = pki
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(self.pki.server_cert),
+            "DicomTlsPrivateKey": str(self.pki.server_key),
+            "DicomTlsTrustedCertificates": str(self.pki.ca),
+            "DicomTlsRemoteCertificateRequired": True,
+        }
+
+
+def test_query_and_retrieve_over_dicom_tls(tmp_path):
+    from tests.helpers.tls_certs import have_openssl, make_pki
+
+    if not have_openssl():
+        pytest.skip("needs the openssl command")
+    pki = make_pki(tmp_path / "pki")
+    o = TlsOrthanc(tmp_path / "orthanc-tls", pki).start()
+    try:
+        register_modality(o, "nodal", "NODAL", free_port())
+        paths, study, series = small_ct(tmp_path / "ct", "tls", "QR-TLS", "20260101")
+        upload(o, paths)
+        tls = {"enabled": True, "ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+               "key_file": str(pki.client_key)}  # fmt: skip
+        s = settings_for(tmp_path, {**dimse_dest(o, "get"), "tls": tls})
+        client = make_client(s, s.query_peer(), Recorder())
+        [match] = client.find_studies(StudyQuery(patient_id="QR-TLS"))
+        assert match.study_uid == study
+        files = client.retrieve_series(study, series, tmp_path / "retrieve" / "tls")
+        assert len(files) == len(paths)
+        plain = settings_for(tmp_path, dimse_dest(o, "get"))  # the same peer without TLS
+        with pytest.raises(QueryError):
+            make_client(plain, plain.query_peer(), Recorder()).find_studies(StudyQuery(patient_id="QR-TLS"))
+    finally:
+        o.stop()
