@@ -13,7 +13,8 @@ Events:
 - `results_transferred`: result instances of a job sent to a destination (count, outcome)
 - `config_loaded`: `nodal serve` started with a configuration (its hash, secrets masked)
 - `application_stop`: `nodal serve` stopped
-- `user_action`: an action taken on the status page (retry of a job), accepted or refused
+- `user_action`: an action taken on the status page (retry of a job) or `POST /api/retrieve`
+  (detail `action: retrieve`), accepted or refused
 - `query`: nodal asked a PACS (C-FIND, QIDO-RS): destination, operation, matches, outcome
 - `retrieve`: nodal fetched instances from a PACS (C-GET, C-MOVE, WADO-RS) for a prior or
   for `POST /api/retrieve`: destination, operation, instances, outcome
