@@ -6,7 +6,6 @@ import numpy as np
 
 from inference.findings import StudyFindings
 from inference.followup import matching, response
-from inference.followup.registration import register
 from inference.followup.types import (
     GONE,
     MATCHED,
@@ -43,6 +42,8 @@ def compare(
             method="identity", note="no prior CT: the centroids are compared unregistered"
         )
     else:
+        from inference.followup.registration import register  # SimpleITK: only when registering
+
         registration = register(prior.volume, current_volume, settings)
     mapped = [registration.map_point(n.centroid_lps_mm) for n in prior.nodes]
     pairs = matching.match(
