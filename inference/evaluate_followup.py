@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from inference.evaluate import array_volume, match
-from inference.findings import StudyFindings
+from inference.findings import Finding, StudyFindings
 from inference.followup import FROM_ANALYSIS, MATCHED, PriorStudy, compare, prior_nodes
 from inference.model_store import LoadedModel
 from inference.phantom_pairs import SCENARIOS, make_pair
@@ -134,9 +134,9 @@ def _one(model: LoadedModel, seed: int, scenario: str, settings: PipelineSetting
     }
 
 
-def _truth_of(labels: np.ndarray, findings: StudyFindings) -> dict[int, object]:
+def _truth_of(labels: np.ndarray, findings: StudyFindings) -> dict[int, Finding]:
     """Truth node index -> the finding that overlaps it most (one finding per node)."""
-    out: dict[int, tuple[float, object]] = {}
+    out: dict[int, tuple[float, Finding]] = {}
     for m, f in zip(
         match(labels, [(f.bbox, f.mask) for f in findings.findings]), findings.findings, strict=True
     ):

@@ -6,7 +6,6 @@ import numpy as np
 
 from inference.findings import StudyFindings
 from inference.followup import matching, response
-from inference.followup.registration import register
 from inference.followup.types import (
     GONE,
     MATCHED,
@@ -43,6 +42,8 @@ def compare(
             method="identity", note="no prior CT: the centroids are compared unregistered"
         )
     else:
+        from inference.followup.registration import register  # SimpleITK: only when registering
+
         registration = register(prior.volume, current_volume, settings)
     mapped = [registration.map_point(n.centroid_lps_mm) for n in prior.nodes]
     pairs = matching.match(
@@ -82,23 +83,23 @@ def compare(
     changes: list[NodeChange] = []
     for c, f in enumerate(current.findings):  # current nodes in their report order
         prior_index = next((p for p, (cc, _) in by_prior.items() if cc == c), None)
-        node = None if prior_index is None else prior.nodes[prior_index]
+        was = None if prior_index is None else prior.nodes[prior_index]
         changes.append(
             NodeChange(
-                status=NEW if node is None else MATCHED,
+                status=NEW if was is None else MATCHED,
                 current_label=f.label,
                 current_tracking_uid=f.tracking_uid,
-                prior_label=None if node is None else node.label,
-                prior_tracking_uid=None if node is None else node.tracking_uid,
-                short_axis_mm_prior=None if node is None else node.short_axis_mm,
+                prior_label=None if was is None else was.label,
+                prior_tracking_uid=None if was is None else was.tracking_uid,
+                short_axis_mm_prior=None if was is None else was.short_axis_mm,
                 short_axis_mm_current=f.short_axis.length_mm,
-                long_axis_mm_prior=None if node is None else node.long_axis_mm,
+                long_axis_mm_prior=None if was is None else was.long_axis_mm,
                 long_axis_mm_current=f.long_axis.length_mm,
-                volume_mm3_prior=None if node is None else node.volume_mm3,
+                volume_mm3_prior=None if was is None else was.volume_mm3,
                 volume_mm3_current=f.volume_mm3,
                 distance_mm=None if prior_index is None else by_prior[prior_index][1],
-                recist_role="" if node is None else role.get(node.tracking_uid, ""),
-                prior_centroid_lps_mm=None if node is None else node.centroid_lps_mm,
+                recist_role="" if was is None else role.get(was.tracking_uid, ""),
+                prior_centroid_lps_mm=None if was is None else was.centroid_lps_mm,
                 current_centroid_lps_mm=f.centroid_lps_mm,
             )
         )

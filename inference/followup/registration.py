@@ -61,10 +61,7 @@ def register(prior: Volume, current: Volume, settings: FollowUpSettings | None =
         rigid, rigid_metric = _run(fixed, moving, initial, fixed_body, iterations=120)
         candidates = [("rigid", rigid, rigid_metric)]
         if settings.registration == "affine" and _count(fixed_bone) >= MIN_BODY_VOXELS // 5:
-            affine = sitk.AffineTransform(3)
-            affine.SetMatrix(rigid.GetMatrix())
-            affine.SetTranslation(rigid.GetTranslation())
-            affine.SetCenter(rigid.GetCenter())
+            affine = _affine_of(rigid)
             mask = sitk.BinaryDilate(fixed_bone, [2, 2, 2])
             candidates.append(("affine", *_run(fixed, moving, affine, mask, iterations=80)))
     except RuntimeError as exc:  # ITK's errors (e.g. no overlap left to sample)
@@ -153,17 +150,23 @@ def _run(fixed, moving, initial, mask, *, iterations: int) -> tuple[sitk.Transfo
     return transform, float(method.GetMetricValue())
 
 
-def _prior_to_current(transform: sitk.Transform) -> np.ndarray:
-    """4x4 prior -> current from ITK's transform, which maps current (fixed) to prior (moving)."""
+def _affine_of(transform: sitk.Transform) -> sitk.AffineTransform:
+    """`transform` (rigid or affine, as the registration returns it) as an affine transform."""
     if isinstance(transform, sitk.CompositeTransform):
         transform = transform.GetNthTransform(transform.GetNumberOfTransforms() - 1)
-    generic = sitk.AffineTransform(3)
-    if isinstance(transform, sitk.Euler3DTransform):
-        generic.SetMatrix(transform.GetMatrix())
-        generic.SetTranslation(transform.GetTranslation())
-        generic.SetCenter(transform.GetCenter())
-    else:
-        generic = sitk.AffineTransform(transform)
+    if transform.GetName() == "Euler3DTransform":
+        euler = sitk.Euler3DTransform(transform)
+        generic = sitk.AffineTransform(3)
+        generic.SetMatrix(euler.GetMatrix())
+        generic.SetTranslation(euler.GetTranslation())
+        generic.SetCenter(euler.GetCenter())
+        return generic
+    return sitk.AffineTransform(transform)
+
+
+def _prior_to_current(transform: sitk.Transform) -> np.ndarray:
+    """4x4 prior -> current from ITK's transform, which maps current (fixed) to prior (moving)."""
+    generic = _affine_of(transform)
     a = np.asarray(generic.GetMatrix(), float).reshape(3, 3)
     c = np.asarray(generic.GetCenter(), float)
     t = np.asarray(generic.GetTranslation(), float)

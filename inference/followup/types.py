@@ -21,7 +21,7 @@ from inference.findings import Point3, StudyFindings
 if TYPE_CHECKING:
     from inference.volume import Volume
 
-Matrix4 = tuple[tuple[float, float, float, float], ...]
+Matrix4 = tuple[tuple[float, ...], ...]  # 4 rows of 4
 IDENTITY: Matrix4 = tuple(tuple(float(v) for v in row) for row in np.eye(4))
 
 #: NodeChange.status values
