@@ -60,6 +60,26 @@ class Holding:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def sweep(self) -> int:
+        """Delete what retrievals left behind longer than `STALE_SECONDS` ago (a worker killed
+        mid-retrieval): markers and folders. Returns how many entries went."""
+        import shutil
+
+        gone = 0
+        cutoff = time.time() - STALE_SECONDS
+        for folder in (self.expected, self.root):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry == self.expected or entry.stat().st_mtime > cutoff:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                gone += 1
+        return gone
+
     @contextmanager
     def expect(self, series_uid: str, folder: Path) -> Iterator[None]:
         """While inside, instances of `series_uid` arriving at the receiver go to `folder`."""

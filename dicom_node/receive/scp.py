@@ -219,6 +219,10 @@ class DimseServer:
             ssl_context=ssl_context,
         )
         self._stopped.clear()
+        if self.holding.sweep():
+            log.info(
+                "removed what retrievals interrupted more than an hour ago left in %s", self.holding.root
+            )
         threading.Thread(target=self._sweep, name="dimse-gate", daemon=True).start()
         if not self.rules:
             log.warning("allowed_callers is empty: associations from any calling AE are accepted")

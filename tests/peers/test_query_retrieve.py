@@ -309,6 +309,11 @@ def test_a_stale_holding_marker_is_dropped(tmp_path):
         os.utime(marker, (old, old))  # as if its worker was killed an hour ago
         assert holding.folder_for("1.2.3") is None and not holding.waiting()
     assert holding.folder_for("not/a/uid") is None
+    left = tmp_path / "retrieve" / "job-9"
+    (left / "x.dcm").write_bytes(b"x")
+    assert holding.sweep() == 0  # fresh: a retrieval may still be filling it
+    os.utime(left, (old, old))
+    assert holding.sweep() == 1 and not left.exists() and holding.expected.is_dir()
 
 
 # -- DICOM TLS, as for sending: the destination's `tls` serves C-FIND and C-GET too -----------
