@@ -4,7 +4,10 @@ Values in, values out; no database, no network. One analyse-and-write function s
 `nodal process` (results written straight into a folder) and the workers of both queue
 backends (`run_analysis`: results written to a temporary folder, fsynced, then renamed to
 their final folder, so the outbox only ever holds complete result sets). The model is
-loaded here too (`load_model`), once per worker process or per command.
+loaded here too (`load_model`), once per worker process or per command. The comparison with
+a prior study comes in through the `follow_up` hook (the workers pass
+`jobs.followup.prior_comparison`, which does the asking and fetching), so this module stays
+free of network and database.
 """
 
 from __future__ import annotations
