@@ -24,6 +24,7 @@ from inference.findings import Finding, StudyFindings
 from inference.followup import FROM_ANALYSIS, MATCHED, PriorStudy, compare, prior_nodes
 from inference.model_store import LoadedModel
 from inference.phantom_pairs import SCENARIOS, make_pair
+from inference.phantoms import PhantomSpec
 from inference.pipeline import PipelineSettings, analyse
 from inference.progress import progress
 from inference.train import EVAL_SEED_BASE
@@ -36,9 +37,10 @@ def evaluate_followup(
     pairs: int = 12,
     seed: int = FOLLOWUP_SEED_BASE,
     settings: PipelineSettings | None = None,
+    spec: PhantomSpec | None = None,
 ) -> dict:
     """Score the comparison on `pairs` phantom pairs; pair n uses seed `seed + n` and
-    scenario ``SCENARIOS[n % len(SCENARIOS)]``."""
+    scenario ``SCENARIOS[n % len(SCENARIOS)]`` (phantoms of `spec`, the default one if None)."""
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
     if seed < EVAL_SEED_BASE:
@@ -46,7 +48,7 @@ def evaluate_followup(
     settings = settings or PipelineSettings()
     rows = []
     for n in progress(range(pairs), pairs, "phantom pairs"):
-        rows.append(_one(model, seed + n, SCENARIOS[n % len(SCENARIOS)], settings))
+        rows.append(_one(model, seed + n, SCENARIOS[n % len(SCENARIOS)], settings, spec))
     in_both = sum(r["truth_in_both"] for r in rows)
     found = sum(r["found_in_both"] for r in rows)
     correct = sum(r["matched_correctly"] for r in rows)
@@ -76,9 +78,11 @@ def evaluate_followup(
     }
 
 
-def _one(model: LoadedModel, seed: int, scenario: str, settings: PipelineSettings) -> dict:
+def _one(
+    model: LoadedModel, seed: int, scenario: str, settings: PipelineSettings, spec: PhantomSpec | None
+) -> dict:
     started = time.perf_counter()
-    pair = make_pair(seed, scenario)
+    pair = make_pair(seed, scenario, spec)
     key = ("nodal-followup-pair", str(seed), scenario)
     prior_volume = array_volume(pair.prior.hu.astype(np.float32), pair.prior.affine, *key, "prior")
     current_volume = array_volume(pair.current.hu.astype(np.float32), pair.current.affine, *key, "current")

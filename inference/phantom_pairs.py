@@ -127,10 +127,10 @@ def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> Phan
     new_nodes = _new_nodes(rng, scenario, hu, labels, tissue, prior.affine, sigma, len(prior.nodes))
     everyone = [*current_nodes.values(), *new_nodes]
     for attempt in range(50):  # re-position so that every node stays whole in the field of view
-        motion = _motion(rng, prior.affine, hu.shape, 0.9**attempt)
+        motion = random_motion(rng, prior.affine, hu.shape, 0.9**attempt)
         if all(_in_view(n, motion, prior.affine, hu.shape) for n in everyone):
             break
-    hu, labels = _moved(hu, labels, prior.affine, motion)
+    hu, labels = move_patient(hu, labels, prior.affine, motion)
     hu += phantoms._smooth_noise(rng, hu.shape, 0.7, spec.noise_hu)  # new acquisition noise
     hu_i16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     fates = []
@@ -312,7 +312,7 @@ def _in_view(node: phantoms.NodeTruth, motion: np.ndarray, affine: np.ndarray, s
     return bool(np.all(kji - reach >= 0) and np.all(kji + reach <= np.asarray(shape) - 1))
 
 
-def _motion(rng, affine: np.ndarray, shape, factor: float = 1.0) -> np.ndarray:
+def random_motion(rng, affine: np.ndarray, shape, factor: float = 1.0) -> np.ndarray:
     """Rigid prior -> current LPS: rotation about the volume's centre, then a shift
     (`factor` scales both down when a node would leave the field of view)."""
     direction = rng.normal(size=3)
@@ -333,7 +333,7 @@ def _motion(rng, affine: np.ndarray, shape, factor: float = 1.0) -> np.ndarray:
     return m
 
 
-def _moved(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, motion: np.ndarray):
+def move_patient(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, motion: np.ndarray):
     """The patient moved by `motion`, seen on the same scanner grid (slice by slice)."""
     back = np.linalg.inv(affine) @ np.linalg.inv(motion) @ affine  # current voxel -> prior voxel
     out_hu = np.empty_like(hu)

@@ -63,7 +63,7 @@ def test_no_body_falls_back_with_the_reason(pair) -> None:
 
 def test_bad_volumes_are_clear_errors(pair) -> None:
     prior, current = _volumes(pair)
-    with pytest.raises(FollowUpError, match="must be 3D"):
+    with pytest.raises(FollowUpError, match="must be a 3D volume"):
         register(replace(prior, array=prior.array[0]), current)
     with pytest.raises(FollowUpError, match="not finite"):
         bad = prior.array.copy()
