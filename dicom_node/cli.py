@@ -168,6 +168,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_evaluate)
 
+    # --- follow-up studies (issue 17): the comparison scored on phantom pairs -------------
+    c = sub.add_parser(
+        "evaluate-followup", help="score the follow-up comparison on phantom pairs of known truth"
+    )
+    c.add_argument("--pairs", type=int, default=12, help="phantom pairs (scenarios in turn)")
+    c.add_argument("--seed", type=int, default=None, help="first seed (default: the first follow-up seed)")
+    c.add_argument("--json", action="store_true", help="print JSON on one line")
+    c.set_defaults(func=cmd_evaluate_followup)
+    # --- end of follow-up block ------------------------------------------------------------
+
     c = sub.add_parser("config", help="check the configuration and print the effective values")
     c.set_defaults(func=cmd_config)
 
@@ -187,6 +197,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("peer", help="destination name from the configuration, or AE@HOST:PORT")
     c.add_argument("--timeout", type=float, default=10.0)
     c.set_defaults(func=cmd_echo)
+
+    c = sub.add_parser(
+        "retrieve", help="fetch a study from the PACS (query destination) and analyse it, with its prior"
+    )
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", help="Study Instance UID")
+    which.add_argument("--accession", help="Accession Number")
+    c.add_argument(
+        "--node", default=None, help="the running node's HTTP base (default: http://127.0.0.1:<http_port>)"
+    )
+    c.set_defaults(func=cmd_retrieve)
     for command in sub.choices.values():  # `nodal serve --config FILE` as well as `nodal --config FILE serve`
         command.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     return p
@@ -395,6 +416,25 @@ def cmd_evaluate(args, settings: Settings) -> int:
     return 0
 
 
+# --- follow-up studies (issue 17) --------------------------------------------------------
+def cmd_evaluate_followup(args, settings: Settings) -> int:
+    """`nodal evaluate-followup`: matching, short-axis change and response on phantom pairs."""
+    from dicom_node.jobs.analysis import load_model, pipeline_settings
+    from inference.evaluate_followup import FOLLOWUP_SEED_BASE, evaluate_followup
+
+    result = evaluate_followup(
+        load_model(settings),
+        args.pairs,
+        args.seed if args.seed is not None else FOLLOWUP_SEED_BASE,
+        settings=pipeline_settings(settings),
+    )
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+# --- end of follow-up block --------------------------------------------------------------
+
+
 def evaluate_data(args, settings: Settings) -> int:
     """`nodal evaluate --data DIR`: the evaluation's scores on a site's labelled cases."""
     from dicom_node.jobs.analysis import load_model, pipeline_settings
@@ -470,6 +510,38 @@ def cmd_echo(args, settings: Settings) -> int:
     result = echo(settings.node.ae_title, peer, args.timeout)
     print(result.message)
     return 0 if result.ok else 1
+
+
+def cmd_retrieve(args, settings: Settings) -> int:
+    """POST /api/retrieve on the running node (its token from the configuration)."""
+    import requests
+
+    from dicom_node.api.auth import http_token
+
+    scheme = "https" if settings.node.http_tls.enabled else "http"
+    base = (args.node or f"{scheme}://127.0.0.1:{settings.node.http_port}").rstrip("/")
+    token = http_token(settings.node.http_auth)
+    body = {"study_instance_uid": args.study} if args.study else {"accession_number": args.accession}
+    try:
+        r = requests.post(
+            f"{base}/api/retrieve",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            timeout=3600,
+            verify=str(settings.node.http_tls.ca_file) if settings.node.http_tls.ca_file else True,
+        )
+    except requests.RequestException as e:
+        print(f"nodal: cannot reach the node at {base}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    if r.status_code != 202:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        print(f"nodal: retrieve refused ({r.status_code}): {detail}", file=sys.stderr)
+        return 1
+    print(json.dumps(r.json(), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

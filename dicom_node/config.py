@@ -243,6 +243,41 @@ class _Destination(_Section):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
+# -- issue 17: the query role of a destination (docs/follow-up.md) --
+
+
+class DimseQuery(_Section):
+    """nodal may also ask this PACS (C-FIND, study root) and fetch from it (C-GET or C-MOVE)."""
+
+    retrieve: Literal["get", "move"] = Field(
+        "get",
+        description="get: C-GET on the query association (nothing to register in the PACS beyond "
+        "nodal's AE); move: C-MOVE to move_destination (the PACS must know that AE's host and port)",
+    )
+    move_destination: str | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        pattern=AE_TITLE,
+        description="the AE title the PACS moves to; null: node.ae_title (nodal's own receiver)",
+    )
+    timeout_seconds: float = Field(
+        300.0, gt=0, description="the longest a query or a whole retrieval may take"
+    )
+
+
+class DicomwebQuery(_Section):
+    """nodal may also ask this DICOMweb service (QIDO-RS) and fetch from it (WADO-RS)."""
+
+    url: str | None = Field(
+        None, pattern=r"^https?://", description="the QIDO-RS/WADO-RS base; null: the destination's url"
+    )
+    timeout_seconds: float = Field(300.0, gt=0, description="the longest one request may take")
+
+
+# -- end issue 17 --
+
+
 class DimseDestination(_Destination):
     kind: Literal["dimse"]
     ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE)
@@ -250,6 +285,7 @@ class DimseDestination(_Destination):
     port: int = Field(ge=1, le=65535)
     timeout_seconds: float = Field(60.0, gt=0)
     tls: ClientTls = ClientTls()
+    query: DimseQuery | None = Field(None, description="null: results only; set: also a query/retrieve peer")
 
 
 class ReplyDestination(_Destination):
@@ -280,6 +316,9 @@ class _HttpDestination(_Destination):
 class DicomwebDestination(_HttpDestination):
     kind: Literal["dicomweb"]
     url: str = Field(pattern=r"^https?://", description="the STOW-RS base, e.g. http://pacs:8042/dicom-web")
+    query: DicomwebQuery | None = Field(
+        None, description="null: results only; set: also a QIDO-RS/WADO-RS peer"
+    )
 
 
 class OrthancDestination(_HttpDestination):
@@ -397,6 +436,39 @@ class StatusPageSection(_Section):
     )
 
 
+# -- issue 17: follow-up studies (docs/follow-up.md) --
+
+
+class FollowUpSection(_Section):
+    enabled: bool = Field(
+        True,
+        description="compare each analysed study with the patient's prior; acts only when a "
+        "destination has a query role (nothing is asked of any PACS otherwise)",
+    )
+    query_destination: str | None = Field(
+        None, description="the destination to ask for priors; null: the first one with a query role"
+    )
+    lookback_days: int = Field(730, ge=1, le=36500, description="priors older than this are not considered")
+    same_body_part: bool = Field(
+        True, description="the prior's Body Part Examined must equal the current one's (when both say)"
+    )
+    same_contrast: bool = Field(
+        True, description="contrast given in both or in neither (Contrast/Bolus Agent, when both say)"
+    )
+    max_candidates: int = Field(5, ge=1, le=50, description="prior studies looked at, most recent first")
+    send_prior_results: bool = Field(
+        True,
+        description="a prior nodal analysed now (no SR of nodal's in the PACS) has its SEG and SR sent "
+        "with the current results, so that the tracking UIDs the new SR carries over exist there",
+    )
+    registration: Literal["affine", "rigid", "none"] = Field(
+        "affine", description="how the prior CT is brought onto the current one (docs/follow-up-criteria.md)"
+    )
+
+
+# -- end issue 17 --
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = Field("text", description="json: one JSON object per line")
@@ -424,6 +496,7 @@ class Settings(BaseSettings):
     volume: VolumeSection = VolumeSection()
     results: ResultsSection = ResultsSection()
     status_page: StatusPageSection = StatusPageSection()
+    followup: FollowUpSection = FollowUpSection()  # issue 17
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")
@@ -435,7 +508,26 @@ class Settings(BaseSettings):
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 raise ValueError(f"{what}: names must be unique, repeated: {', '.join(twice)}")
+        self._check_query_destination()
         return self
+
+    def _check_query_destination(self) -> None:  # issue 17
+        name = self.followup.query_destination
+        if name is None:
+            return
+        dest = next((d for d in self.destinations if d.name == name), None)
+        if dest is None:
+            raise ValueError(f"followup.query_destination: no destination named {name!r}")
+        if getattr(dest, "query", None) is None:
+            raise ValueError(f"followup.query_destination: destination {name!r} has no query role (query:)")
+
+    def query_peer(self) -> DimseDestination | DicomwebDestination | None:
+        """The destination nodal asks for priors and retrievals, or None (issue 17)."""
+        for d in self.destinations:
+            asked = self.followup.query_destination in (None, d.name)
+            if isinstance(d, DimseDestination | DicomwebDestination) and d.query is not None and asked:
+                return d
+        return None
 
     def index_url(self) -> str:
         return self.index.url or f"sqlite:///{self.node.data_dir / 'index.sqlite3'}"

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.api.app import create_app, probes
 from dicom_node.completion.quiet import complete_due_studies
-from dicom_node.config import ReplyDestination, Settings
+from dicom_node.config import DimseDestination, ReplyDestination, Settings
 from dicom_node.delivery.outbox import DeliveryLoop
 from dicom_node.delivery.senders import make_sender
 from dicom_node.index.db import Database, forget_patients
@@ -73,6 +73,7 @@ class Node:
         self.workers = _queue(settings, self.db)
         check_destinations(settings)
         metrics.declare_destinations(dest.name for dest in settings.destinations)
+        declare_query_peer(settings)  # issue 17
         self.delivery = DeliveryLoop(self.db, settings, self.outbox)
         self.retention = RetentionLoop(self.db, settings, self.spool.root, self.outbox)
         app = create_app(settings, self.db, self.receiver, self.workers.ready, self.workers.READY_CHECK)
@@ -318,3 +319,24 @@ def serve(settings: Settings) -> int:
             log.exception("main loop round failed; going on")
     node.stop()
     return 0
+
+
+def declare_query_peer(settings: Settings) -> None:
+    """The query destination's metric series at 0 from the start, and a line in the log (issue 17)."""
+    peer = settings.query_peer()
+    if peer is None:
+        if settings.followup.enabled:
+            log.info("follow-up: no destination has a query role; studies are read without their prior")
+        return
+    operations: tuple[str, ...]
+    if isinstance(peer, DimseDestination) and peer.query is not None:
+        operations = ("find", peer.query.retrieve)
+    else:
+        operations = ("qido", "wado")
+    metrics.declare_query_destination(peer.name, operations)
+    log.info(
+        "query destination %s (%s); follow-up %s",
+        peer.name,
+        "/".join(operations),
+        "on" if settings.followup.enabled else "off",
+    )

@@ -8,6 +8,14 @@ Give it the source CT datasets and the `inference.findings.StudyFindings` of a s
 This package never imports torch, monai or dicom_node.
 """
 
+from sr_templates.reader import is_nodal_sr, read_prior_nodes, read_prior_study
 from sr_templates.write import ResultObjects, build_results, write_results
 
-__all__ = ["ResultObjects", "build_results", "write_results"]
+__all__ = [
+    "ResultObjects",
+    "build_results",
+    "is_nodal_sr",
+    "read_prior_nodes",
+    "read_prior_study",
+    "write_results",
+]

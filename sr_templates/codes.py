@@ -135,6 +135,42 @@ def private_coding_scheme() -> CodingSchemeIdentificationItem:
 
 
 # --------------------------------------------------------------------------------------
+# Follow-up: time points (TID 1502), changes, RECIST 1.1 roles and responses
+# --------------------------------------------------------------------------------------
+
+PRESENT = Code("52101004", "SCT", "Present")  # CID 240, beside ABSENT
+#: Derivation (DCM 121401) of a NUM that is the relative change since the prior time point
+#: (CID 12303 Measurement Type); its unit is UCUM_PERCENT.
+FRACTIONAL_CHANGE = Code("125314", "DCM", "Fractional Change")
+#: Derivation of the sum of the target nodes' short axes (CID 7464)
+TOTAL = Code("255619001", "SCT", "Total")
+#: a node's RECIST role at baseline (CID 6145)
+BASELINE_CATEGORY = Code("112016", "DCM", "Baseline Category")
+TARGET_AT_BASELINE = Code("112074", "DCM", "Target Lesion at Baseline")
+NON_TARGET_AT_BASELINE = Code("112075", "DCM", "Non-Target Lesion at Baseline")
+NON_LESION_AT_BASELINE = Code("112076", "DCM", "Non-Lesion at Baseline")
+BASELINE_ROLES = {
+    "target": TARGET_AT_BASELINE,
+    "non-target": NON_TARGET_AT_BASELINE,
+    "normal": NON_LESION_AT_BASELINE,
+}
+#: the study's response: method (CID 6147) and target / non-target responses (CID 6144)
+RESPONSE_EVALUATION_METHOD = Code("112021", "DCM", "Response Evaluation Method")
+RECIST_1_1 = Code("126081", "DCM", "RECIST 1.1")
+CURRENT_RESPONSE = Code("112048", "DCM", "Current Response")
+TARGET_RESPONSES = {
+    "CR": Code("112041", "DCM", "Target Lesion Complete Response"),
+    "PR": Code("112042", "DCM", "Target Lesion Partial Response"),
+    "PD": Code("112043", "DCM", "Target Lesion Progressive Disease"),
+    "SD": Code("112044", "DCM", "Target Lesion Stable Disease"),
+}
+NON_TARGET_RESPONSES = {
+    "CR": Code("112045", "DCM", "Non-Target Lesion Complete Response"),
+    "non-CR/non-PD": Code("112046", "DCM", "Non-Target Lesion Incomplete Response or Stable Disease"),
+    "PD": Code("112047", "DCM", "Non-Target Lesion Progressive Disease"),
+}
+
+# --------------------------------------------------------------------------------------
 # Report structure, provenance
 # --------------------------------------------------------------------------------------
 
@@ -148,13 +184,17 @@ __all__ = [
     "ANATOMICAL_STRUCTURE",
     "ARTIFICIAL_INTELLIGENCE",
     "ATTENUATION_COEFFICIENT",
+    "BASELINE_CATEGORY",
+    "BASELINE_ROLES",
     "BENIGN",
     "COMMENT",
     "CT_UNSPECIFIED_BODY_REGION",
+    "CURRENT_RESPONSE",
     "DEVICE",
     "ENLARGED",
     "FINDING",
     "FINDING_SITE",
+    "FRACTIONAL_CHANGE",
     "IMAGING_MEASUREMENT_REPORT",
     "LONG_AXIS",
     "LYMPH_NODE",
@@ -165,15 +205,24 @@ __all__ = [
     "MEAN",
     "MODEL_NAME",
     "MORPHOLOGICALLY_ABNORMAL_STRUCTURE",
+    "NON_LESION_AT_BASELINE",
+    "NON_TARGET_AT_BASELINE",
+    "NON_TARGET_RESPONSES",
     "NORMAL",
     "PRESENCE_OF_PROPERTY",
+    "PRESENT",
     "PRIVATE_SCHEME",
     "PROBABILITY_OF_CANCER",
     "PROCESSING_EQUIPMENT",
+    "RECIST_1_1",
+    "RESPONSE_EVALUATION_METHOD",
     "SHORT_AXIS",
     "SIZE_CATEGORY",
     "SOFTWARE_VERSION",
+    "TARGET_AT_BASELINE",
     "TARGET_NODE",
+    "TARGET_RESPONSES",
+    "TOTAL",
     "UCUM_HU",
     "UCUM_MM",
     "UCUM_MM3",

@@ -26,6 +26,8 @@ from scipy import ndimage
 from skimage.draw import line as draw_line
 
 from inference.findings import Finding, ModelInfo, StudyFindings
+from inference.followup import Comparison
+from inference.volume import Volume
 from sr_templates import codes, provenance
 from sr_templates.seg import segment_rgb
 from sr_templates.sources import SourceSeries
@@ -224,15 +226,28 @@ def _image_orientation(ds: Dataset) -> list[float]:
 
 
 def build_result_images(
-    sources: SourceSeries, study_findings: StudyFindings, result_uids: ResultUIDs
+    sources: SourceSeries,
+    study_findings: StudyFindings,
+    result_uids: ResultUIDs,
+    *,
+    comparison: Comparison | None = None,
+    prior: Volume | None = None,
 ) -> list[hd.sc.SCImage]:
-    """The Secondary Capture series (one instance per key image)."""
+    """The Secondary Capture series (one instance per key image).
+
+    With a `comparison` and the `prior` CT, one more image per changed node follows the key
+    images: the prior slice beside the current one (`sr_templates.prior_images`).
+    """
     model = study_findings.model
     iop = _image_orientation(sources.header)
     orientation = (_orientation_letters(iop[:3]), _orientation_letters(iop[3:]))
     images = []
-    for number, key in enumerate(key_images(study_findings), start=1):
-        pixels = render(sources, study_findings, key)
+    rendered = [(key, render(sources, study_findings, key)) for key in key_images(study_findings)]
+    if comparison is not None and prior is not None:
+        from sr_templates.prior_images import side_by_side
+
+        rendered.extend(side_by_side(sources, study_findings, comparison, prior, render))
+    for number, (key, pixels) in enumerate(rendered, start=1):
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=sources.header,
             pixel_array=pixels,

@@ -30,7 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from inference.findings import AxisLine, Finding, StudyFindings
-from sr_templates import codes, provenance, uids
+from inference.followup import Comparison
+from sr_templates import codes, followup, provenance, uids
 from sr_templates.sources import SourceSeries
 from sr_templates.uids import ResultUIDs
 
@@ -143,6 +144,7 @@ def finding_groups(
     algorithm: hd.sr.AlgorithmIdentification,
     *,
     editable_in_ohif: bool = False,
+    extras: followup.NodeExtras | None = None,
 ) -> list[
     hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 ]:
@@ -151,10 +153,13 @@ def finding_groups(
     `editable_in_ohif`: the axes group's tracking identifier names OHIF's bidirectional
     tool (:data:`OHIF_BIDIRECTIONAL`), so that OHIF offers the axes as editable measurements;
     the tracking UID and the TID 1411 group's identifier (the node's label) are unchanged.
+    `extras`: in a follow-up, the time point, changes and role of the node (sr_templates.followup).
     """
     k = int(finding.key_slice)
+    time_point = None if extras is None else extras.time_point
     axes = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding, OHIF_BIDIRECTIONAL if editable_in_ohif else None),
+        time_point_context=time_point,
         finding_type=codes.LYMPH_NODE,
         finding_category=codes.ANATOMICAL_STRUCTURE,
         algorithm_id=algorithm,
@@ -166,12 +171,13 @@ def finding_groups(
     axes[0].ContentSequence.append(
         hd.sr.TextContentItem(
             name=codes.COMMENT,
-            value=comment(finding),
+            value=comment(finding) + ("" if extras is None else extras.comment_suffix),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     )
     volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding),
+        time_point_context=time_point,
         referenced_segment=_referenced_segment(sources, finding, seg, segment_number),
         finding_type=codes.LYMPH_NODE,
         finding_category=codes.ANATOMICAL_STRUCTURE,
@@ -184,12 +190,14 @@ def finding_groups(
             _measurement(
                 codes.ATTENUATION_COEFFICIENT, finding.mean_hu, codes.UCUM_HU, derivation=codes.MEAN
             ),
+            *(() if extras is None else extras.measurements),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
                 codes.MALIGNANCY_INTERPRETATION, malignancy_value(finding.malignancy_probability)
             ),
             hd.sr.QualitativeEvaluation(codes.SIZE_CATEGORY, codes.size_category_code(finding.size_category)),
+            *(() if extras is None else extras.evaluations),
         ],
     )
     return [axes, volumetric]
@@ -251,10 +259,25 @@ def measurement_report(
     result_uids: ResultUIDs,
     *,
     editable_in_ohif: bool = False,
+    comparison: Comparison | None = None,
+    current_date: str = "",
 ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content tree; `seg` is required when there are findings."""
+    """The TID 1500 content tree; `seg` is required when there are findings.
+
+    With a `comparison` (a follow-up; `study_findings` carrying the prior's tracking UIDs,
+    see `Comparison.with_prior_tracking`), the groups carry their time point and the report
+    the prior values, changes and response (`sr_templates.followup`); `current_date` is the
+    current study's date (DICOM DA).
+    """
     findings: Sequence[Finding] = study_findings.findings
     algorithm = provenance.sr_algorithm_identification(study_findings.model)
+    extra = (
+        None
+        if comparison is None
+        else followup.content(
+            comparison, current_date, algorithm, str(result_uids(uids.FOLLOWUP_SUMMARY_TRACKING))
+        )
+    )
     if findings:
         if seg is None:
             raise ValueError("findings need their SEG: build it first and pass it as `seg`")
@@ -264,10 +287,20 @@ def measurement_report(
         groups: list = []
         for number, finding in enumerate(findings, start=1):
             groups.extend(
-                finding_groups(sources, finding, seg, number, algorithm, editable_in_ohif=editable_in_ohif)
+                finding_groups(
+                    sources,
+                    finding,
+                    seg,
+                    number,
+                    algorithm,
+                    editable_in_ohif=editable_in_ohif,
+                    extras=None if extra is None else extra.per_label.get(finding.label),
+                )
             )
     else:
         groups = [no_findings_group(result_uids, algorithm)]
+    if extra is not None:
+        groups.extend(extra.groups)
     return _report(study_findings, groups)
 
 
@@ -323,6 +356,7 @@ def build_sr(
     *,
     partial: bool = False,
     editable_in_ohif: bool = False,
+    comparison: Comparison | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR document; `seg` is required when there are findings.
 
@@ -332,7 +366,15 @@ def build_sr(
     content tree is put in afterwards; the evidence check that the constructor would have
     made is done by `_check_references`.  The result equals highdicom's own (tested).
     """
-    report = measurement_report(sources, study_findings, seg, result_uids, editable_in_ohif=editable_in_ohif)
+    report = measurement_report(
+        sources,
+        study_findings,
+        seg,
+        result_uids,
+        editable_in_ohif=editable_in_ohif,
+        comparison=comparison,
+        current_date=str(sources.dataset_of_slice(0).get("StudyDate", "") or ""),
+    )
     arguments = document_arguments(sources, study_findings, seg, result_uids, partial=partial)
     algorithm = provenance.sr_algorithm_identification(study_findings.model)
     skeleton = _report(study_findings, [no_findings_group(result_uids, algorithm)])

@@ -27,6 +27,7 @@ SR_INSTANCE = "sr-instance"
 SC_SERIES = "sc-series"
 DEVICE = "device"
 NO_FINDINGS_TRACKING = "no-findings-tracking"
+FOLLOWUP_SUMMARY_TRACKING = "followup-summary-tracking"
 
 
 def sc_instance(index: int) -> str:
@@ -65,9 +66,13 @@ def device_uid(model_name: str, model_version: str) -> UID:
 class ResultUIDs:
     """All UIDs of one result set, derived from the same sources and model version."""
 
-    def __init__(self, source_sop_instance_uids: Iterable[str], model_version: str) -> None:
+    def __init__(
+        self, source_sop_instance_uids: Iterable[str], model_version: str, variant: str = ""
+    ) -> None:
+        """`variant` (e.g. the prior study of a follow-up) gives a result set other UIDs than
+        that of the same sources and model without it."""
         self._sources = sorted({str(u) for u in source_sop_instance_uids})
-        self._version = str(model_version)
+        self._version = str(model_version) if not variant else f"{model_version}|{variant}"
         if not self._sources:
             raise ValueError("no source SOP Instance UIDs given")
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from inference.findings import StudyFindings
+from inference.followup import Comparison
+from inference.volume import Volume
 from sr_templates.result_images import build_result_images
 from sr_templates.seg import build_seg
 from sr_templates.sources import prepare_sources
@@ -75,6 +77,8 @@ def build_results(
     omit_empty_frames: bool = True,
     partial: bool = False,
     editable_in_ohif: bool = False,
+    comparison: Comparison | None = None,
+    prior_sources: Volume | None = None,
 ) -> ResultObjects:
     """Build SEG, SR and (optionally) result images for `study_findings`.
 
@@ -95,6 +99,14 @@ def build_results(
     editable_in_ohif
         Write the SR so that OHIF offers the axes as editable measurements
         (docs/results.md); the document stays standard.
+    comparison
+        A follow-up (`inference.followup.compare`): matched nodes take the prior's tracking
+        UID (SEG and SR), the SR carries the time points, prior values, changes and response
+        (`sr_templates.followup`), and the result objects get UIDs of their own (derived
+        from the prior study too). None: the objects of a study read on its own.
+    prior_sources
+        The prior CT (`PriorStudy.volume`): the result images then show the prior beside
+        the current slice for each node that changed.
 
     Raises
     ------
@@ -105,17 +117,34 @@ def build_results(
         outside the image, ...).
     """
     with _gc_paused():
+        if comparison is not None:
+            study_findings = comparison.with_prior_tracking(study_findings)
         sources = prepare_sources(source_datasets, study_findings)
-        result_uids = ResultUIDs(sources.sop_instance_uids, study_findings.model.version)
+        variant = "" if comparison is None else f"prior {comparison.prior_study_instance_uid}"
+        result_uids = ResultUIDs(sources.sop_instance_uids, study_findings.model.version, variant)
         seg = (
             build_seg(sources, study_findings, result_uids, omit_empty_frames=omit_empty_frames)
             if study_findings.findings
             else None
         )
         sr = build_sr(
-            sources, study_findings, seg, result_uids, partial=partial, editable_in_ohif=editable_in_ohif
+            sources,
+            study_findings,
+            seg,
+            result_uids,
+            partial=partial,
+            editable_in_ohif=editable_in_ohif,
+            comparison=comparison,
         )
-        images = tuple(build_result_images(sources, study_findings, result_uids)) if result_images else ()
+        images = (
+            tuple(
+                build_result_images(
+                    sources, study_findings, result_uids, comparison=comparison, prior=prior_sources
+                )
+            )
+            if result_images
+            else ()
+        )
     return ResultObjects(seg=seg, sr=sr, result_images=images)
 
 
@@ -128,6 +157,8 @@ def write_results(
     omit_empty_frames: bool = True,
     partial: bool = False,
     editable_in_ohif: bool = False,
+    comparison: Comparison | None = None,
+    prior_sources: Volume | None = None,
 ) -> list[Path]:
     """Build the result objects (see `build_results`) and save them in `out_dir`.
 
@@ -141,6 +172,8 @@ def write_results(
         omit_empty_frames=omit_empty_frames,
         partial=partial,
         editable_in_ohif=editable_in_ohif,
+        comparison=comparison,
+        prior_sources=prior_sources,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

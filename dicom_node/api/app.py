@@ -7,6 +7,7 @@
   numbers), their series and routing decisions
 - `POST /api/studies/{uid}/reprocess`: analyse the study's routed series again from the spool
   (new jobs; audited as a `user_action`)
+- `POST /api/retrieve`: fetch a study from the PACS and analyse it, with its prior (`api.retrieve`)
 - `GET /api/audit?event=&since=&limit=`: the audit trail, newest first (`dicom_node.observe.audit`)
 - `GET /healthz`, `GET /readyz`, `GET /metrics`: the monitoring router (`dicom_node.observe.probes`)
 - `GET /` and `/status/...`: the status page (`dicom_node.status.router`; `status_page` settings)
@@ -30,6 +31,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from sqlalchemy import func, select
 
 from dicom_node.api.auth import BearerAuth, http_token
+from dicom_node.api.retrieve import retrieve_router
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Delivery, Job, Series, Study, now
 from dicom_node.jobs.embedded import WorkerPool
@@ -65,6 +67,7 @@ def job_json(job: Job, deliveries: list[Delivery] | None = None) -> dict:
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "seconds": json.loads(job.seconds) if job.seconds else None,
+        "followup": json.loads(job.followup) if job.followup else None,  # issue 17
     }
     if deliveries is not None:
         out["result_dir"] = job.result_dir
@@ -118,6 +121,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="nodal", summary="DICOM AI node: lymph nodes on CT", version="0.1.0")
     app.include_router(stow_router(receiver))
+    app.include_router(retrieve_router(settings, db, receiver))  # issue 17: POST /api/retrieve
     token = http_token(settings.node.http_auth)  # a wrong token file stops start-up first
     checks = probes(settings, db, receiver, ready, ready_check)
     app.include_router(monitoring_router(checks))

@@ -130,15 +130,10 @@ class DicomwebSender:
 
     def send(self, items: Sequence[Outgoing]) -> dict[str, str | None]:
         import requests
-        from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
-        if self.ca_file:
-            session.verify = self.ca_file
-        if self.username:
-            session.auth = (self.username, self.password or "")
-        client = DICOMwebClient(url=self.url, session=session, timeout=self.timeout)
-        client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
+        from dicom_node.query.dicomweb import web_client
+
+        client = web_client(self.url, self.username, self.password, self.ca_file, self.timeout)
         try:
             datasets = [pydicom.dcmread(i.path) for i in items]
             response = client.store_instances(datasets)

@@ -142,6 +142,9 @@ class Job(Base):
     results_purged_at: Mapped[float | None] = mapped_column(Float, default=None)
     worker: Mapped[str | None] = mapped_column(String(128), default=None)  # who claimed it last
     published_at: Mapped[float | None] = mapped_column(Float, default=None)  # announced on the queue
+    followup: Mapped[str | None] = mapped_column(
+        Text, default=None
+    )  # JSON: the comparison with a prior (0006)
 
 
 class Delivery(Base):

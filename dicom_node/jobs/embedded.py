@@ -167,7 +167,10 @@ def run_one(
     outbox: Path,
     model: LoadedModel,
 ) -> None:
+    from functools import partial
+
     from dicom_node.jobs.analysis import JobInput, NotAnalysable, run_analysis
+    from dicom_node.jobs.followup import prior_comparison, wanted
 
     heartbeat = _Heartbeat(db, job_id, owner, settings.jobs.lease_seconds)
     heartbeat.start()
@@ -184,7 +187,8 @@ def run_one(
             len(paths),
             extra={"event": "job", "job_id": job_id, "state": "running"},
         )
-        out = run_analysis(JobInput(job_id, paths), outbox, settings, model)
+        hook = partial(prior_comparison, settings, db, job_id, model, paths) if wanted(settings) else None
+        out = run_analysis(JobInput(job_id, paths), outbox, settings, model, follow_up=hook)
         finish_done(db, job_id, owner, out, settings, time.time())
         log.info(
             "job %d: done in %.1f s, %d finding(s), %d result file(s)",

@@ -124,6 +124,7 @@ def finish_done(db: Database, job_id: int, owner: str, out: JobOutcome, settings
         job.findings = out.findings
         job.malignant = out.malignant
         job.seconds = json.dumps({k: round(v, 3) for k, v in out.seconds.items()})
+        job.followup = json.dumps(out.followup) if out.followup is not None else None
         job.last_error = None
         if job.superseded_by is not None:
             job.state = JobState.SUPERSEDED

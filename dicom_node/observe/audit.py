@@ -14,7 +14,10 @@ Events:
 - `config_loaded`: `nodal serve` started with a configuration (its hash, secrets masked)
 - `application_stop`: `nodal serve` stopped
 - `user_action`: a retry of a job or a reprocess of a study, asked for on the status page or
-  through the API, accepted or refused
+  through the API, or `POST /api/retrieve` (detail `action: retrieve`), accepted or refused
+- `query`: nodal asked a PACS (C-FIND, QIDO-RS): destination, operation, matches, outcome
+- `retrieve`: nodal fetched instances from a PACS (C-GET, C-MOVE, WADO-RS) for a prior or
+  for `POST /api/retrieve`: destination, operation, instances, outcome
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ EVENTS = (
     "config_loaded",
     "application_stop",
     "user_action",
+    "query",
+    "retrieve",
 )
 SUCCESS, FAILURE = "success", "failure"
 

@@ -53,6 +53,24 @@ def observe_job(job: Job, first_received: float | None, has_destinations: bool) 
         metrics.MALIGNANT_CALLS.inc(job.malignant)
     if not has_destinations and first_received is not None and job.finished_at is not None:
         metrics.END_TO_END.observe(max(0.0, job.finished_at - first_received))
+    observe_followup(json.loads(job.followup) if job.followup else None)
+
+
+def observe_followup(followup: dict | None) -> None:
+    """The queries and retrievals a job made for its prior, and what became of it (issue 17)."""
+    if not followup:
+        return
+    if followup.get("outcome") in metrics.FOLLOWUP_OUTCOMES:
+        metrics.FOLLOWUPS.labels(followup["outcome"]).inc()
+    for op in followup.get("operations", []):
+        if op.get("operation") in metrics.QR_OPERATIONS and op.get("outcome") in metrics.QR_OUTCOMES:
+            metrics.observe_qr(
+                str(op.get("destination", "")),
+                op["operation"],
+                op["outcome"],
+                float(op.get("seconds", 0.0)),
+                int(op.get("instances", 0)),
+            )
 
 
 class JobWatcher:

@@ -39,7 +39,18 @@ GCCollector(registry=REGISTRY)
 
 # Every label name any nodal metric may carry (a test checks the definitions against it).
 LABELS = frozenset(
-    {"receiver", "outcome", "reason", "state", "destination", "name", "version", "device", "worker"}
+    {
+        "receiver",
+        "outcome",
+        "reason",
+        "state",
+        "destination",
+        "name",
+        "version",
+        "device",
+        "worker",
+        "operation",
+    }
 )
 
 # -- receiving ----------------------------------------------------------------------------
@@ -63,7 +74,7 @@ STORE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )
-RECEIVERS = ("dimse", "stow")
+RECEIVERS = ("dimse", "stow", "retrieve")  # retrieve: POST /api/retrieve fetched it (C-GET, WADO-RS)
 RECEIVE_OUTCOMES = ("stored", "duplicate", "refused")  # the values of receive.receiver.Outcome
 for _receiver in RECEIVERS:  # every known series exists from the start (at 0, not absent)
     STORE_SECONDS.labels(_receiver)
@@ -150,6 +161,7 @@ STAGE_BUCKETS: dict[str, tuple[float, ...]] = {
     "refine": (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
     "classify": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
     "encode": (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120),
+    "followup": (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),  # find, fetch, compare a prior
 }
 STAGE_SECONDS = {
     stage: Histogram(
@@ -224,6 +236,74 @@ END_TO_END = Histogram(
     buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800, 3600, 7200, 14400),
     registry=REGISTRY,
 )
+
+# -- query and retrieve: nodal as a client of the PACS (issue 17, docs/follow-up.md) ------
+# Queries and retrievals run in the workers (a prior's search) and in the serve process
+# (POST /api/retrieve); a worker records its operations on the job row and the serve
+# process observes them when the job finishes (`job_watcher`), like the stage timings.
+
+QR_OPERATIONS = ("find", "get", "move", "qido", "wado")  # C-FIND, C-GET, C-MOVE; QIDO-RS, WADO-RS
+QR_OUTCOMES = ("success", "failure")
+QR_REQUESTS = Counter(
+    "nodal_qr_requests_total",
+    "Queries and retrievals nodal made as a client, by destination, operation (find, get, move: "
+    "DIMSE; qido, wado: DICOMweb) and outcome (success, failure)",
+    ["destination", "operation", "outcome"],
+    registry=REGISTRY,
+)
+QR_SECONDS = Histogram(
+    "nodal_qr_duration_seconds",
+    "Time of one query or retrieval, by operation",
+    ["operation"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+    registry=REGISTRY,
+)
+QR_INSTANCES = Counter(
+    "nodal_qr_retrieved_instances_total",
+    "Instances retrieved from a query destination (C-GET, C-MOVE, WADO-RS), by destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+# What became of an analysed study's comparison with a prior: compared (results carry the
+# comparison), no_prior (none within followup.lookback_days), query_failed (the PACS did not
+# answer the search), retrieve_failed (the prior could not be fetched), prior_unusable (fetched,
+# but neither nodal's SR nor the CT could be used), compare_failed (the comparison refused the
+# inputs). Every outcome but compared sends the results as without follow-up.
+FOLLOWUP_OUTCOMES = (
+    "compared",
+    "no_prior",
+    "query_failed",
+    "retrieve_failed",
+    "prior_unusable",
+    "compare_failed",
+)
+FOLLOWUPS = Counter(
+    "nodal_followups_total",
+    "Analysed studies by what became of their comparison with a prior study, by outcome",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _op in QR_OPERATIONS:
+    QR_SECONDS.labels(_op)
+for _outcome in FOLLOWUP_OUTCOMES:
+    FOLLOWUPS.labels(_outcome)
+
+
+def declare_query_destination(name: str, operations: Iterable[str]) -> None:
+    """The query series of the configured query destination, at 0 from the start."""
+    QR_INSTANCES.labels(name)
+    for op in operations:
+        for outcome in QR_OUTCOMES:
+            QR_REQUESTS.labels(name, op, outcome)
+
+
+def observe_qr(destination: str, operation: str, outcome: str, seconds: float, instances: int = 0) -> None:
+    """One query or retrieval (from the API directly, from a job through its row)."""
+    QR_REQUESTS.labels(destination, operation, outcome).inc()
+    QR_SECONDS.labels(operation).observe(seconds)
+    if instances:
+        QR_INSTANCES.labels(destination).inc(instances)
+
 
 # -- state read at scrape time (StateCollector) -------------------------------------------
 

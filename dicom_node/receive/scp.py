@@ -25,10 +25,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import AllowedCaller, Settings
 from dicom_node.observe import audit, metrics
+from dicom_node.query.holding import Holding
 from dicom_node.receive import limits
 from dicom_node.receive.contract import Source
 from dicom_node.receive.receiver import Receiver
 from dicom_node.receive.transfers import summary_line
+from dicom_node.spool.header import InvalidInstanceError, read_dataset_header
 from dicom_node.tls import peer_subject, server_context
 
 log = logging.getLogger("nodal.scp")
@@ -177,6 +179,7 @@ class DimseServer:
         self._stopped = threading.Event()
         self.rejected = 0
         self._limit_log = limits.BurstLog(log)
+        self.holding = Holding(settings.node.data_dir)  # C-MOVEs of nodal's own retrievals (issue 17)
 
     def _make_ae(self) -> AE:
         node = self.settings.node
@@ -216,6 +219,10 @@ class DimseServer:
             ssl_context=ssl_context,
         )
         self._stopped.clear()
+        if self.holding.sweep():
+            log.info(
+                "removed what retrievals interrupted more than an hour ago left in %s", self.holding.root
+            )
         threading.Thread(target=self._sweep, name="dimse-gate", daemon=True).start()
         if not self.rules:
             log.warning("allowed_callers is empty: associations from any calling AE are accepted")
@@ -354,6 +361,10 @@ class DimseServer:
     def _on_store(self, event) -> int:
         req = event.request
         assoc = event.assoc
+        if self.holding.waiting():
+            held = self._hold(event)
+            if held is not None:
+                return held
         source = Source(
             via="dimse",
             transfer_id=_transfer_id(assoc),
@@ -368,6 +379,36 @@ class DimseServer:
             expected_sop_class_uid=str(req.AffectedSOPClassUID),
         )
         return result.status
+
+    def _hold(self, event) -> int | None:
+        """An instance a retrieval of nodal's own is waiting for (a C-MOVE to nodal, issue 17):
+        written to that retrieval's folder, never spooled, so it is neither analysed nor sent
+        as a study that arrived. None: not one of those."""
+        req = event.request
+        data = req.DataSet.getvalue()
+        ts = str(event.context.transfer_syntax)
+        try:
+            header = read_dataset_header(data, ts)
+        except InvalidInstanceError:
+            return None
+        folder = self.holding.folder_for(header.series_instance_uid)
+        if folder is None:
+            return None
+        originator = str(getattr(req, "MoveOriginatorApplicationEntityTitle", "") or "").strip()
+        try:
+            Holding.store(
+                folder,
+                header.sop_class_uid,
+                header.sop_instance_uid,
+                ts,
+                data,
+                event.assoc.requestor.ae_title,
+            )
+        except (OSError, ValueError) as e:
+            log.warning("retrieved instance not kept: %s", e)
+            return 0xA700
+        log.debug("retrieved instance kept for a retrieval (move originator %r)", originator)
+        return 0x0000
 
     def _on_released(self, event) -> None:
         self._ended(event.assoc, released=True)

@@ -1,0 +1,150 @@
+"""The comparison of a current study with its prior: register, match, measure, assess."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.findings import StudyFindings
+from inference.followup import matching, response
+from inference.followup.types import (
+    GONE,
+    MATCHED,
+    NEW,
+    Comparison,
+    FollowUpError,
+    FollowUpSettings,
+    NodeChange,
+    PriorStudy,
+    Registration,
+)
+from inference.volume import Volume
+
+NO_PRIOR_CT = "no prior CT: the centroids are compared unregistered"
+
+
+def compare(
+    prior: PriorStudy,
+    current_volume: Volume,
+    current: StudyFindings,
+    *,
+    settings: FollowUpSettings | None = None,
+) -> Comparison:
+    """Register the prior to the current study, match the nodes one to one, and measure
+    the changes and the response.
+
+    Without `prior.volume` the prior's centroids are used as they are (recorded as an
+    ``identity`` registration with its reason). Raises `FollowUpError` on bad input.
+    """
+    settings = settings or FollowUpSettings()
+    _check(prior, current_volume, current)
+    if prior.volume is None:
+        registration = Registration(
+            method="identity", note="no prior CT: the centroids are compared unregistered"
+        )
+    else:
+        from inference.followup.registration import register  # SimpleITK: only when registering
+
+        registration = register(prior.volume, current_volume, settings)
+    mapped = [registration.map_point(n.centroid_lps_mm) for n in prior.nodes]
+    pairs = matching.match(
+        mapped,
+        [n.long_axis_mm for n in prior.nodes],
+        [f.centroid_lps_mm for f in current.findings],
+        [f.long_axis.length_mm for f in current.findings],
+        settings,
+    )
+    by_prior = {p: (c, d) for p, c, d in pairs}
+    matched_current = {c for _, c, _ in pairs}
+    sizes = []
+    for p, node in enumerate(prior.nodes):
+        hit = by_prior.get(p)
+        f = current.findings[hit[0]] if hit else None
+        sizes.append(
+            response.NodeSizes(
+                key=node.tracking_uid,
+                sa_prior=node.short_axis_mm,
+                la_prior=node.long_axis_mm,
+                sa_current=None if f is None else f.short_axis.length_mm,
+                la_current=None if f is None else f.long_axis.length_mm,
+            )
+        )
+    for c, f in enumerate(current.findings):
+        if c not in matched_current:
+            sizes.append(
+                response.NodeSizes(
+                    key=f.tracking_uid,
+                    sa_prior=None,
+                    la_prior=None,
+                    sa_current=f.short_axis.length_mm,
+                    la_current=f.long_axis.length_mm,
+                )
+            )
+    role = response.roles(sizes)
+    changes: list[NodeChange] = []
+    for c, f in enumerate(current.findings):  # current nodes in their report order
+        prior_index = next((p for p, (cc, _) in by_prior.items() if cc == c), None)
+        was = None if prior_index is None else prior.nodes[prior_index]
+        changes.append(
+            NodeChange(
+                status=NEW if was is None else MATCHED,
+                current_label=f.label,
+                current_tracking_uid=f.tracking_uid,
+                prior_label=None if was is None else was.label,
+                prior_tracking_uid=None if was is None else was.tracking_uid,
+                short_axis_mm_prior=None if was is None else was.short_axis_mm,
+                short_axis_mm_current=f.short_axis.length_mm,
+                long_axis_mm_prior=None if was is None else was.long_axis_mm,
+                long_axis_mm_current=f.long_axis.length_mm,
+                volume_mm3_prior=None if was is None else was.volume_mm3,
+                volume_mm3_current=f.volume_mm3,
+                distance_mm=None if prior_index is None else by_prior[prior_index][1],
+                recist_role="" if was is None else role.get(was.tracking_uid, ""),
+                prior_centroid_lps_mm=None if was is None else was.centroid_lps_mm,
+                current_centroid_lps_mm=f.centroid_lps_mm,
+            )
+        )
+    for p, node in enumerate(prior.nodes):
+        if p not in by_prior:
+            changes.append(
+                NodeChange(
+                    status=GONE,
+                    current_label=None,
+                    current_tracking_uid=None,
+                    prior_label=node.label,
+                    prior_tracking_uid=node.tracking_uid,
+                    short_axis_mm_prior=node.short_axis_mm,
+                    short_axis_mm_current=None,
+                    long_axis_mm_prior=node.long_axis_mm,
+                    long_axis_mm_current=None,
+                    volume_mm3_prior=node.volume_mm3,
+                    volume_mm3_current=None,
+                    recist_role=role.get(node.tracking_uid, ""),
+                    prior_centroid_lps_mm=node.centroid_lps_mm,
+                )
+            )
+    return Comparison(
+        prior_study_instance_uid=prior.study_instance_uid,
+        prior_study_date=prior.study_date,
+        prior_source=prior.source,
+        registration=registration,
+        nodes=tuple(changes),
+        summary=response.assess(sizes),
+    )
+
+
+def _check(prior: PriorStudy, current_volume: Volume, current: StudyFindings) -> None:
+    if prior.study_instance_uid and prior.study_instance_uid == current.study_instance_uid:
+        raise FollowUpError("the prior study is the current study itself (same Study Instance UID)")
+    if current_volume.series_instance_uid != current.series_instance_uid:
+        raise FollowUpError(
+            "the current volume and findings describe different series "
+            f"({current_volume.series_instance_uid} != {current.series_instance_uid})"
+        )
+    uids = [n.tracking_uid for n in prior.nodes]
+    if len(set(uids)) != len(uids) or not all(uids):
+        raise FollowUpError("every prior node needs its own, non-empty tracking UID")
+    for n in prior.nodes:
+        if not np.all(np.isfinite(n.centroid_lps_mm)):
+            raise FollowUpError(f"prior node {n.label}: centroid is not finite")
+        if not (n.short_axis_mm >= 0 and n.long_axis_mm >= 0):
+            raise FollowUpError(f"prior node {n.label}: axes must be >= 0 mm")

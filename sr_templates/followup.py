@@ -1,0 +1,221 @@
+"""The follow-up part of the SR: time points (TID 1502), prior values, changes, response.
+
+Given a `inference.followup.Comparison`, the TID 1500 report gains, beside each node's own
+groups (which then carry the current time point and the prior's tracking UID):
+
+* per node seen before (matched or gone): a TID 1501 group of the prior time point with the
+  same tracking UID and the prior's short axis, long axis and volume;
+* per matched node, in its TID 1411 group: the relative change of each value (NUM with the
+  value's own concept, unit %, derivation DCM "Fractional Change") and its RECIST role at
+  baseline (DCM "Baseline Category", CID 6145); the change in mm, for which DICOM has no
+  concept, is stated in the node's Comment beside the prior and current values;
+* per new node: a prior time point group that says the node was absent there;
+* per gone node: a current time point group that says it is absent now;
+* one summary group: the sum of the target nodes' short axes (derivation "Total"), its
+  relative change, the response evaluation method (RECIST 1.1), the target and non-target
+  responses (CID 6144) and the overall nodal response and SPD in words.
+
+No private code is used: every concept is from DCM or SNOMED CT (sr_templates.codes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import highdicom as hd
+from pydicom.sr.coding import Code
+
+from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
+from sr_templates import codes
+
+PRIOR_ORDER, CURRENT_ORDER = 1, 2
+SUMMARY_IDENTIFIER = "Nodal response (RECIST 1.1)"
+
+
+@dataclass(frozen=True)
+class NodeExtras:
+    """What a current node's own groups carry in a follow-up."""
+
+    time_point: hd.sr.TimePointContext
+    measurements: tuple[hd.sr.Measurement, ...] = ()
+    evaluations: tuple[hd.sr.QualitativeEvaluation, ...] = ()
+    comment_suffix: str = ""
+
+
+@dataclass(frozen=True)
+class FollowUpContent:
+    """Everything the comparison adds to the report."""
+
+    per_label: dict[str, NodeExtras]
+    groups: list = field(default_factory=list)
+
+
+def time_point(order: int, date: str) -> hd.sr.TimePointContext:
+    """Time point context (TID 1502): ``"prior"`` or ``"current"`` with the study date."""
+    name = "prior" if order == PRIOR_ORDER else "current"
+    return hd.sr.TimePointContext(
+        time_point=f"{name} {date}".strip()[:64],
+        time_point_order=order,
+    )
+
+
+def content(
+    comparison: Comparison,
+    current_date: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    summary_uid: str,
+) -> FollowUpContent:
+    prior_tp = time_point(PRIOR_ORDER, comparison.prior_study_date)
+    current_tp = time_point(CURRENT_ORDER, current_date)
+    per_label: dict[str, NodeExtras] = {}
+    groups: list = []
+    for n in comparison.nodes:
+        uid = n.tracking_uid
+        name = (n.current_label or n.prior_label or "node")[:64]
+        tracking = hd.sr.TrackingIdentifier(uid=uid, identifier=name)
+        if n.status in (MATCHED, GONE):
+            groups.append(_prior_values(n, tracking, prior_tp, algorithm))
+        if n.status == NEW:
+            groups.append(_presence(tracking, prior_tp, codes.ABSENT, algorithm))
+        if n.status == GONE:
+            groups.append(_presence(tracking, current_tp, codes.ABSENT, algorithm))
+        if n.current_label is not None:
+            per_label[n.current_label] = NodeExtras(
+                time_point=current_tp,
+                measurements=tuple(_changes(n)),
+                evaluations=tuple(_role(n)),
+                comment_suffix=_change_text(n, comparison.prior_study_date),
+            )
+    groups.append(_summary(comparison, current_tp, algorithm, summary_uid))
+    return FollowUpContent(per_label=per_label, groups=groups)
+
+
+def _prior_values(n: NodeChange, tracking, tp, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    values = [
+        (codes.SHORT_AXIS, n.short_axis_mm_prior, codes.UCUM_MM),
+        (codes.LONG_AXIS, n.long_axis_mm_prior, codes.UCUM_MM),
+        (codes.VOLUME, n.volume_mm3_prior, codes.UCUM_MM3),
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        time_point_context=tp,
+        finding_type=codes.LYMPH_NODE,
+        finding_category=codes.ANATOMICAL_STRUCTURE,
+        algorithm_id=algorithm,
+        measurements=[_num(c, v, u) for c, v, u in values if v is not None],
+        qualitative_evaluations=list(_role(n)),
+    )
+
+
+def _presence(tracking, tp, value: Code, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        time_point_context=tp,
+        finding_type=codes.LYMPH_NODE,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE_OF_PROPERTY, value)],
+    )
+
+
+def _changes(n: NodeChange) -> list[hd.sr.Measurement]:
+    if n.status != MATCHED:
+        return []
+    pairs = [
+        (codes.SHORT_AXIS, n.short_axis_change_percent),
+        (codes.LONG_AXIS, n.long_axis_change_percent),
+        (codes.VOLUME, n.volume_change_percent),
+    ]
+    return [
+        _num(c, v, codes.UCUM_PERCENT, derivation=codes.FRACTIONAL_CHANGE) for c, v in pairs if v is not None
+    ]
+
+
+def _role(n: NodeChange) -> list[hd.sr.QualitativeEvaluation]:
+    role = codes.BASELINE_ROLES.get(n.recist_role)
+    return [] if role is None else [hd.sr.QualitativeEvaluation(codes.BASELINE_CATEGORY, role)]
+
+
+def _change_text(n: NodeChange, prior_date: str) -> str:
+    """``"; new since 20260105"`` or ``"; SA 14.0 -> 9.8 mm (-4.2 mm, -30 %) since 20260105"``."""
+    since = f" since {prior_date}" if prior_date else " since the prior study"
+    if n.status == NEW:
+        return f"; new{since}"
+    sa0, sa1 = n.short_axis_mm_prior, n.short_axis_mm_current
+    if sa0 is None or sa1 is None:
+        return ""
+    pct = n.short_axis_change_percent
+    pct_text = "" if pct is None else f", {pct:+.0f} %"
+    return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}"
+
+
+def _summary(comparison: Comparison, tp, algorithm, uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    s = comparison.summary
+    measurements = []
+    if s.target_prior_tracking_uids:
+        measurements.append(
+            _num(codes.SHORT_AXIS, s.sum_short_axis_current_mm, codes.UCUM_MM, derivation=codes.TOTAL)
+        )
+        if s.sum_short_axis_change_percent is not None:
+            measurements.append(
+                _num(
+                    codes.SHORT_AXIS,
+                    s.sum_short_axis_change_percent,
+                    codes.UCUM_PERCENT,
+                    derivation=codes.FRACTIONAL_CHANGE,
+                )
+            )
+    evaluations = [hd.sr.QualitativeEvaluation(codes.RESPONSE_EVALUATION_METHOD, codes.RECIST_1_1)]
+    if s.target_response in codes.TARGET_RESPONSES:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(codes.CURRENT_RESPONSE, codes.TARGET_RESPONSES[s.target_response])
+        )
+    if s.non_target_response in codes.NON_TARGET_RESPONSES:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                codes.CURRENT_RESPONSE, codes.NON_TARGET_RESPONSES[s.non_target_response]
+            )
+        )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=SUMMARY_IDENTIFIER),
+        time_point_context=tp,
+        finding_type=codes.LYMPH_NODE,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.COMMENT,
+            value=summary_text(comparison)[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def summary_text(comparison: Comparison) -> str:
+    """The study's answer in words (ASCII), e.g. ``"Nodal response (RECIST 1.1): PR; ..."``."""
+    s = comparison.summary
+    parts = [
+        f"Nodal response (RECIST 1.1) vs prior {comparison.prior_study_date or 'study'}: {s.recist_response}"
+    ]
+    if s.target_prior_tracking_uids:
+        before, now = s.sum_short_axis_prior_mm, s.sum_short_axis_current_mm
+        parts.append(f"sum of target short axes {before:.1f} -> {now:.1f} mm")
+    if s.spd_prior_mm2 > 0:
+        pct = s.spd_change_percent
+        parts.append(
+            f"SPD (Lugano) {s.spd_prior_mm2:.0f} -> {s.spd_current_mm2:.0f} mm2"
+            + ("" if pct is None else f" ({pct:+.0f} %)")
+        )
+    counts = {st: sum(1 for n in comparison.nodes if n.status == st) for st in (MATCHED, NEW, GONE)}
+    parts.append(f"{counts[MATCHED]} matched, {counts[NEW]} new, {counts[GONE]} gone")
+    if s.recist_reason:
+        parts.append(s.recist_reason)
+    if comparison.registration.note:
+        parts.append(comparison.registration.note)
+    return "; ".join(parts).encode("ascii", "replace").decode("ascii")
+
+
+def _num(name: Code, value: float, unit: Code, *, derivation: Code | None = None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=round(float(value), 6), unit=unit, derivation=derivation)

@@ -1,0 +1,151 @@
+"""The comparison (`inference.followup.compare`): statuses, changes, tracking, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from inference.evaluate import array_volume
+from inference.followup import (
+    FROM_ANALYSIS,
+    GONE,
+    MATCHED,
+    NEW,
+    FollowUpError,
+    PriorNode,
+    PriorStudy,
+    compare,
+    prior_nodes,
+)
+from sr_templates.synthetic import ellipsoid_finding, study_findings
+
+SHAPE = (40, 96, 96)
+SPACING = 2.0
+
+
+def _affine() -> np.ndarray:
+    a = np.eye(4)  # (k, j, i) -> (x = i, y = j, z = k) in mm
+    a[:3, 0], a[:3, 1], a[:3, 2] = (0, 0, SPACING), (0, SPACING, 0), (SPACING, 0, 0)
+    return a
+
+
+def _findings(key: str, nodes):
+    """StudyFindings with ellipsoids (label, centre kji, radii mm k/j/i) on the test grid."""
+    volume = array_volume(np.zeros(SHAPE, np.float32), _affine(), "compare-test", key)
+    findings = [
+        ellipsoid_finding(
+            label=label,
+            tracking_uid=f"2.25.{1000 + len(key)}{label[3:]}",
+            shape=SHAPE,
+            affine=_affine(),
+            center_kji=c,
+            radii_mm=r,
+        )
+        for label, c, r in nodes
+    ]
+    sf = study_findings(
+        study_instance_uid=volume.study_instance_uid,
+        series_instance_uid=volume.series_instance_uid,
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+        slices=volume.slices,
+        shape=SHAPE,
+        affine=_affine(),
+        findings=findings,
+    )
+    return volume, sf
+
+
+@pytest.fixture(scope="module")
+def studies():
+    _, prior = _findings(
+        "prior",
+        [
+            ("LN-1", (20, 30, 30), (10, 10, 14)),  # a target (20 mm short axis), grows
+            ("LN-2", (20, 70, 70), (6, 6, 8)),  # non-target 12 mm, gone
+            ("LN-3", (10, 30, 70), (4, 4, 5)),  # normal, stays
+        ],
+    )
+    current_volume, current = _findings(
+        "current",
+        [
+            ("LN-1", (21, 31, 30), (13, 13, 16)),  # moved 2-3 mm, 26 mm short axis
+            ("LN-2", (30, 60, 20), (9, 9, 10)),  # new, 18 mm
+            ("LN-3", (10, 31, 71), (4, 4, 5)),
+        ],
+    )
+    study = PriorStudy(
+        study_instance_uid=prior.study_instance_uid,
+        series_instance_uid=prior.series_instance_uid,
+        study_date="20260105",
+        nodes=prior_nodes(prior),
+        volume=None,
+        source=FROM_ANALYSIS,
+    )
+    return study, prior, current_volume, current
+
+
+def test_statuses_changes_and_response(studies) -> None:
+    study, prior, current_volume, current = studies
+    comparison = compare(study, current_volume, current)
+    assert comparison.registration.method == "identity" and "no prior CT" in comparison.registration.note
+    by_status = {n.status: [] for n in comparison.nodes}
+    for n in comparison.nodes:
+        by_status[n.status].append(n)
+    assert {n.current_label for n in by_status[MATCHED]} == {"LN-1", "LN-3"}
+    assert [n.current_label for n in by_status[NEW]] == ["LN-2"]
+    assert [n.prior_label for n in by_status[GONE]] == ["LN-2"]
+    grown = next(n for n in comparison.nodes if n.current_label == "LN-1")
+    assert grown.prior_tracking_uid == prior.findings[0].tracking_uid
+    assert grown.short_axis_change_mm == pytest.approx(6.0, abs=0.5)
+    assert grown.short_axis_change_percent == pytest.approx(30.0, abs=3)
+    assert grown.volume_change_mm3 > 0 and grown.recist_role == "target"
+    gone = by_status[GONE][0]
+    assert gone.short_axis_mm_current is None and gone.recist_role == "non-target"
+    s = comparison.summary
+    assert s.recist_response == "PD" and s.new_nodes == 1  # +30 % and +6 mm, and a new 18 mm node
+    assert s.target_prior_tracking_uids == (prior.findings[0].tracking_uid,)
+    assert s.spd_prior_mm2 > 0 and s.spd_current_mm2 > s.spd_prior_mm2
+
+
+def test_matched_nodes_take_the_prior_tracking_uid(studies) -> None:
+    study, prior, current_volume, current = studies
+    comparison = compare(study, current_volume, current)
+    tracked = comparison.with_prior_tracking(current)
+    uids = {f.label: f.tracking_uid for f in tracked.findings}
+    assert uids["LN-1"] == prior.findings[0].tracking_uid
+    assert uids["LN-3"] == prior.findings[2].tracking_uid
+    assert uids["LN-2"] == current.findings[1].tracking_uid  # new: its own
+    assert tracked.findings[0].short_axis == current.findings[0].short_axis
+
+
+def test_json_is_plain_and_complete(studies) -> None:
+    study, _, current_volume, current = studies
+    data = compare(study, current_volume, current).to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert data["prior_study_date"] == "20260105" and data["prior_source"] == "analysed"
+    assert data["summary"]["recist_response"] == "PD"
+    assert {n["status"] for n in data["nodes"]} == {"matched", "new", "gone"}
+    node = data["nodes"][0]
+    assert set(node["short_axis_mm"]) == {"prior", "current", "change_mm", "change_percent"}
+
+
+def test_deterministic(studies) -> None:
+    study, _, current_volume, current = studies
+    assert compare(study, current_volume, current) == compare(study, current_volume, current)
+
+
+def test_bad_input_is_a_clear_error(studies) -> None:
+    study, prior, current_volume, current = studies
+    same = PriorStudy(current.study_instance_uid, "", "", study.nodes)
+    with pytest.raises(FollowUpError, match="current study itself"):
+        compare(same, current_volume, current)
+    twice = PriorStudy("1.2.3", "", "", (study.nodes[0], study.nodes[0]))
+    with pytest.raises(FollowUpError, match="own, non-empty tracking UID"):
+        compare(twice, current_volume, current)
+    nan = PriorNode("LN-9", "1.2.9", (float("nan"), 0.0, 0.0), 10.0, 12.0, None)
+    with pytest.raises(FollowUpError, match="not finite"):
+        compare(PriorStudy("1.2.3", "", "", (nan,)), current_volume, current)
+    with pytest.raises(FollowUpError, match="different series"):
+        compare(PriorStudy("1.2.3", "", "", study.nodes), current_volume, prior)

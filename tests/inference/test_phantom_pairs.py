@@ -1,0 +1,109 @@
+"""Follow-up phantom pairs (`inference.phantom_pairs`): each change is what the truth says."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from inference import phantom_pairs as pp
+from inference.followup.response import CR, PD, PR, SD
+from inference.phantoms import PhantomSpec, generate
+
+#: a coarse grid keeps the tests fast; the truth does not depend on it
+SPEC = PhantomSpec(rows=160, columns=160, pixel_spacing_mm=2.2, slices=40, slice_spacing_mm=4.0)
+SEED = 5  # nodes of 20.2, 15.4 (targets), 14.8 (non-target) and smaller
+VOXEL_MM3 = 2.2 * 2.2 * 4.0
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, pp.PhantomPair]:
+    return {s: pp.make_pair(SEED, s, SPEC) for s in pp.SCENARIOS}
+
+
+def test_prior_is_the_phantom_itself(pairs) -> None:
+    ph = generate(SEED, SPEC)
+    for pair in pairs.values():
+        assert np.array_equal(pair.prior.hu, ph.hu)
+        assert np.array_equal(pair.prior.labels, ph.labels)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("progression", PD),
+        ("partial-response", PR),
+        ("stable", SD),
+        ("complete-response", CR),
+        ("new-node", PD),
+    ],
+)
+def test_scenarios_reach_their_response(pairs, scenario, expected) -> None:
+    assert pairs[scenario].truth_response().recist_response == expected
+
+
+def test_motion_is_rigid_and_within_limits(pairs) -> None:
+    for pair in pairs.values():
+        r = pair.motion[:3, :3]
+        assert np.allclose(r @ r.T, np.eye(3), atol=1e-9)
+        angles = Rotation.from_matrix(r).as_euler("xyz", degrees=True)
+        assert abs(angles[2]) <= pp.MAX_ROTATION_DEG + 1e-6
+        assert max(abs(angles[0]), abs(angles[1])) <= pp.MAX_TILT_DEG + 1e-6
+    shifts = {tuple(np.round(p.motion[:3, 3], 3)) for p in pairs.values()}
+    assert len(shifts) == len(pairs)  # each pair its own position
+
+
+def _region(pair: pp.PhantomPair, index: int):
+    kji = np.argwhere(pair.current.labels == index)
+    a = pair.current.affine
+    lps = kji @ a[:3, :3].T + a[:3, 3]
+    return len(kji) * VOXEL_MM3, lps.mean(axis=0)
+
+
+def test_every_change_is_in_the_image_where_the_truth_says(pairs) -> None:
+    statuses = set()
+    for pair in pairs.values():
+        for fate in pair.nodes:
+            statuses.add(fate.status)
+            if fate.status == pp.GONE:
+                assert fate.current_index is None
+                continue
+            volume, centre = _region(pair, fate.current_index)
+            sa, la = fate.short_axis_mm_current, fate.long_axis_mm_current
+            assert sa is not None and la is not None
+            node = next(n for n in pair.current.nodes if n.index == fate.current_index)
+            assert node.short_axis_mm == pytest.approx(sa)
+            assert np.linalg.norm(centre - np.asarray(fate.current_centre_lps_mm)) < 3.0  # a voxel
+            if sa >= 8:  # big enough for its voxel count to tell its size
+                assert volume == pytest.approx(node.volume_mm3, rel=0.25)
+            if fate.status == pp.MATCHED:
+                assert fate.scale == pytest.approx(sa / fate.short_axis_mm_prior)
+                prior = pair.prior.nodes[fate.prior_index - 1]
+                assert la / prior.long_axis_mm == pytest.approx(fate.scale, rel=1e-3)
+    assert statuses == {pp.MATCHED, pp.NEW, pp.GONE}
+
+
+def test_resolved_nodes_are_gone_and_new_nodes_new(pairs) -> None:
+    cr = pairs["complete-response"]
+    assert all((n.short_axis_mm_current or 0) < 10 for n in cr.nodes)
+    new = [n for n in pairs["new-node"].nodes if n.status == pp.NEW]
+    assert len(new) == 1 and new[0].short_axis_mm_current >= 15
+    assert (pairs["new-node"].current.labels == new[0].current_index).any()
+
+
+def test_growth_as_claimed(pairs) -> None:
+    grown = [n for n in pairs["progression"].nodes if n.status == pp.MATCHED and n.short_axis_mm_prior >= 10]
+    assert grown and all(n.scale > 1.0 for n in grown)
+    shrunk = [n for n in pairs["partial-response"].nodes if n.status == pp.MATCHED]
+    assert all(0.45 <= n.scale <= 0.6 for n in shrunk)
+
+
+def test_same_inputs_same_pair_and_bad_input() -> None:
+    a = pp.make_pair(SEED, "stable", SPEC)
+    b = pp.make_pair(SEED, "stable", SPEC)
+    assert np.array_equal(a.current.hu, b.current.hu) and np.allclose(a.motion, b.motion)
+    with pytest.raises(ValueError, match="unknown scenario"):
+        pp.make_pair(SEED, "regression", SPEC)
+    assert math.isfinite(a.truth_response().sum_short_axis_prior_mm)

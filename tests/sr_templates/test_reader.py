@@ -1,0 +1,71 @@
+"""nodal's own SR read back as the nodes of a prior study (`sr_templates.reader`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from inference.followup import FROM_SR, FollowUpError
+from sr_templates import is_nodal_sr, read_prior_nodes, read_prior_study, write_results
+from tests.helpers.sr_case import make_case
+
+
+@pytest.fixture(scope="module")
+def written(case) -> dict[str, pydicom.Dataset]:
+    paths = write_results(case.datasets, case.findings, case.folder / "out", result_images=False)
+    return {p.name: pydicom.dcmread(p) for p in paths}
+
+
+def test_recognises_nodal_sr_only(case, written) -> None:
+    assert is_nodal_sr(written["sr.dcm"])
+    assert not is_nodal_sr(written["seg.dcm"])
+    assert not is_nodal_sr(case.datasets[0])
+    other = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_bytes(written["sr.dcm"])))
+    other.Manufacturer = "another vendor"
+    assert not is_nodal_sr(other)
+    with pytest.raises(FollowUpError, match="not an SR written by nodal"):
+        read_prior_nodes(other, written["seg.dcm"])
+
+
+def test_nodes_equal_the_findings_with_seg_centroids(case, written) -> None:
+    nodes = read_prior_nodes(written["sr.dcm"], written["seg.dcm"])
+    assert [n.label for n in nodes] == [f.label for f in case.findings.findings]
+    for node, f in zip(nodes, case.findings.findings, strict=True):
+        assert node.tracking_uid == f.tracking_uid
+        assert node.short_axis_mm == pytest.approx(f.short_axis.length_mm, abs=1e-4)
+        assert node.long_axis_mm == pytest.approx(f.long_axis.length_mm, abs=1e-4)
+        assert node.volume_mm3 == pytest.approx(f.volume_mm3, abs=1e-3)
+        assert node.malignancy_probability == pytest.approx(f.malignancy_probability, abs=1e-6)
+        assert np.allclose(node.centroid_lps_mm, f.centroid_lps_mm, atol=0.01)
+
+
+def test_without_seg_the_long_axis_midpoint_places_the_node(case, written) -> None:
+    nodes = read_prior_nodes(written["sr.dcm"], images=case.datasets)
+    for node, f in zip(nodes, case.findings.findings, strict=True):
+        # the midpoint of the long axis on the key slice: within a voxel or two of the centroid
+        assert np.linalg.norm(np.subtract(node.centroid_lps_mm, f.centroid_lps_mm)) < 3.0
+
+
+def test_a_node_without_position_is_a_clear_error(written) -> None:
+    with pytest.raises(FollowUpError, match="give the prior's SEG"):
+        read_prior_nodes(written["sr.dcm"])
+
+
+def test_prior_study_and_no_findings(case, written, tmp_path) -> None:
+    study = read_prior_study(written["sr.dcm"], written["seg.dcm"])
+    assert study.source == FROM_SR
+    assert study.study_instance_uid == case.findings.study_instance_uid
+    assert study.series_instance_uid == case.findings.series_instance_uid
+    assert len(study.nodes) == len(case.findings.findings)
+    empty = make_case(tmp_path, nodes=(), uid_seed="nodal-reader-empty")
+    paths = write_results(empty.datasets, empty.findings, tmp_path / "out", result_images=False)
+    assert read_prior_nodes(pydicom.dcmread(paths[0])) == ()
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,219 @@
+"""The result objects of a follow-up: SR time points, prior values, changes, response; the
+tracking UIDs carried over; the prior beside the current in the result images."""
+
+from __future__ import annotations
+
+import subprocess
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from inference.dicom_volume import load_series
+from inference.followup import FROM_SR, PriorNode, PriorStudy, compare
+from sr_templates import build_results, codes, read_prior_nodes, write_results
+from sr_templates.prior_images import changed
+from tests.helpers.sr_case import DSRDUMP, NodeSpec, dciodvfy, make_case, needs_dciodvfy, needs_dsrdump
+
+NODES = (
+    NodeSpec((10.0, 30.0, 24.0), (6.0, 9.0, 10.0), 0.82, "pathological target (>=15 mm)"),
+    NodeSpec((6.0, 44.0, 46.0), (4.0, 3.0, 3.2), 0.21, "normal (<10 mm)"),
+)
+PRIOR_STUDY = "1.2.826.0.1.3680043.10.1138.17"
+PRIOR_DATE = "20250105"
+ALLOWED_WARNINGS = ("Unrecognized defined term <99NODAL>",)
+
+
+@pytest.fixture(scope="module")
+def followup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("followup")
+    case = make_case(folder, nodes=NODES, uid_seed="nodal-followup-sr")
+    volume = load_series(case.datasets)
+    f = case.findings.findings
+    prior = PriorStudy(
+        study_instance_uid=PRIOR_STUDY,
+        series_instance_uid=PRIOR_STUDY + ".1",
+        study_date=PRIOR_DATE,
+        nodes=(
+            # LN-1 grew from 14 to 18 mm short axis; a prior node that is gone now; LN-2 is new
+            PriorNode("LN-1", PRIOR_STUDY + ".9.1", f[0].centroid_lps_mm, 14.0, 17.0, 1500.0, 0.7),
+            PriorNode("LN-3", PRIOR_STUDY + ".9.3", (0.0, 0.0, 40.0), 16.0, 20.0, 2500.0, 0.9),
+        ),
+        volume=volume,  # the same CT stands in for the prior's images
+        source=FROM_SR,
+    )
+    comparison = compare(prior, volume, case.findings)
+    paths = write_results(
+        case.datasets, case.findings, folder / "out", comparison=comparison, prior_sources=volume
+    )
+    return case, comparison, {p.name: p for p in paths}
+
+
+def test_comparison_of_the_case(followup) -> None:
+    _, comparison, _ = followup
+    statuses = {(n.status, n.current_label or n.prior_label) for n in comparison.nodes}
+    assert statuses == {("matched", "LN-1"), ("new", "LN-2"), ("gone", "LN-3")}
+    # the only target, LN-3 (16 mm), is gone: targets CR; the non-target LN-1 (14 mm at
+    # baseline) is 18 mm now: non-CR/non-PD; LN-2 is new but < 10 mm (no lesion): overall PR
+    s = comparison.summary
+    assert (s.target_response, s.non_target_response, s.recist_response) == ("CR", "non-CR/non-PD", "PR")
+
+
+@needs_dciodvfy
+def test_every_object_passes_dciodvfy(followup) -> None:
+    _, _, paths = followup
+    for path in paths.values():
+        errors, warnings = dciodvfy(path)
+        assert errors == [], f"{path.name}: {errors}"
+        assert all(any(a in w for a in ALLOWED_WARNINGS) for w in warnings), warnings
+
+
+@needs_dsrdump
+def test_dsrdump_reads_the_sr(followup) -> None:
+    _, _, paths = followup
+    run = subprocess.run([DSRDUMP, str(paths["sr.dcm"])], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "Time Point Order" in run.stdout and "RECIST 1.1" in run.stdout
+
+
+def _groups(sr) -> list:
+    root = sr.ContentSequence
+    measurements = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return list(measurements.ContentSequence)
+
+
+def _child(group, code: str) -> list:
+    return [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == code]
+
+
+def _uid(group) -> str:
+    return str(_child(group, "112040")[0].UID)
+
+
+def _order(group) -> int | None:
+    items = _child(group, "126073")
+    return int(float(items[0].MeasuredValueSequence[0].NumericValue)) if items else None
+
+
+def test_matched_node_keeps_prior_tracking_uid_in_sr_and_seg(followup) -> None:
+    case, _, paths = followup
+    prior_uid = PRIOR_STUDY + ".9.1"
+    seg = pydicom.dcmread(paths["seg.dcm"])
+    assert seg.SegmentSequence[0].TrackingUID == prior_uid
+    assert seg.SegmentSequence[1].TrackingUID == case.findings.findings[1].tracking_uid  # new: its own
+    groups = [g for g in _groups(pydicom.dcmread(paths["sr.dcm"])) if _uid(g) == prior_uid]
+    assert sorted(_order(g) or 0 for g in groups) == [1, 2, 2]  # prior values; axes and volume now
+
+
+def test_prior_values_changes_and_roles_are_coded(followup) -> None:
+    _, comparison, paths = followup
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+    prior_uid = PRIOR_STUDY + ".9.1"
+    prior_group = next(g for g in groups if _uid(g) == prior_uid and _order(g) == 1)
+    values = {
+        i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+        for i in prior_group.ContentSequence
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue != "126073"
+    }
+    assert values == {codes.SHORT_AXIS.value: 14.0, codes.LONG_AXIS.value: 17.0, codes.VOLUME.value: 1500.0}
+    volumetric = next(g for g in groups if _uid(g) == prior_uid and _child(g, "121191"))
+    changes = [
+        i
+        for i in volumetric.ContentSequence
+        if i.ValueType == "NUM"
+        and i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+        and i.ConceptNameCodeSequence[0].CodeValue == codes.SHORT_AXIS.value
+    ]
+    assert len(changes) == 1
+    derivation = changes[0].ContentSequence[0].ConceptCodeSequence[0]
+    assert (derivation.CodeValue, derivation.CodingSchemeDesignator) == ("125314", "DCM")
+    node = next(n for n in comparison.nodes if n.prior_tracking_uid == prior_uid)
+    assert float(changes[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        node.short_axis_change_percent, abs=1e-4
+    )
+    role = _child(volumetric, codes.BASELINE_CATEGORY.value)[0].ConceptCodeSequence[0]
+    assert role.CodeValue == codes.NON_TARGET_AT_BASELINE.value  # 14 mm at baseline
+    comment = _child(next(g for g in groups if _uid(g) == prior_uid and _child(g, "121106")), "121106")[0]
+    assert "SA 14.0 ->" in comment.TextValue and f"since {PRIOR_DATE}" in comment.TextValue
+
+
+def test_new_and_gone_nodes_are_marked_absent_at_the_other_time(followup) -> None:
+    case, _, paths = followup
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+
+    def absent(uid: str) -> list[int]:
+        return [
+            _order(g) or 0
+            for g in groups
+            if _uid(g) == uid
+            and any(i.ConceptCodeSequence[0].CodeValue == codes.ABSENT.value for i in _child(g, "121052"))
+        ]
+
+    assert absent(case.findings.findings[1].tracking_uid) == [1]  # new: absent at the prior time
+    assert absent(PRIOR_STUDY + ".9.3") == [2]  # gone: absent now
+
+
+def test_summary_group_codes_the_response(followup) -> None:
+    _, comparison, paths = followup
+    summary = next(
+        g
+        for g in _groups(pydicom.dcmread(paths["sr.dcm"]))
+        if _child(g, codes.RESPONSE_EVALUATION_METHOD.value)
+    )
+    method = _child(summary, codes.RESPONSE_EVALUATION_METHOD.value)[0].ConceptCodeSequence[0]
+    assert method.CodeValue == codes.RECIST_1_1.value
+    responses = {i.ConceptCodeSequence[0].CodeValue for i in _child(summary, codes.CURRENT_RESPONSE.value)}
+    assert responses == {
+        codes.TARGET_RESPONSES["CR"].value,
+        codes.NON_TARGET_RESPONSES["non-CR/non-PD"].value,
+    }
+    total = next(
+        i
+        for i in summary.ContentSequence
+        if i.ValueType == "NUM"
+        and "ContentSequence" in i
+        and i.ContentSequence[0].ConceptCodeSequence[0].CodeValue == codes.TOTAL.value
+    )
+    assert float(total.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        comparison.summary.sum_short_axis_current_mm, abs=1e-4
+    )
+    assert "PR" in _child(summary, "121106")[0].TextValue
+
+
+def test_highdicom_reads_it_back(followup) -> None:
+    _, _, paths = followup
+    sr = hd.sr.srread(paths["sr.dcm"])
+    groups = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=PRIOR_STUDY + ".9.1")
+    assert len(groups) == 1
+    names = {m.name.value for m in groups[0].get_measurements()}
+    assert codes.SHORT_AXIS.value in names  # the relative change, beside volume and probability
+
+
+def test_reader_takes_the_current_values_not_the_prior(followup) -> None:
+    case, _, paths = followup
+    nodes = read_prior_nodes(pydicom.dcmread(paths["sr.dcm"]), pydicom.dcmread(paths["seg.dcm"]))
+    by_uid = {n.tracking_uid: n for n in nodes}
+    assert set(by_uid) == {PRIOR_STUDY + ".9.1", case.findings.findings[1].tracking_uid}  # gone LN-3 not
+    grown = by_uid[PRIOR_STUDY + ".9.1"]
+    assert grown.short_axis_mm == pytest.approx(case.findings.findings[0].short_axis.length_mm, abs=1e-4)
+
+
+def test_prior_beside_current_images(followup) -> None:
+    case, comparison, paths = followup
+    key_images = build_results(case.datasets, case.findings).result_images
+    extra = [pydicom.dcmread(p) for name, p in sorted(paths.items()) if name.startswith("sc-")][
+        len(key_images) :
+    ]
+    assert len(extra) == sum(changed(n) for n in comparison.nodes) == 3
+    for ds in extra:
+        rows, cols = ds.Rows, ds.Columns
+        assert cols > 2 * rows * 0.95  # two panels side by side
+        assert np.asarray(ds.pixel_array).shape == (rows, cols, 3)
+
+
+def test_follow_up_objects_have_their_own_uids(followup) -> None:
+    case, _, paths = followup
+    alone = build_results(case.datasets, case.findings, result_images=False)
+    assert pydicom.dcmread(paths["sr.dcm"]).SOPInstanceUID != alone.sr.SOPInstanceUID
+    assert pydicom.dcmread(paths["seg.dcm"]).SOPInstanceUID != alone.seg.SOPInstanceUID
