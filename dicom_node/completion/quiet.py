@@ -37,8 +37,9 @@ def is_complete(
     quiet_for = t - last_received_at
     if quiet_for >= quiet_seconds:
         return True
-    released_after_last = released_at is not None and released_at >= last_received_at
-    return not transfer_open and released_after_last and t - released_at >= after_release_seconds  # type: ignore[operator]
+    if transfer_open or released_at is None or released_at < last_received_at:
+        return False
+    return t - released_at >= after_release_seconds  # released after the last instance, and long enough ago
 
 
 def summary(series: Series) -> SeriesSummary:
@@ -88,8 +89,8 @@ def complete_due_studies(
     with db.session() as s:
         for uid in quiet:
             study = s.get(Study, uid)
-            if due(study):  # again: an instance may have come in meanwhile
-                created.extend(j.id for j in complete_study(s, study, settings, t))  # type: ignore[arg-type]
+            if study is not None and due(study):  # again: an instance may have come in meanwhile
+                created.extend(j.id for j in complete_study(s, study, settings, t))
     return created
 
 
