@@ -92,6 +92,8 @@ def _job_row(j: Job) -> dict:
         "seconds_total": None if not seconds else round(sum(float(v) for v in seconds.values()), 1),
         "seconds": seconds,
         "retryable": j.state in (JobState.DONE, JobState.FAILED, JobState.SKIPPED),
+        # what became of the comparison with the prior study (jobs.outcome.FollowUp.to_json())
+        "followup": json.loads(j.followup) if j.followup else None,
     }
 
 

@@ -426,3 +426,26 @@ def test_retry_through_the_api_is_audited_too(node):
         ("success", "api", node.ids[DOWN], "retry"),
         ("failure", "api", node.ids[DONE], "retry"),
     ]
+
+
+def test_study_page_shows_what_became_of_the_follow_up(node):
+    compared = {
+        "outcome": "compared",
+        "reason": "",
+        "prior_source": "sr",
+        "summary": {
+            "recist_response": "PD",
+            "recist_reason": "sum of target short axes +6.2 mm (>= 20 % and >= 5 mm)",
+            "sum_short_axis_mm": {"prior": 18.1, "current": 24.3, "change_percent": 34.3},
+            "new_nodes": 1,
+        },
+    }
+    with node.db.session() as s:
+        s.get(Job, node.ids[DONE]).followup = json.dumps(compared)
+        s.get(Job, node.ids[DOWN]).followup = json.dumps({"outcome": "query_failed", "reason": "C-FIND <refused>"})
+    html = node.get(f"/status/studies/{DONE}").text
+    assert "RECIST 1.1 nodal response <b>PD</b>" in html and "18.1 → 24.3 mm" in html
+    assert "1 new node(s) ≥ 15 mm" in html and "from nodal&#39;s SR in the PACS" in html
+    html = node.get(f"/status/studies/{DOWN}").text
+    assert "Follow-up: query failed: C-FIND &lt;refused&gt;" in html  # escaped like every value
+    assert "Follow-up" not in node.get(f"/status/studies/{SKIPPED}").text
