@@ -442,7 +442,8 @@ def test_study_page_shows_what_became_of_the_follow_up(node):
     }
     with node.db.session() as s:
         s.get(Job, node.ids[DONE]).followup = json.dumps(compared)
-        s.get(Job, node.ids[DOWN]).followup = json.dumps({"outcome": "query_failed", "reason": "C-FIND <refused>"})
+        failed = {"outcome": "query_failed", "reason": "C-FIND <refused>"}
+        s.get(Job, node.ids[DOWN]).followup = json.dumps(failed)
     html = node.get(f"/status/studies/{DONE}").text
     assert "RECIST 1.1 nodal response <b>PD</b>" in html and "18.1 → 24.3 mm" in html
     assert "1 new node(s) ≥ 15 mm" in html and "from nodal&#39;s SR in the PACS" in html
