@@ -241,6 +241,11 @@ class RoutingSection(_Section):
 
 class _Destination(_Section):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    send_results: bool = Field(
+        True,
+        description="false: nodal sends no results here and only asks it for priors (query-only: "
+        "needs a query role)",
+    )
 
 
 # -- issue 17: the query role of a destination (docs/follow-up.md) --
@@ -509,6 +514,12 @@ class Settings(BaseSettings):
             if twice:
                 raise ValueError(f"{what}: names must be unique, repeated: {', '.join(twice)}")
         self._check_query_destination()
+        idle = [d.name for d in self.destinations if not d.send_results and getattr(d, "query", None) is None]
+        if idle:
+            raise ValueError(
+                f"destinations {', '.join(idle)}: send_results is false and there is no query role: "
+                "nodal would neither send to them nor ask them"
+            )
         return self
 
     def _check_query_destination(self) -> None:  # issue 17
@@ -520,6 +531,10 @@ class Settings(BaseSettings):
             raise ValueError(f"followup.query_destination: no destination named {name!r}")
         if getattr(dest, "query", None) is None:
             raise ValueError(f"followup.query_destination: destination {name!r} has no query role (query:)")
+
+    def result_destinations(self) -> list:
+        """The destinations that receive the results (all but the query-only ones)."""
+        return [d for d in self.destinations if d.send_results]
 
     def query_peer(self) -> DimseDestination | DicomwebDestination | None:
         """The destination nodal asks for priors and retrievals, or None (issue 17)."""

@@ -92,7 +92,7 @@ class Node:
                 target=self.monitoring.run, name="monitoring", daemon=True
             )
         self._last_lease_check = 0.0
-        self.watcher = JobWatcher(self.db, bool(settings.destinations), time.time())
+        self.watcher = JobWatcher(self.db, bool(settings.result_destinations()), time.time())
         metrics.STATE.read = lambda: read_state(
             self.db,
             self.spool.root,

@@ -136,7 +136,7 @@ def finish_done(db: Database, job_id: int, owner: str, out: JobOutcome, settings
             return True
         job.state = JobState.DONE
         expires = t + settings.delivery.expire_hours * 3600
-        for dest in settings.destinations:
+        for dest in settings.result_destinations():
             for f in out.files:
                 s.add(
                     Delivery(
@@ -151,8 +151,8 @@ def finish_done(db: Database, job_id: int, owner: str, out: JobOutcome, settings
                         next_attempt_at=t,
                     )
                 )
-        if not settings.destinations:
-            log.info("job %d done; no destinations configured, results kept in the outbox", job.id)
+        if not settings.result_destinations():
+            log.info("job %d done; no destination takes results, they are kept in the outbox", job.id)
         return True
 
 

@@ -202,3 +202,22 @@ def test_reply_to_a_sender_without_address_fails_at_once_with_the_reason(node):
         rows = ses.scalars(select(Delivery).where(Delivery.job_id == job_id)).all()
     assert {d.state for d in rows} == {DeliveryState.FAILED}
     assert "the sender CT1 has no host and port in allowed_callers" in rows[0].last_error
+
+
+def test_a_query_only_destination_gets_no_results(node):
+    db, receiver, _ = node
+    query_only = {"name": "archive", "kind": "dimse", "ae_title": "VNA", "host": "127.0.0.1", "port": 4243}
+    s = settings(
+        destinations=[
+            {"name": "pacs", "kind": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},
+            {**query_only, "send_results": False, "query": {}},
+        ]
+    )
+    assert [d.name for d in s.result_destinations()] == ["pacs"] and s.query_peer().name == "archive"
+    receive(receiver)
+    complete(db, s)
+    job = claim(db, "h:1:w0", 10, later())
+    assert finish_done(db, job.id, "h:1:w0", outcome(job.id), s, time.time())
+    with db.session() as ses:
+        sent_to = {d.destination for d in ses.scalars(select(Delivery).where(Delivery.job_id == job.id))}
+    assert sent_to == {"pacs"}

@@ -51,6 +51,7 @@ def test_query_destination_picks_one_and_defaults_fill_in(tmp_path):
         ({"followup": {"lookback_days": 0}}, "followup.lookback_days"),
         ({"followup": {"registration": "elastic"}}, "followup.registration"),
         ({"destinations": [{"name": "b", "kind": "reply", "query": {}}]}, "unknown key"),
+        ({"destinations": [{**PACS, "send_results": False}]}, "send_results is false and there is no query"),
     ],
 )
 def test_wrong_query_settings_stop_start_up_with_the_reason(tmp_path, doc, message):
