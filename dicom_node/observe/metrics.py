@@ -105,6 +105,8 @@ HTTP_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+for _reason in ("missing", "invalid"):
+    HTTP_REFUSED.labels(_reason)
 # Every HTTP request refused as a whole, by reason; each is also logged at WARNING with the
 # client's address. Reasons: token_missing, token_invalid (bearer token), media_type (not
 # multipart/related of application/dicom), boundary, malformed_body, no_parts, study_uid

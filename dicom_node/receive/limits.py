@@ -54,6 +54,15 @@ REASONS = {
     BODY_TOO_LARGE: "request body larger than node.http_limits.max_body_mb",
 }
 
+# the reasons each receiver counts, created at 0 so that dashboards and alerts see every series
+RECEIVER_REASONS = {
+    "dimse": (HOST_NOT_ALLOWED, PER_HOST_LIMIT, PENDING_LIMIT, ARTIM_TIMEOUT),
+    "http": (HEADER_TIMEOUT, BODY_TIMEOUT, UPLOAD_LIMIT, CLIENT_UPLOAD_LIMIT, BODY_TOO_LARGE),
+}
+for _receiver, _reasons in RECEIVER_REASONS.items():
+    for _reason in _reasons:
+        metrics.CONNECTIONS_REFUSED.labels(_receiver, _reason)
+
 
 @dataclass
 class _Burst:

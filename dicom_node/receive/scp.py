@@ -108,6 +108,8 @@ def caller_rules(callers: list[AllowedCaller]) -> list[CallerRule]:
 # Rejection reasons (the values of the metric label `reason`).
 CALLING_AE_UNKNOWN, HOST_NOT_ALLOWED = "calling_ae_unknown", "host_not_allowed"
 ASSOCIATION_LIMIT = "association_limit"  # node.max_associations established (rejected 2-3-2)
+for _reason in (CALLING_AE_UNKNOWN, HOST_NOT_ALLOWED, ASSOCIATION_LIMIT):  # every reason exists at 0
+    metrics.ASSOCIATIONS_REJECTED.labels(_reason)
 
 
 def allowed_hosts(rules: list[CallerRule]) -> frozenset[str] | None:
