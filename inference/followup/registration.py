@@ -1,7 +1,7 @@
 """Prior CT to current CT: rigid, then affine, on body and bone (SimpleITK).
 
 Both volumes are averaged down to a coarse grid (`FollowUpSettings.registration_grid_mm`,
-4 mm by default) so that a 300-slice CT registers in about a second on one core:
+4 mm by default), so that a 300-slice CT registers in seconds (benchmarks/RESULTS.md):
 
 1. the body masks' centres of mass give the starting translation;
 2. rigid (Euler 3D), Mattes mutual information over the current body (HU > -500);
