@@ -45,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     centres = np.array([n.centre_lps_mm for n in ph.nodes])
     truth = centres @ motion[:3, :3].T + motion[:3, 3]
     runs = []
+    matrices = []
     for _ in range(args.repeat):
         started = time.perf_counter()
         reg = register(prior, current)
         seconds = time.perf_counter() - started
         m = np.asarray(reg.matrix)
+        matrices.append(m)
         error = float(np.linalg.norm(centres @ m[:3, :3].T + m[:3, 3] - truth, axis=1).max())
         runs.append(
             {
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                 "shift_mm": [round(float(v), 1) for v in motion[:3, 3]],
                 "runs": runs,
                 "median_seconds": float(np.median([r["seconds"] for r in runs])),
+                "largest_difference_between_runs": float(
+                    max(np.abs(m - matrices[0]).max() for m in matrices)
+                ),
                 "machine": platform.machine(),
             }
         )
