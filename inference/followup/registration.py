@@ -224,7 +224,8 @@ def _surface_points(mask: sitk.Image) -> np.ndarray:
     """Physical points (N, 3) of the boundary voxels of `mask`."""
     if _count(mask) == 0:
         return np.zeros((0, 3))
-    edge = sitk.GetArrayViewFromImage(sitk.BinaryContour(mask)) > 0
+    contour = sitk.BinaryContour(mask)  # kept in a name: a view of a freed image reads garbage
+    edge = sitk.GetArrayFromImage(contour) > 0
     kji = np.argwhere(edge)
     if len(kji) > 20000:
         kji = kji[:: len(kji) // 20000 + 1]
