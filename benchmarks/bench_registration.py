@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.evaluate import array_volume
 from inference.followup.registration import register
-from inference.phantom_pairs import move_patient, random_motion
+from inference.phantom_pairs import covered_slices, move_patient, random_motion
 from inference.phantoms import PhantomSpec, generate
 
 
@@ -39,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ph = generate(args.seed, spec)
     motion = random_motion(np.random.default_rng(args.seed), ph.affine, ph.hu.shape)
-    moved, _ = move_patient(ph.hu.astype(np.float32), ph.labels, ph.affine, motion)
+    first, stop = covered_slices(motion, ph.affine, ph.hu.shape)
+    moved, _ = move_patient(ph.hu.astype(np.float32), ph.labels, ph.affine, motion, range(first, stop))
+    cut = ph.affine.copy()
+    cut[:3, 3] += first * ph.affine[:3, 0]
     prior = array_volume(ph.hu.astype(np.float32), ph.affine, "bench-registration", "prior")
-    current = array_volume(moved, ph.affine, "bench-registration", "current")
+    current = array_volume(moved, cut, "bench-registration", "current")
     centres = np.array([n.centre_lps_mm for n in ph.nodes])
     truth = centres @ motion[:3, :3].T + motion[:3, 3]
     runs = []
