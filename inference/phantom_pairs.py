@@ -128,9 +128,13 @@ def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> Phan
     everyone = [*current_nodes.values(), *new_nodes]
     for attempt in range(50):  # re-position so that every node stays whole in the field of view
         motion = random_motion(rng, prior.affine, hu.shape, 0.9**attempt)
-        if all(_in_view(n, motion, prior.affine, hu.shape) for n in everyone):
+        first, stop = covered_slices(motion, prior.affine, hu.shape)
+        affine = prior.affine.copy()
+        affine[:3, 3] += first * prior.affine[:3, 0]
+        shape = (stop - first, *hu.shape[1:])
+        if stop - first >= hu.shape[0] // 2 and all(_in_view(n, motion, affine, shape) for n in everyone):
             break
-    hu, labels = move_patient(hu, labels, prior.affine, motion)
+    hu, labels = move_patient(hu, labels, prior.affine, motion, range(first, stop))
     hu += phantoms._smooth_noise(rng, hu.shape, 0.7, spec.noise_hu)  # new acquisition noise
     hu_i16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     fates = []
@@ -142,8 +146,8 @@ def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> Phan
     current = Phantom(
         hu=hu_i16,
         labels=labels,
-        tissue=tissue,  # the prior's frame (not moved): kept for painting only
-        affine=prior.affine.copy(),
+        tissue=tissue,  # on the prior grid, not moved nor cut: kept for painting only
+        affine=affine,
         nodes=moved_truth,
         seed=seed,
         phase=prior.phase,
@@ -333,18 +337,40 @@ def random_motion(rng, affine: np.ndarray, shape, factor: float = 1.0) -> np.nda
     return m
 
 
-def move_patient(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, motion: np.ndarray):
-    """The patient moved by `motion`, seen on the same scanner grid (slice by slice)."""
+def covered_slices(motion: np.ndarray, affine: np.ndarray, shape) -> tuple[int, int]:
+    """The slices [first, stop) of the scanner grid that the moved patient fills entirely
+    from inside the prior volume (the follow-up is cut to them: nothing is made up beyond
+    the prior's first and last slice)."""
     back = np.linalg.inv(affine) @ np.linalg.inv(motion) @ affine  # current voxel -> prior voxel
-    out_hu = np.empty_like(hu)
-    out_labels = np.empty_like(labels)
+    rows, cols = shape[1] - 1, shape[2] - 1
+    corners = np.array([(0, 0), (0, cols), (rows, 0), (rows, cols)], float)
+    inside = []
+    for k in range(shape[0]):
+        kji = np.column_stack([np.full(4, k), corners])
+        src_k = kji @ back[0, :3] + back[0, 3]
+        inside.append(src_k.min() >= 0 and src_k.max() <= shape[0] - 1)
+    covered = np.flatnonzero(inside)
+    if covered.size == 0:
+        return 0, 0
+    return int(covered[0]), int(covered[-1]) + 1
+
+
+def move_patient(
+    hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, motion: np.ndarray, slices: range | None = None
+):
+    """The patient moved by `motion`, seen on the same scanner grid (slice by slice), on
+    `slices` of it (all by default)."""
+    back = np.linalg.inv(affine) @ np.linalg.inv(motion) @ affine  # current voxel -> prior voxel
+    slices = range(hu.shape[0]) if slices is None else slices
     _, rows, cols = hu.shape
+    out_hu = np.empty((len(slices), rows, cols), hu.dtype)
+    out_labels = np.empty((len(slices), rows, cols), labels.dtype)
     jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    for k in range(hu.shape[0]):
+    for n, k in enumerate(slices):
         kji = np.stack([np.full(jj.shape, k), jj, ii]).reshape(3, -1).astype(float)
         src = back[:3, :3] @ kji + back[:3, 3:4]
-        out_hu[k] = ndimage.map_coordinates(hu, src, order=1, mode="nearest").reshape(jj.shape)
-        out_labels[k] = ndimage.map_coordinates(labels, src, order=0, mode="constant").reshape(jj.shape)
+        out_hu[n] = ndimage.map_coordinates(hu, src, order=1, mode="nearest").reshape(jj.shape)
+        out_labels[n] = ndimage.map_coordinates(labels, src, order=0, mode="constant").reshape(jj.shape)
     return out_hu, out_labels
 
 

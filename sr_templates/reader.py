@@ -29,6 +29,7 @@ _TRACKING_UID = "112040"
 _MEASUREMENT_GROUP = "125007"
 _TIME_POINT_ORDER = "126073"
 _REFERENCED_SEGMENT = "121191"
+_DERIVATION = "121401"
 
 
 def is_nodal_sr(ds: Dataset) -> bool:
@@ -73,7 +74,7 @@ def read_prior_nodes(
             node["label"] = label
         for item in group.get("ContentSequence", []):
             code = _code(item)
-            if item.get("ValueType") == "NUM":
+            if item.get("ValueType") == "NUM" and not _derived(item):
                 value, unit = _number(item)
                 if code == codes.SHORT_AXIS.value and unit == codes.UCUM_MM.value:
                     node["short"] = value
@@ -160,6 +161,11 @@ def _first(group: Dataset, code: str, keyword: str, *, num: bool = False):
             return _number(item)[0]
         return str(item.get(keyword))
     return None
+
+
+def _derived(item: Dataset) -> bool:
+    """A NUM with a Derivation modifier (a change, a total) is not the node's own value."""
+    return any(_code(child) == _DERIVATION for child in item.get("ContentSequence", []))
 
 
 def _number(item: Dataset) -> tuple[float, str]:

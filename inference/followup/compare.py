@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
-from inference.findings import StudyFindings
+from inference.findings import Finding, StudyFindings
 from inference.followup import matching, response
 from inference.followup.types import (
     GONE,
@@ -68,8 +69,11 @@ def compare(
                 la_current=None if f is None else f.long_axis.length_mm,
             )
         )
+    tissue: dict[int, float] = {}
     for c, f in enumerate(current.findings):
         if c not in matched_current:
+            if prior.volume is not None:
+                tissue[c] = _prior_tissue_share(f, current, prior.volume, registration, settings)
             sizes.append(
                 response.NodeSizes(
                     key=f.tracking_uid,
@@ -77,6 +81,7 @@ def compare(
                     la_prior=None,
                     sa_current=f.short_axis.length_mm,
                     la_current=f.long_axis.length_mm,
+                    seen_before=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
                 )
             )
     role = response.roles(sizes)
@@ -101,6 +106,8 @@ def compare(
                 recist_role="" if was is None else role.get(was.tracking_uid, ""),
                 prior_centroid_lps_mm=None if was is None else was.centroid_lps_mm,
                 current_centroid_lps_mm=f.centroid_lps_mm,
+                prior_tissue_share=tissue.get(c),
+                seen_in_prior_image=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
             )
         )
     for p, node in enumerate(prior.nodes):
@@ -130,6 +137,25 @@ def compare(
         nodes=tuple(changes),
         summary=response.assess(sizes),
     )
+
+
+def _prior_tissue_share(
+    f: Finding, current: StudyFindings, prior: Volume, registration: Registration, settings: FollowUpSettings
+) -> float:
+    """Share of the node's voxels (at most 4000, evenly picked) whose place in the prior CT,
+    through the registration, held soft tissue (HU above `settings.soft_tissue_hu`)."""
+    kji = np.argwhere(f.mask) + np.asarray(f.bbox[:3])
+    if len(kji) == 0:
+        return 0.0
+    kji = kji[:: len(kji) // 4000 + 1]
+    affine = np.asarray(current.affine, dtype=float)
+    lps = kji @ affine[:3, :3].T + affine[:3, 3]
+    back = np.linalg.inv(np.asarray(registration.matrix, dtype=float))
+    in_prior = lps @ back[:3, :3].T + back[:3, 3]
+    prior_affine = np.asarray(prior.affine, dtype=float)
+    prior_kji = np.linalg.solve(prior_affine[:3, :3], (in_prior - prior_affine[:3, 3]).T)
+    hu = ndimage.map_coordinates(np.asarray(prior.array), prior_kji, order=1, mode="constant", cval=-1000.0)
+    return float(np.mean(hu > settings.soft_tissue_hu))
 
 
 def _check(prior: PriorStudy, current_volume: Volume, current: StudyFindings) -> None:

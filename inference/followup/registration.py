@@ -1,7 +1,7 @@
 """Prior CT to current CT: rigid, then affine, on body and bone (SimpleITK).
 
 Both volumes are averaged down to a coarse grid (`FollowUpSettings.registration_grid_mm`,
-4 mm by default) so that a 300-slice CT registers in about a second on one core:
+4 mm by default), so that a 300-slice CT registers in seconds (benchmarks/RESULTS.md):
 
 1. the body masks' centres of mass give the starting translation;
 2. rigid (Euler 3D), Mattes mutual information over the current body (HU > -500);
@@ -28,11 +28,25 @@ from inference.volume import Volume
 SAMPLING_SEED = 20261
 SAMPLING_PERCENTAGE = 0.1
 MIN_BODY_VOXELS = 500
+#: one thread: with several, ITK's metric sums the threads' parts in the order they finish
+#: and the transform differs from run to run (by up to a tenth of a millimetre)
+THREADS = 1
 
 
 def register(prior: Volume, current: Volume, settings: FollowUpSettings | None = None) -> Registration:
-    """The transform that maps prior LPS to current LPS, with its quality figure."""
-    settings = settings or FollowUpSettings()
+    """The transform that maps prior LPS to current LPS, with its quality figure.
+
+    Runs SimpleITK on `THREADS` thread(s) (its process-wide default, restored afterwards), so
+    that the same inputs give the same transform."""
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)
+    try:
+        return _register(prior, current, settings or FollowUpSettings())
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _register(prior: Volume, current: Volume, settings: FollowUpSettings) -> Registration:
     started = time.perf_counter()
     if settings.registration == "none":
         return Registration(method="identity", note="registration switched off (settings)")
@@ -210,7 +224,8 @@ def _surface_points(mask: sitk.Image) -> np.ndarray:
     """Physical points (N, 3) of the boundary voxels of `mask`."""
     if _count(mask) == 0:
         return np.zeros((0, 3))
-    edge = sitk.GetArrayViewFromImage(sitk.BinaryContour(mask)) > 0
+    contour = sitk.BinaryContour(mask)  # kept in a name: a view of a freed image reads garbage
+    edge = sitk.GetArrayFromImage(contour) > 0
     kji = np.argwhere(edge)
     if len(kji) > 20000:
         kji = kji[:: len(kji) // 20000 + 1]

@@ -12,7 +12,8 @@ baseline (the prior). The rules, with their sources, are in docs/follow-up-crite
 * non-targets: CR when all are < 10 mm (or gone); their unequivocal progression is a
   radiologist's judgement and is not called automatically;
 * a new node is an unequivocal new lesion at >= 15 mm short axis (PD); a new node of
-  10-15 mm is equivocal (reported, to be confirmed at the next study);
+  10-15 mm is equivocal (reported, to be confirmed at the next study); a node without a
+  prior match whose place was soft tissue on the prior CT is not new (`seen_before`);
 * overall: RECIST 1.1 table 1 (targets, non-targets, new lesions).
 
 Lugano (Cheson 2014): the sum of the products of the perpendicular diameters (long axis x
@@ -50,6 +51,7 @@ class NodeSizes:
     la_prior: float | None
     sa_current: float | None
     la_current: float | None
+    seen_before: bool = False  # a new node whose place was soft tissue in the prior CT
 
     def __post_init__(self) -> None:
         for name in ("sa_prior", "la_prior", "sa_current", "la_current"):
@@ -89,7 +91,8 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
     role = roles(nodes)
     targets = [n for n in nodes if role.get(n.key) == TARGET]
     non_targets = [n for n in nodes if role.get(n.key) == NON_TARGET]
-    new = [n for n in nodes if n.sa_prior is None]
+    new = [n for n in nodes if n.sa_prior is None and not n.seen_before]
+    missed = [n for n in nodes if n.sa_prior is None and n.seen_before]
     unequivocal = [n for n in new if float(n.sa_current or 0.0) >= NEW_LESION_MIN_SA_MM]
     equivocal = [
         n for n in new if PATHOLOGICAL_MIN_SA_MM <= float(n.sa_current or 0.0) < NEW_LESION_MIN_SA_MM
@@ -120,6 +123,10 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
         reasons.append(f"{len(unequivocal)} new node(s) >= 15 mm short axis")
     if equivocal:
         reasons.append(f"{len(equivocal)} new node(s) 10-15 mm: equivocal, to be confirmed")
+    if missed:
+        reasons.append(
+            f"{len(missed)} node(s) without a prior match already visible on the prior CT: not new lesions"
+        )
 
     if unequivocal or target_response == PD:
         overall = PD

@@ -73,6 +73,11 @@ class FollowUpSettings:
     max_bone_residual_mm: float = 6.0
     gate_min_mm: float = 10.0  # distance gate: max(gate_min_mm, gate_long_axis_factor x long axis)
     gate_long_axis_factor: float = 1.0
+    #: a node without a prior match is an unequivocal new lesion only where the prior CT
+    #: showed no soft tissue there: at most this share of its voxels, mapped into the prior,
+    #: above `soft_tissue_hu` (more: the node was there, the prior analysis missed it)
+    new_node_max_prior_tissue: float = 0.5
+    soft_tissue_hu: float = -30.0
 
     def __post_init__(self) -> None:
         if self.registration not in ("affine", "rigid", "none"):
@@ -82,6 +87,10 @@ class FollowUpSettings:
         for name in ("registration_grid_mm", "gate_min_mm", "max_bone_residual_mm"):
             if not getattr(self, name) > 0:
                 raise FollowUpError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.new_node_max_prior_tissue <= 1.0:
+            raise FollowUpError(
+                f"new_node_max_prior_tissue is a share in [0, 1], got {self.new_node_max_prior_tissue}"
+            )
         if self.gate_long_axis_factor < 0:
             raise FollowUpError(f"gate_long_axis_factor must be >= 0, got {self.gate_long_axis_factor}")
 
@@ -132,6 +141,13 @@ class NodeChange:
     recist_role: str = ""  # at baseline: "target" | "non-target" | "normal" | "" (new node)
     prior_centroid_lps_mm: Point3 | None = None  # in the prior's frame
     current_centroid_lps_mm: Point3 | None = None  # in the current frame
+    #: new nodes, with a prior CT: the share of the node's voxels that were soft tissue in
+    #: the prior CT (registered); None without a prior CT
+    prior_tissue_share: float | None = None
+    #: a new node whose place was soft tissue in the prior CT (more than
+    #: `FollowUpSettings.new_node_max_prior_tissue`): present then, not found by the prior's
+    #: analysis; not counted as a new lesion
+    seen_in_prior_image: bool = False
 
     @property
     def tracking_uid(self) -> str:
@@ -174,6 +190,8 @@ class NodeChange:
             "prior_tracking_uid": self.prior_tracking_uid,
             "recist_role": self.recist_role,
             "distance_mm": _r(self.distance_mm, 2),
+            "prior_tissue_share": _r(self.prior_tissue_share, 3),
+            "seen_in_prior_image": self.seen_in_prior_image,
             "short_axis_mm": {
                 "prior": _r(self.short_axis_mm_prior, 2),
                 "current": _r(self.short_axis_mm_current, 2),

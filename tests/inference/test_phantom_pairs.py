@@ -107,3 +107,14 @@ def test_same_inputs_same_pair_and_bad_input() -> None:
     with pytest.raises(ValueError, match="unknown scenario"):
         pp.make_pair(SEED, "regression", SPEC)
     assert math.isfinite(a.truth_response().sum_short_axis_prior_mm)
+
+
+def test_follow_up_holds_only_slices_the_prior_covers(pairs) -> None:
+    """Nothing is made up beyond the prior's first and last slice: the follow-up is cut."""
+    for pair in pairs.values():
+        first, stop = pp.covered_slices(pair.motion, pair.prior.affine, pair.prior.hu.shape)
+        assert pair.current.hu.shape == (stop - first, *pair.prior.hu.shape[1:])
+        assert stop - first >= pair.prior.hu.shape[0] // 2
+        assert np.allclose(
+            pair.current.affine[:3, 3], pair.prior.affine[:3, 3] + first * pair.prior.affine[:3, 0]
+        )

@@ -149,3 +149,26 @@ def test_bad_input_is_a_clear_error(studies) -> None:
         compare(PriorStudy("1.2.3", "", "", (nan,)), current_volume, current)
     with pytest.raises(FollowUpError, match="different series"):
         compare(PriorStudy("1.2.3", "", "", study.nodes), current_volume, prior)
+
+
+@pytest.mark.parametrize(("there_before", "new_lesions"), [(False, 1), (True, 0)])
+def test_a_new_node_already_visible_on_the_prior_ct_is_no_new_lesion(
+    studies, there_before, new_lesions
+) -> None:
+    """The prior's analysis missed a node that the prior CT shows: it is not a new lesion."""
+    study, _, current_volume, current = studies
+    prior_array = np.full(SHAPE, -100.0, np.float32)  # fat
+    if there_before:
+        new = next(f for f in current.findings if f.label == "LN-2")
+        k0, j0, i0, k1, j1, i1 = new.bbox
+        prior_array[k0:k1, j0:j1, i0:i1][new.mask] = 45.0  # the node, unseen by the analysis
+    prior_volume = array_volume(prior_array, _affine(), "compare-test", "prior")
+    with_ct = PriorStudy(study.study_instance_uid, "", "", study.nodes, volume=prior_volume)
+    comparison = compare(with_ct, current_volume, current)
+    assert comparison.registration.method == "identity"  # no bone: the registration says why
+    assert comparison.registration.note
+    node = next(n for n in comparison.nodes if n.status == NEW)
+    assert node.seen_in_prior_image is there_before
+    assert node.prior_tissue_share == pytest.approx(1.0 if there_before else 0.0, abs=0.05)
+    assert comparison.summary.new_nodes == new_lesions
+    assert ("already visible on the prior CT" in comparison.summary.recist_reason) is there_before

@@ -69,3 +69,9 @@ def test_bad_volumes_are_clear_errors(pair) -> None:
         bad = prior.array.copy()
         bad[0, 0, 0] = np.nan
         register(replace(prior, array=bad), current)
+
+
+def test_same_inputs_same_transform(pair) -> None:
+    prior, current = _volumes(pair)
+    first, second = register(prior, current), register(prior, current)
+    assert first.matrix == second.matrix and first.bone_residual_mm == second.bone_residual_mm
