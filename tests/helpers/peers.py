@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,10 +31,40 @@ DICOMWEB_PLUGINS = [
 ]
 
 
+def _below_ephemeral() -> tuple[int, int]:
+    """Ports the kernel never gives an outbound connection: below ip_local_port_range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(1024, low - 12000), low
+
+
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a peer or a node to listen on.
+
+    Not one from the kernel (`bind(0)`): that comes from the ephemeral range, and between this
+    check and the peer's own bind an outbound connection (a sender, an HTTP client, a storescu)
+    can be given the same port; Orthanc then fails to start with "Address already in use" (seen
+    on a loaded CI machine). Ports below the ephemeral range are never handed out that way; each
+    is given once per test process and checked free now."""
+    low, high = _below_ephemeral()
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 0.5):

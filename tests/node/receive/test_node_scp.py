@@ -2,7 +2,6 @@
 
 import io
 import logging
-import socket
 
 import pydicom
 import pytest
@@ -15,13 +14,7 @@ from dicom_node.receive.receiver import Receiver
 from dicom_node.receive.scp import DimseServer
 from dicom_node.spool.store import Spool
 from tests.helpers.dicom import part10
-from tests.helpers.peers import wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.peers import free_port, wait_until
 
 
 @pytest.fixture
