@@ -8,7 +8,8 @@ rule is dropped.
 
 Rules (a lymph node does not ...):
 
-* `size`: have a short axis above `max_short_axis_mm`;
+* `size`: have a short axis above `max_short_axis_mm` (100 mm: bulky nodal disease reaches
+  10 cm, so only what no node can be);
 * `elongation`: have a long/short axis ratio above `max_elongation` on its key slice;
 * `density`: have a mean above `max_mean_hu` (contrast-filled vessel, oral contrast, bone);
 * `gas`: contain gas (more than `max_gas_share` of its voxels below `gas_hu`);
@@ -44,7 +45,7 @@ RULES = ("size", "elongation", "density", "gas", "fluid", "tube_z", "tube_inplan
 class Rules:
     """Thresholds of the plausibility rules; a rule whose name is in `off` is skipped."""
 
-    max_short_axis_mm: float = 40.0
+    max_short_axis_mm: float = 100.0  # bulky disease (Lugano: a mass of 10 cm) is still a node
     max_elongation: float = 3.5
     max_mean_hu: float = 150.0
     gas_hu: float = -300.0

@@ -65,7 +65,19 @@ def test_a_fluid_filled_bowel_loop_is_mostly_fluid():
     hu[(r2 <= 19**2) & loop] = 8.0
     piece = loop & (np.abs(z - 20) <= 6)
     verdict = _judge(hu, piece, 44.0, 44.0)
-    assert verdict["fluid"] and verdict["size"]
+    assert verdict["fluid"] and not verdict["size"]  # the fluid, not the size: nodes grow this big
+
+
+def test_a_bulky_node_is_not_too_big():
+    """A 45 mm solid node (a target that grew at follow-up, bulky lymphoma) breaks no size rule;
+    with the old 40 mm limit it was dropped (follow-up pair 1008000)."""
+    z, y, x = _grid((60, 100, 100))
+    hu = np.full(z.shape, -100.0)
+    node = ((y - 50) / 28.0) ** 2 + ((x - 50) / 28.0) ** 2 + ((z - 30) / 23.0) ** 2 <= 1  # 45 x 45 x 46 mm
+    hu[node] = 40.0
+    verdict = _judge(hu, node, 45.0, 46.0)
+    assert not verdict["size"] and not P.implausible(verdict, P.Rules())
+    assert _judge(hu, node, 101.0, 120.0)["size"]
 
 
 def test_a_necrotic_node_is_not_fluid():
