@@ -69,8 +69,8 @@ def test_a_fluid_filled_bowel_loop_is_mostly_fluid():
 
 
 def test_a_bulky_node_is_not_too_big():
-    """A 45 mm solid node (a target that grew at follow-up, bulky lymphoma) breaks no size rule;
-    with the old 40 mm limit it was dropped (follow-up pair 1008000)."""
+    """A 45 mm solid node (a target that grew at follow-up, bulky lymphoma) breaks no size rule
+    (the first limit was 40 mm)."""
     z, y, x = _grid((60, 100, 100))
     hu = np.full(z.shape, -100.0)
     node = ((y - 50) / 28.0) ** 2 + ((x - 50) / 28.0) ** 2 + ((z - 30) / 23.0) ** 2 <= 1  # 45 x 45 x 46 mm
