@@ -4,13 +4,18 @@ Given a `inference.followup.Comparison`, the TID 1500 report gains, beside each 
 groups (which then carry the current time point and the prior's tracking UID):
 
 * per node seen before (matched or gone): a TID 1501 group of the prior time point with the
-  same tracking UID and the prior's short axis, long axis and volume;
+  same tracking UID and the prior's short axis, long axis and volume; a node the prior's
+  analysis missed but that nodal measured at its place on the prior CT
+  (`inference.followup.look`) gets the same group, with a comment saying so;
 * per matched node, in its TID 1411 group: the relative change of each value (NUM with the
   value's own concept, unit %, derivation DCM "Fractional Change") and its RECIST role at
   baseline (DCM "Baseline Category", CID 6145); the change in mm, for which DICOM has no
   concept, is stated in the node's Comment beside the prior and current values;
-* per new node: a prior time point group that says the node was absent there;
-* per gone node: a current time point group that says it is absent now;
+* per new node: a prior time point group that says the node was absent there (present, if
+  its place was soft tissue on the prior CT);
+* per gone node: a current time point group that says it is absent now; present, if its
+  place still holds soft tissue that could not be measured apart; or, measured at its place
+  on the current CT, its current values and their changes, with a comment saying so;
 * one summary group: the sum of the target nodes' short axes (derivation "Total"), its
   relative change, the response evaluation method (RECIST 1.1), the target and non-target
   responses (CID 6144) and the overall nodal response and SPD in words.
@@ -26,6 +31,7 @@ import highdicom as hd
 from pydicom.sr.coding import Code
 
 from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
+from inference.followup.look import FAT, MEASURED, UNCLEAR
 from sr_templates import codes
 
 PRIOR_ORDER, CURRENT_ORDER = 1, 2
@@ -73,12 +79,19 @@ def content(
         uid = n.tracking_uid
         name = (n.current_label or n.prior_label or "node")[:64]
         tracking = hd.sr.TrackingIdentifier(uid=uid, identifier=name)
-        if n.status in (MATCHED, GONE):
-            groups.append(_prior_values(n, tracking, prior_tp, algorithm))
-        if n.status == NEW:
-            groups.append(_presence(tracking, prior_tp, codes.ABSENT, algorithm))
+        if n.short_axis_mm_prior is not None:  # matched, gone, or measured at its place then
+            groups.append(_values(n, PRIOR_ORDER, tracking, prior_tp, algorithm))
+        elif n.status == NEW:
+            then = codes.PRESENT if n.seen_in_prior_image else codes.ABSENT
+            groups.append(_presence(tracking, prior_tp, then, algorithm))
         if n.status == GONE:
-            groups.append(_presence(tracking, current_tp, codes.ABSENT, algorithm))
+            if n.short_axis_mm_current is not None:  # not found by the model, measured at its place
+                groups.append(_values(n, CURRENT_ORDER, tracking, current_tp, algorithm))
+            else:
+                still = n.look is not None and n.look.outcome == UNCLEAR
+                groups.append(
+                    _presence(tracking, current_tp, codes.PRESENT if still else codes.ABSENT, algorithm)
+                )
         if n.current_label is not None:
             per_label[n.current_label] = NodeExtras(
                 time_point=current_tp,
@@ -90,20 +103,44 @@ def content(
     return FollowUpContent(per_label=per_label, groups=groups)
 
 
-def _prior_values(n: NodeChange, tracking, tp, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _values(
+    n: NodeChange, order: int, tracking, tp, algorithm
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A node's sizes at one time point, as its own TID 1501 group: the prior's values, or
+    (a gone node measured at its place) the current ones with their changes."""
+    prior = order == PRIOR_ORDER
     values = [
-        (codes.SHORT_AXIS, n.short_axis_mm_prior, codes.UCUM_MM),
-        (codes.LONG_AXIS, n.long_axis_mm_prior, codes.UCUM_MM),
-        (codes.VOLUME, n.volume_mm3_prior, codes.UCUM_MM3),
+        (codes.SHORT_AXIS, n.short_axis_mm_prior if prior else n.short_axis_mm_current, codes.UCUM_MM),
+        (codes.LONG_AXIS, n.long_axis_mm_prior if prior else n.long_axis_mm_current, codes.UCUM_MM),
+        (codes.VOLUME, n.volume_mm3_prior if prior else n.volume_mm3_current, codes.UCUM_MM3),
     ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         time_point_context=tp,
         finding_type=codes.LYMPH_NODE,
         finding_category=codes.ANATOMICAL_STRUCTURE,
         algorithm_id=algorithm,
-        measurements=[_num(c, v, u) for c, v, u in values if v is not None],
+        measurements=[_num(c, v, u) for c, v, u in values if v is not None] + ([] if prior else _changes(n)),
         qualitative_evaluations=list(_role(n)),
+    )
+    note = _look_text(n)
+    if note:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.COMMENT, value=note[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+        )
+    return group
+
+
+def _look_text(n: NodeChange) -> str:
+    """How a size the model did not give was obtained, in words ("" for the model's own)."""
+    if n.look is None or n.look.outcome != MEASURED:
+        return ""
+    study = "current" if n.status == GONE else "prior"
+    return (
+        f"not found by the model on the {study} CT; measured by nodal at its registered place there "
+        "(soft tissue apart from its surroundings): to be confirmed by the reader"
     )
 
 
@@ -118,7 +155,7 @@ def _presence(tracking, tp, value: Code, algorithm) -> hd.sr.MeasurementsAndQual
 
 
 def _changes(n: NodeChange) -> list[hd.sr.Measurement]:
-    if n.status != MATCHED:
+    if n.short_axis_mm_prior is None or n.short_axis_mm_current is None:
         return []
     pairs = [
         (codes.SHORT_AXIS, n.short_axis_change_percent),
@@ -138,14 +175,19 @@ def _role(n: NodeChange) -> list[hd.sr.QualitativeEvaluation]:
 def _change_text(n: NodeChange, prior_date: str) -> str:
     """``"; new since 20260105"`` or ``"; SA 14.0 -> 9.8 mm (-4.2 mm, -30 %) since 20260105"``."""
     since = f" since {prior_date}" if prior_date else " since the prior study"
-    if n.status == NEW:
-        return f"; new{since}"
     sa0, sa1 = n.short_axis_mm_prior, n.short_axis_mm_current
+    if n.status == NEW and sa0 is None:
+        if n.seen_in_prior_image:
+            return (
+                f"; not found by the analysis of the prior study, but its place was soft tissue then{since}"
+            )
+        return f"; new{since}"
     if sa0 is None or sa1 is None:
         return ""
     pct = n.short_axis_change_percent
     pct_text = "" if pct is None else f", {pct:+.0f} %"
-    return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}"
+    how = " (prior size measured by nodal at its place on the prior CT)" if n.status == NEW else ""
+    return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}{how}"
 
 
 def _summary(comparison: Comparison, tp, algorithm, uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -210,6 +252,14 @@ def summary_text(comparison: Comparison) -> str:
         )
     counts = {st: sum(1 for n in comparison.nodes if n.status == st) for st in (MATCHED, NEW, GONE)}
     parts.append(f"{counts[MATCHED]} matched, {counts[NEW]} new, {counts[GONE]} gone")
+    looked = [n for n in comparison.nodes if n.look is not None and n.look.outcome != FAT]
+    for n in looked:
+        label = n.prior_label if n.status == GONE else n.current_label
+        study = "current" if n.status == GONE else "prior"
+        if n.look is not None and n.look.outcome == MEASURED:
+            parts.append(f"{label}: not found by the model on the {study} CT, measured at its place")
+        elif n.look is not None:
+            parts.append(f"{label}: not found by the model on the {study} CT; {n.look.note}")
     if s.recist_reason:
         parts.append(s.recist_reason)
     if comparison.registration.note:

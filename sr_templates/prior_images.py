@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from inference.findings import StudyFindings
 from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
+from inference.followup.look import UNCLEAR
 from inference.volume import Volume
 from sr_templates import result_images as ri
 from sr_templates.sources import SourceSeries
@@ -34,6 +35,22 @@ def changed(n: NodeChange) -> bool:
     return n.status == MATCHED and (
         (mm is not None and abs(mm) >= CHANGED_MM) or (pct is not None and abs(pct) >= CHANGED_PERCENT)
     )
+
+
+def _gone_text(n: NodeChange) -> tuple[str, str]:
+    """Title and line of the current panel of a prior node the model did not find now."""
+    was = f"was short {n.short_axis_mm_prior:.1f} mm"
+    if n.short_axis_mm_current is not None:
+        return (
+            f"CURRENT - {n.prior_label} NOT FOUND BY THE MODEL",
+            f"{n.prior_label}: measured at its place: short {n.short_axis_mm_current:.1f} mm ({was})",
+        )
+    if n.look is not None and n.look.outcome == UNCLEAR:
+        return (
+            f"CURRENT - {n.prior_label} NOT FOUND BY THE MODEL",
+            f"{n.prior_label}: soft tissue still at its place, not measurable apart ({was})",
+        )
+    return f"CURRENT - {n.prior_label} GONE", f"{n.prior_label}: not found now ({was})"
 
 
 def side_by_side(
@@ -57,13 +74,8 @@ def side_by_side(
             here = matrix[:3, :3] @ np.asarray(n.prior_centroid_lps_mm) + matrix[:3, 3]
             k, row, col = _voxel(study_findings.affine, here, study_findings.shape)
             key = ri.KeyImage(k, ())
-            current = _panel(
-                ri.window(ri.slice_hu(sources, k)),
-                (row, col),
-                f"CURRENT - {n.prior_label} GONE",
-                [f"{n.prior_label}: not found now (was short {n.short_axis_mm_prior:.1f} mm)"],
-                study_findings,
-            )
+            title, text = _gone_text(n)
+            current = _panel(ri.window(ri.slice_hu(sources, k)), (row, col), title, [text], study_findings)
         else:
             f = study_findings.findings[index[n.current_label]]  # type: ignore[index]
             key = ri.KeyImage(int(f.key_slice), ((index[f.label], f),))
@@ -71,7 +83,15 @@ def side_by_side(
         if n.status == NEW:
             assert n.current_centroid_lps_mm is not None
             where = to_prior[:3, :3] @ np.asarray(n.current_centroid_lps_mm) + to_prior[:3, 3]
-            lines = [f"{n.current_label}: not present on {date}"]
+            if n.short_axis_mm_prior is not None:
+                lines = [
+                    f"{n.current_label}: measured at its place on {date}: "
+                    f"short {n.short_axis_mm_prior:.1f} mm"
+                ]
+            elif n.seen_in_prior_image:
+                lines = [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]
+            else:
+                lines = [f"{n.current_label}: not present on {date}"]
         else:
             assert n.prior_centroid_lps_mm is not None
             where = np.asarray(n.prior_centroid_lps_mm, dtype=float)

@@ -52,7 +52,9 @@ def read_prior_nodes(
     `seg` (nodal's SEG of the same series) places each node at its segment's centroid;
     without it, `images` (the CT images the SR references) place it at the midpoint of its
     long-axis line. Groups of an earlier time point in a follow-up SR are skipped: only the
-    study's own measurements are read.
+    study's own measurements are read. A node given by numbers alone (no segment, no line:
+    a prior node the model did not find, measured at its place by `inference.followup.look`)
+    was no finding of that study and is not read.
 
     Raises `FollowUpError` when `sr` is not nodal's SR, or a node cannot be placed.
     """
@@ -93,6 +95,8 @@ def read_prior_nodes(
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
     out = []
     for n in measured:
+        if "segment" not in n and not _drawn(n["long_line"]):
+            continue  # sizes without outline or line: measured at a prior node's place, no finding
         centroid = centroids.get(n["uid"])
         if centroid is None:
             centroid = _line_midpoint(n["long_line"], by_uid)
@@ -205,6 +209,11 @@ def _segment_centroids(seg: Dataset) -> dict[str, tuple[float, float, float]]:
         for n in sums
         if uid_of.get(n)
     }
+
+
+def _drawn(item: Dataset) -> bool:
+    """Whether NUM `item` has its line (SCOORD) drawn under it."""
+    return any(child.get("ValueType") == "SCOORD" for child in item.get("ContentSequence", []))
 
 
 def _line_midpoint(item: Dataset, images: dict[str, Dataset]) -> tuple[float, float, float] | None:

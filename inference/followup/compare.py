@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
-from inference.findings import Finding, StudyFindings
+from inference.findings import Finding, Point3, StudyFindings
 from inference.followup import matching, response
+from inference.followup.look import MEASURED, UNCLEAR, Look, look_at
 from inference.followup.types import (
     GONE,
     MATCHED,
@@ -56,32 +59,36 @@ def compare(
     )
     by_prior = {p: (c, d) for p, c, d in pairs}
     matched_current = {c for _, c, _ in pairs}
+    looks = _looks(prior, current_volume, current, registration, mapped, by_prior, matched_current, settings)
     sizes = []
     for p, node in enumerate(prior.nodes):
         hit = by_prior.get(p)
         f = current.findings[hit[0]] if hit else None
+        now = looks.gone.get(p)
         sizes.append(
             response.NodeSizes(
                 key=node.tracking_uid,
                 sa_prior=node.short_axis_mm,
                 la_prior=node.long_axis_mm,
-                sa_current=None if f is None else f.short_axis.length_mm,
-                la_current=None if f is None else f.long_axis.length_mm,
+                sa_current=f.short_axis.length_mm if f is not None else _sa(now),
+                la_current=f.long_axis.length_mm if f is not None else _la(now),
+                unassessed=f is None and now is not None and now.outcome == UNCLEAR,
+                looked=f is None and _sa(now) is not None,
             )
         )
-    tissue: dict[int, float] = {}
+    tissue = looks.tissue
     for c, f in enumerate(current.findings):
         if c not in matched_current:
-            if prior.volume is not None:
-                tissue[c] = _prior_tissue_share(f, current, prior.volume, registration, settings)
+            then = looks.new.get(c)
             sizes.append(
                 response.NodeSizes(
                     key=f.tracking_uid,
-                    sa_prior=None,
-                    la_prior=None,
+                    sa_prior=_sa(then),
+                    la_prior=_la(then),
                     sa_current=f.short_axis.length_mm,
                     la_current=f.long_axis.length_mm,
                     seen_before=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
+                    looked=_sa(then) is not None,
                 )
             )
     role = response.roles(sizes)
@@ -89,6 +96,7 @@ def compare(
     for c, f in enumerate(current.findings):  # current nodes in their report order
         prior_index = next((p for p, (cc, _) in by_prior.items() if cc == c), None)
         was = None if prior_index is None else prior.nodes[prior_index]
+        then = looks.new.get(c)
         changes.append(
             NodeChange(
                 status=NEW if was is None else MATCHED,
@@ -96,22 +104,24 @@ def compare(
                 current_tracking_uid=f.tracking_uid,
                 prior_label=None if was is None else was.label,
                 prior_tracking_uid=None if was is None else was.tracking_uid,
-                short_axis_mm_prior=None if was is None else was.short_axis_mm,
+                short_axis_mm_prior=_sa(then) if was is None else was.short_axis_mm,
                 short_axis_mm_current=f.short_axis.length_mm,
-                long_axis_mm_prior=None if was is None else was.long_axis_mm,
+                long_axis_mm_prior=_la(then) if was is None else was.long_axis_mm,
                 long_axis_mm_current=f.long_axis.length_mm,
-                volume_mm3_prior=None if was is None else was.volume_mm3,
+                volume_mm3_prior=_vol(then) if was is None else was.volume_mm3,
                 volume_mm3_current=f.volume_mm3,
                 distance_mm=None if prior_index is None else by_prior[prior_index][1],
-                recist_role="" if was is None else role.get(was.tracking_uid, ""),
+                recist_role=role.get(f.tracking_uid if was is None else was.tracking_uid, ""),
                 prior_centroid_lps_mm=None if was is None else was.centroid_lps_mm,
                 current_centroid_lps_mm=f.centroid_lps_mm,
                 prior_tissue_share=tissue.get(c),
                 seen_in_prior_image=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
+                look=then,
             )
         )
     for p, node in enumerate(prior.nodes):
         if p not in by_prior:
+            now = looks.gone.get(p)
             changes.append(
                 NodeChange(
                     status=GONE,
@@ -120,13 +130,15 @@ def compare(
                     prior_label=node.label,
                     prior_tracking_uid=node.tracking_uid,
                     short_axis_mm_prior=node.short_axis_mm,
-                    short_axis_mm_current=None,
+                    short_axis_mm_current=_sa(now),
                     long_axis_mm_prior=node.long_axis_mm,
-                    long_axis_mm_current=None,
+                    long_axis_mm_current=_la(now),
                     volume_mm3_prior=node.volume_mm3,
-                    volume_mm3_current=None,
+                    volume_mm3_current=_vol(now),
                     recist_role=role.get(node.tracking_uid, ""),
                     prior_centroid_lps_mm=node.centroid_lps_mm,
+                    current_centroid_lps_mm=mapped[p],
+                    look=now,
                 )
             )
     return Comparison(
@@ -137,6 +149,64 @@ def compare(
         nodes=tuple(changes),
         summary=response.assess(sizes),
     )
+
+
+@dataclass(frozen=True)
+class _Looks:
+    gone: dict[int, Look]  # prior node index -> the look at its place in the current CT
+    new: dict[int, Look]  # current finding index -> the look at its place in the prior CT
+    tissue: dict[int, float]  # current finding index (unmatched) -> prior tissue share
+
+
+def _looks(
+    prior: PriorStudy,
+    current_volume: Volume,
+    current: StudyFindings,
+    registration: Registration,
+    mapped: list[Point3],
+    by_prior: dict,
+    matched_current: set[int],
+    settings: FollowUpSettings,
+) -> _Looks:
+    """Where one study's node has no partner in the other, what its place there holds:
+    each gone prior node is looked for in the current CT; each unmatched current node whose
+    place was soft tissue on the prior CT is measured there (`inference.followup.look`)."""
+    gone: dict[int, Look] = {}
+    new: dict[int, Look] = {}
+    tissue: dict[int, float] = {}
+    for c, f in enumerate(current.findings):
+        if c in matched_current or prior.volume is None:
+            continue
+        tissue[c] = _prior_tissue_share(f, current, prior.volume, registration, settings)
+        if settings.look_at_place and tissue[c] > settings.new_node_max_prior_tissue:
+            back = np.linalg.inv(np.asarray(registration.matrix, dtype=float))
+            place = back[:3, :3] @ np.asarray(f.centroid_lps_mm, float) + back[:3, 3]
+            new[c] = look_at(
+                prior.volume,
+                (float(place[0]), float(place[1]), float(place[2])),
+                f.short_axis.length_mm,
+                f.long_axis.length_mm,
+                settings.soft_tissue_hu,
+            )
+    if settings.look_at_place:
+        for p, node in enumerate(prior.nodes):
+            if p not in by_prior:
+                gone[p] = look_at(
+                    current_volume, mapped[p], node.short_axis_mm, node.long_axis_mm, settings.soft_tissue_hu
+                )
+    return _Looks(gone=gone, new=new, tissue=tissue)
+
+
+def _sa(look: Look | None) -> float | None:
+    return look.short_axis_mm if look is not None and look.outcome == MEASURED else None
+
+
+def _la(look: Look | None) -> float | None:
+    return look.long_axis_mm if look is not None and look.outcome == MEASURED else None
+
+
+def _vol(look: Look | None) -> float | None:
+    return look.volume_mm3 if look is not None and look.outcome == MEASURED else None
 
 
 def _prior_tissue_share(

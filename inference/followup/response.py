@@ -8,7 +8,10 @@ baseline (the prior). The rules, with their sources, are in docs/follow-up-crite
 * non-target nodes: pathological (short axis >= 10 mm) at baseline and not targets;
 * targets: CR when every target node is < 10 mm short axis; PD when the sum of their short
   axes grew by >= 20 % and >= 5 mm; PR when it fell by >= 30 %; SD otherwise. A target that
-  is gone counts 0 mm;
+  is gone counts 0 mm. A target the model did not find now is looked for at its place
+  (`inference.followup.look`): measured there, that size counts; soft tissue there that
+  cannot be measured apart makes the targets not evaluable (NE) unless they progressed
+  even with it at 0 mm;
 * non-targets: CR when all are < 10 mm (or gone); their unequivocal progression is a
   radiologist's judgement and is not called automatically;
 * a new node is an unequivocal new lesion at >= 15 mm short axis (PD); a new node of
@@ -52,6 +55,12 @@ class NodeSizes:
     sa_current: float | None
     la_current: float | None
     seen_before: bool = False  # a new node whose place was soft tissue in the prior CT
+    #: one side's sizes were measured at the node's place, where the model did not find it
+    #: (`inference.followup.look`)
+    looked: bool = False
+    #: the model did not find the node now, and its place still holds soft tissue that
+    #: cannot be measured apart from its surroundings: not evaluable
+    unassessed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sa_prior", "la_prior", "sa_current", "la_current"):
@@ -64,6 +73,8 @@ class NodeSizes:
             raise FollowUpError(f"node {self.key}: short and long axis must both be given or both absent")
         if self.sa_prior is None and self.sa_current is None:
             raise FollowUpError(f"node {self.key} is absent at both times")
+        if self.unassessed and self.sa_current is not None:
+            raise FollowUpError(f"node {self.key}: an unassessed node has no current size")
 
 
 def roles(nodes: Sequence[NodeSizes]) -> dict[str, str]:
@@ -93,6 +104,8 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
     non_targets = [n for n in nodes if role.get(n.key) == NON_TARGET]
     new = [n for n in nodes if n.sa_prior is None and not n.seen_before]
     missed = [n for n in nodes if n.sa_prior is None and n.seen_before]
+    looked = [n for n in nodes if n.looked]
+    unassessed_targets = [n for n in targets if n.unassessed]
     unequivocal = [n for n in new if float(n.sa_current or 0.0) >= NEW_LESION_MIN_SA_MM]
     equivocal = [
         n for n in new if PATHOLOGICAL_MIN_SA_MM <= float(n.sa_current or 0.0) < NEW_LESION_MIN_SA_MM
@@ -104,25 +117,35 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
     target_response = None
     if targets:
         change = sum_current - sum_prior
-        if all(float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM for n in targets):
-            target_response = CR
-            reasons.append("every target node < 10 mm short axis")
-        elif change >= PD_INCREASE * sum_prior and change >= PD_MIN_MM:
+        if change >= PD_INCREASE * sum_prior and change >= PD_MIN_MM:  # even with unknowns at 0 mm
             target_response = PD
             reasons.append(f"sum of target short axes +{change:.1f} mm (>= 20 % and >= 5 mm)")
+        elif unassessed_targets:  # an unknown size: nothing but progression can be called
+            target_response = NE
+            reasons.append(
+                f"{len(unassessed_targets)} target node(s) not found now, their place still soft tissue "
+                "that cannot be measured apart: not evaluable"
+            )
+        elif all(float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM for n in targets):
+            target_response = CR
+            reasons.append("every target node < 10 mm short axis")
         elif change <= -PR_DECREASE * sum_prior:
             target_response = PR
             reasons.append(f"sum of target short axes {100 * change / sum_prior:.0f} % (<= -30 %)")
         else:
             target_response = SD
             reasons.append(f"sum of target short axes {100 * change / sum_prior:+.0f} %")
-    non_target_cr = all(float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM for n in non_targets)
+    non_target_cr = all(
+        float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM and not n.unassessed for n in non_targets
+    )
     if non_targets:
         reasons.append("non-target nodes " + ("all < 10 mm" if non_target_cr else "present (non-CR/non-PD)"))
     if unequivocal:
         reasons.append(f"{len(unequivocal)} new node(s) >= 15 mm short axis")
     if equivocal:
         reasons.append(f"{len(equivocal)} new node(s) 10-15 mm: equivocal, to be confirmed")
+    if looked:
+        reasons.append(f"{len(looked)} node(s) measured at their place where the model did not find them")
     if missed:
         reasons.append(
             f"{len(missed)} node(s) without a prior match already visible on the prior CT: not new lesions"
@@ -132,7 +155,7 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
         overall = PD
     elif target_response == CR:
         overall = CR if non_target_cr else PR
-    elif target_response in (PR, SD):
+    elif target_response in (PR, SD, NE):
         overall = target_response
     elif non_targets:
         overall = CR if non_target_cr else NON_CR_NON_PD

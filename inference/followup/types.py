@@ -19,6 +19,7 @@ import numpy as np
 from inference.findings import Point3, StudyFindings
 
 if TYPE_CHECKING:
+    from inference.followup.look import Look
     from inference.volume import Volume
 
 Matrix4 = tuple[tuple[float, ...], ...]  # 4 rows of 4
@@ -78,6 +79,9 @@ class FollowUpSettings:
     #: above `soft_tissue_hu` (more: the node was there, the prior analysis missed it)
     new_node_max_prior_tissue: float = 0.5
     soft_tissue_hu: float = -30.0
+    #: look at the place of a node found in one study only, in the other study's CT
+    #: (`inference.followup.look`), and measure it there when it stands apart
+    look_at_place: bool = True
 
     def __post_init__(self) -> None:
         if self.registration not in ("affine", "rigid", "none"):
@@ -148,6 +152,10 @@ class NodeChange:
     #: `FollowUpSettings.new_node_max_prior_tissue`): present then, not found by the prior's
     #: analysis; not counted as a new lesion
     seen_in_prior_image: bool = False
+    #: where the model found the node in one study only: what its place in the other study
+    #: holds (gone: the current CT; new and seen before: the prior CT). Measured there, its
+    #: sizes fill that study's side above (`inference.followup.look`)
+    look: Look | None = None
 
     @property
     def tracking_uid(self) -> str:
@@ -192,6 +200,7 @@ class NodeChange:
             "distance_mm": _r(self.distance_mm, 2),
             "prior_tissue_share": _r(self.prior_tissue_share, 3),
             "seen_in_prior_image": self.seen_in_prior_image,
+            "look": None if self.look is None else self.look.to_json(),
             "short_axis_mm": {
                 "prior": _r(self.short_axis_mm_prior, 2),
                 "current": _r(self.short_axis_mm_current, 2),

@@ -3,6 +3,7 @@ tracking UIDs carried over; the prior beside the current in the result images.""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import highdicom as hd
@@ -13,6 +14,7 @@ import pytest
 from inference.dicom_volume import load_series
 from inference.followup import FROM_SR, PriorNode, PriorStudy, compare
 from sr_templates import build_results, codes, read_prior_nodes, write_results
+from sr_templates.followup import summary_text
 from sr_templates.prior_images import changed
 from tests.helpers.sr_case import DSRDUMP, NodeSpec, dciodvfy, make_case, needs_dciodvfy, needs_dsrdump
 
@@ -22,6 +24,7 @@ NODES = (
 )
 PRIOR_STUDY = "1.2.826.0.1.3680043.10.1138.17"
 PRIOR_DATE = "20250105"
+GONE_AT = (-16.5, -17.6, -65.0)  # LPS mm: fat in the case's CT
 ALLOWED_WARNINGS = ("Unrecognized defined term <99NODAL>",)
 
 
@@ -31,23 +34,93 @@ def followup(tmp_path_factory):
     case = make_case(folder, nodes=NODES, uid_seed="nodal-followup-sr")
     volume = load_series(case.datasets)
     f = case.findings.findings
-    prior = PriorStudy(
-        study_instance_uid=PRIOR_STUDY,
-        series_instance_uid=PRIOR_STUDY + ".1",
-        study_date=PRIOR_DATE,
-        nodes=(
-            # LN-1 grew from 14 to 18 mm short axis; a prior node that is gone now; LN-2 is new
-            PriorNode("LN-1", PRIOR_STUDY + ".9.1", f[0].centroid_lps_mm, 14.0, 17.0, 1500.0, 0.7),
-            PriorNode("LN-3", PRIOR_STUDY + ".9.3", (0.0, 0.0, 40.0), 16.0, 20.0, 2500.0, 0.9),
-        ),
-        volume=volume,  # the same CT stands in for the prior's images
-        source=FROM_SR,
-    )
+    # LN-1 grew from 14 to 18 mm short axis; LN-3 is gone (fat at its place now); LN-2 is
+    # new: the same CT stands in for the prior's, without LN-2
+    prior = _prior(f[0].centroid_lps_mm, _without(volume, f[1]))
     comparison = compare(prior, volume, case.findings)
     paths = write_results(
         case.datasets, case.findings, folder / "out", comparison=comparison, prior_sources=volume
     )
     return case, comparison, {p.name: p for p in paths}
+
+
+def _prior(ln1_at, volume) -> PriorStudy:
+    """The prior study: LN-1 of 14 mm at `ln1_at`, LN-3 of 16 mm at `GONE_AT`, and its CT."""
+    return PriorStudy(
+        study_instance_uid=PRIOR_STUDY,
+        series_instance_uid=PRIOR_STUDY + ".1",
+        study_date=PRIOR_DATE,
+        nodes=(
+            PriorNode("LN-1", PRIOR_STUDY + ".9.1", ln1_at, 14.0, 17.0, 1500.0, 0.7),
+            PriorNode("LN-3", PRIOR_STUDY + ".9.3", GONE_AT, 16.0, 20.0, 2500.0, 0.9),
+        ),
+        volume=volume,
+        source=FROM_SR,
+    )
+
+
+def _without(volume, finding):
+    """`volume` with `finding`'s voxels turned to fat."""
+    array = np.array(volume.array, copy=True)
+    k0, j0, i0, k1, j1, i1 = finding.bbox
+    array[k0:k1, j0:j1, i0:i1][finding.mask] = -100.0
+    return dataclasses.replace(volume, array=array)
+
+
+@pytest.fixture(scope="module")
+def looked(tmp_path_factory):
+    """The model missed LN-2 in the prior (its CT shows it) and missed LN-3 now (the current
+    CT shows it, smaller): both measured at their places."""
+    folder = tmp_path_factory.mktemp("looked")
+    case = make_case(folder, nodes=NODES, uid_seed="nodal-followup-sr")
+    volume = load_series(case.datasets)
+    f = case.findings.findings
+    array = np.array(volume.array, copy=True)
+    kji = np.linalg.solve(volume.affine[:3, :3], np.asarray(GONE_AT) - volume.affine[:3, 3])
+    grid = np.indices(array.shape) - kji[:, None, None, None]
+    mm = grid * np.asarray(volume.spacing)[:, None, None, None]
+    array[np.sum(mm**2, axis=0) <= 6.0**2] = 45.0  # LN-3 now: 12 mm
+    current_volume = dataclasses.replace(volume, array=array)
+    comparison = compare(_prior(f[0].centroid_lps_mm, volume), current_volume, case.findings)
+    paths = write_results(
+        case.datasets, case.findings, folder / "out", comparison=comparison, prior_sources=volume
+    )
+    return case, comparison, {p.name: p for p in paths}
+
+
+def test_nodes_the_model_missed_are_measured_at_their_place_and_said_so(looked) -> None:
+    case, comparison, paths = looked
+    new = next(n for n in comparison.nodes if n.current_label == "LN-2")
+    gone = next(n for n in comparison.nodes if n.prior_label == "LN-3")
+    assert new.look is not None and new.look.outcome == "measured" and new.short_axis_mm_prior is not None
+    assert gone.look is not None and gone.look.outcome == "measured"
+    assert gone.short_axis_mm_current == pytest.approx(12.0, abs=1.5)
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+    then = [g for g in groups if _uid(g) == case.findings.findings[1].tracking_uid and _order(g) == 1]
+    now = [g for g in groups if _uid(g) == PRIOR_STUDY + ".9.3" and _order(g) == 2]
+    assert len(then) == 1 and len(now) == 1
+    for group in then + now:
+        shorts = [i for i in _child(group, codes.SHORT_AXIS.value) if i.MeasuredValueSequence[0]]
+        assert shorts and "measured by nodal at its registered place" in _child(group, "121106")[0].TextValue
+    text = summary_text(comparison)
+    assert "LN-3: not found by the model on the current CT, measured at its place" in text
+    assert "LN-2: not found by the model on the prior CT, measured at its place" in text
+
+
+@needs_dciodvfy
+def test_the_looked_sr_passes_dciodvfy(looked) -> None:
+    _, _, paths = looked
+    errors, warnings = dciodvfy(paths["sr.dcm"])
+    assert errors == [], errors
+    assert all(any(a in w for a in ALLOWED_WARNINGS) for w in warnings), warnings
+
+
+def test_the_reader_skips_a_node_given_by_numbers_alone(looked) -> None:
+    """LN-3 measured at its place now has no segment and no line: no finding of this study."""
+    case, _, paths = looked
+    nodes = read_prior_nodes(pydicom.dcmread(paths["sr.dcm"]), pydicom.dcmread(paths["seg.dcm"]))
+    assert PRIOR_STUDY + ".9.3" not in {n.tracking_uid for n in nodes}
+    assert len(nodes) == len(case.findings.findings)
 
 
 def test_comparison_of_the_case(followup) -> None:

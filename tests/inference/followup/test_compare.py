@@ -14,6 +14,7 @@ from inference.followup import (
     MATCHED,
     NEW,
     FollowUpError,
+    FollowUpSettings,
     PriorNode,
     PriorStudy,
     compare,
@@ -171,4 +172,45 @@ def test_a_new_node_already_visible_on_the_prior_ct_is_no_new_lesion(
     assert node.seen_in_prior_image is there_before
     assert node.prior_tissue_share == pytest.approx(1.0 if there_before else 0.0, abs=0.05)
     assert comparison.summary.new_nodes == new_lesions
-    assert ("already visible on the prior CT" in comparison.summary.recist_reason) is there_before
+    if there_before:  # looked for on the prior CT, and measured there: it has a baseline
+        assert node.look is not None and node.look.outcome == "measured"
+        assert node.short_axis_mm_prior == pytest.approx(node.short_axis_mm_current, abs=1.5)
+        assert node.recist_role == "target"  # 18 mm at baseline
+        assert "measured at their place" in comparison.summary.recist_reason
+        without = compare(with_ct, current_volume, current, settings=FollowUpSettings(look_at_place=False))
+        assert "already visible on the prior CT" in without.summary.recist_reason
+        assert next(n for n in without.nodes if n.status == NEW).look is None
+    else:
+        assert node.look is None and node.short_axis_mm_prior is None
+
+
+@pytest.mark.parametrize("now", ["fat", "measured", "unclear"])
+def test_a_gone_node_is_looked_for_at_its_place_on_the_current_ct(studies, now) -> None:
+    """The model did not find prior LN-2 now; its place on the current CT decides its size."""
+    study, prior, _, current = studies
+    array = np.full(SHAPE, -100.0, np.float32)
+    for f in current.findings:  # the current CT shows what the analysis found ...
+        k0, j0, i0, k1, j1, i1 = f.bbox
+        array[k0:k1, j0:j1, i0:i1][f.mask] = 45.0
+    gone = next(f for f in prior.findings if f.label == "LN-2")
+    k0, j0, i0, k1, j1, i1 = gone.bbox
+    if now == "measured":  # ... and prior LN-2, shrunk to two thirds, which it missed
+        shrunk = np.zeros_like(gone.mask)
+        grid = np.indices(gone.mask.shape)
+        centre = np.argwhere(gone.mask).mean(axis=0)
+        shrunk[np.sum(((grid - centre[:, None, None, None]) * SPACING / 4.0) ** 2, axis=0) <= 1.0] = True
+        array[k0:k1, j0:j1, i0:i1][shrunk] = 45.0
+    if now == "unclear":  # ... or a band of soft tissue through its place
+        array[:, j0 + 2 : j1 - 2, :] = 40.0
+    current_volume = array_volume(array, _affine(), "compare-test", "current")
+    comparison = compare(study, current_volume, current)
+    node = next(n for n in comparison.nodes if n.status == GONE)
+    assert node.look is not None and node.look.outcome == now
+    if now == "measured":
+        assert node.short_axis_mm_current == pytest.approx(8.0, abs=2.5)
+        assert node.short_axis_change_mm < 0
+    else:
+        assert node.short_axis_mm_current is None
+    assert node.to_json()["look"]["outcome"] == now
+    non_target = comparison.summary.non_target_response
+    assert non_target == ("non-CR/non-PD" if now == "unclear" else "CR")

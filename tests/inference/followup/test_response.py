@@ -85,3 +85,35 @@ def test_bad_input_is_a_clear_error() -> None:
         NodeSizes("x", 1.0, None, 1.0, 1.0)
     with pytest.raises(FollowUpError, match="duplicate"):
         assess([node("a", 20, 20), node("a", 12, 12)])
+
+
+def _unassessed(key, sa0) -> NodeSizes:
+    return NodeSizes(
+        key=key, sa_prior=sa0, la_prior=sa0 * 1.3, sa_current=None, la_current=None, unassessed=True
+    )
+
+
+def test_a_target_not_measurable_now_makes_the_targets_not_evaluable() -> None:
+    """Not found by the model, soft tissue still at its place: no CR or PR can be claimed."""
+    s = assess([node("a", 20, 5), _unassessed("b", 18)])
+    assert s.target_response == NE and s.recist_response == NE
+    assert "not evaluable" in s.recist_reason
+    assert assess([node("a", 20, 5), node("b", 18, None)]).recist_response == CR  # truly gone: 0 mm
+
+
+def test_progression_stands_even_with_a_target_not_measurable() -> None:
+    s = assess([node("a", 20, 40), _unassessed("b", 16)])  # +4 mm with b at 0 mm: not PD
+    assert s.recist_response == NE
+    s = assess([node("a", 20, 50), _unassessed("b", 16)])  # +14 mm (39 %) with b at 0 mm
+    assert s.recist_response == PD
+
+
+def test_a_non_target_not_measurable_now_is_no_complete_response() -> None:
+    s = assess([node("a", 20, 5), _unassessed("b", 12)])
+    assert s.target_response == CR and s.non_target_response == NON_CR_NON_PD
+    assert s.recist_response == PR
+
+
+def test_an_unassessed_node_has_no_current_size() -> None:
+    with pytest.raises(FollowUpError, match="unassessed"):
+        NodeSizes(key="a", sa_prior=12, la_prior=14, sa_current=5, la_current=6, unassessed=True)
