@@ -3,9 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the tests talk to (real peers, 127.0.0.1 only).
-PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus openssl
-PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool openssl
+# Debian packages the tests talk to (real peers, 127.0.0.1 only); nginx: https in front of Orthanc.
+PEERS  := dcmtk dicom3tools orthanc orthanc-dicomweb prometheus openssl nginx-light
+PEER_BINARIES := storescu echoscu dciodvfy dsrdump Orthanc prometheus promtool openssl nginx
 PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 # scale-out peers (tests/peers/test_scaleout.py, tests/node/index/test_migrations.py): Celery broker, PostgreSQL index
 PEERS  += redis-server postgresql

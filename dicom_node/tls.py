@@ -78,3 +78,34 @@ def peer_subject(sock) -> str:
             if key == "commonName":
                 return str(value)
     return ""
+
+
+def https_session(ca_file: str | None = None, auth: tuple[str, str] | None = None):
+    """A `requests.Session` that verifies https:// against `ca_file` (None: the system's
+    CAs), with basic `auth` if given (see `pin_ca`)."""
+    import requests
+
+    session = requests.Session()
+    if auth:
+        session.auth = auth
+    return pin_ca(session, ca_file)
+
+
+def pin_ca(session, ca_file: str | None):
+    """`session`, made to verify https:// against `ca_file` whatever the environment says.
+
+    `requests` lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's own `verify` on
+    every request that does not pass one (psf/requests#3829), and the DICOMweb and Orthanc
+    clients pass none: a CA file configured for a destination would be silently replaced by
+    the bundle the host sets. Here the configured file wins; proxies and the rest of the
+    environment still apply. Without `ca_file` the session is left as it is."""
+    if not ca_file:
+        return session
+    session.verify = ca_file
+    merge = session.merge_environment_settings
+
+    def merge_keeping_ca(url, proxies, stream, verify, cert):
+        return merge(url, proxies, stream, ca_file if verify is None else verify, cert)
+
+    session.merge_environment_settings = merge_keeping_ca
+    return session

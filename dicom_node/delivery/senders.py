@@ -28,7 +28,7 @@ from dicom_node.config import (
     ReplyDestination,
     Settings,
 )
-from dicom_node.tls import client_context
+from dicom_node.tls import client_context, pin_ca
 
 log = logging.getLogger("nodal.send")
 
@@ -164,8 +164,7 @@ class OrthancSender:
         from orthanc_api_client import OrthancApiClient
 
         client = OrthancApiClient(self.url, user=self.username, pwd=self.password)
-        if self.ca_file:
-            client._http_session.verify = self.ca_file  # the client has no public option for it
+        pin_ca(client._http_session, self.ca_file)  # the client has no public option for it
         out: dict[str, str | None] = {}
         for item in items:
             try:

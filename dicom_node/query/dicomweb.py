@@ -15,19 +15,15 @@ from dicom_node.query.client import StudyQuery
 from dicom_node.query.holding import safe_uid
 from dicom_node.query.matches import SERIES_RETURN_KEYS, STUDY_RETURN_KEYS, SeriesMatch, StudyMatch
 from dicom_node.query.records import QIDO, WADO, QueryError, Recorder
+from dicom_node.tls import https_session
 
 
 def web_client(url: str, username: str | None, password: str | None, ca_file: str | None, timeout: float):
     """A dicomweb-client for `url` (basic auth, CA file for https://), without its own retries:
     the callers retry on their own terms (the outbox, the next job). STOW-RS uses it too."""
-    import requests
     from dicomweb_client.api import DICOMwebClient
 
-    session = requests.Session()
-    if ca_file:
-        session.verify = ca_file
-    if username:
-        session.auth = (username, password or "")
+    session = https_session(ca_file, (username, password or "") if username else None)
     client = DICOMwebClient(url=url, session=session, timeout=timeout)
     client.set_http_retry_params(retry=False)
     return client

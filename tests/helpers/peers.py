@@ -193,6 +193,82 @@ class Orthanc:
         return OrthancApiClient(self.url)
 
 
+NGINX_CONF = """daemon off;
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log {folder}/access.log;
+  client_body_temp_path {folder}/body;
+  proxy_temp_path {folder}/proxy;
+  fastcgi_temp_path {folder}/fastcgi;
+  uwsgi_temp_path {folder}/uwsgi;
+  scgi_temp_path {folder}/scgi;
+  client_max_body_size 0;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{
+      proxy_pass {upstream};
+      proxy_set_header Host $http_host;
+      proxy_request_buffering off;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+class TlsProxy:
+    """nginx terminating HTTPS in front of an HTTP peer, as sites put Orthanc behind one
+    (Debian's Orthanc 1.10 crashes on its own HTTPS: docs/security.md)."""
+
+    def __init__(self, folder: Path, upstream: str, cert: Path, key: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.upstream = upstream
+        self.cert, self.key = cert, key
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ca: Path, timeout: float = 20) -> TlsProxy:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        conf = self.folder / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                folder=self.folder, port=self.port, cert=self.cert, key=self.key, upstream=self.upstream
+            )
+        )
+        nginx = nginx_binary()
+        assert nginx is not None
+        self.proc = subprocess.Popen(
+            [nginx, "-p", str(self.folder), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.folder / "stderr.log", "ab"),  # noqa: SIM115 (kept open for the process)
+        )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}; see {self.folder}")
+            try:
+                return requests.get(f"{self.url}/system", timeout=1, verify=str(ca)).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout, "nginx to answer over https")
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        self.proc = None
+
+
 class Nodal:
     """`nodal serve` with a generated configuration, as a subprocess."""
 

@@ -121,3 +121,22 @@ def test_tls_configuration_errors_are_named(pki, tmp_path):
         server_context(wrong_key, "node.dimse_tls")
     with pytest.raises(ConfigError, match="does-not-exist"):
         client_context(ClientTls(enabled=True, ca_file=tmp_path / "does-not-exist.pem"), "destination x: tls")
+
+
+def test_a_destinations_ca_file_wins_over_the_environments_bundle(monkeypatch, tmp_path):
+    """requests lets REQUESTS_CA_BUNDLE replace a session's `verify` (psf/requests#3829)."""
+    from dicom_node.tls import https_session, pin_ca
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "host-bundle.pem"))
+    ours = str(tmp_path / "pacs-ca.pem")
+    session = https_session(ours, ("nodal", "secret"))
+    merged = session.merge_environment_settings("https://pacs.example/dicom-web", {}, None, None, None)
+    assert merged["verify"] == ours and session.auth == ("nodal", "secret")
+    assert session.merge_environment_settings("https://x", {}, None, False, None)["verify"] is False
+    plain = https_session()  # no CA file: the environment's bundle, as requests does
+    assert plain.merge_environment_settings("https://x", {}, None, None, None)["verify"] == str(
+        tmp_path / "host-bundle.pem"
+    )
+    import requests
+
+    assert pin_ca(requests.Session(), None).verify is True

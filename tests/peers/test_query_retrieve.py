@@ -19,7 +19,7 @@ from dicom_node.query.prior import CurrentStudy, candidates, earlier_studies
 from dicom_node.query.records import QueryError, Recorder
 from tests.helpers.followup import register_modality, small_ct, upload
 from tests.helpers.inprocess import dimse_server
-from tests.helpers.peers import Orthanc, free_port, orthanc_binary
+from tests.helpers.peers import Orthanc, TlsProxy, free_port, nginx_binary, orthanc_binary
 
 pytestmark = [pytest.mark.peers]
 
@@ -360,4 +360,52 @@ def test_query_and_retrieve_over_dicom_tls(tmp_path):
         with pytest.raises(QueryError):
             make_client(plain, plain.query_peer(), Recorder()).find_studies(StudyQuery(patient_id="QR-TLS"))
     finally:
+        o.stop()
+
+
+# -- DICOMweb over https: STOW-RS, QIDO-RS and WADO-RS verify the peer against the CA file ---
+# Orthanc behind nginx, as sites run it (Debian's Orthanc 1.10 crashes on its own HTTPS).
+
+
+def test_dicomweb_over_https_sends_queries_and_retrieves_and_refuses_an_unknown_ca(tmp_path):
+    from dicom_node.delivery.senders import DicomwebSender, OrthancSender, Outgoing
+    from tests.helpers.tls_certs import have_openssl, make_pki
+
+    if not have_openssl():
+        pytest.skip("needs the openssl command")
+    if nginx_binary() is None:
+        pytest.skip("needs nginx (make peers)")
+    pki = make_pki(tmp_path / "pki")
+    o = Orthanc(tmp_path / "orthanc").start()
+    proxy = TlsProxy(tmp_path / "nginx", o.url, pki.server_cert, pki.server_key).start(pki.ca)
+    o.url = proxy.url  # every request below goes over https, through the proxy
+    try:
+        import pydicom
+
+        paths, study, series = small_ct(tmp_path / "ct", "https", "QR-HTTPS", "20260101")
+        items = [
+            Outgoing(str(ds.SOPInstanceUID), str(ds.SOPClassUID), p)
+            for p, ds in ((p, pydicom.dcmread(p, stop_before_pixels=True)) for p in paths)
+        ]
+        stow = DicomwebSender(f"{o.url}/dicom-web", ca_file=str(pki.ca))
+        assert set(stow.send(items[:6]).values()) == {None}
+        rest = OrthancSender(o.url, ca_file=str(pki.ca))  # Orthanc's own REST API, the same CA
+        assert set(rest.send(items[6:]).values()) == {None}
+
+        dest = {**web_dest(o), "ca_file": str(pki.ca)}
+        s = settings_for(tmp_path, dest)
+        client = make_client(s, s.query_peer(), Recorder())
+        [match] = client.find_studies(StudyQuery(patient_id="QR-HTTPS"))
+        assert match.study_uid == study
+        files = client.retrieve_series(study, series, tmp_path / "retrieve" / "https")
+        assert sorted(_sop(f) for f in files) == sorted(i.sop_uid for i in items)
+
+        # the system's CAs do not know the test CA: a clear refusal, nothing sent
+        untrusted = DicomwebSender(f"{o.url}/dicom-web")
+        assert set(untrusted.send(items[:1]).values()) == {f"STOW-RS to {o.url}/dicom-web failed: SSLError"}
+        plain = settings_for(tmp_path, web_dest(o))
+        with pytest.raises(QueryError, match="SSLError"):
+            make_client(plain, plain.query_peer(), Recorder()).find_studies(StudyQuery(patient_id="QR-HTTPS"))
+    finally:
+        proxy.stop()
         o.stop()
