@@ -225,9 +225,12 @@ def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc
         nodal.stop()
 
 
-def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, orthanc, pair):
-    patient = "FU-B"
-    nodal = start_nodal(tmp_path, orthanc, [dimse(orthanc, retrieve="get")])
+@pytest.mark.parametrize("retrieve", ["get", "move"])
+def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, orthanc, pair, retrieve):
+    """Both the study asked for by `nodal retrieve` and its prior come by C-GET, or by C-MOVE
+    to nodal's own SCP (the one on-demand, through the receiver; the prior into holding)."""
+    patient = f"FU-B-{retrieve}"
+    nodal = start_nodal(tmp_path, orthanc, [dimse(orthanc, retrieve=retrieve)])
     try:
         base_paths, base_uid = write_study(pair.prior, tmp_path, patient, "baseline", BASELINE_DATE)
         upload(orthanc, base_paths)  # only in the PACS: nodal never saw it
@@ -254,7 +257,7 @@ def test_prior_without_nodal_results_is_fetched_and_analysed_first(tmp_path, ort
         fu = job["followup"]
         assert fu["outcome"] == "compared" and fu["prior_source"] == "analysed", fu
         assert fu["prior_results"] >= 2  # the prior's SEG and SR (and result images)
-        assert "get" in {o["operation"] for o in fu["operations"]}
+        assert retrieve in {o["operation"] for o in fu["operations"]}
         comparison = findings_json(nodal, job)["comparison"]
         assert_changes_follow_the_truth(comparison, pair)
         matched = {n["prior_tracking_uid"] for n in comparison["nodes"] if n["status"] == "matched"}
