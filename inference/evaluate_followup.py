@@ -8,7 +8,9 @@ the truth:
 * matching: of the nodes present in both studies and found by the model in both, the share
   whose prior finding the comparison paired with their current finding;
 * short-axis change: |measured change - true change| of those correctly paired nodes;
-* response: the RECIST 1.1 nodal response of the comparison against that of the true sizes;
+* response: the RECIST 1.1 nodal response of the comparison against that of the true sizes,
+  and the same without the look at the place of nodes found in one study only
+  (`inference.followup.look`), from the same analyses;
 * registration: the distance between where the registration and the true motion put each
   true prior node centre.
 """
@@ -21,7 +23,7 @@ import numpy as np
 
 from inference.evaluate import array_volume, match
 from inference.findings import Finding, StudyFindings
-from inference.followup import FROM_ANALYSIS, MATCHED, PriorStudy, compare, prior_nodes
+from inference.followup import FROM_ANALYSIS, MATCHED, FollowUpSettings, PriorStudy, compare, prior_nodes
 from inference.model_store import LoadedModel
 from inference.phantom_pairs import SCENARIOS, make_pair
 from inference.phantoms import PhantomSpec
@@ -54,6 +56,7 @@ def evaluate_followup(
     correct = sum(r["matched_correctly"] for r in rows)
     errors = [e for r in rows for e in r["sa_change_errors_mm"]]
     agree = sum(r["response"] == r["truth_response"] for r in rows)
+    agree_without = sum(r["response_without_look"] == r["truth_response"] for r in rows)
     reg = [r["registration_error_mm"] for r in rows if r["registration_error_mm"] is not None]
     return {
         "pairs": pairs,
@@ -69,6 +72,7 @@ def evaluate_followup(
             "n": len(errors),
         },
         "response_agreement": f"{agree}/{pairs}",
+        "response_agreement_without_look": f"{agree_without}/{pairs}",
         "registration_error_mm": {
             "median": _r(float(np.median(reg)) if reg else None, 2),
             "max": _r(max(reg) if reg else None, 2),
@@ -97,6 +101,9 @@ def _one(
         source=FROM_ANALYSIS,
     )
     comparison = compare(prior, current_volume, current_findings)
+    without_look = compare(
+        prior, current_volume, current_findings, settings=FollowUpSettings(look_at_place=False)
+    )
     prior_truth = _truth_of(pair.prior.labels, prior_findings)  # truth index -> finding
     current_truth = _truth_of(pair.current.labels, current_findings)
     paired = {n.prior_tracking_uid: n.current_tracking_uid for n in comparison.nodes if n.status == MATCHED}
@@ -127,6 +134,8 @@ def _one(
         "truth_response": truth.recist_response,
         "response": comparison.summary.recist_response,
         "response_reason": comparison.summary.recist_reason,
+        "response_without_look": without_look.summary.recist_response,
+        "looks": sorted(n.look.outcome for n in comparison.nodes if n.look is not None),
         "truth_in_both": len(in_both),
         "found_in_both": found,
         "matched_correctly": correct,

@@ -21,6 +21,9 @@ def test_one_pair_end_to_end() -> None:
     assert {row["response"], row["truth_response"]} <= {CR, PR, SD, PD, NON_CR_NON_PD, NE}
     assert row["registration"] in ("rigid", "affine", "identity")
     assert result["response_agreement"] == f"{int(row['response'] == row['truth_response'])}/1"
+    without = int(row["response_without_look"] == row["truth_response"])
+    assert result["response_agreement_without_look"] == f"{without}/1"
+    assert set(row["looks"]) <= {"fat", "measured", "unclear"}
 
 
 def test_bad_arguments() -> None:
