@@ -71,6 +71,23 @@ def time_point(order: int, date: str) -> hd.sr.TimePointContext:
     )
 
 
+#: the concepts of a time point context as `time_point` writes it (Time Point, its Order)
+_TIME_POINT_CONCEPTS = frozenset(i.ConceptNameCodeSequence[0].CodeValue for i in time_point(PRIOR_ORDER, "x"))
+
+
+def time_point_last(group) -> None:
+    """Move a group's time point context (TID 1502) after its measurements, evaluations and
+    comment. TID 1501 and TID 1411 are of non-significant order; OHIF takes the first NUM of
+    a group as the measurement that holds its lines (an editable SR, docs/results.md) and
+    lists a node's values in document order (docs/follow-up.md, "In OHIF")."""
+    items = group[0].ContentSequence
+    point = [i.ConceptNameCodeSequence[0].CodeValue in _TIME_POINT_CONCEPTS for i in items]
+    reordered = [i for i, p in zip(items, point, strict=True) if not p]
+    reordered += [i for i, p in zip(items, point, strict=True) if p]
+    items.clear()  # in place, by position
+    items.extend(reordered)
+
+
 def content(
     comparison: Comparison,
     current_date: str,

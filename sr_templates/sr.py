@@ -295,7 +295,10 @@ def measurement_report(
         groups = [no_findings_group(result_uids, algorithm)]
     if extra is None:
         return _report(study_findings, groups)
-    report = _report(study_findings, [*groups, *extra.groups])
+    groups.extend(extra.groups)
+    for group in groups:
+        followup.time_point_last(group)
+    report = _report(study_findings, groups)
     if extra.evaluations is not None:
         report[0].ContentSequence.append(extra.evaluations)  # TID 1500 row 12, after row 6
     return report

@@ -192,6 +192,23 @@ def test_every_node_in_imaging_measurements_has_a_place(followup) -> None:
     assert len(places) == 3 and all(places.values()), places
 
 
+def test_time_points_follow_the_values_and_the_first_number_holds_the_lines(followup) -> None:
+    """Time point contexts close each group (the order of TID 1501/1411 is not significant):
+    OHIF takes a group's first NUM as the one with the lines when it takes an editable SR
+    over, and lists a node's values in document order."""
+    case, comparison, _ = followup
+    sr = build_results(
+        case.datasets, case.findings, comparison=comparison, editable_in_ohif=True, result_images=False
+    ).sr
+    for group in _groups(sr):
+        names = [i.ConceptNameCodeSequence[0].CodeValue for i in group.ContentSequence]
+        assert names[-2:] == ["C2348792", "126073"], names  # Time Point, Time Point Order
+        nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        if _child(group, "112039")[0].TextValue.startswith("Cornerstone3DTools"):  # the axes
+            assert nums[0].ConceptNameCodeSequence[0].CodeValue == codes.LONG_AXIS.value
+            assert nums[0].ContentSequence[0].ValueType == "SCOORD"
+
+
 def test_the_response_is_a_qualitative_evaluation_of_the_report(followup) -> None:
     _, comparison, paths = followup
     sr = pydicom.dcmread(paths["sr.dcm"])
