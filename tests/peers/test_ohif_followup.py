@@ -13,14 +13,17 @@ what OHIF holds (its display sets, Cornerstone's annotations, the SVG it drew):
 
 * every current node is one measurement placed on its image with its two lines, its call
   and size class with the change since the prior in words (or "new since"), its current
-  values, and for a matched node its prior values after the prior time point;
-* the text on the image: the node's line with the change, the time point order, both axes;
+  values, and for a matched node its prior values (the prior time point after them);
+* the text on the image: the node's line with the change, both axes, time point, volume;
 * every gone node is a measurement OHIF places in the prior's frame of reference once the
   prior study is opened, and draws nowhere; the study's response is no measurement;
-* stepping through the measurements shows every current node; no uncaught error.
+* stepping through the measurements shows every current node; no uncaught error;
+* written with `results.editable_in_ohif`, each current node becomes one tracked
+  Bidirectional measurement.
 
 docs/follow-up.md ("In OHIF") says what this means for the radiologist. Screenshots:
-var/ohif/followup-sr.png, followup-sr-new.png, followup-prior-ct.png.
+var/ohif/followup-sr.png, followup-sr-new.png, followup-prior-ct.png,
+followup-sr-tracked.png.
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ SHOWS_JS = """([ct, study]) => {
   return !!shown && shown.displaySetInstanceUIDs.includes(ct) && ids.length > 0 && ids[0].includes(study);
 }"""
 
+#: OHIF's tracked measurements: tool, label and the texts it shows.
+TRACKED_JS = """() => window.services.measurementService.getMeasurements()
+  .map(m => ({tool: m.toolName, label: m.label, primary: (m.displayText || {}).primary || []}))"""
+
 NEXT_MEASUREMENT = '[data-cy="viewport-action-arrows-right"] svg'
 
 
@@ -114,7 +121,7 @@ def orthanc(tmp_path_factory):
 def followed(orthanc: Orthanc, tmp_path_factory) -> dict:
     """Both studies in Orthanc, the follow-up analysed and compared as a worker does it, and
     its results (and the prior's) stored there; findings.json and the SR's gone-node places."""
-    from dicom_node.jobs.analysis import analyse_and_write, load_model, load_volume
+    from dicom_node.jobs.analysis import analyse_and_write, load_model, load_volume, write_findings
     from dicom_node.jobs.followup import prior_comparison
 
     model = model_dir()
@@ -136,6 +143,13 @@ def followed(orthanc: Orthanc, tmp_path_factory) -> dict:
     assert written.followup is not None and written.followup.outcome == "compared", written.followup
     assert written.followup.prior_source == "analysed" and written.followup.prior_files
     upload(orthanc, written.files)  # the current SEG, SR, result images and prior/ (the prior's own)
+    # the same follow-up written as with `results.editable_in_ohif` (into its own Orthanc: `tracked`)
+    editable = Settings.model_validate(
+        node_config(root / "var", free_port(), model, results={"editable_in_ohif": True})
+    )
+    editable_files = write_findings(
+        current, written.analysis.findings, root / "out-editable", editable, written.followup
+    )
     doc = json.loads((out / "findings.json").read_text())
     statuses = {n["status"] for n in doc["comparison"]["nodes"]}
     assert statuses == {"matched", "new", "gone"}, doc["comparison"]["nodes"]  # the pair shows all three
@@ -144,6 +158,8 @@ def followed(orthanc: Orthanc, tmp_path_factory) -> dict:
         "current_study": str(pydicom.dcmread(current[0], stop_before_pixels=True).StudyInstanceUID),
         "prior_study": str(pydicom.dcmread(prior[0], stop_before_pixels=True).StudyInstanceUID),
         "places": _gone_places(pydicom.dcmread(out / "sr.dcm")),
+        "current": current,
+        "editable_sr": next(p for p in editable_files if p.name == "sr.dcm"),
     }
 
 
@@ -238,6 +254,25 @@ def viewed(orthanc: Orthanc, followed: dict) -> dict:
     return seen
 
 
+@pytest.fixture(scope="module")
+def tracked(followed: dict, tmp_path_factory) -> dict:
+    """The SR written with `results.editable_in_ohif`, opened in OHIF (with the current CT
+    alone) and taken over as tracked measurements ("continue tracking ...?" Yes)."""
+    seen: dict = {"page_errors": [], "console_errors": []}
+    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc-ohif-fu-tracked")).start()
+    try:
+        upload(orthanc, [*followed["current"], followed["editable_sr"]])
+        with ohif_page(orthanc.url, followed["current_study"], 2, seen) as page:
+            page.dblclick(f"#thumbnail-{display_sets(page)['SR']}")
+            page.get_by_role("button", name="Yes").click()
+            page.wait_for_function("() => window.services.measurementService.getMeasurements().length > 0")
+            seen["measurements"] = settled(page, TRACKED_JS)
+            page.screenshot(path=str(SCREENSHOTS / "followup-sr-tracked.png"))
+    finally:
+        orthanc.stop()
+    return seen
+
+
 def _frame_left(page, centre_lps: list[float]) -> None:
     """Zoom on a node, placed left of the middle: its text box (one long first line) fits."""
     frame(page, [centre_lps[0] + 60.0, centre_lps[1], centre_lps[2]], 3.0)
@@ -277,8 +312,8 @@ def test_every_current_node_has_two_lines_its_change_and_its_values(followed, vi
         text, empty = labels[0]
         assert empty == "" and text.startswith(f"{f['label']} {call}, size: {f['size_category']}; ")
         names = [name for name, _ in labels[1:]]
-        current_part = ["Time Point Order", "Long Axis", "Short Axis", "Time Point Order", "Volume"]
-        current_part.append("Probability of cancer")
+        current_part = ["Long Axis", "Short Axis", "Time Point Order", "Volume", "Probability of cancer"]
+        current_part.append("Time Point Order")
         if change["status"] == "new":
             assert text.endswith(f"; new since {PRIOR_DATE}")
             assert names == [*current_part, "Time Point Order"]  # absent at the prior time point
@@ -293,23 +328,25 @@ def test_every_current_node_has_two_lines_its_change_and_its_values(followed, vi
                 abs(float(found[3]) - sa["change_mm"]) <= 0.11
                 and abs(int(found[4]) - sa["change_percent"]) <= 1
             )
-            assert names == [*current_part, "Time Point Order", "Short Axis", "Long Axis", "Volume"]
-            prior = dict(labels[8:])  # after "Time Point Order" 1
+            assert names == [*current_part, "Short Axis", "Long Axis", "Volume", "Time Point Order"]
+            prior = dict(labels[7:10])  # then "Time Point Order" 1
             assert abs(_number(prior["Short Axis"], "mm") - sa["prior"]) <= 0.01
             assert abs(_number(prior["Long Axis"], "mm") - change["long_axis_mm"]["prior"]) <= 0.01
             assert abs(_number(prior["Volume"], "mm3") - change["volume_mm3"]["prior"]) <= 0.1
         orders = [value for name, value in labels if name == "Time Point Order"]
         assert orders == ["2.00 1", "2.00 1", "1.00 1"]  # current (axes, volume), prior
-        now = dict(labels[1:7])  # the first of each name: the current values
+        now = dict(labels[1:6])  # the current values
         assert abs(_number(now["Long Axis"], "mm") - f["long_axis_mm"]) <= 0.01
         assert abs(_number(now["Short Axis"], "mm") - f["short_axis_mm"]) <= 0.01
         assert abs(_number(now["Volume"], "mm3") - f["volume_mm3"]) <= 0.1
         assert abs(_number(now["Probability of cancer"], "%") - 100 * f["malignancy_probability"]) <= 0.01
 
 
-def test_the_text_on_the_image_is_the_change_the_time_point_and_both_axes(followed, viewed) -> None:
-    """OHIF writes the first five labels beside the lines: here the node's line (with its
-    change), the time point order twice and both axes; volume and probability do not fit."""
+def test_the_text_on_the_image_is_the_change_both_axes_the_time_point_and_the_volume(
+    followed, viewed
+) -> None:
+    """OHIF writes a node's first five labels beside its lines: the node's line (with its
+    change), both axes, the time point order and the volume; the probability does not fit."""
     current = {n["tracking_uid"]: n for n in followed["doc"]["nodes"]}
     shown = viewed["svg"]["texts"]
     assert shown and viewed["svg"]["lines"] == 2 * len(shown)
@@ -317,9 +354,29 @@ def test_the_text_on_the_image_is_the_change_the_time_point_and_both_axes(follow
         f = current[uid]
         assert len(lines) == 5, lines
         assert lines[0].startswith(f"{f['label']} ") and " since " in lines[0]
-        assert lines[1] == lines[4] == "Time Point Order: 2.00 1"
-        assert lines[2].startswith("L: ") and abs(float(lines[2].split()[-2]) - f["long_axis_mm"]) <= 0.01
-        assert lines[3].startswith("W: ") and abs(float(lines[3].split()[-2]) - f["short_axis_mm"]) <= 0.01
+        assert lines[1].startswith("L: ") and abs(float(lines[1].split()[-2]) - f["long_axis_mm"]) <= 0.01
+        assert lines[2].startswith("W: ") and abs(float(lines[2].split()[-2]) - f["short_axis_mm"]) <= 0.01
+        assert lines[3] == "Time Point Order: 2.00 1"
+        assert lines[4].startswith("Volume: ") and abs(float(lines[4].split()[-2]) - f["volume_mm3"]) <= 0.1
+
+
+def test_the_editable_sr_becomes_one_tracked_bidirectional_measurement_per_current_node(
+    followed, tracked
+) -> None:
+    """`results.editable_in_ohif`: OHIF takes each current node's axes over as a measurement
+    the radiologist can keep or correct, named with its line (and change); gone nodes and
+    the response become none."""
+    current = {n["label"]: n for n in followed["doc"]["nodes"]}
+    measurements = tracked["measurements"]
+    assert [m["tool"] for m in measurements] == ["Bidirectional"] * len(current)
+    for m in measurements:
+        f = current[m["label"].split(" ")[0]]
+        assert f" since {PRIOR_DATE}" in m["label"]
+        long_text, short_text = m["primary"][:2]
+        assert long_text.startswith("L: ") and short_text.startswith("W: ")
+        assert abs(float(long_text.split()[1]) - f["long_axis_mm"]) <= 0.06
+        assert abs(float(short_text.split()[1]) - f["short_axis_mm"]) <= 0.06
+    assert tracked["page_errors"] == []
 
 
 def test_gone_nodes_are_placed_in_the_prior_frame_and_drawn_nowhere(followed, viewed) -> None:
@@ -330,15 +387,11 @@ def test_gone_nodes_are_placed_in_the_prior_frame_and_drawn_nowhere(followed, vi
         m = measurements[uid]
         assert not m["loaded"] and m["lines"] == []  # nothing to place on the current CT
         labels = _labels(m)
-        assert [name for name, _ in labels] == [
-            "Time Point Order",
-            "Short Axis",
-            "Long Axis",
-            "Volume",
-            "Time Point Order",
-        ]
-        assert abs(_number(labels[1][1], "mm") - n["short_axis_mm"]["prior"]) <= 0.01
-        assert abs(_number(labels[3][1], "mm3") - n["volume_mm3"]["prior"]) <= 0.1
+        names = [name for name, _ in labels]
+        assert names == ["Short Axis", "Long Axis", "Volume", "Time Point Order", "Time Point Order"]
+        assert [value for _, value in labels[3:]] == ["1.00 1", "2.00 1"]  # prior values; absent now
+        assert abs(_number(labels[0][1], "mm") - n["short_axis_mm"]["prior"]) <= 0.01
+        assert abs(_number(labels[2][1], "mm3") - n["volume_mm3"]["prior"]) <= 0.1
     assert not set(gone) & {a["uid"] for a in viewed["sr"]["annotations"]}
     # once the prior study is open, OHIF places them on one of its display sets (same frame
     # of reference) ...
@@ -383,6 +436,7 @@ def test_no_uncaught_error_in_the_page(viewed) -> None:
     assert [e for e in viewed["console_errors"] if "Uncaught" in e] == []
 
 
-def test_screenshots_were_taken(viewed) -> None:
-    for name in ("followup-sr.png", "followup-sr-new.png", "followup-prior-ct.png"):
+def test_screenshots_were_taken(viewed, tracked) -> None:
+    names = ("followup-sr.png", "followup-sr-new.png", "followup-prior-ct.png", "followup-sr-tracked.png")
+    for name in names:
         assert (SCREENSHOTS / name).stat().st_size > 10_000, name
