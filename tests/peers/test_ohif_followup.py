@@ -216,9 +216,14 @@ def viewed(orthanc: Orthanc, followed: dict) -> dict:
         new = {
             n["current_tracking_uid"] for n in followed["doc"]["comparison"]["nodes"] if n["status"] == "new"
         }
-        for _ in seen["sr"]["measurements"]:
+        order = [m["uid"] for m in seen["sr"]["measurements"]]
+        for n in range(len(order)):
             page.locator(NEXT_MEASUREMENT).first.click()
-            time.sleep(2)
+            target = order[(n + 1) % len(order)]
+            if target in nodes:  # a current node: wait until it is drawn
+                page.wait_for_function(f"(u) => ({SVG_DRAWN_JS})().texts[u] !== undefined", arg=target)
+            else:  # a gone node: nothing to wait for, nothing should change
+                time.sleep(2)
             svg = settled(page, SVG_DRAWN_JS)
             seen["steps"].append(
                 {"slice": page.evaluate(SLICE_JS), "texts": svg["texts"], "lines": svg["lines"]}
