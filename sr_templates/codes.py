@@ -142,8 +142,6 @@ PRESENT = Code("52101004", "SCT", "Present")  # CID 240, beside ABSENT
 #: Derivation (DCM 121401) of a NUM that is the relative change since the prior time point
 #: (CID 12303 Measurement Type); its unit is UCUM_PERCENT.
 FRACTIONAL_CHANGE = Code("125314", "DCM", "Fractional Change")
-#: Derivation of the sum of the target nodes' short axes (CID 7464)
-TOTAL = Code("255619001", "SCT", "Total")
 #: a node's RECIST role at baseline (CID 6145)
 BASELINE_CATEGORY = Code("112016", "DCM", "Baseline Category")
 TARGET_AT_BASELINE = Code("112074", "DCM", "Target Lesion at Baseline")
@@ -175,6 +173,8 @@ NON_TARGET_RESPONSES = {
 # --------------------------------------------------------------------------------------
 
 IMAGING_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")  # CID 7021
+#: TID 1500 row 12: the report's container of study-level evaluations (the follow-up response)
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 CT_UNSPECIFIED_BODY_REGION = Code("25045-6", "LN", "CT unspecified body region")  # CID 100
 DEVICE = Code("121007", "DCM", "Device")  # CID 270 observer type
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
@@ -214,6 +214,7 @@ __all__ = [
     "PRIVATE_SCHEME",
     "PROBABILITY_OF_CANCER",
     "PROCESSING_EQUIPMENT",
+    "QUALITATIVE_EVALUATIONS",
     "RECIST_1_1",
     "RESPONSE_EVALUATION_METHOD",
     "SHORT_AXIS",
@@ -222,7 +223,6 @@ __all__ = [
     "TARGET_AT_BASELINE",
     "TARGET_NODE",
     "TARGET_RESPONSES",
-    "TOTAL",
     "UCUM_HU",
     "UCUM_MM",
     "UCUM_MM3",

@@ -3,24 +3,35 @@
 Given a `inference.followup.Comparison`, the TID 1500 report gains, beside each node's own
 groups (which then carry the current time point and the prior's tracking UID):
 
-* per node seen before (matched or gone): a TID 1501 group of the prior time point with the
-  same tracking UID and the prior's short axis, long axis and volume; a node the prior's
-  analysis missed but that nodal measured at its place on the prior CT
-  (`inference.followup.look`) gets the same group, with a comment saying so;
+* per matched node: a TID 1501 group of the prior time point with the same tracking UID
+  and the prior's short axis, long axis and volume; a new node the prior's analysis missed
+  but that nodal measured at its place on the prior CT (`inference.followup.look`) gets the
+  same group, with a comment saying so;
+* per gone node: the same values in a TID 1411 group whose region is the node's centroid
+  in the prior study (a SCOORD3D POINT in the prior CT's frame of reference, the prior CT
+  series as its source), and a current time point group that says it is absent now;
+  present, if its place still holds soft tissue that could not be measured apart; or,
+  measured at its place on the current CT, its current values and their changes, with a
+  comment saying so;
 * per matched node, in its TID 1411 group: the relative change of each value (NUM with the
   value's own concept, unit %, derivation DCM "Fractional Change") and its RECIST role at
   baseline (DCM "Baseline Category", CID 6145); the change in mm, for which DICOM has no
   concept, is stated in the node's Comment beside the prior and current values;
 * per new node: a prior time point group that says the node was absent there (present, if
   its place was soft tissue on the prior CT);
-* per gone node: a current time point group that says it is absent now; present, if its
-  place still holds soft tissue that could not be measured apart; or, measured at its place
-  on the current CT, its current values and their changes, with a comment saying so;
-* one summary group: the sum of the target nodes' short axes (derivation "Total"), its
-  relative change, the response evaluation method (RECIST 1.1), the target and non-target
-  responses (CID 6144) and the overall nodal response and SPD in words.
+* the study's response, in the report's Qualitative Evaluations container (TID 1500 row
+  12, UMLS "Qualitative Evaluations"): the response evaluation method (RECIST 1.1), the
+  target and non-target responses (CID 6144) as CODE items, and in a TEXT item the overall
+  nodal response, the sum of the target nodes' short axes before and now, SPD, and counts.
 
-No private code is used: every concept is from DCM or SNOMED CT (sr_templates.codes).
+Every node in Imaging Measurements thus has a coordinate somewhere in its groups: OHIF
+(3.13) merges groups by tracking UID and stops loading the SR's measurements at a node
+without any, so that none is drawn (docs/follow-up.md, "In OHIF"). A gone node's point is
+in the prior's frame of reference: OHIF places it on the prior study's series once that
+study is open, and draws it nowhere. Without the prior's frame of reference (not known),
+a gone node's prior values stay in a TID 1501 group without a place.
+
+No private code is used: every concept is from DCM, SNOMED CT or UMLS (sr_templates.codes).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import highdicom as hd
+import numpy as np
 from pydicom.sr.coding import Code
 
 from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
@@ -35,7 +47,6 @@ from inference.followup.look import FAT, MEASURED, UNCLEAR
 from sr_templates import codes
 
 PRIOR_ORDER, CURRENT_ORDER = 1, 2
-SUMMARY_IDENTIFIER = "Nodal response (RECIST 1.1)"
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class FollowUpContent:
 
     per_label: dict[str, NodeExtras]
     groups: list = field(default_factory=list)
+    #: the report's Qualitative Evaluations container (TID 1500 row 12): the response
+    evaluations: hd.sr.ContainerContentItem | None = None
 
 
 def time_point(order: int, date: str) -> hd.sr.TimePointContext:
@@ -65,11 +78,27 @@ def time_point(order: int, date: str) -> hd.sr.TimePointContext:
     )
 
 
+#: the concepts of a time point context as `time_point` writes it (Time Point, its Order)
+_TIME_POINT_CONCEPTS = frozenset(i.ConceptNameCodeSequence[0].CodeValue for i in time_point(PRIOR_ORDER, "x"))
+
+
+def time_point_last(group) -> None:
+    """Move a group's time point context (TID 1502) after its measurements, evaluations and
+    comment. TID 1501 and TID 1411 are of non-significant order; OHIF takes the first NUM of
+    a group as the measurement that holds its lines (an editable SR, docs/results.md) and
+    lists a node's values in document order (docs/follow-up.md, "In OHIF")."""
+    items = group[0].ContentSequence
+    point = [i.ConceptNameCodeSequence[0].CodeValue in _TIME_POINT_CONCEPTS for i in items]
+    reordered = [i for i, p in zip(items, point, strict=True) if not p]
+    reordered += [i for i, p in zip(items, point, strict=True) if p]
+    items.clear()  # in place, by position
+    items.extend(reordered)
+
+
 def content(
     comparison: Comparison,
     current_date: str,
     algorithm: hd.sr.AlgorithmIdentification,
-    summary_uid: str,
 ) -> FollowUpContent:
     prior_tp = time_point(PRIOR_ORDER, comparison.prior_study_date)
     current_tp = time_point(CURRENT_ORDER, current_date)
@@ -79,19 +108,19 @@ def content(
         uid = n.tracking_uid
         name = (n.current_label or n.prior_label or "node")[:64]
         tracking = hd.sr.TrackingIdentifier(uid=uid, identifier=name)
-        if n.short_axis_mm_prior is not None:  # matched, gone, or measured at its place then
-            groups.append(_values(n, PRIOR_ORDER, tracking, prior_tp, algorithm))
-        elif n.status == NEW:
-            then = codes.PRESENT if n.seen_in_prior_image else codes.ABSENT
-            groups.append(_presence(tracking, prior_tp, then, algorithm))
         if n.status == GONE:
+            groups.append(_gone_prior_values(n, tracking, prior_tp, algorithm, comparison))
             if n.short_axis_mm_current is not None:  # not found by the model, measured at its place
                 groups.append(_values(n, CURRENT_ORDER, tracking, current_tp, algorithm))
             else:
                 still = n.look is not None and n.look.outcome == UNCLEAR
-                groups.append(
-                    _presence(tracking, current_tp, codes.PRESENT if still else codes.ABSENT, algorithm)
-                )
+                now = codes.PRESENT if still else codes.ABSENT
+                groups.append(_presence(tracking, current_tp, now, algorithm))
+        elif n.short_axis_mm_prior is not None:  # matched, or measured at its place then
+            groups.append(_values(n, PRIOR_ORDER, tracking, prior_tp, algorithm))
+        elif n.status == NEW:
+            then = codes.PRESENT if n.seen_in_prior_image else codes.ABSENT
+            groups.append(_presence(tracking, prior_tp, then, algorithm))
         if n.current_label is not None:
             per_label[n.current_label] = NodeExtras(
                 time_point=current_tp,
@@ -99,8 +128,16 @@ def content(
                 evaluations=tuple(_role(n)),
                 comment_suffix=_change_text(n, comparison.prior_study_date),
             )
-    groups.append(_summary(comparison, current_tp, algorithm, summary_uid))
-    return FollowUpContent(per_label=per_label, groups=groups)
+    return FollowUpContent(per_label=per_label, groups=groups, evaluations=_response(comparison))
+
+
+def _prior_measurements(n: NodeChange) -> list[hd.sr.Measurement]:
+    values = [
+        (codes.SHORT_AXIS, n.short_axis_mm_prior, codes.UCUM_MM),
+        (codes.LONG_AXIS, n.long_axis_mm_prior, codes.UCUM_MM),
+        (codes.VOLUME, n.volume_mm3_prior, codes.UCUM_MM3),
+    ]
+    return [_num(c, v, u) for c, v, u in values if v is not None]
 
 
 def _values(
@@ -141,6 +178,33 @@ def _look_text(n: NodeChange) -> str:
     return (
         f"not found by the model on the {study} CT; measured by nodal at its registered place there "
         "(soft tissue apart from its surroundings): to be confirmed by the reader"
+    )
+
+
+def _gone_prior_values(
+    n: NodeChange, tracking, tp, algorithm, comparison: Comparison
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """A gone node's values at the prior time point, placed at its centroid in the prior
+    study (TID 1411, volume surface: a SCOORD3D POINT in the prior's frame of reference,
+    the prior CT series as source); without that frame of reference, as a matched node's."""
+    frame = comparison.prior_frame_of_reference_uid
+    series = comparison.prior_series_instance_uid
+    if not frame or not series or n.prior_centroid_lps_mm is None:
+        return _values(n, PRIOR_ORDER, tracking, tp, algorithm)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_volume_surface=hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.asarray([n.prior_centroid_lps_mm], dtype=np.float64),
+            frame_of_reference_uid=frame,
+            source_series=hd.sr.SourceSeriesForSegmentation(series),
+        ),
+        time_point_context=tp,
+        finding_type=codes.LYMPH_NODE,
+        finding_category=codes.ANATOMICAL_STRUCTURE,
+        algorithm_id=algorithm,
+        measurements=_prior_measurements(n),
+        qualitative_evaluations=list(_role(n)),
     )
 
 
@@ -190,49 +254,25 @@ def _change_text(n: NodeChange, prior_date: str) -> str:
     return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}{how}"
 
 
-def _summary(comparison: Comparison, tp, algorithm, uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _response(comparison: Comparison) -> hd.sr.ContainerContentItem:
+    """The study's response: TID 1500 rows 12-14 (Qualitative Evaluations; CODE, TEXT)."""
     s = comparison.summary
-    measurements = []
-    if s.target_prior_tracking_uids:
-        measurements.append(
-            _num(codes.SHORT_AXIS, s.sum_short_axis_current_mm, codes.UCUM_MM, derivation=codes.TOTAL)
-        )
-        if s.sum_short_axis_change_percent is not None:
-            measurements.append(
-                _num(
-                    codes.SHORT_AXIS,
-                    s.sum_short_axis_change_percent,
-                    codes.UCUM_PERCENT,
-                    derivation=codes.FRACTIONAL_CHANGE,
-                )
-            )
-    evaluations = [hd.sr.QualitativeEvaluation(codes.RESPONSE_EVALUATION_METHOD, codes.RECIST_1_1)]
+    pairs = [(codes.RESPONSE_EVALUATION_METHOD, codes.RECIST_1_1)]
     if s.target_response in codes.TARGET_RESPONSES:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(codes.CURRENT_RESPONSE, codes.TARGET_RESPONSES[s.target_response])
-        )
+        pairs.append((codes.CURRENT_RESPONSE, codes.TARGET_RESPONSES[s.target_response]))
     if s.non_target_response in codes.NON_TARGET_RESPONSES:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(
-                codes.CURRENT_RESPONSE, codes.NON_TARGET_RESPONSES[s.non_target_response]
+        pairs.append((codes.CURRENT_RESPONSE, codes.NON_TARGET_RESPONSES[s.non_target_response]))
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.CodeContentItem(name=name, value=value, relationship_type=contains) for name, value in pairs]
+        + [
+            hd.sr.TextContentItem(
+                name=codes.COMMENT, value=summary_text(comparison)[:1024], relationship_type=contains
             )
-        )
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=SUMMARY_IDENTIFIER),
-        time_point_context=tp,
-        finding_type=codes.LYMPH_NODE,
-        algorithm_id=algorithm,
-        measurements=measurements or None,
-        qualitative_evaluations=evaluations,
+        ]
     )
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.COMMENT,
-            value=summary_text(comparison)[:1024],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    )
-    return group
+    return container
 
 
 def summary_text(comparison: Comparison) -> str:

@@ -271,13 +271,7 @@ def measurement_report(
     """
     findings: Sequence[Finding] = study_findings.findings
     algorithm = provenance.sr_algorithm_identification(study_findings.model)
-    extra = (
-        None
-        if comparison is None
-        else followup.content(
-            comparison, current_date, algorithm, str(result_uids(uids.FOLLOWUP_SUMMARY_TRACKING))
-        )
-    )
+    extra = None if comparison is None else followup.content(comparison, current_date, algorithm)
     if findings:
         if seg is None:
             raise ValueError("findings need their SEG: build it first and pass it as `seg`")
@@ -299,9 +293,15 @@ def measurement_report(
             )
     else:
         groups = [no_findings_group(result_uids, algorithm)]
-    if extra is not None:
-        groups.extend(extra.groups)
-    return _report(study_findings, groups)
+    if extra is None:
+        return _report(study_findings, groups)
+    groups.extend(extra.groups)
+    for group in groups:
+        followup.time_point_last(group)
+    report = _report(study_findings, groups)
+    if extra.evaluations is not None:
+        report[0].ContentSequence.append(extra.evaluations)  # TID 1500 row 12, after row 6
+    return report
 
 
 def _report(study_findings: StudyFindings, groups: Sequence) -> hd.sr.MeasurementReport:

@@ -27,7 +27,6 @@ SR_INSTANCE = "sr-instance"
 SC_SERIES = "sc-series"
 DEVICE = "device"
 NO_FINDINGS_TRACKING = "no-findings-tracking"
-FOLLOWUP_SUMMARY_TRACKING = "followup-summary-tracking"
 
 
 def sc_instance(index: int) -> str:

@@ -148,6 +148,9 @@ def compare(
         registration=registration,
         nodes=tuple(changes),
         summary=response.assess(sizes),
+        prior_series_instance_uid=prior.series_instance_uid,
+        prior_frame_of_reference_uid=prior.frame_of_reference_uid
+        or (prior.volume.frame_of_reference_uid if prior.volume is not None else ""),
     )
 
 

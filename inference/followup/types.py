@@ -276,6 +276,9 @@ class Comparison:
     registration: Registration
     nodes: tuple[NodeChange, ...]
     summary: ResponseSummary
+    #: the prior CT series and its frame of reference ("" if unknown): where a gone node was
+    prior_series_instance_uid: str = ""
+    prior_frame_of_reference_uid: str = ""
 
     def by_current_label(self) -> dict[str, NodeChange]:
         return {n.current_label: n for n in self.nodes if n.current_label is not None}

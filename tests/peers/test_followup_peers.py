@@ -139,7 +139,8 @@ def assert_changes_follow_the_truth(comparison: dict, pair) -> None:
 
 def assert_follow_up_objects(orthanc: Orthanc, study_uid: str, comparison: dict, summary: dict) -> None:
     """The SEG keeps the prior tracking UID of each matched node; the SR names every matched
-    and gone node by its prior tracking UID and codes the RECIST 1.1 response."""
+    and gone node by its prior tracking UID and codes the RECIST 1.1 response (in the
+    report's Qualitative Evaluations)."""
     from sr_templates import codes
 
     by_status: dict[str, set] = {"matched": set(), "gone": set()}
@@ -151,16 +152,18 @@ def assert_follow_up_objects(orthanc: Orthanc, study_uid: str, comparison: dict,
     assert by_status["matched"] <= segments and not by_status["gone"] & segments
     [sr] = srs_in(orthanc, study_uid)
     assert by_status["matched"] | by_status["gone"] <= tracking_uids(sr)
-    groups = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-    summary_group = next(
-        g
-        for g in groups.ContentSequence
-        if any(
-            i.ConceptNameCodeSequence[0].CodeValue == codes.RESPONSE_EVALUATION_METHOD.value
-            for i in g.get("ContentSequence", [])
-        )
+    evaluations = next(
+        i
+        for i in sr.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
     )
-    comments = [i.TextValue for i in summary_group.ContentSequence if i.ValueType == "TEXT"]
+    methods = [
+        i.ConceptCodeSequence[0].CodeValue
+        for i in evaluations.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == codes.RESPONSE_EVALUATION_METHOD.value
+    ]
+    assert methods == [codes.RECIST_1_1.value]
+    comments = [i.TextValue for i in evaluations.ContentSequence if i.ValueType == "TEXT"]
     assert any(summary["recist_response"] in c for c in comments), comments
 
 

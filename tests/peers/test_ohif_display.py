@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +31,16 @@ import pytest
 import requests
 
 from inference import phantoms
-from tests.helpers.ohif import CHROMIUM_ARGS, OHIF_DIST, OhifSite, chromium_binary
-from tests.helpers.peers import Orthanc, orthanc_binary
+from tests.helpers.ohif import (
+    SR_STATE_JS,
+    SVG_DRAWN_JS,
+    display_sets,
+    frame,
+    missing,
+    ohif_page,
+    settled,
+)
+from tests.helpers.peers import Orthanc
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
@@ -41,7 +48,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "var" / "ohif"
 SPEC = phantoms.PhantomSpec(rows=288, columns=288, pixel_spacing_mm=1.25, slices=64, slice_spacing_mm=2.5)
 SEED = 1_500_001
-TIMEOUT_MS = 180_000  # a loaded 2-core machine renders WebGL on the CPU
 
 #: Voxels per segment in OHIF's labelmap(s), through the segment bindings Cornerstone keeps
 #: (one labelmap layer per group of non-overlapping segments).
@@ -70,53 +76,9 @@ SEGMENT_VOXELS_JS = """() => {
   return out;
 }"""
 
-#: The SR display set's measurements as OHIF merged them, and the annotations drawn.
-SR_STATE_JS = """(uid) => {
-  const ds = window.services.displaySetService.getDisplaySetByUID(uid);
-  const drawn = window.cornerstoneTools.annotation.state.getAllAnnotations()
-    .filter(a => a.metadata.toolName === 'DICOMSRDisplay');
-  return {
-    measurements: (ds.measurements || []).map(m => ({
-      uid: m.TrackingUniqueIdentifier, loaded: m.loaded, labels: m.labels,
-      lines: m.coords.filter(c => c.GraphicType === 'POLYLINE').map(c => Array.from(c.GraphicData)),
-    })),
-    annotations: drawn.map(a => ({
-      uid: a.annotationUID, lines: (a.data.renderableData.POLYLINE || []).length, labels: a.data.labels,
-    })),
-  };
-}"""
-
 #: OHIF's tracked measurements: tool, label and the texts it shows.
 TRACKED_JS = """() => window.services.measurementService.getMeasurements()
   .map(m => ({tool: m.toolName, label: m.label, primary: (m.displayText || {}).primary || []}))"""
-
-#: A returning radiologist: the first-visit tour (an overlay over the viewer) seen before.
-RETURNING_USER_JS = "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
-
-#: What Cornerstone drew in the SVG layer of the viewport now shown: per annotation its text
-#: lines, and the measurement lines (dashed 4,4; the text box's link line is dashed 2,3).
-SVG_DRAWN_JS = """() => {
-  const layer = document.querySelector('.svg-layer');
-  const texts = {};
-  for (const g of layer.querySelectorAll('g[data-annotation-uid]')) {
-    texts[g.dataset.annotationUid] = Array.from(g.querySelectorAll('tspan')).map(t => t.textContent);
-  }
-  return {texts, lines: layer.querySelectorAll('line[stroke-dasharray="4,4"]').length};
-}"""
-
-
-def _missing() -> str | None:
-    if not OHIF_DIST.joinpath("index.html").exists():
-        return f"OHIF's dist/ not in {OHIF_DIST.relative_to(ROOT)} (`make ohif`; `make test` runs it)"
-    if chromium_binary() is None:
-        return "chromium not installed (Debian package chromium; `make test` installs it)"
-    if orthanc_binary() is None:
-        return "Orthanc not installed (`make test` installs it)"
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return "playwright (Python) missing: `pip install -e '.[dev]'`"
-    return None
 
 
 def _process(ct: Path, out: Path, **env: str) -> None:
@@ -132,7 +94,7 @@ def _process(ct: Path, out: Path, **env: str) -> None:
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory) -> Path:
     """A phantom CT and nodal's results for it, as `nodal process` writes them."""
-    reason = _missing()
+    reason = missing()
     if reason:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("ohif")
@@ -144,43 +106,19 @@ def processed(tmp_path_factory) -> Path:
 @contextmanager
 def _viewer(files: list[Path], folder: Path, seen: dict) -> Iterator:
     """A page of OHIF showing the study of `files`, stored in an Orthanc of its own."""
-    from playwright.sync_api import sync_playwright
-
     orthanc = Orthanc(folder).start()
     try:
         for f in files:
             requests.post(f"{orthanc.url}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
         study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-        with OhifSite(orthanc.url) as site, sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium_binary(), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 800})
-                page.add_init_script(RETURNING_USER_JS)
-                page.set_default_timeout(TIMEOUT_MS)
-                page.on("pageerror", lambda e: seen["page_errors"].append(str(e)))
-                page.on(
-                    "console",
-                    lambda m: seen["console_errors"].append(m.text) if m.type == "error" else None,
-                )
-                _open_study(page, site.url, study, len({_series(f) for f in files}))
-                yield page
-            finally:
-                browser.close()
+        with ohif_page(orthanc.url, study, len({_series(f) for f in files}), seen) as page:
+            yield page
     finally:
         orthanc.stop()
 
 
 def _series(path: Path) -> str:
     return pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
-
-
-def _display_sets(page) -> dict[str, str]:
-    """Modality -> display set UID of the study's series."""
-    sets = page.evaluate(
-        "() => window.services.displaySetService.getActiveDisplaySets()"
-        ".map(d => ({uid: d.displaySetInstanceUID, modality: d.Modality}))"
-    )
-    return {d["modality"]: d["uid"] for d in sets}
 
 
 @pytest.fixture(scope="module")
@@ -191,18 +129,18 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
     nodes = _findings(processed)
     seen: dict = {"page_errors": [], "console_errors": []}
     with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif"), seen) as page:
-        uid = _display_sets(page)
+        uid = display_sets(page)
         seen["modalities"] = sorted(uid)
 
         page.dblclick(f"#thumbnail-{uid['SEG']}")
         page.get_by_role("button", name="Yes").click()  # "open this Segmentation?"
         page.wait_for_function("() => window.services.segmentationService.getSegmentations().length > 0")
-        seen["segments"] = _settled(page, SEGMENT_VOXELS_JS)
+        seen["segments"] = settled(page, SEGMENT_VOXELS_JS)
         page.evaluate(
             "() => { const s = window.services.segmentationService.getSegmentations()[0];"
             " window.services.segmentationService.jumpToSegmentCenter(s.segmentationId, 1); }"
         )
-        _frame(page, nodes[0]["centroid_lps_mm"])
+        frame(page, nodes[0]["centroid_lps_mm"])
         page.screenshot(path=str(SCREENSHOTS / "seg.png"))
 
         page.dblclick(f"#thumbnail-{uid['SR']}")
@@ -210,11 +148,11 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
             "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
             ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
         )
-        seen["sr"] = _settled(page, SR_STATE_JS, uid["SR"])
+        seen["sr"] = settled(page, SR_STATE_JS, uid["SR"])
         page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
-        seen["svg"] = _settled(page, SVG_DRAWN_JS)
+        seen["svg"] = settled(page, SVG_DRAWN_JS)
         shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
-        _frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
+        frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
         page.screenshot(path=str(SCREENSHOTS / "sr.png"))
     return seen
 
@@ -228,56 +166,12 @@ def tracked(processed: Path, tmp_path_factory) -> dict:
     files = [*sorted((processed / "ct").glob("*.dcm")), out / "sr.dcm"]
     seen: dict = {"page_errors": [], "console_errors": []}
     with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-tracked"), seen) as page:
-        page.dblclick(f"#thumbnail-{_display_sets(page)['SR']}")
+        page.dblclick(f"#thumbnail-{display_sets(page)['SR']}")
         page.get_by_role("button", name="Yes").click()
         page.wait_for_function("() => window.services.measurementService.getMeasurements().length > 0")
-        seen["measurements"] = _settled(page, TRACKED_JS)
+        seen["measurements"] = settled(page, TRACKED_JS)
         page.screenshot(path=str(SCREENSHOTS / "sr-tracked.png"))
     return seen
-
-
-def _open_study(page, url: str, study: str, series: int) -> None:
-    page.goto(f"{url}/viewer?StudyInstanceUIDs={study}")
-    page.wait_for_function(
-        "(n) => window.services && window.services.displaySetService.getActiveDisplaySets().length >= n",
-        arg=series,
-    )
-    notice = page.get_by_role("button", name="Confirm and hide")  # investigational use
-    if notice.count():
-        notice.first.click()
-
-
-def _settled(page, script: str, arg=None, every: float = 1.0, rounds: int = 60):
-    """`script`'s value once two readings a second apart agree (loading has finished)."""
-    last = None
-    for _ in range(rounds):
-        value = page.evaluate(script, arg)
-        if value and value == last:
-            return value
-        last = value
-        time.sleep(every)
-    return last
-
-
-def _frame(page, centre_lps: list[float], factor: float = 4.0) -> None:
-    """Centre the active viewport on `centre_lps` within the slice shown, and zoom in (the
-    nodes are small beside the whole body): for the screenshots only."""
-    page.evaluate(
-        """([c, f]) => {
-          const id = window.services.viewportGridService.getActiveViewportId();
-          const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(id);
-          const cam = vp.getCamera();
-          const n = cam.viewPlaneNormal;
-          const along = [0, 1, 2].reduce((s, i) => s + (c[i] - cam.focalPoint[i]) * n[i], 0);
-          const focal = [0, 1, 2].map(i => c[i] - along * n[i]);
-          const position = [0, 1, 2].map(i => focal[i] + cam.position[i] - cam.focalPoint[i]);
-          vp.setCamera({focalPoint: focal, position});
-          vp.setZoom(f);
-          vp.render();
-        }""",
-        [centre_lps, factor],
-    )
-    time.sleep(1)
 
 
 def _findings(processed: Path) -> list[dict]:

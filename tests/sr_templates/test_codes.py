@@ -36,6 +36,7 @@ def test_no_retired_srt_scheme() -> None:
         ("UCUM_MM", "mm", "UCUM"),
         ("UCUM_MM3", "mm3", "UCUM"),
         ("UCUM_NO_UNITS", "1", "UCUM"),
+        ("QUALITATIVE_EVALUATIONS", "C0034375", "UMLS"),
     ],
 )
 def test_design_codes(name: str, value: str, scheme: str) -> None:
@@ -51,6 +52,9 @@ def test_standard_codes_agree_with_pydicoms_dictionary() -> None:
         for c in (getattr(getattr(pydicom_codes, scheme), n) for n in dir(getattr(pydicom_codes, scheme)))
         if isinstance(c, Code)
     }
+    # TID 1500 row 12's container concept (PS3.16; DCMTK's CODE_UMLS_QualitativeEvaluations),
+    # which pydicom's small UMLS subset lacks
+    known.add(("C0034375", "UMLS"))
     for name, code in _all_codes().items():
         if code.scheme_designator != codes.PRIVATE_SCHEME:
             assert (code.value, code.scheme_designator) in known, name

@@ -227,31 +227,86 @@ def test_new_and_gone_nodes_are_marked_absent_at_the_other_time(followup) -> Non
     assert absent(PRIOR_STUDY + ".9.3") == [2]  # gone: absent now
 
 
-def test_summary_group_codes_the_response(followup) -> None:
+def test_gone_node_keeps_its_prior_values_at_its_prior_place(followup) -> None:
+    case, _, paths = followup
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+    gone_uid = PRIOR_STUDY + ".9.3"
+    [prior] = [g for g in groups if _uid(g) == gone_uid and _order(g) == 1]
+    assert prior.ContentTemplateSequence[0].TemplateIdentifier == "1411"
+    [surface] = [i for i in prior.ContentSequence if i.ValueType == "SCOORD3D"]
+    assert surface.GraphicType == "POINT"
+    assert [float(v) for v in surface.GraphicData] == pytest.approx(list(GONE_AT), abs=1e-4)
+    # the prior's frame of reference (here the same CT stands in for the prior's images)
+    assert surface.ReferencedFrameOfReferenceUID == case.datasets[0].FrameOfReferenceUID
+    [source] = _child(prior, "121232")  # Source Series for Segmentation: the prior CT series
+    assert source.UID == PRIOR_STUDY + ".1"
+    values = {
+        i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+        for i in prior.ContentSequence
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue != "126073"
+    }
+    assert values == {codes.SHORT_AXIS.value: 16.0, codes.LONG_AXIS.value: 20.0, codes.VOLUME.value: 2500.0}
+
+
+def test_every_node_in_imaging_measurements_has_a_place(followup) -> None:
+    """Groups merged by tracking UID (as OHIF merges them) each hold a coordinate: OHIF 3.13
+    stops loading an SR at a node without any (docs/follow-up.md, "In OHIF")."""
+    _, _, paths = followup
+    places: dict[str, bool] = {}
+
+    def has_coordinates(items) -> bool:
+        return any(
+            i.ValueType in ("SCOORD", "SCOORD3D") or has_coordinates(i.get("ContentSequence", []))
+            for i in items
+        )
+
+    for g in _groups(pydicom.dcmread(paths["sr.dcm"])):
+        places[_uid(g)] = places.get(_uid(g), False) or has_coordinates(g.ContentSequence)
+    assert len(places) == 3 and all(places.values()), places
+
+
+def test_time_points_follow_the_values_and_the_first_number_holds_the_lines(followup) -> None:
+    """Time point contexts close each group (the order of TID 1501/1411 is not significant):
+    OHIF takes a group's first NUM as the one with the lines when it takes an editable SR
+    over, and lists a node's values in document order."""
+    case, comparison, _ = followup
+    sr = build_results(
+        case.datasets, case.findings, comparison=comparison, editable_in_ohif=True, result_images=False
+    ).sr
+    for group in _groups(sr):
+        names = [i.ConceptNameCodeSequence[0].CodeValue for i in group.ContentSequence]
+        assert names[-2:] == ["C2348792", "126073"], names  # Time Point, Time Point Order
+        nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        if _child(group, "112039")[0].TextValue.startswith("Cornerstone3DTools"):  # the axes
+            assert nums[0].ConceptNameCodeSequence[0].CodeValue == codes.LONG_AXIS.value
+            assert nums[0].ContentSequence[0].ValueType == "SCOORD"
+
+
+def test_the_response_is_a_qualitative_evaluation_of_the_report(followup) -> None:
     _, comparison, paths = followup
-    summary = next(
-        g
-        for g in _groups(pydicom.dcmread(paths["sr.dcm"]))
-        if _child(g, codes.RESPONSE_EVALUATION_METHOD.value)
-    )
-    method = _child(summary, codes.RESPONSE_EVALUATION_METHOD.value)[0].ConceptCodeSequence[0]
+    sr = pydicom.dcmread(paths["sr.dcm"])
+    [container] = [
+        i
+        for i in sr.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    ]
+    assert container.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+    assert [i.ValueType for i in container.ContentSequence] == ["CODE", "CODE", "CODE", "TEXT"]
+    method = _child(container, codes.RESPONSE_EVALUATION_METHOD.value)[0].ConceptCodeSequence[0]
     assert method.CodeValue == codes.RECIST_1_1.value
-    responses = {i.ConceptCodeSequence[0].CodeValue for i in _child(summary, codes.CURRENT_RESPONSE.value)}
+    responses = {i.ConceptCodeSequence[0].CodeValue for i in _child(container, codes.CURRENT_RESPONSE.value)}
     assert responses == {
         codes.TARGET_RESPONSES["CR"].value,
         codes.NON_TARGET_RESPONSES["non-CR/non-PD"].value,
     }
-    total = next(
-        i
-        for i in summary.ContentSequence
-        if i.ValueType == "NUM"
-        and "ContentSequence" in i
-        and i.ContentSequence[0].ConceptCodeSequence[0].CodeValue == codes.TOTAL.value
+    text = _child(container, "121106")[0].TextValue
+    assert text.startswith(f"Nodal response (RECIST 1.1) vs prior {PRIOR_DATE}: PR")
+    s = comparison.summary
+    assert (
+        f"sum of target short axes {s.sum_short_axis_prior_mm:.1f} -> {s.sum_short_axis_current_mm:.1f} mm"
+        in text
     )
-    assert float(total.MeasuredValueSequence[0].NumericValue) == pytest.approx(
-        comparison.summary.sum_short_axis_current_mm, abs=1e-4
-    )
-    assert "PR" in _child(summary, "121106")[0].TextValue
+    assert not any(_child(g, codes.RESPONSE_EVALUATION_METHOD.value) for g in _groups(sr))
 
 
 def test_highdicom_reads_it_back(followup) -> None:
