@@ -33,7 +33,9 @@ Rules (a lymph node does not ...):
 
 The rules and their thresholds live in the model card (`plausibility`), so a model and
 the rules it was measured with travel together; `inference.plausibility: false` in the
-configuration turns them off, and a rule set to `null` in the card is skipped.
+configuration turns them off, and a rule set to `null` in the card is skipped. A rule
+that the card's `rules` does not name is on, so the shipped card names `tube_path` as off
+(measured, and it lost nodes on the train family: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
