@@ -23,11 +23,19 @@ Rules (a lymph node does not ...):
 * `tube_inplane`: continue beyond both ends of its long axis on its key slice (a vessel or
   a bowel loop lying in the plane);
 * `no_fat`: lie without fat around it (less than `min_shell_fat` of a 1-3 mm shell below
-  -30 HU).
+  -30 HU);
+* `tube_path`: be a piece of a tube: its longest path inside itself (a curve allowed,
+  across slices) more than `max_path_thickness` times its thickness (twice the radius of
+  the largest ball inside it). A node is at most about 3 times as long as thick; a bowel
+  loop or vessel running obliquely or curving through the slices, which `elongation`
+  (key slice only), `tube_z` and `tube_inplane` (straight continuation only) miss, is
+  longer. Large candidates are measured on a grid of at most `path_max_voxels` voxels.
 
 The rules and their thresholds live in the model card (`plausibility`), so a model and
 the rules it was measured with travel together; `inference.plausibility: false` in the
-configuration turns them off, and a rule set to `null` in the card is skipped.
+configuration turns them off, and a rule set to `null` in the card is skipped. A rule
+that the card's `rules` does not name is on, so the shipped card names `tube_path` as off
+(measured, and it lost nodes on the train family: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,8 +45,19 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from skimage.graph import MCP_Geometric
 
-RULES = ("size", "elongation", "density", "gas", "fluid", "tube_z", "tube_inplane", "no_fat")
+RULES = (
+    "size",
+    "elongation",
+    "density",
+    "gas",
+    "fluid",
+    "tube_z",
+    "tube_inplane",
+    "no_fat",
+    "tube_path",
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,8 @@ class Rules:
     tube_share: float = 0.7
     shell_mm: tuple[float, float] = (1.0, 3.0)
     min_shell_fat: float = 0.05
+    max_path_thickness: float = 4.0
+    path_max_voxels: int = 20000
     off: tuple[str, ...] = ()
 
     def enabled(self) -> tuple[str, ...]:
@@ -127,6 +148,7 @@ def judge(
         "tube_z": _continues_along_z(hu, spacing, mask, bbox, own, rules),
         "tube_inplane": _continues_in_plane(hu, spacing, long_endpoints_ji, key_slice, short_mm, own, rules),
         "no_fat": _shell_fat(hu, spacing, mask, bbox, rules) < rules.min_shell_fat,
+        "tube_path": path_over_thickness(mask, spacing, rules.path_max_voxels) > rules.max_path_thickness,
     }
     return out
 
@@ -224,6 +246,45 @@ def _shell_fat(hu, spacing, mask, bbox, rules: Rules) -> float:
         (dist > rules.shell_mm[0]) & (dist <= rules.shell_mm[1])
     ]
     return float((ring < -30).mean()) if ring.size else 1.0
+
+
+def path_over_thickness(mask: np.ndarray, spacing, max_voxels: int = 20000) -> float:
+    """The candidate's longest path inside itself over its thickness (`tube_path`).
+
+    The path: geodesic, between the two voxels farthest apart along paths that stay inside
+    the mask (two sweeps, from the voxel farthest from the centroid); the thickness: twice
+    the largest distance from a voxel to the outside. An ellipsoid gives about its long
+    over its short axis, a tube segment its length over its diameter however it bends.
+    A mask of more than `max_voxels` voxels is first reduced by whole blocks (a block is
+    inside when at least half of it is), so the cost per candidate stays small."""
+    m, sp = _coarse(mask, spacing, max_voxels)
+    m = np.pad(m, 1)
+    if not m.any():
+        return 0.0
+    thickness = 2.0 * float(ndimage.distance_transform_edt(m, sampling=sp).max())
+    mcp = MCP_Geometric(np.where(m, 1.0, np.inf), sampling=tuple(sp))
+    pts = np.argwhere(m)
+    start = tuple(pts[np.argmax((((pts - pts.mean(axis=0)) * sp) ** 2).sum(axis=1))])
+    length = 0.0
+    for _ in range(2):
+        cost, _ = mcp.find_costs([start])
+        cost = np.where(m & np.isfinite(cost), cost, -1.0)
+        far = np.unravel_index(int(np.argmax(cost)), cost.shape)
+        length, start = float(cost[far]), far
+    return length / thickness if thickness > 0 else 0.0
+
+
+def _coarse(mask: np.ndarray, spacing, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    sp = np.asarray(spacing, float)
+    if mask.size <= max_voxels:
+        return mask, sp
+    g = (float(np.prod(sp)) * mask.size / max_voxels) ** (1 / 3)
+    f = np.maximum(1, np.round(g / sp).astype(int))
+    shape = [int(np.ceil(n / k)) * k for n, k in zip(mask.shape, f, strict=True)]
+    padded = np.zeros(shape, np.float32)
+    padded[tuple(slice(0, n) for n in mask.shape)] = mask
+    blocks = padded.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2])
+    return blocks.mean(axis=(1, 3, 5)) >= 0.5, sp * f
 
 
 def verdict_of(

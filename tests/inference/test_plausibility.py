@@ -115,6 +115,51 @@ def test_gas_density_and_elongation_and_no_fat():
     assert _judge(muscle, blob, 8.0, 8.0)["no_fat"]
 
 
+def test_a_curving_tube_is_longer_than_any_node():
+    """A bowel loop or vessel bending through the slices: on its key slice and straight
+    above, below or along its long axis it looks bounded, but its path inside itself is
+    many times its thickness."""
+    z, y, x = _grid((50, 80, 80))
+    hu = np.full(z.shape, -100.0)
+    # a half ring in the z-x plane (arc radius 16 mm) of a tube 9 mm across
+    ring = (np.hypot(z - 25, x - 32) - 16) ** 2 + (y - 32) ** 2 <= 4.5**2
+    piece = ring & (z <= 25)
+    hu[ring] = 40.0
+    verdict = _judge(hu, piece, 9.0, 12.0, _ends_along_i((40, 40), 6))
+    assert verdict["tube_path"]
+    assert not verdict["elongation"]  # the key slice alone does not show it
+    assert P.path_over_thickness(piece[piece.any(axis=(1, 2))], SPACING) > 4.0
+
+
+def test_nodes_are_not_tubes_round_elongated_or_touching_one():
+    z, y, x = _grid((50, 80, 80))
+    hu = np.full(z.shape, -100.0)
+    # long/short 3, the most the training family draws, 10 mm thick: a node
+    oval = ((z - 25) / 6) ** 2 + ((y - 32) / 5) ** 2 + ((x - 32) / 15) ** 2 <= 1
+    hu[oval] = 45.0
+    assert P.path_over_thickness(oval, SPACING) < 3.6
+    assert not _judge(hu, oval, 10.0, 30.0)["tube_path"]
+    # a 14 mm node against a long straight vessel of its own density: the rule reads the
+    # node's own shape, so the vessel it touches does not make it a tube
+    hu = np.full(z.shape, -100.0)
+    vessel = (y - 32) ** 2 + (x - 20) ** 2 <= 4.0**2
+    node = (z - 25) ** 2 + (y - 32) ** 2 + (x - 31) ** 2 <= 7.0**2
+    hu[vessel | node] = 42.0
+    assert not _judge(hu, node, 14.0, 14.0)["tube_path"]
+    # a straight piece of that vessel 50 mm long is a tube
+    assert _judge(hu, vessel & (z >= 5) & (z <= 45), 8.0, 8.0)["tube_path"]
+
+
+def test_a_large_candidate_is_measured_on_a_coarser_grid_alike():
+    k, j, i = np.indices((120, 90, 90), dtype=float)
+    sp = (0.6, 0.5, 0.5)
+    tube = ((k * sp[0] - 36) ** 2 + (j * sp[1] - 22) ** 2 <= 9.0**2) & (i * sp[2] > 2) & (i * sp[2] < 43)
+    fine = P.path_over_thickness(tube, sp, max_voxels=10**8)
+    coarse = P.path_over_thickness(tube, sp, max_voxels=20000)
+    assert 2.0 < fine < 3.0  # 41 mm over 18 mm (corner to corner: a little more)
+    assert abs(coarse - fine) / fine < 0.1
+
+
 def test_rules_round_trip_through_the_card_and_can_be_turned_off():
     rules = P.Rules(max_elongation=3.0, off=("tube_inplane",))
     card = rules.to_card()
