@@ -34,8 +34,9 @@ Rules (a lymph node does not ...):
 The rules and their thresholds live in the model card (`plausibility`), so a model and
 the rules it was measured with travel together; `inference.plausibility: false` in the
 configuration turns them off, and a rule set to `null` in the card is skipped. A rule
-that the card's `rules` does not name is on, so the shipped card names `tube_path` as off
-(measured, and it lost nodes on the train family: benchmarks/RESULTS.md).
+that the card's `rules` does not name is off: a rule added later changes no older model's
+findings unmeasured. The shipped card names `tube_path` as off (measured, and it lost
+nodes on the train family: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ class Rules:
 
     @classmethod
     def from_card(cls, entry: dict | None) -> Rules | None:
-        """The rules of a card's `plausibility` entry; None when the card has none."""
+        """The rules of a card's `plausibility` entry; None when the card has none. A rule
+        the card does not name is off: a card records the rules its model was measured with,
+        and a rule added later must not change an older model's findings unmeasured."""
         if not entry:
             return None
         known = {f.name for f in fields(cls)} - {"off"}
@@ -108,7 +111,7 @@ class Rules:
         if bad:
             raise ValueError(f"plausibility rules {sorted(bad)} are unknown; known: {', '.join(RULES)}")
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in thresholds.items()}
-        off = tuple(r for r in RULES if not rules.get(r, True))
+        off = tuple(r for r in RULES if not rules.get(r, False))
         return cls(**values, off=off)
 
 

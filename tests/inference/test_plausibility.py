@@ -172,6 +172,8 @@ def test_rules_round_trip_through_the_card_and_can_be_turned_off():
         P.Rules.from_card({"rules": {"colour": True}})
     with pytest.raises(ValueError, match="unknown"):
         P.Rules.from_card({"thresholds": {"max_colour": 1}})
+    older = {"rules": {r: True for r in P.RULES if r != "tube_path"}, "thresholds": {}}
+    assert "tube_path" not in P.Rules.from_card(older).enabled()  # a card from before a rule
     verdict = dict.fromkeys(P.RULES, False) | {"tube_inplane": True}
     assert not P.implausible(verdict, back)
     assert P.implausible(verdict, P.Rules())
