@@ -15,7 +15,8 @@ The answer (`Look.outcome`) is one of:
   short axis, long axis and volume are given;
 * `UNCLEAR`: soft tissue is there but cannot be taken for one node: what the separation
   leaves is a tube (a bowel loop, a vessel), or far larger than the node was (a
-  conglomerate, an organ); or the place lies outside the scan. Not a size: for the
+  conglomerate, an organ), or its short axis is more than twice the node's (not taken for
+  the same node); or the place lies outside the scan. Not a size: for the
   response such a node is not evaluable.
 
 The separation is a marker-controlled watershed on the distance map of the soft tissue
@@ -48,6 +49,10 @@ CORE_MIN_SOFT_SHARE = 0.5  # less soft tissue in the core: FAT
 MAX_NECK_SHARE = 0.8  # a neck this thick (share of the node's own thickness): no separation
 MAX_ELONGATION = 3.5  # 3D principal spread ratio above this: a tube (the plausibility's limit)
 MAX_VOLUME_GROWTH = 15.0  # volume above this many times the expected ellipsoid's: not one node
+#: a short axis more than this many times the node's: not the same node (the look searches
+#: a box sized for the node it expects, and a structure that much larger is something else,
+#: or a node the box cannot hold); either way unclear, not a size
+MAX_SHORT_AXIS_RATIO = 2.0
 SMOOTH_MM = 0.7  # in-plane Gaussian before thresholding (noise)
 
 
@@ -120,6 +125,15 @@ def look_at(
         d = axial_diameters(node[key].astype(np.float32), (float(spacing[1]), float(spacing[2])))
     except ValueError:
         return Look(UNCLEAR, soft_tissue_share=share, note="the structure there cannot be measured")
+    if d.short_mm > MAX_SHORT_AXIS_RATIO * expected_short_axis_mm:
+        return Look(
+            UNCLEAR,
+            soft_tissue_share=share,
+            note=(
+                f"the structure there ({d.short_mm:.1f} mm short axis) is more than twice the node's "
+                f"{expected_short_axis_mm:.1f} mm: not taken for the same node"
+            ),
+        )
     return Look(
         MEASURED,
         short_axis_mm=float(d.short_mm),

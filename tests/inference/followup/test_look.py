@@ -126,3 +126,12 @@ def test_a_node_pressed_against_an_organ_of_its_density_is_cut_at_the_neck() -> 
     assert look.outcome == MEASURED
     assert look.short_axis_mm == pytest.approx(20.0, abs=2.0)
     assert look.volume_mm3 == pytest.approx(4 / 3 * math.pi * 10.0**3, rel=0.25)
+
+
+def test_a_structure_more_than_twice_the_node_is_not_taken_for_it() -> None:
+    """A 10 mm node's place now in a 26 mm structure: something else, not a size for it."""
+    array = np.full(SHAPE, FAT_HU)
+    array[_ball(CENTRE, 13.0)] = NODE_HU
+    look = look_at(_volume(array), _place(CENTRE), 10.0, 12.0)
+    assert look.outcome == UNCLEAR and "more than twice" in look.note
+    assert look_at(_volume(array), _place(CENTRE), 14.0, 16.0).outcome == MEASURED  # 26 < 2 x 14
