@@ -182,11 +182,9 @@ def _looks(
             continue
         tissue[c] = _prior_tissue_share(f, current, prior.volume, registration, settings)
         if settings.look_at_place and tissue[c] > settings.new_node_max_prior_tissue:
-            back = np.linalg.inv(np.asarray(registration.matrix, dtype=float))
-            place = back[:3, :3] @ np.asarray(f.centroid_lps_mm, float) + back[:3, 3]
             new[c] = look_at(
                 prior.volume,
-                (float(place[0]), float(place[1]), float(place[2])),
+                registration.map_back(f.centroid_lps_mm),
                 f.short_axis.length_mm,
                 f.long_axis.length_mm,
                 settings.soft_tissue_hu,

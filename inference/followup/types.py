@@ -115,6 +115,12 @@ class Registration:
         q = m[:3, :3] @ np.asarray(p, dtype=float) + m[:3, 3]
         return (float(q[0]), float(q[1]), float(q[2]))
 
+    def map_back(self, p: Point3) -> Point3:
+        """A current LPS point in the prior's frame (the inverse of `map_point`)."""
+        m = np.linalg.inv(np.asarray(self.matrix, dtype=float))
+        q = m[:3, :3] @ np.asarray(p, dtype=float) + m[:3, 3]
+        return (float(q[0]), float(q[1]), float(q[2]))
+
     def to_json(self) -> dict:
         return {
             "method": self.method,

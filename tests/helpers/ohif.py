@@ -232,6 +232,19 @@ def settled(page, script: str, arg=None, every: float = 1.0, rounds: int = 60):
     return last
 
 
+def open_sr(page, sr_uid: str) -> tuple[dict, dict]:
+    """Double-click the SR's thumbnail, as a radiologist does, and wait until OHIF has
+    hydrated it and drawn its lines: (SR state, drawn SVG) once both have settled."""
+    page.dblclick(f"#thumbnail-{sr_uid}")
+    page.wait_for_function(
+        "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+        ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
+    )
+    state = settled(page, SR_STATE_JS, sr_uid)
+    page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
+    return state, settled(page, SVG_DRAWN_JS)
+
+
 def frame(page, centre_lps: list[float], factor: float = 4.0) -> None:
     """Centre the active viewport on `centre_lps` within the slice shown, and zoom in (the
     nodes are small beside the whole body): for the screenshots only."""

@@ -32,12 +32,11 @@ import requests
 
 from inference import phantoms
 from tests.helpers.ohif import (
-    SR_STATE_JS,
-    SVG_DRAWN_JS,
     display_sets,
     frame,
     missing,
     ohif_page,
+    open_sr,
     settled,
 )
 from tests.helpers.peers import Orthanc
@@ -143,14 +142,7 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
         frame(page, nodes[0]["centroid_lps_mm"])
         page.screenshot(path=str(SCREENSHOTS / "seg.png"))
 
-        page.dblclick(f"#thumbnail-{uid['SR']}")
-        page.wait_for_function(
-            "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
-            ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
-        )
-        seen["sr"] = settled(page, SR_STATE_JS, uid["SR"])
-        page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
-        seen["svg"] = settled(page, SVG_DRAWN_JS)
+        seen["sr"], seen["svg"] = open_sr(page, uid["SR"])
         shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
         frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
         page.screenshot(path=str(SCREENSHOTS / "sr.png"))

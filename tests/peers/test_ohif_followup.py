@@ -43,7 +43,7 @@ from inference import phantoms
 from inference.ct_series import PatientInfo
 from inference.phantom_pairs import make_pair
 from tests.helpers.followup import restamp, upload
-from tests.helpers.ohif import SR_STATE_JS, SVG_DRAWN_JS, display_sets, frame, missing, ohif_page, settled
+from tests.helpers.ohif import SVG_DRAWN_JS, display_sets, frame, missing, ohif_page, open_sr, settled
 from tests.helpers.peers import Orthanc, free_port, model_dir, node_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
@@ -198,14 +198,7 @@ def viewed(orthanc: Orthanc, followed: dict) -> dict:
         seen["modalities"] = sorted(uid)
         seen["study_list"] = page.locator("body").inner_text()
 
-        page.dblclick(f"#thumbnail-{uid['SR']}")
-        page.wait_for_function(
-            "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
-            ".some(a => a.metadata.toolName === 'DICOMSRDisplay')"
-        )
-        seen["sr"] = settled(page, SR_STATE_JS, uid["SR"])
-        page.wait_for_function(f"() => ({SVG_DRAWN_JS})().lines > 0")
-        seen["svg"] = settled(page, SVG_DRAWN_JS)
+        seen["sr"], seen["svg"] = open_sr(page, uid["SR"])
         first = nodes[next(iter(seen["svg"]["texts"]))]
         _frame_left(page, first["centroid_lps_mm"])
         page.screenshot(path=str(SCREENSHOTS / "followup-sr.png"))
