@@ -139,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_train_verifier)
 
     c = sub.add_parser(
+        "train-checker",
+        help="fit the checker (a CNN on each candidate's crop: node or look-alike) of an existing model",
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument("--cases", type=int, default=64, help="seeds; each gives a plain and a variety phantom")
+    c.add_argument(
+        "--keep-share", type=float, default=0.99, help="share of the verifier's nodes kept, out of fold"
+    )
+    c.add_argument("--epochs", type=int, default=8)
+    c.set_defaults(func=cmd_train_checker)
+
+    c = sub.add_parser(
         "plausibility", help="write the plausibility rules (inference.plausibility) into a model's card"
     )
     c.add_argument("--model-dir", type=Path, required=True)
@@ -374,6 +386,25 @@ def cmd_train_verifier(args, settings: Settings) -> int:
         variety=getattr(args, "variety", False),
     )
     print(json.dumps({"verifier": report}))
+    return 0
+
+
+def cmd_train_checker(args, settings: Settings) -> int:
+    from inference.train_checker import train_checker
+
+    command = (
+        f"nodal train-checker --model-dir {args.model_dir} --cases {args.cases}"
+        f" --keep-share {args.keep_share} --epochs {args.epochs}"
+    )
+    report = train_checker(
+        args.model_dir,
+        args.cases,
+        keep_share=args.keep_share,
+        epochs=args.epochs,
+        cache_dir=settings.node.data_dir / "train-cache",
+        command=command,
+    )
+    print(json.dumps({"checker": report}))
     return 0
 
 

@@ -1,4 +1,7 @@
-"""Per-node malignancy: a small 3D CNN on a crop around the node, plus the rule category."""
+"""Crop networks: a small 3D CNN on a crop around a node (CT and mask) with its axes.
+
+Two of them: the malignancy classifier, and the checker (`inference.train_checker`) that
+says whether a candidate is a node at all."""
 
 from __future__ import annotations
 
@@ -52,13 +55,14 @@ def _box(a: np.ndarray, centre, size: int, fill: float) -> np.ndarray:
     return out
 
 
-def malignancy_probabilities(
+def crop_probabilities(
     classifier: torch.nn.Module,
     crops: list[np.ndarray],
     axes_mm: list[tuple[float, float]],
     device: torch.device,
 ) -> list[float]:
-    """Probability of malignancy for each crop with its (short, long) axis in mm."""
+    """The network's probability for each crop with its (short, long) axis in mm: malignancy
+    for the classifier, "a node" for the checker."""
     if not crops:
         return []
     x = torch.from_numpy(np.stack(crops)).to(device)

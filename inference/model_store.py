@@ -31,7 +31,9 @@ REQUIRED_FIELDS = (
     "classifier",
     "weights",
 )
-OPTIONAL_ROLES = {"verifier"}  # candidate verification (inference.verify), when the model has one
+#: Optional weights: candidate verification (inference.verify) and the crop checker
+#: (inference.train_checker), when the model has them.
+OPTIONAL_ROLES = {"verifier", "checker"}
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "nodal-ln-demo"
 
 
@@ -47,6 +49,8 @@ class LoadedModel:
     device: torch.device
     verifier: Verifier | None = None
     plausibility: Rules | None = None  # the card's plausibility rules (inference.plausibility)
+    checker: nn.Module | None = None  # node or look-alike, on the candidate's crop
+    checker_threshold: float = 0.0  # a candidate the checker scores below this is dropped
 
     @property
     def name(self) -> str:
@@ -116,13 +120,53 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         net.to(dev).eval()
     entry = card["weights"].get("verifier")
     verifier = Verifier.load(model_dir / entry["file"]) if entry else None
+    checker, checker_threshold = _load_checker(model_dir, card, dev)
     try:
         rules = Rules.from_card(card.get("plausibility"))
     except (TypeError, ValueError) as e:
         raise ModelCardError(f"{model_dir / CARD_NAME}: plausibility: {e}") from e
     return LoadedModel(
-        card=card, segmenter=seg, classifier=cls, device=dev, verifier=verifier, plausibility=rules
+        card=card,
+        segmenter=seg,
+        classifier=cls,
+        device=dev,
+        verifier=verifier,
+        plausibility=rules,
+        checker=checker,
+        checker_threshold=checker_threshold,
     )
+
+
+def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> tuple[nn.Module | None, float]:
+    entry = card["weights"].get("checker")
+    if entry is None:
+        return None, 0.0
+    spec = card.get("checker") or {}
+    if "width" not in spec or "threshold" not in spec:
+        raise ModelCardError(
+            f"{model_dir / CARD_NAME}: weights.checker needs checker.width and checker.threshold"
+        )
+    net = NodeClassifier(int(spec["width"]))
+    net.load_state_dict(torch.load(model_dir / entry["file"], map_location="cpu", weights_only=True))
+    return net.to(dev).eval(), float(spec["threshold"])
+
+
+def add_checker(model_dir: Path, checker: nn.Module, width: int, threshold: float, fit_report: dict) -> Path:
+    """Store the checker's weights in the model directory and pin them, its threshold and
+    how it was fitted in the card."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    path = model_dir / "checker.pt"
+    torch.save({k: v.detach().cpu() for k, v in checker.state_dict().items()}, path)
+    card["weights"]["checker"] = {"file": path.name, "sha256": sha256(path)}
+    card["checker"] = {
+        "architecture": "inference.networks.NodeClassifier",
+        "width": width,
+        "threshold": threshold,
+        "fit": fit_report,
+    }
+    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return path
 
 
 def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:

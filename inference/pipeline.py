@@ -2,7 +2,8 @@
 
 volume -> working grid -> U-Net probability -> connected components -> per node: mask on
 the native grid, RECIST diameters, volume, mean HU -> verification (drop what is not a
-node, when the model has a verifier) -> each node's edge settled on the image and measured
+node, when the model has a verifier; then what its checker, a CNN on the crop, takes for
+a look-alike) -> each node's edge settled on the image and measured
 again (`inference.refine`) -> every voxel to at most one node (`inference.nodes.exclusive`;
 the findings are measured from those same masks) -> classifier probability and rule
 category -> `StudyFindings`.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference import plausibility, rules, verify
-from inference.classify import malignancy_probabilities
+from inference.classify import crop_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
 from inference.nodes import Candidate, components, exclusive, measure_node, refined, working_crop
@@ -100,6 +101,18 @@ def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> 
     )
 
 
+def checker_probabilities(model: LoadedModel, pairs: list[tuple[Candidate, dict]]) -> list[float]:
+    """The checker's probability that each measured candidate is a node (its crop as the
+    classifier sees it); the model must have a checker."""
+    assert model.checker is not None
+    return crop_probabilities(
+        model.checker,
+        [m["crop"] for _, m in pairs],
+        [(m["short"].length_mm, m["long"].length_mm) for _, m in pairs],
+        model.device,
+    )
+
+
 def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None) -> Analysis:
     measured_pairs, seconds, image_w, grid = _detect(volume, model, settings)
     if model.verifier is not None and measured_pairs:
@@ -108,6 +121,13 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         keep = model.verifier.keep(x)
         measured_pairs = [pair for pair, k in zip(measured_pairs, keep, strict=True) if k]
         seconds["verify"] = time.perf_counter() - t
+    if model.checker is not None and measured_pairs:
+        t = time.perf_counter()
+        p_node = checker_probabilities(model, measured_pairs)
+        measured_pairs = [
+            pair for pair, p in zip(measured_pairs, p_node, strict=True) if p >= model.checker_threshold
+        ]
+        seconds["check"] = time.perf_counter() - t
     s = settings or PipelineSettings()
     if s.boundary_refine_mm > 0:
         t = time.perf_counter()
@@ -127,7 +147,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     measured = [m for _, m in measured_pairs]
 
     t = time.perf_counter()
-    probs = malignancy_probabilities(
+    probs = crop_probabilities(
         model.classifier,
         [m["crop"] for m in measured],
         [(m["short"].length_mm, m["long"].length_mm) for m in measured],

@@ -1,0 +1,117 @@
+"""The checker: a CNN on each candidate's crop (node or look-alike), its threshold chosen out
+of fold, pinned in the card and applied by the pipeline."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from inference import phantoms
+from inference.classify import CROP
+from inference.evaluate import phantom_volume
+from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, add_checker, load_model
+from inference.networks import NodeClassifier
+from inference.pipeline import analyse
+from inference.train_checker import (
+    KEEP_SHARES,
+    Part,
+    fit,
+    out_of_fold,
+    out_of_fold_table,
+    threshold_for,
+)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "m")
+    card = json.loads((d / "model_card.json").read_text())
+    card["weights"].pop("checker", None)
+    card.pop("checker", None)
+    (d / "checker.pt").unlink(missing_ok=True)
+    (d / "model_card.json").write_text(json.dumps(card))
+    return d
+
+
+def part(seed, node, kept, rng, n_crop=CROP):
+    n = len(node)
+    crops = np.zeros((n, 2, n_crop, n_crop, n_crop), np.float16)
+    c = n_crop // 2
+    for i, is_node in enumerate(node):  # a node: a bright ball in the mask channel; else a bar
+        if is_node:
+            crops[i, 1, c - 4 : c + 4, c - 4 : c + 4, c - 4 : c + 4] = 1
+        else:
+            crops[i, 1, :, c - 2 : c + 2, c - 2 : c + 2] = 1
+        crops[i, 0] = rng.normal(0, 0.1, (n_crop,) * 3)
+    axes = np.array([(8.0, 9.0) if v else (6.0, 30.0) for v in node])
+    return Part(seed, crops, axes, np.asarray(node, bool), np.asarray(kept, bool))
+
+
+def test_threshold_keeps_the_asked_share_of_the_verifiers_nodes():
+    rng = np.random.default_rng(0)
+    parts = [part(s, [True] * 50 + [False] * 50, [True] * 100, rng) for s in range(2)]
+    oof = [np.r_[np.linspace(0.5, 1.0, 50), np.linspace(0.0, 0.6, 50)] for _ in parts]
+    assert threshold_for(parts, oof, 1.0) == 0.5
+    th = threshold_for(parts, oof, 0.9)
+    kept = np.concatenate([s[p.node] for p, s in zip(parts, oof, strict=True)]) >= th
+    assert kept.mean() == pytest.approx(0.9, abs=0.02)
+    rows = out_of_fold_table(parts, oof)
+    assert [r["keep_share"] for r in rows] == list(KEEP_SHARES)
+    assert rows[-1]["nodes_lost"] == 0
+    assert rows[-1]["false_positives_removed"] == 2 * int((np.linspace(0.0, 0.6, 50) < 0.5).sum())
+
+
+def test_a_node_the_verifier_drops_does_not_set_the_threshold():
+    rng = np.random.default_rng(1)
+    p = part(0, [True, True, False], [True, False, True], rng)
+    assert threshold_for([p], [np.array([0.9, 0.1, 0.2])], 1.0) == 0.9
+
+
+def test_fit_learns_a_ball_from_a_bar_out_of_fold():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    parts = [part(s, [True] * 16 + [False] * 16, [True] * 32, rng) for s in range(4)]
+    oof = out_of_fold(parts, folds=2, epochs=10, seed=3)
+    nodes = np.concatenate([s[p.node] for p, s in zip(parts, oof, strict=True)])
+    others = np.concatenate([s[~p.node] for p, s in zip(parts, oof, strict=True)])
+    assert nodes.min() > others.max()
+    assert isinstance(fit(parts, epochs=1, seed=0), NodeClassifier)
+
+
+def test_the_checker_is_pinned_in_the_card_and_the_pipeline_applies_it(model_dir):
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    found = analyse(volume, load_model(model_dir, "cpu")).findings.findings
+    assert found
+
+    torch.manual_seed(0)
+    net = NodeClassifier(16).eval()
+    add_checker(model_dir, net, 16, 1.01, {"note": "drops every candidate"})
+    model = load_model(model_dir, "cpu")
+    assert model.checker is not None and model.checker_threshold == 1.01
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["checker"]["fit"] == {"note": "drops every candidate"}
+    assert card["weights"]["checker"]["sha256"]
+    assert not analyse(volume, model).findings.findings
+
+    add_checker(model_dir, net, 16, 0.0, {})
+    model = load_model(model_dir, "cpu")
+    analysis = analyse(volume, model)
+    assert [f.label for f in analysis.findings.findings] == [f.label for f in found]
+    assert "check" in analysis.seconds
+
+    with open(model_dir / "checker.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelCardError, match=r"checksum of checker\.pt"):
+        load_model(model_dir, "cpu")
+
+
+def test_a_card_without_the_checkers_threshold_is_refused(model_dir):
+    add_checker(model_dir, NodeClassifier(16), 16, 0.5, {})
+    card = json.loads((model_dir / "model_card.json").read_text())
+    del card["checker"]["threshold"]
+    (model_dir / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match=r"checker\.threshold"):
+        load_model(model_dir, "cpu")
