@@ -148,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-share", type=float, default=0.99, help="share of the verifier's nodes kept, out of fold"
     )
     c.add_argument("--epochs", type=int, default=8)
+    c.add_argument("--version", default=None, help="the card's version with the checker (default: unchanged)")
     c.set_defaults(func=cmd_train_checker)
 
     c = sub.add_parser(
@@ -395,7 +396,7 @@ def cmd_train_checker(args, settings: Settings) -> int:
     command = (
         f"nodal train-checker --model-dir {args.model_dir} --cases {args.cases}"
         f" --keep-share {args.keep_share} --epochs {args.epochs}"
-    )
+    ) + (f" --version {args.version}" if args.version else "")
     report = train_checker(
         args.model_dir,
         args.cases,
@@ -403,6 +404,7 @@ def cmd_train_checker(args, settings: Settings) -> int:
         epochs=args.epochs,
         cache_dir=settings.node.data_dir / "train-cache",
         command=command,
+        version=args.version,
     )
     print(json.dumps({"checker": report}))
     return 0

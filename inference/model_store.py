@@ -151,11 +151,21 @@ def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> tuple[nn.Mo
     return net.to(dev).eval(), float(spec["threshold"])
 
 
-def add_checker(model_dir: Path, checker: nn.Module, width: int, threshold: float, fit_report: dict) -> Path:
+def add_checker(
+    model_dir: Path,
+    checker: nn.Module,
+    width: int,
+    threshold: float,
+    fit_report: dict,
+    version: str | None = None,
+) -> Path:
     """Store the checker's weights in the model directory and pin them, its threshold and
-    how it was fitted in the card."""
+    how it was fitted in the card; `version`, when given, becomes the card's version (a
+    model with a checker finds other nodes than the model without it)."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
+    if version is not None:
+        card["version"] = version
     path = model_dir / "checker.pt"
     torch.save({k: v.detach().cpu() for k, v in checker.state_dict().items()}, path)
     card["weights"]["checker"] = {"file": path.name, "sha256": sha256(path)}

@@ -166,6 +166,7 @@ def train_checker(
     folds: int = 4,
     cache_dir: Path | None = None,
     command: str = "",
+    version: str | None = None,
 ) -> dict:
     """Choose the threshold out of fold, fit on all phantoms, store; return the fit report."""
     parts = phantom_parts(model_dir, cases, seed, cache_dir)
@@ -195,7 +196,7 @@ def train_checker(
     }
     if command:
         report["command"] = command
-    add_checker(model_dir, net, WIDTH, threshold, report)
+    add_checker(model_dir, net, WIDTH, threshold, report, version)
     log.info(
         "checker threshold %.4f (keep share %.2f of the verifier's nodes, out of fold)", threshold, keep_share
     )

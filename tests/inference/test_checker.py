@@ -96,8 +96,9 @@ def test_the_checker_is_pinned_in_the_card_and_the_pipeline_applies_it(model_dir
     assert card["weights"]["checker"]["sha256"]
     assert not analyse(volume, model).findings.findings
 
-    add_checker(model_dir, net, 16, 0.0, {})
+    add_checker(model_dir, net, 16, 0.0, {}, version="9.9.9")
     model = load_model(model_dir, "cpu")
+    assert model.version == "9.9.9"
     analysis = analyse(volume, model)
     assert [f.label for f in analysis.findings.findings] == [f.label for f in found]
     assert "check" in analysis.seconds
