@@ -175,19 +175,14 @@ def train_checker(
     oof = out_of_fold(parts, folds, epochs, seed)
     threshold = threshold_for(parts, oof, keep_share)
     net = fit(parts, epochs, seed + folds)
-    verifier_kept = [p.kept for p in parts]
     report = {
         "phantoms": len(parts),
         "seeds": [seed, seed + cases - 1],
         "families": ["train", "train variety"],
         "candidates": int(sum(len(p.node) for p in parts)),
         "nodes": int(sum(p.node.sum() for p in parts)),
-        "verifier_kept_nodes": int(
-            sum((p.node & k).sum() for p, k in zip(parts, verifier_kept, strict=True))
-        ),
-        "verifier_kept_others": int(
-            sum((~p.node & k).sum() for p, k in zip(parts, verifier_kept, strict=True))
-        ),
+        "verifier_kept_nodes": int(sum((p.node & p.kept).sum() for p in parts)),
+        "verifier_kept_others": int(sum((~p.node & p.kept).sum() for p in parts)),
         "epochs": epochs,
         "folds": folds,
         "keep_share": keep_share,
