@@ -143,11 +143,9 @@ def _parser() -> argparse.ArgumentParser:
         help="fit the checker (a CNN on each candidate's crop: node or look-alike) of an existing model",
     )
     c.add_argument("--model-dir", type=Path, required=True)
-    c.add_argument("--cases", type=int, default=64, help="seeds; each gives a plain and a variety phantom")
-    c.add_argument(
-        "--keep-share", type=float, default=0.99, help="share of the verifier's nodes kept, out of fold"
-    )
-    c.add_argument("--epochs", type=int, default=8)
+    c.add_argument("--cases", type=int, help="seeds; each gives a plain and a variety phantom")
+    c.add_argument("--keep-share", type=float, help="share of the verifier's nodes kept, out of fold")
+    c.add_argument("--epochs", type=int)
     c.add_argument("--version", default=None, help="the card's version with the checker (default: unchanged)")
     c.set_defaults(func=cmd_train_checker)
 
@@ -393,18 +391,21 @@ def cmd_train_verifier(args, settings: Settings) -> int:
 def cmd_train_checker(args, settings: Settings) -> int:
     from inference.train_checker import train_checker
 
+    defaults = inspect.signature(train_checker).parameters  # train_checker's own defaults
+    chosen = {
+        name: defaults[name].default if value is None else value
+        for name, value in (("cases", args.cases), ("keep_share", args.keep_share), ("epochs", args.epochs))
+    }
     command = (
-        f"nodal train-checker --model-dir {args.model_dir} --cases {args.cases}"
-        f" --keep-share {args.keep_share} --epochs {args.epochs}"
+        f"nodal train-checker --model-dir {args.model_dir} --cases {chosen['cases']}"
+        f" --keep-share {chosen['keep_share']} --epochs {chosen['epochs']}"
     ) + (f" --version {args.version}" if args.version else "")
     report = train_checker(
         args.model_dir,
-        args.cases,
-        keep_share=args.keep_share,
-        epochs=args.epochs,
         cache_dir=settings.node.data_dir / "train-cache",
         command=command,
         version=args.version,
+        **chosen,
     )
     print(json.dumps({"checker": report}))
     return 0

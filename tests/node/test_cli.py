@@ -66,3 +66,35 @@ def test_train_verifier_keep_share_default_is_the_functions(tmp_path: Path, monk
         main(["train-verifier", "--model-dir", str(tmp_path)])
     assert seen["keep_share"] == default and seen["cases"] == 32
     assert seen["command"].endswith(f"--keep-share {default}")
+
+
+def test_train_checker_defaults_are_the_functions(tmp_path: Path, monkeypatch) -> None:
+    import inspect
+
+    import inference.train_checker as tc
+
+    seen = {}
+    defaults = {k: v.default for k, v in inspect.signature(tc.train_checker).parameters.items()}
+
+    def fake(
+        model_dir,
+        cases=defaults["cases"],
+        keep_share=defaults["keep_share"],
+        epochs=defaults["epochs"],
+        **kwargs,
+    ):
+        seen.update(kwargs, cases=cases, keep_share=keep_share, epochs=epochs)
+        raise _Stop
+
+    monkeypatch.setattr(tc, "train_checker", fake)
+    with pytest.raises(_Stop):
+        main(["train-checker", "--model-dir", str(tmp_path)])
+    assert (seen["cases"], seen["keep_share"], seen["epochs"]) == (
+        defaults["cases"],
+        defaults["keep_share"],
+        defaults["epochs"],
+    )
+    assert seen["version"] is None and "--version" not in seen["command"]
+    with pytest.raises(_Stop):
+        main(["train-checker", "--model-dir", str(tmp_path), "--cases", "60", "--version", "0.4.1"])
+    assert seen["cases"] == 60 and seen["command"].endswith("--epochs 8 --version 0.4.1")
