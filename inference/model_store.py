@@ -115,9 +115,7 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
     seg = build_segmenter(tuple(card["segmenter"]["channels"]), card["segmenter"]["res_units"])
     cls = NodeClassifier(card["classifier"]["width"])
     for role, net in (("segmenter", seg), ("classifier", cls)):
-        state = torch.load(model_dir / card["weights"][role]["file"], map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-        net.to(dev).eval()
+        _load_weights(net, model_dir / card["weights"][role]["file"], dev)
     entry = card["weights"].get("verifier")
     verifier = Verifier.load(model_dir / entry["file"]) if entry else None
     checker, checker_threshold = _load_checker(model_dir, card, dev)
@@ -146,9 +144,19 @@ def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> tuple[nn.Mo
         raise ModelCardError(
             f"{model_dir / CARD_NAME}: weights.checker needs checker.width and checker.threshold"
         )
-    net = NodeClassifier(int(spec["width"]))
-    net.load_state_dict(torch.load(model_dir / entry["file"], map_location="cpu", weights_only=True))
-    return net.to(dev).eval(), float(spec["threshold"])
+    net = _load_weights(NodeClassifier(int(spec["width"])), model_dir / entry["file"], dev)
+    return net, float(spec["threshold"])
+
+
+def _load_weights(net: nn.Module, path: Path, dev: torch.device) -> nn.Module:
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.to(dev).eval()
+
+
+def _save_weights(net: nn.Module, path: Path) -> dict:
+    """Write `net`'s state dict to `path`; the card's entry for it (file and SHA-256)."""
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
+    return {"file": path.name, "sha256": sha256(path)}
 
 
 def add_checker(
@@ -167,8 +175,7 @@ def add_checker(
     if version is not None:
         card["version"] = version
     path = model_dir / "checker.pt"
-    torch.save({k: v.detach().cpu() for k, v in checker.state_dict().items()}, path)
-    card["weights"]["checker"] = {"file": path.name, "sha256": sha256(path)}
+    card["weights"]["checker"] = _save_weights(checker, path)
     card["checker"] = {
         "architecture": "inference.networks.NodeClassifier",
         "width": width,
@@ -197,10 +204,7 @@ def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn
     card = dict(card)
     card["weights"] = {}
     for role, net in (("segmenter", segmenter), ("classifier", classifier)):
-        path = model_dir / f"{role}.pt"
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        torch.save(state, path)
-        card["weights"][role] = {"file": path.name, "sha256": sha256(path)}
+        card["weights"][role] = _save_weights(net, model_dir / f"{role}.pt")
     (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return model_dir
 

@@ -99,6 +99,11 @@ class FollowUpSettings:
             raise FollowUpError(f"gate_long_axis_factor must be >= 0, got {self.gate_long_axis_factor}")
 
 
+def _apply(m: np.ndarray, p: Point3) -> Point3:
+    q = m[:3, :3] @ np.asarray(p, dtype=float) + m[:3, 3]
+    return (float(q[0]), float(q[1]), float(q[2]))
+
+
 @dataclass(frozen=True)
 class Registration:
     """How the prior was brought into the current frame."""
@@ -111,15 +116,11 @@ class Registration:
     seconds: float = 0.0
 
     def map_point(self, p: Point3) -> Point3:
-        m = np.asarray(self.matrix, dtype=float)
-        q = m[:3, :3] @ np.asarray(p, dtype=float) + m[:3, 3]
-        return (float(q[0]), float(q[1]), float(q[2]))
+        return _apply(np.asarray(self.matrix, dtype=float), p)
 
     def map_back(self, p: Point3) -> Point3:
         """A current LPS point in the prior's frame (the inverse of `map_point`)."""
-        m = np.linalg.inv(np.asarray(self.matrix, dtype=float))
-        q = m[:3, :3] @ np.asarray(p, dtype=float) + m[:3, 3]
-        return (float(q[0]), float(q[1]), float(q[2]))
+        return _apply(np.linalg.inv(np.asarray(self.matrix, dtype=float)), p)
 
     def to_json(self) -> dict:
         return {
