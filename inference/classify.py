@@ -5,6 +5,8 @@ says whether a candidate is a node at all."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from inference.preprocess import normalise
 
 CROP = 32  # voxels on each side of the classifier's input cube
 MIN_FIELD = 32  # the cube covers at least this many working voxels (mm at 1 mm spacing)
+#: The eight mirror images of a (batch, channel, z, y, x) crop: the axes each one flips.
+FLIP_DIMS = tuple(dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n))
 
 
 def crop_around(
@@ -60,13 +64,17 @@ def crop_probabilities(
     crops: list[np.ndarray],
     axes_mm: list[tuple[float, float]],
     device: torch.device,
+    flips: bool = False,
 ) -> list[float]:
     """The network's probability for each crop with its (short, long) axis in mm: malignancy
-    for the classifier, "a node" for the checker."""
+    for the classifier, "a node" for the checker. With `flips`, the logit is averaged over
+    the crop's eight mirror images (the networks are trained with random flips)."""
     if not crops:
         return []
     x = torch.from_numpy(np.stack(crops)).to(device)
     s = torch.tensor([classifier_scalars(sa, la) for sa, la in axes_mm], dtype=torch.float32, device=device)
+    views = FLIP_DIMS if flips else ((),)
     with torch.inference_mode():
-        p = torch.sigmoid(classifier(x, s).float())
+        logits = torch.stack([classifier(x.flip(dims) if dims else x, s).float() for dims in views])
+        p = torch.sigmoid(logits.mean(0))
     return [float(v) for v in p.cpu()]

@@ -41,6 +41,15 @@ class ModelCardError(ValueError):
     """The model directory cannot be trusted: card missing or incomplete, checksum mismatch."""
 
 
+@dataclass(frozen=True)
+class Checker:
+    """The crop checker (inference.train_checker): node or look-alike."""
+
+    net: nn.Module
+    threshold: float  # a candidate scored below this is dropped
+    flips: bool = False  # score as the mean over the crop's eight mirror images
+
+
 @dataclass
 class LoadedModel:
     card: dict
@@ -49,8 +58,7 @@ class LoadedModel:
     device: torch.device
     verifier: Verifier | None = None
     plausibility: Rules | None = None  # the card's plausibility rules (inference.plausibility)
-    checker: nn.Module | None = None  # node or look-alike, on the candidate's crop
-    checker_threshold: float = 0.0  # a candidate the checker scores below this is dropped
+    checker: Checker | None = None
 
     @property
     def name(self) -> str:
@@ -118,7 +126,7 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         _load_weights(net, model_dir / card["weights"][role]["file"], dev)
     entry = card["weights"].get("verifier")
     verifier = Verifier.load(model_dir / entry["file"]) if entry else None
-    checker, checker_threshold = _load_checker(model_dir, card, dev)
+    checker = _load_checker(model_dir, card, dev)
     try:
         rules = Rules.from_card(card.get("plausibility"))
     except (TypeError, ValueError) as e:
@@ -131,21 +139,20 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         verifier=verifier,
         plausibility=rules,
         checker=checker,
-        checker_threshold=checker_threshold,
     )
 
 
-def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> tuple[nn.Module | None, float]:
+def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> Checker | None:
     entry = card["weights"].get("checker")
     if entry is None:
-        return None, 0.0
+        return None
     spec = card.get("checker") or {}
     if "width" not in spec or "threshold" not in spec:
         raise ModelCardError(
             f"{model_dir / CARD_NAME}: weights.checker needs checker.width and checker.threshold"
         )
     net = _load_weights(NodeClassifier(int(spec["width"])), model_dir / entry["file"], dev)
-    return net, float(spec["threshold"])
+    return Checker(net, float(spec["threshold"]), bool(spec.get("test_time_flips", False)))
 
 
 def _load_weights(net: nn.Module, path: Path, dev: torch.device) -> nn.Module:
@@ -166,10 +173,12 @@ def add_checker(
     threshold: float,
     fit_report: dict,
     version: str | None = None,
+    flips: bool = False,
 ) -> Path:
-    """Store the checker's weights in the model directory and pin them, its threshold and
-    how it was fitted in the card; `version`, when given, becomes the card's version (a
-    model with a checker finds other nodes than the model without it)."""
+    """Store the checker's weights in the model directory and pin them, its threshold, its
+    scoring (`flips`: over the crop's mirror images) and how it was fitted in the card;
+    `version`, when given, becomes the card's version (a model with a checker finds other
+    nodes than the model without it)."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     if version is not None:
@@ -180,6 +189,7 @@ def add_checker(
         "architecture": "inference.networks.NodeClassifier",
         "width": width,
         "threshold": threshold,
+        "test_time_flips": flips,
         "fit": fit_report,
     }
     (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")

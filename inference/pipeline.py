@@ -106,10 +106,11 @@ def checker_probabilities(model: LoadedModel, pairs: list[tuple[Candidate, dict]
     classifier sees it); the model must have a checker."""
     assert model.checker is not None
     return crop_probabilities(
-        model.checker,
+        model.checker.net,
         [m["crop"] for _, m in pairs],
         [(m["short"].length_mm, m["long"].length_mm) for _, m in pairs],
         model.device,
+        flips=model.checker.flips,
     )
 
 
@@ -125,7 +126,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         t = time.perf_counter()
         p_node = checker_probabilities(model, measured_pairs)
         measured_pairs = [
-            pair for pair, p in zip(measured_pairs, p_node, strict=True) if p >= model.checker_threshold
+            pair for pair, p in zip(measured_pairs, p_node, strict=True) if p >= model.checker.threshold
         ]
         seconds["check"] = time.perf_counter() - t
     s = settings or PipelineSettings()

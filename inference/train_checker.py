@@ -13,6 +13,9 @@ training phantoms, plain and domain-randomised (`phantoms.variety_spec`), from
 `CHECKER_SEED_BASE` up: apart from the segmenter's and the verifier's seeds, below the
 evaluation seeds. A candidate is a node by the matching `nodal evaluate` uses.
 
+Scoring: the mean logit over the crop's eight mirror images (the network is trained with
+random flips), in the fit as in the pipeline.
+
 The threshold: the phantoms are split in folds; each fold is scored by a checker fitted
 on the others, and the threshold keeps `keep_share` of the nodes that the verifier keeps
 (the checker runs after it). The checker stored is then fitted on all phantoms.
@@ -40,7 +43,8 @@ log = logging.getLogger("nodal.train")
 
 CHECKER_SEED_BASE = 520_000
 WIDTH = 16
-KEEP_SHARES = (0.97, 0.98, 0.99, 1.0)  # reported side by side from the same folds
+KEEP_SHARES = (0.97, 0.98, 0.99, 0.995, 1.0)  # reported side by side from the same folds
+FLIPS = True  # score each crop as the mean over its eight mirror images (classify.FLIP_DIMS)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ def scores(net: torch.nn.Module, part: Part) -> np.ndarray:
     if len(part.node) == 0:
         return np.zeros(0)
     crops = [c.astype(np.float32) for c in part.crops]
-    return np.array(crop_probabilities(net, crops, [tuple(a) for a in part.axes_mm], torch.device("cpu")))
+    axes = [tuple(a) for a in part.axes_mm]
+    return np.array(crop_probabilities(net, crops, axes, torch.device("cpu"), flips=FLIPS))
 
 
 def out_of_fold(parts: list[Part], folds: int, epochs: int, seed: int) -> list[np.ndarray]:
@@ -186,12 +191,13 @@ def train_checker(
         "epochs": epochs,
         "folds": folds,
         "keep_share": keep_share,
+        "test_time_flips": FLIPS,
         "out_of_fold": out_of_fold_table(parts, oof),
         "segmenter_sha256": read_card(model_dir)["weights"]["segmenter"]["sha256"],
     }
     if command:
         report["command"] = command
-    add_checker(model_dir, net, WIDTH, threshold, report, version)
+    add_checker(model_dir, net, WIDTH, threshold, report, version, flips=FLIPS)
     log.info(
         "checker threshold %.4f (keep share %.2f of the verifier's nodes, out of fold)", threshold, keep_share
     )

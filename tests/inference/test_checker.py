@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference import phantoms
-from inference.classify import CROP
+from inference.classify import CROP, crop_probabilities
 from inference.evaluate import phantom_volume
 from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, add_checker, load_model
 from inference.networks import NodeClassifier
@@ -90,15 +90,15 @@ def test_the_checker_is_pinned_in_the_card_and_the_pipeline_applies_it(model_dir
     net = NodeClassifier(16).eval()
     add_checker(model_dir, net, 16, 1.01, {"note": "drops every candidate"})
     model = load_model(model_dir, "cpu")
-    assert model.checker is not None and model.checker_threshold == 1.01
+    assert model.checker is not None and model.checker.threshold == 1.01 and not model.checker.flips
     card = json.loads((model_dir / "model_card.json").read_text())
     assert card["checker"]["fit"] == {"note": "drops every candidate"}
     assert card["weights"]["checker"]["sha256"]
     assert not analyse(volume, model).findings.findings
 
-    add_checker(model_dir, net, 16, 0.0, {}, version="9.9.9")
+    add_checker(model_dir, net, 16, 0.0, {}, version="9.9.9", flips=True)
     model = load_model(model_dir, "cpu")
-    assert model.version == "9.9.9"
+    assert model.version == "9.9.9" and model.checker is not None and model.checker.flips
     analysis = analyse(volume, model)
     assert [f.label for f in analysis.findings.findings] == [f.label for f in found]
     assert "check" in analysis.seconds
@@ -116,3 +116,22 @@ def test_a_card_without_the_checkers_threshold_is_refused(model_dir):
     (model_dir / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ModelCardError, match=r"checker\.threshold"):
         load_model(model_dir, "cpu")
+
+
+def test_flip_scoring_averages_the_logit_over_the_eight_mirror_images():
+    torch.manual_seed(0)
+    net = NodeClassifier(8).eval()
+    rng = np.random.default_rng(3)
+    crop = rng.normal(0, 1, (2, CROP, CROP, CROP)).astype(np.float32)
+    axes = (7.0, 12.0)
+    cpu = torch.device("cpu")
+    mirrors = [crop[:, ::a, ::b, ::c].copy() for a in (1, -1) for b in (1, -1) for c in (1, -1)]
+    logits = [np.log(p / (1 - p)) for p in crop_probabilities(net, mirrors, [axes] * 8, cpu)]
+    assert np.ptp(logits) > 1e-3  # the mirror images differ to the network
+    expected = 1 / (1 + np.exp(-np.mean(logits)))
+    assert crop_probabilities(net, [crop], [axes], cpu, flips=True)[0] == pytest.approx(expected, rel=1e-4)
+    assert crop_probabilities(net, [crop], [axes], cpu)[0] == pytest.approx(
+        1 / (1 + np.exp(-logits[0])), rel=1e-4
+    )
+    mirrored = crop_probabilities(net, mirrors[:1] + mirrors[-1:], [axes] * 2, cpu, flips=True)
+    assert mirrored[0] == pytest.approx(mirrored[1], rel=1e-4)  # a mirror image scores the same
