@@ -234,7 +234,11 @@ def train_segmenter(
     return net.eval()
 
 
-def train_classifier(cfg: TrainConfig, crops, scalars, labels, start: dict | None = None) -> torch.nn.Module:
+def train_classifier(
+    cfg: TrainConfig, crops, scalars, labels, start: dict | None = None, name: str = "classifier"
+) -> torch.nn.Module:
+    """A crop network (`networks.NodeClassifier`) fitted to `labels`; `name` is what the
+    progress and the log call it (the malignancy classifier, or the checker)."""
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng([cfg.seed, 5])
     net = NodeClassifier(cfg.cls_width)
@@ -251,7 +255,7 @@ def train_classifier(cfg: TrainConfig, crops, scalars, labels, start: dict | Non
     s_all = torch.tensor([classifier_scalars(sa, la) for sa, la in scalars], dtype=torch.float32)
     net.train()
     t0 = time.time()
-    for step in progress(range(steps), steps, "classifier"):
+    for step in progress(range(steps), steps, name):
         idx = rng.integers(0, len(crops), batch)
         x = _flip(torch.from_numpy(x_all[idx].astype(np.float32)), rng)
         if rng.random() < 0.5:
@@ -263,7 +267,8 @@ def train_classifier(cfg: TrainConfig, crops, scalars, labels, start: dict | Non
         sched.step()
         if step % 200 == 0 or step == steps - 1:
             log.info(
-                "classifier step %d/%d loss %.4f (%.0f s)",
+                "%s step %d/%d loss %.4f (%.0f s)",
+                name,
                 step,
                 steps,
                 loss.item(),

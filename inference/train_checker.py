@@ -114,7 +114,8 @@ def fit(parts: list[Part], epochs: int, seed: int) -> torch.nn.Module:
     crops = [c for p in parts for c in p.crops]
     axes = [tuple(a) for p in parts for a in p.axes_mm]
     labels = [bool(v) for p in parts for v in p.node]
-    return train_classifier(TrainConfig(seed=seed, cls_epochs=epochs, cls_width=WIDTH), crops, axes, labels)
+    cfg = TrainConfig(seed=seed, cls_epochs=epochs, cls_width=WIDTH)
+    return train_classifier(cfg, crops, axes, labels, name="checker")
 
 
 def scores(net: torch.nn.Module, part: Part) -> np.ndarray:
