@@ -99,9 +99,13 @@ CONNECTIONS_REFUSED = Counter(
     ["receiver", "reason"],
     registry=REGISTRY,
 )
+# Deprecated since 2026-12-05: nodal_http_refused_total{reason=~"token_.*"} counts the same
+# requests. Still counted, so that sites' dashboards and alerts keep working until they move;
+# to be removed in a later release, announced in docs/monitoring.md.
 HTTP_REFUSED = Counter(
     "nodal_http_requests_refused_total",
-    "HTTP requests (STOW-RS, REST API) refused for want of the bearer token, by reason (missing, invalid)",
+    "DEPRECATED, use nodal_http_refused_total{reason=~\"token_.*\"}. HTTP requests (STOW-RS, "
+    "REST API) refused for want of the bearer token, by reason (missing, invalid)",
     ["reason"],
     registry=REGISTRY,
 )
