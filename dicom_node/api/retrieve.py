@@ -48,7 +48,8 @@ def retrieve_router(settings: Settings, db: Database, receiver: Receiver) -> API
         try:
             fetched = fetch_study(settings, receiver, recorder, uid, body.accession_number)
             answer = fetched.to_json()
-            recorder.study_key = audit.study_key(fetched.study_uid)
+            uid = fetched.study_uid
+            recorder.study_key = audit.study_key(uid)
             if not fetched.outcomes.get("stored"):
                 answer["note"] = (
                     "nodal held every instance already; POST /api/jobs/{id}/retry runs a job again"
@@ -62,20 +63,15 @@ def retrieve_router(settings: Settings, db: Database, receiver: Receiver) -> API
         finally:
             for op in recorder.operations:
                 metrics.observe_qr(op.destination, op.operation, op.outcome, op.seconds, op.instances)
-        audit.record(
+        audit.user_action(
             db,
-            audit.Event(
-                "user_action",
-                audit.SUCCESS if status == 202 else audit.FAILURE,
-                actor="api",
-                peer=request.client.host if request.client else "",
-                study_key=recorder.study_key,
-                detail={
-                    "action": "retrieve",
-                    "status": status,
-                    **({"error": answer["detail"]} if status != 202 else {}),
-                },
-            ),
+            "retrieve",
+            "api",
+            audit.SUCCESS if status == 202 else audit.FAILURE,
+            "retrieve" if status == 202 else answer["detail"],
+            request.client.host if request.client else "",
+            study_uid=uid,
+            extra={"status": status},
         )
         if status != 202:
             raise HTTPException(status, answer["detail"])

@@ -100,9 +100,11 @@ def user_action(
     job_id: int | None = None,
     study_uid: str | None = None,
     count: int | None = None,
+    extra: dict | None = None,
 ) -> None:
-    """A `user_action` event: `action` (retry, reprocess) asked for `via` the status page or
-    the API by `peer`; the study by its key, never its UID."""
+    """A `user_action` event: `action` (retry, reprocess, retrieve) asked for `via` the
+    status page or the API by `peer`; the study by its key, never its UID; `extra` adds to
+    the detail (the HTTP status of a retrieve)."""
     record(
         db,
         Event(
@@ -113,7 +115,7 @@ def user_action(
             study_key=None if study_uid is None else study_key(study_uid),
             job_id=job_id,
             count=count,
-            detail={"action": action, "via": via, "result": result},
+            detail={"action": action, "via": via, "result": result, **(extra or {})},
         ),
     )
 

@@ -104,7 +104,7 @@ CONNECTIONS_REFUSED = Counter(
 # to be removed in a later release, announced in docs/monitoring.md.
 HTTP_REFUSED = Counter(
     "nodal_http_requests_refused_total",
-    "DEPRECATED, use nodal_http_refused_total{reason=~\"token_.*\"}. HTTP requests (STOW-RS, "
+    'DEPRECATED, use nodal_http_refused_total{reason=~"token_.*"}. HTTP requests (STOW-RS, '
     "REST API) refused for want of the bearer token, by reason (missing, invalid)",
     ["reason"],
     registry=REGISTRY,
