@@ -10,7 +10,8 @@ the truth:
 * short-axis change: |measured change - true change| of those correctly paired nodes;
 * response: the RECIST 1.1 nodal response of the comparison against that of the true sizes,
   and the same without the look at the place of nodes found in one study only
-  (`inference.followup.look`), from the same analyses;
+  (`inference.followup.look`), and, for a model with a checker, with the look's structures
+  not judged by it (`inference.pipeline.look_judge`), from the same analyses;
 * registration: the distance between where the registration and the true motion put each
   true prior node centre.
 """
@@ -27,7 +28,7 @@ from inference.followup import FROM_ANALYSIS, MATCHED, FollowUpSettings, PriorSt
 from inference.model_store import LoadedModel
 from inference.phantom_pairs import SCENARIOS, make_pair
 from inference.phantoms import PhantomSpec
-from inference.pipeline import PipelineSettings, analyse
+from inference.pipeline import PipelineSettings, analyse, look_judge
 from inference.progress import progress
 from inference.train import EVAL_SEED_BASE
 
@@ -57,6 +58,7 @@ def evaluate_followup(
     errors = [e for r in rows for e in r["sa_change_errors_mm"]]
     agree = sum(r["response"] == r["truth_response"] for r in rows)
     agree_without = sum(r["response_without_look"] == r["truth_response"] for r in rows)
+    agree_unjudged = sum(r["response_look_unjudged"] == r["truth_response"] for r in rows)
     reg = [r["registration_error_mm"] for r in rows if r["registration_error_mm"] is not None]
     return {
         "pairs": pairs,
@@ -73,6 +75,8 @@ def evaluate_followup(
         },
         "response_agreement": f"{agree}/{pairs}",
         "response_agreement_without_look": f"{agree_without}/{pairs}",
+        # the look's structures not judged by the model's checker (= response_agreement without one)
+        "response_agreement_look_unjudged": f"{agree_unjudged}/{pairs}",
         "registration_error_mm": {
             "median": _r(float(np.median(reg)) if reg else None, 2),
             "max": _r(max(reg) if reg else None, 2),
@@ -100,10 +104,12 @@ def _one(
         volume=prior_volume,
         source=FROM_ANALYSIS,
     )
-    comparison = compare(prior, current_volume, current_findings)
+    judge = look_judge(model)
+    comparison = compare(prior, current_volume, current_findings, judge=judge)
     without_look = compare(
         prior, current_volume, current_findings, settings=FollowUpSettings(look_at_place=False)
     )
+    unjudged = compare(prior, current_volume, current_findings) if judge is not None else comparison
     prior_truth = _truth_of(pair.prior.labels, prior_findings)  # truth index -> finding
     current_truth = _truth_of(pair.current.labels, current_findings)
     paired = {n.prior_tracking_uid: n.current_tracking_uid for n in comparison.nodes if n.status == MATCHED}
@@ -135,6 +141,7 @@ def _one(
         "response": comparison.summary.recist_response,
         "response_reason": comparison.summary.recist_reason,
         "response_without_look": without_look.summary.recist_response,
+        "response_look_unjudged": unjudged.summary.recist_response,  # = response without a checker
         "looks": sorted(n.look.outcome for n in comparison.nodes if n.look is not None),
         "truth_in_both": len(in_both),
         "found_in_both": found,

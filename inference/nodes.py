@@ -97,9 +97,13 @@ def refined(volume: Volume, c: Candidate, grow_mm: float, image_w: np.ndarray, g
     return Candidate(mask=mask, bbox=bbox, soft=soft[tight], crop=working_crop(image_w, grid, mask, bbox))  # type: ignore[arg-type]
 
 
-def working_crop(image_w: np.ndarray, grid: Grid, mask: np.ndarray, bbox) -> np.ndarray:
+def working_crop(
+    image_w: np.ndarray, grid: Grid, mask: np.ndarray, bbox, image_origin_w=(0, 0, 0)
+) -> np.ndarray:
     """The classifier's input for a node given by its native `mask` in `bbox`: the mask
-    sampled onto the working grid, where the network's own masks are cropped."""
+    sampled onto the working grid, where the network's own masks are cropped. `image_w`
+    may be a patch of the working image that starts at `image_origin_w`
+    (`preprocess.working_patch`)."""
     lo_n, hi_n = np.array(bbox[:3]), np.array(bbox[3:])
     lo_w = np.maximum(np.floor(grid.to_working(lo_n)).astype(int), 0)
     hi_w = np.minimum(np.ceil(grid.to_working(hi_n - 1)).astype(int) + 1, grid.working_shape)
@@ -113,7 +117,10 @@ def working_crop(image_w: np.ndarray, grid: Grid, mask: np.ndarray, bbox) -> np.
     sl = ndimage.find_objects(mask_w.astype(np.uint8))[0]
     centre = np.array(ndimage.center_of_mass(mask_w)) + lo_w
     extent = max(x.stop - x.start for x in sl)
-    return crop_around(image_w, mask_w.astype(np.float32), centre, extent, mask_origin_w=lo_w)
+    origin = np.asarray(image_origin_w)
+    return crop_around(
+        image_w, mask_w.astype(np.float32), centre - origin, extent, mask_origin_w=lo_w - origin
+    )
 
 
 def measure_node(volume: Volume, c: Candidate) -> dict | None:

@@ -11,18 +11,20 @@ category -> `StudyFindings`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from inference import plausibility, rules, verify
-from inference.classify import crop_probabilities
+from inference.classify import MIN_FIELD, crop_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
 from inference.nodes import Candidate, components, exclusive, measure_node, refined, working_crop
-from inference.preprocess import Grid, to_working
+from inference.preprocess import Grid, to_working, working_grid, working_patch
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
 from inference.volume import Volume
@@ -112,6 +114,59 @@ def checker_probabilities(model: LoadedModel, pairs: list[tuple[Candidate, dict]
         model.device,
         flips=model.checker.flips,
     )
+
+
+def checker_keeps(
+    model: LoadedModel,
+    volume: Volume,
+    structure: np.ndarray,
+    origin: tuple[int, int, int],
+    short_mm: float,
+    long_mm: float,
+) -> bool:
+    """Whether the model's checker keeps a structure found outside the pipeline (a look at a
+    node's place, `inference.followup.look.Judge`) as it keeps its own candidates. True when
+    the model has no checker."""
+    if model.checker is None or not structure.any():
+        return True
+    crop = structure_crop(volume, structure, origin, model.working_spacing)
+    checker = model.checker
+    [p] = crop_probabilities(checker.net, [crop], [(short_mm, long_mm)], model.device, flips=checker.flips)
+    return p >= checker.threshold
+
+
+def look_judge(model: LoadedModel):
+    """The model's verdict on what a look at a node's place measures
+    (`inference.followup.look.Judge`): its checker, as on its own candidates; None when the
+    model has no checker."""
+    return None if model.checker is None else functools.partial(checker_keeps, model)
+
+
+def structure_crop(
+    volume: Volume, structure: np.ndarray, origin: tuple[int, int, int], working_spacing: float
+) -> np.ndarray:
+    """The crop networks' input for a structure given by its voxels in a box of `volume`
+    that starts at `origin` (k, j, i), as the pipeline makes it for a node
+    (`inference.nodes.working_crop` on the volume's working grid), resampling only the
+    patch of the working grid that the crop's field covers."""
+    k0, j0, i0, k1, j1, i1 = _bbox(structure)
+    lo, hi = np.add(origin, (k0, j0, i0)), np.add(origin, (k1, j1, i1))
+    grid = working_grid(volume.array, volume.spacing, working_spacing)
+    lo_w, hi_w = grid.to_working(lo), grid.to_working(hi - 1)
+    reach = max(MIN_FIELD, 1.4 * float((hi_w - lo_w).max() + 1)) / 2 + 2  # working voxels
+    centre = (lo_w + hi_w) / 2
+    patch_lo = np.maximum(np.floor(centre - reach).astype(int), 0)
+    patch_hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, grid.working_shape)
+    patch = working_patch(volume.array, grid, patch_lo, patch_hi)
+    # one empty voxel around the structure, so that sampling it onto the working grid
+    # interpolates across its edge as it does for a node's mask in its box
+    mask = np.pad(structure[k0:k1, j0:j1, i0:i1], 1)
+    return working_crop(patch, grid, mask, (*(lo - 1), *(hi + 1)), image_origin_w=patch_lo)
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    sl = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return (sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)
 
 
 def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | None = None) -> Analysis:

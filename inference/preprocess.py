@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 #: HU window the networks see: values are clipped to it and scaled to about [-1, 1].
 HU_WINDOW = (-250.0, 350.0)
@@ -69,17 +70,35 @@ def to_working(
     hu: np.ndarray, spacing: tuple[float, float, float], working_spacing: float, crop: bool = True
 ) -> tuple[np.ndarray, Grid]:
     """Crop to the body and resample HU to the working spacing (float32, still HU)."""
+    grid = working_grid(hu, spacing, working_spacing, crop)
+    box = tuple(slice(lo, lo + n) for lo, n in zip(grid.crop_lo, grid.native_shape, strict=True))
+    return resample(hu[box], grid.working_shape), grid
+
+
+def working_grid(
+    hu: np.ndarray, spacing: tuple[float, float, float], working_spacing: float, crop: bool = True
+) -> Grid:
+    """The working grid `to_working` resamples `hu` to, without resampling it."""
     box = body_box(hu) if crop else tuple(slice(0, n) for n in hu.shape)
-    native = hu[box]
+    native_shape = tuple(b.stop - b.start for b in box)
     shape_w = tuple(
-        max(1, round((n - 1) * s / working_spacing) + 1) for n, s in zip(native.shape, spacing, strict=True)
+        max(1, round((n - 1) * s / working_spacing) + 1) for n, s in zip(native_shape, spacing, strict=True)
     )
-    out = resample(native, shape_w)
     eff = tuple(
-        (n - 1) * s / (w - 1) if w > 1 else s for n, s, w in zip(native.shape, spacing, shape_w, strict=True)
+        (n - 1) * s / (w - 1) if w > 1 else s for n, s, w in zip(native_shape, spacing, shape_w, strict=True)
     )
-    grid = Grid(tuple(b.start for b in box), native.shape, shape_w, eff)  # type: ignore[arg-type]
-    return out, grid
+    return Grid(tuple(b.start for b in box), native_shape, shape_w, eff)  # type: ignore[arg-type]
+
+
+def working_patch(hu: np.ndarray, grid: Grid, lo_w, hi_w) -> np.ndarray:
+    """The working image of `grid` for working indices lo_w <= kji < hi_w only: what
+    `to_working` gives there (trilinear, corners aligned), without resampling the rest."""
+    axes = [
+        np.arange(a, b) * grid.scale[i] + grid.crop_lo[i]
+        for i, (a, b) in enumerate(zip(lo_w, hi_w, strict=True))
+    ]
+    coords = np.meshgrid(*axes, indexing="ij")
+    return ndimage.map_coordinates(hu, coords, order=1, mode="nearest", output=np.float32)
 
 
 def resample(array: np.ndarray, shape: tuple[int, int, int], mode: str = "trilinear") -> np.ndarray:

@@ -107,6 +107,7 @@ def _follow_up(
     work: Path,
 ) -> FollowUp:
     from inference.followup import FollowUpError, FollowUpSettings, compare
+    from inference.pipeline import look_judge
 
     fs = settings.followup
     skipped: list[str] = []
@@ -131,7 +132,11 @@ def _follow_up(
                 return FollowUp("prior_unusable", str(e), None, cand.study.study_uid)
             try:
                 comparison = compare(
-                    prior, volume, analysis.findings, settings=FollowUpSettings(registration=fs.registration)
+                    prior,
+                    volume,
+                    analysis.findings,
+                    settings=FollowUpSettings(registration=fs.registration),
+                    judge=look_judge(model),
                 )
             except FollowUpError as e:
                 return FollowUp(

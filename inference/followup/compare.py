@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from inference.findings import Finding, Point3, StudyFindings
 from inference.followup import matching, response
-from inference.followup.look import MEASURED, UNCLEAR, Look, look_at
+from inference.followup.look import MEASURED, UNCLEAR, Judge, Look, judged, look_at
 from inference.followup.types import (
     GONE,
     MATCHED,
@@ -32,9 +32,11 @@ def compare(
     current: StudyFindings,
     *,
     settings: FollowUpSettings | None = None,
+    judge: Judge | None = None,
 ) -> Comparison:
     """Register the prior to the current study, match the nodes one to one, and measure
-    the changes and the response.
+    the changes and the response. `judge`: the model's verdict on what a look at a node's
+    place measures (`inference.followup.look.judged`); without it every such structure counts.
 
     Without `prior.volume` the prior's centroids are used as they are (recorded as an
     ``identity`` registration with its reason). Raises `FollowUpError` on bad input.
@@ -59,7 +61,9 @@ def compare(
     )
     by_prior = {p: (c, d) for p, c, d in pairs}
     matched_current = {c for _, c, _ in pairs}
-    looks = _looks(prior, current_volume, current, registration, mapped, by_prior, matched_current, settings)
+    looks = _looks(
+        prior, current_volume, current, registration, mapped, by_prior, matched_current, settings, judge
+    )
     sizes = []
     for p, node in enumerate(prior.nodes):
         hit = by_prior.get(p)
@@ -170,6 +174,7 @@ def _looks(
     by_prior: dict,
     matched_current: set[int],
     settings: FollowUpSettings,
+    judge: Judge | None,
 ) -> _Looks:
     """Where one study's node has no partner in the other, what its place there holds:
     each gone prior node is looked for in the current CT; each unmatched current node whose
@@ -182,19 +187,21 @@ def _looks(
             continue
         tissue[c] = _prior_tissue_share(f, current, prior.volume, registration, settings)
         if settings.look_at_place and tissue[c] > settings.new_node_max_prior_tissue:
-            new[c] = look_at(
+            then = look_at(
                 prior.volume,
                 registration.map_back(f.centroid_lps_mm),
                 f.short_axis.length_mm,
                 f.long_axis.length_mm,
                 settings.soft_tissue_hu,
             )
+            new[c] = judged(then, prior.volume, judge)
     if settings.look_at_place:
         for p, node in enumerate(prior.nodes):
             if p not in by_prior:
-                gone[p] = look_at(
+                now = look_at(
                     current_volume, mapped[p], node.short_axis_mm, node.long_axis_mm, settings.soft_tissue_hu
                 )
+                gone[p] = judged(now, current_volume, judge)
     return _Looks(gone=gone, new=new, tissue=tissue)
 
 

@@ -13,6 +13,11 @@ The answer (`Look.outcome`) is one of:
   is truly absent there;
 * `MEASURED`: one soft-tissue structure sits there, apart from its surroundings, and its
   short axis, long axis and volume are given;
+* `LOOK_ALIKE`: one soft-tissue structure sits there, but the model's checker (a CNN on its
+  crop, `inference.train_checker`) takes it for a look-alike, as it would drop it among the
+  model's own candidates (only with a `Judge`, which `compare` gets from a model that has a
+  checker): no node there, as with `FAT`. A look should not find again a false positive
+  that the model refused in this study;
 * `UNCLEAR`: soft tissue is there but cannot be taken for one node: what the separation
   leaves is a tube (a bowel loop, a vessel), or far larger than the node was (a
   conglomerate, an organ), or its short axis is more than twice the node's (not taken for
@@ -29,7 +34,8 @@ Pure: NumPy, SciPy and `inference.measure`; no network, no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -39,7 +45,11 @@ from inference.findings import Point3
 from inference.measure import axial_diameters
 from inference.volume import Volume
 
-FAT, MEASURED, UNCLEAR = "fat", "measured", "unclear"
+FAT, MEASURED, UNCLEAR, LOOK_ALIKE = "fat", "measured", "unclear", "look-alike"
+#: Whether a structure the look measured is a node as the model judges its own candidates:
+#: (volume, structure mask, the mask's origin (k, j, i) in the volume, short axis mm, long
+#: axis mm) -> keep it (`inference.pipeline.checker_keeps`).
+Judge = Callable[[Volume, np.ndarray, tuple[int, int, int], float, float], bool]
 SOFT_TISSUE_MAX_HU = 150.0  # above: contrast-filled vessel, oral contrast, bone (not a node)
 BOX_MIN_MM = 20.0  # the look's box reaches at least this far from the place
 BOX_LONG_AXIS_FACTOR = 1.5  # ... and this many expected long axes (room for growth)
@@ -60,12 +70,15 @@ SMOOTH_MM = 0.7  # in-plane Gaussian before thresholding (noise)
 class Look:
     """What the look found at a node's place (see the module's outcomes)."""
 
-    outcome: str  # FAT | MEASURED | UNCLEAR
+    outcome: str  # FAT | MEASURED | UNCLEAR | LOOK_ALIKE
     short_axis_mm: float | None = None
     long_axis_mm: float | None = None
     volume_mm3: float | None = None
     soft_tissue_share: float | None = None  # of the core, above the soft-tissue threshold
     note: str = ""
+    #: MEASURED: the structure's voxels in a box of the volume that starts at `origin` (k, j, i)
+    structure: np.ndarray | None = field(default=None, compare=False, repr=False)
+    origin: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -140,6 +153,25 @@ def look_at(
         long_axis_mm=float(d.long_mm),
         volume_mm3=float(node.sum() * np.prod(spacing)),
         soft_tissue_share=share,
+        structure=node,
+        origin=(int(lo[0]), int(lo[1]), int(lo[2])),
+    )
+
+
+def judged(look: Look, volume: Volume, judge: Judge | None) -> Look:
+    """`look`, or a `LOOK_ALIKE` where `judge` refuses the structure it measured."""
+    if judge is None or look.outcome != MEASURED or look.structure is None or look.origin is None:
+        return look
+    sa, la = float(look.short_axis_mm or 0.0), float(look.long_axis_mm or 0.0)
+    if judge(volume, look.structure, look.origin, sa, la):
+        return look
+    return Look(
+        LOOK_ALIKE,
+        soft_tissue_share=look.soft_tissue_share,
+        note=(
+            f"soft tissue there ({sa:.1f} mm short axis), but the model's checker takes it for a "
+            "look-alike, not a node"
+        ),
     )
 
 

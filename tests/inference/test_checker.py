@@ -13,7 +13,8 @@ from inference.classify import CROP, crop_probabilities
 from inference.evaluate import phantom_volume
 from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, add_checker, load_model
 from inference.networks import NodeClassifier
-from inference.pipeline import analyse
+from inference.nodes import working_crop
+from inference.pipeline import _detect, analyse, checker_keeps, structure_crop
 from inference.train_checker import (
     KEEP_SHARES,
     Part,
@@ -135,3 +136,26 @@ def test_flip_scoring_averages_the_logit_over_the_eight_mirror_images():
     )
     mirrored = crop_probabilities(net, mirrors[:1] + mirrors[-1:], [axes] * 2, cpu, flips=True)
     assert mirrored[0] == pytest.approx(mirrored[1], rel=1e-4)  # a mirror image scores the same
+
+
+def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_candidate(model_dir):
+    """A look's structure (its voxels in a box of the volume) gets the crop the pipeline
+    makes for a candidate with the same voxels, though only a patch of the working grid is
+    resampled; the checker judges it by the card's threshold."""
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    model = load_model(model_dir, "cpu")
+    pairs, _, image_w, grid = _detect(volume, model, None)
+    assert len(pairs) >= 3
+    for c, _ in pairs:
+        pipeline_crop = working_crop(image_w, grid, c.mask, c.bbox)
+        crop = structure_crop(volume, c.mask, tuple(c.bbox[:3]), model.working_spacing)
+        np.testing.assert_allclose(crop, pipeline_crop, atol=1e-3)
+
+    c, m = pairs[0]
+    args = (volume, c.mask, tuple(c.bbox[:3]), m["short"].length_mm, m["long"].length_mm)
+    assert checker_keeps(model, *args)  # no checker: kept
+    torch.manual_seed(0)
+    for threshold, kept in ((1.01, False), (0.0, True)):
+        add_checker(model_dir, NodeClassifier(16).eval(), 16, threshold, {}, flips=True)
+        assert checker_keeps(load_model(model_dir, "cpu"), *args) is kept

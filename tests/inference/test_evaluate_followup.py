@@ -23,6 +23,8 @@ def test_one_pair_end_to_end() -> None:
     assert result["response_agreement"] == f"{int(row['response'] == row['truth_response'])}/1"
     without = int(row["response_without_look"] == row["truth_response"])
     assert result["response_agreement_without_look"] == f"{without}/1"
+    assert row["response_look_unjudged"] == row["response"]  # the shipped model: no checker to judge
+    assert result["response_agreement_look_unjudged"] == result["response_agreement"]
     assert set(row["looks"]) <= {"fat", "measured", "unclear"}
 
 

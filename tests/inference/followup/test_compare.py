@@ -184,9 +184,10 @@ def test_a_new_node_already_visible_on_the_prior_ct_is_no_new_lesion(
         assert node.look is None and node.short_axis_mm_prior is None
 
 
-@pytest.mark.parametrize("now", ["fat", "measured", "unclear"])
+@pytest.mark.parametrize("now", ["fat", "measured", "unclear", "look-alike"])
 def test_a_gone_node_is_looked_for_at_its_place_on_the_current_ct(studies, now) -> None:
-    """The model did not find prior LN-2 now; its place on the current CT decides its size."""
+    """The model did not find prior LN-2 now; its place on the current CT decides its size;
+    what the look measures there, the model's judge (its checker) may refuse."""
     study, prior, _, current = studies
     array = np.full(SHAPE, -100.0, np.float32)
     for f in current.findings:  # the current CT shows what the analysis found ...
@@ -194,7 +195,7 @@ def test_a_gone_node_is_looked_for_at_its_place_on_the_current_ct(studies, now) 
         array[k0:k1, j0:j1, i0:i1][f.mask] = 45.0
     gone = next(f for f in prior.findings if f.label == "LN-2")
     k0, j0, i0, k1, j1, i1 = gone.bbox
-    if now == "measured":  # ... and prior LN-2, shrunk to two thirds, which it missed
+    if now in ("measured", "look-alike"):  # ... and prior LN-2, shrunk to two thirds, which it missed
         shrunk = np.zeros_like(gone.mask)
         grid = np.indices(gone.mask.shape)
         centre = np.argwhere(gone.mask).mean(axis=0)
@@ -203,8 +204,22 @@ def test_a_gone_node_is_looked_for_at_its_place_on_the_current_ct(studies, now) 
     if now == "unclear":  # ... or a band of soft tissue through its place
         array[:, j0 + 2 : j1 - 2, :] = 40.0
     current_volume = array_volume(array, _affine(), "compare-test", "current")
-    comparison = compare(study, current_volume, current)
+    judged = []
+
+    def judge(volume, structure, origin, short_mm, long_mm) -> bool:
+        judged.append((volume, structure, origin, short_mm))
+        return now != "look-alike"
+
+    comparison = compare(study, current_volume, current, judge=judge)
     node = next(n for n in comparison.nodes if n.status == GONE)
+    if now in ("measured", "look-alike"):  # the judge saw the structure the look measured
+        [(volume, structure, origin, short_mm)] = judged
+        assert volume is current_volume and short_mm == pytest.approx(8.0, abs=2.5)
+        where = np.zeros(SHAPE, bool)
+        where[tuple(slice(o, o + n) for o, n in zip(origin, structure.shape, strict=True))] = structure
+        assert where[k0:k1, j0:j1, i0:i1][shrunk].mean() > 0.8 and where.sum() < 1.5 * shrunk.sum()
+    else:
+        assert not judged
     assert node.look is not None and node.look.outcome == now
     if now == "measured":
         assert node.short_axis_mm_current == pytest.approx(8.0, abs=2.5)
