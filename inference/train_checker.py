@@ -200,6 +200,6 @@ def train_checker(
         report["command"] = command
     add_checker(model_dir, net, WIDTH, threshold, report, version, flips=FLIPS)
     log.info(
-        "checker threshold %.4f (keep share %.2f of the verifier's nodes, out of fold)", threshold, keep_share
+        "checker threshold %.4f (keep share %g of the verifier's nodes, out of fold)", threshold, keep_share
     )
     return report
