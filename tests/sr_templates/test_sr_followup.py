@@ -71,7 +71,16 @@ def _without(volume, finding):
 def looked(tmp_path_factory):
     """The model missed LN-2 in the prior (its CT shows it) and missed LN-3 now (the current
     CT shows it, smaller): both measured at their places."""
-    folder = tmp_path_factory.mktemp("looked")
+    return _looked(tmp_path_factory.mktemp("looked"))
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    """As `looked`, but the model's judge (its checker) refuses what the looks measured."""
+    return _looked(tmp_path_factory.mktemp("refused"), judge=lambda *_: False)
+
+
+def _looked(folder, judge=None):
     case = make_case(folder, nodes=NODES, uid_seed="nodal-followup-sr")
     volume = load_series(case.datasets)
     f = case.findings.findings
@@ -81,7 +90,7 @@ def looked(tmp_path_factory):
     mm = grid * np.asarray(volume.spacing)[:, None, None, None]
     array[np.sum(mm**2, axis=0) <= 6.0**2] = 45.0  # LN-3 now: 12 mm
     current_volume = dataclasses.replace(volume, array=array)
-    comparison = compare(_prior(f[0].centroid_lps_mm, volume), current_volume, case.findings)
+    comparison = compare(_prior(f[0].centroid_lps_mm, volume), current_volume, case.findings, judge=judge)
     paths = write_results(
         case.datasets, case.findings, folder / "out", comparison=comparison, prior_sources=volume
     )
@@ -107,9 +116,26 @@ def test_nodes_the_model_missed_are_measured_at_their_place_and_said_so(looked) 
     assert "LN-2: not found by the model on the prior CT, measured at its place" in text
 
 
+def test_a_structure_the_checker_refuses_is_no_node_and_said_so(refused) -> None:
+    _, comparison, paths = refused
+    gone = next(n for n in comparison.nodes if n.prior_label == "LN-3")
+    new = next(n for n in comparison.nodes if n.current_label == "LN-2")
+    for n in (gone, new):
+        assert n.look is not None and n.look.outcome == "look-alike"
+    assert gone.short_axis_mm_current is None and new.short_axis_mm_prior is None
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+    now = [g for g in groups if _uid(g) == PRIOR_STUDY + ".9.3" and _order(g) == 2]
+    assert [i.ConceptCodeSequence[0].CodeValue for g in now for i in _child(g, "121052")] == [
+        codes.ABSENT.value
+    ]
+    assert "LN-3: not found by the model on the current CT; soft tissue there" in summary_text(comparison)
+    assert "takes it for a look-alike, not a node" in summary_text(comparison)
+
+
 @needs_dciodvfy
-def test_the_looked_sr_passes_dciodvfy(looked) -> None:
-    _, _, paths = looked
+@pytest.mark.parametrize("looks", ["looked", "refused"])
+def test_the_looked_sr_passes_dciodvfy(looks, request) -> None:
+    _, _, paths = request.getfixturevalue(looks)
     errors, warnings = dciodvfy(paths["sr.dcm"])
     assert errors == [], errors
     assert all(any(a in w for a in ALLOWED_WARNINGS) for w in warnings), warnings
