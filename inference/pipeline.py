@@ -15,6 +15,7 @@ import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -28,6 +29,9 @@ from inference.preprocess import Grid, to_working, working_grid, working_patch
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
 from inference.volume import Volume
+
+if TYPE_CHECKING:
+    from inference.followup.look import Judge
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def checker_keeps(
     return p >= checker.threshold
 
 
-def look_judge(model: LoadedModel):
+def look_judge(model: LoadedModel) -> Judge | None:
     """The model's verdict on what a look at a node's place measures
     (`inference.followup.look.Judge`): its checker, as on its own candidates; None when the
     model has no checker."""
