@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inference.classify import CROP_KINDS
 from inference.networks import NodeClassifier, build_segmenter
 from inference.plausibility import Rules
 from inference.verify import Verifier
@@ -48,6 +49,7 @@ class Checker:
     net: nn.Module
     threshold: float  # a candidate scored below this is dropped
     flips: bool = False  # score as the mean over the crop's eight mirror images
+    crop: str = "candidate"  # what its crop shows (inference.classify.CROP_KINDS)
 
 
 @dataclass
@@ -151,8 +153,11 @@ def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> Checker | N
         raise ModelCardError(
             f"{model_dir / CARD_NAME}: weights.checker needs checker.width and checker.threshold"
         )
+    crop = spec.get("crop", "candidate")  # cards from before the choice: the candidate's crop
+    if crop not in CROP_KINDS:
+        raise ModelCardError(f"{model_dir / CARD_NAME}: checker.crop {crop!r} is not one of {CROP_KINDS}")
     net = _load_weights(NodeClassifier(int(spec["width"])), model_dir / entry["file"], dev)
-    return Checker(net, float(spec["threshold"]), bool(spec.get("test_time_flips", False)))
+    return Checker(net, float(spec["threshold"]), bool(spec.get("test_time_flips", False)), crop)
 
 
 def _load_weights(net: nn.Module, path: Path, dev: torch.device) -> nn.Module:
@@ -174,9 +179,11 @@ def add_checker(
     fit_report: dict,
     version: str | None = None,
     flips: bool = False,
+    crop: str = "candidate",
 ) -> Path:
     """Store the checker's weights in the model directory and pin them, its threshold, its
-    scoring (`flips`: over the crop's mirror images) and how it was fitted in the card;
+    scoring (`flips`: over the crop's mirror images), what its crop shows (`crop`, one of
+    `inference.classify.CROP_KINDS`) and how it was fitted in the card;
     `version`, when given, becomes the card's version (a model with a checker finds other
     nodes than the model without it)."""
     model_dir = Path(model_dir)
@@ -190,6 +197,7 @@ def add_checker(
         "width": width,
         "threshold": threshold,
         "test_time_flips": flips,
+        "crop": crop,
         "fit": fit_report,
     }
     (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")

@@ -98,12 +98,19 @@ def refined(volume: Volume, c: Candidate, grow_mm: float, image_w: np.ndarray, g
 
 
 def working_crop(
-    image_w: np.ndarray, grid: Grid, mask: np.ndarray, bbox, image_origin_w=(0, 0, 0)
+    image_w: np.ndarray,
+    grid: Grid,
+    mask: np.ndarray,
+    bbox,
+    image_origin_w=(0, 0, 0),
+    focus: tuple[np.ndarray, float] | None = None,
 ) -> np.ndarray:
     """The classifier's input for a node given by its native `mask` in `bbox`: the mask
     sampled onto the working grid, where the network's own masks are cropped. `image_w`
     may be a patch of the working image that starts at `image_origin_w`
-    (`preprocess.working_patch`)."""
+    (`preprocess.working_patch`). The cube is centred on the mask and scaled to its largest
+    side, or, with `focus` (a native (k, j, i) centre and an extent in mm, see
+    `node_focus`), centred and scaled there."""
     lo_n, hi_n = np.array(bbox[:3]), np.array(bbox[3:])
     lo_w = np.maximum(np.floor(grid.to_working(lo_n)).astype(int), 0)
     hi_w = np.minimum(np.ceil(grid.to_working(hi_n - 1)).astype(int) + 1, grid.working_shape)
@@ -114,13 +121,26 @@ def working_crop(
     mask_w = ndimage.map_coordinates(mask.astype(np.float32), coords, order=1, mode="constant") >= 0.5
     if not mask_w.any():  # a node thinner than a working voxel: its nearest working voxel
         mask_w[tuple(np.clip(np.array(mask_w.shape) // 2, 0, None))] = True
-    sl = ndimage.find_objects(mask_w.astype(np.uint8))[0]
-    centre = np.array(ndimage.center_of_mass(mask_w)) + lo_w
-    extent = max(x.stop - x.start for x in sl)
+    if focus is None:
+        sl = ndimage.find_objects(mask_w.astype(np.uint8))[0]
+        centre = np.array(ndimage.center_of_mass(mask_w)) + lo_w
+        extent: float = max(x.stop - x.start for x in sl)
+    else:
+        centre = grid.to_working(focus[0])
+        extent = focus[1] / float(np.mean(grid.working_spacing))
     origin = np.asarray(image_origin_w)
     return crop_around(
         image_w, mask_w.astype(np.float32), centre - origin, extent, mask_origin_w=lo_w - origin
     )
+
+
+def node_focus(mask: np.ndarray, bbox, key_slice: int, long_mm: float) -> tuple[np.ndarray, float]:
+    """Where a crop that shows the node as measured is centred and how far it reaches: the
+    centre of the mask on its key slice (native k, j, i) and the long axis (mm). For a lone
+    node this is nearly the whole candidate's centre and extent; for a node joined to a vessel
+    or a bowel wall it is the node, not the joined whole (the checker's `node` crop)."""
+    jj, ii = np.nonzero(mask[key_slice - bbox[0]])
+    return np.array([key_slice, bbox[1] + jj.mean(), bbox[2] + ii.mean()]), float(long_mm)
 
 
 def measure_node(volume: Volume, c: Candidate) -> dict | None:

@@ -24,7 +24,7 @@ from inference import plausibility, rules, verify
 from inference.classify import MIN_FIELD, crop_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
-from inference.nodes import Candidate, components, exclusive, measure_node, refined, working_crop
+from inference.nodes import Candidate, components, exclusive, measure_node, node_focus, refined, working_crop
 from inference.preprocess import Grid, to_working, working_grid, working_patch
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
@@ -107,13 +107,35 @@ def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> 
     )
 
 
-def checker_probabilities(model: LoadedModel, pairs: list[tuple[Candidate, dict]]) -> list[float]:
-    """The checker's probability that each measured candidate is a node (its crop as the
-    classifier sees it); the model must have a checker."""
+def checker_crops(
+    crop: str, pairs: list[tuple[Candidate, dict]], image_w: np.ndarray, grid: Grid
+) -> list[np.ndarray]:
+    """The checker's input for each measured candidate: the classifier's crop of the whole
+    candidate, or (`crop` "node") a crop centred on and scaled to the node as measured
+    (`inference.classify.CROP_KINDS`)."""
+    if crop == "candidate":
+        return [m["crop"] for _, m in pairs]
+    return [
+        working_crop(
+            image_w,
+            grid,
+            c.mask,
+            c.bbox,
+            focus=node_focus(c.mask, c.bbox, m["key_slice"], m["long"].length_mm),
+        )
+        for c, m in pairs
+    ]
+
+
+def checker_probabilities(
+    model: LoadedModel, pairs: list[tuple[Candidate, dict]], image_w: np.ndarray, grid: Grid
+) -> list[float]:
+    """The checker's probability that each measured candidate is a node (`checker_crops`);
+    the model must have a checker."""
     assert model.checker is not None
     return crop_probabilities(
         model.checker.net,
-        [m["crop"] for _, m in pairs],
+        checker_crops(model.checker.crop, pairs, image_w, grid),
         [(m["short"].length_mm, m["long"].length_mm) for _, m in pairs],
         model.device,
         flips=model.checker.flips,
@@ -133,8 +155,8 @@ def checker_keeps(
     the model has no checker."""
     if model.checker is None or not structure.any():
         return True
-    crop = structure_crop(volume, structure, origin, model.working_spacing)
     checker = model.checker
+    crop = structure_crop(volume, structure, origin, model.working_spacing, checker.crop, long_mm)
     [p] = crop_probabilities(checker.net, [crop], [(short_mm, long_mm)], model.device, flips=checker.flips)
     return p >= checker.threshold
 
@@ -147,25 +169,40 @@ def look_judge(model: LoadedModel) -> Judge | None:
 
 
 def structure_crop(
-    volume: Volume, structure: np.ndarray, origin: tuple[int, int, int], working_spacing: float
+    volume: Volume,
+    structure: np.ndarray,
+    origin: tuple[int, int, int],
+    working_spacing: float,
+    crop: str = "candidate",
+    long_mm: float = 0.0,
 ) -> np.ndarray:
     """The crop networks' input for a structure given by its voxels in a box of `volume`
     that starts at `origin` (k, j, i), as the pipeline makes it for a node
-    (`inference.nodes.working_crop` on the volume's working grid), resampling only the
+    (`inference.nodes.working_crop` on the volume's working grid; `crop` "node": centred on
+    its largest slice and scaled to `long_mm`, as `checker_crops`), resampling only the
     patch of the working grid that the crop's field covers."""
     k0, j0, i0, k1, j1, i1 = _bbox(structure)
     lo, hi = np.add(origin, (k0, j0, i0)), np.add(origin, (k1, j1, i1))
     grid = working_grid(volume.array, volume.spacing, working_spacing)
-    lo_w, hi_w = grid.to_working(lo), grid.to_working(hi - 1)
-    reach = max(MIN_FIELD, 1.4 * float((hi_w - lo_w).max() + 1)) / 2 + 2  # working voxels
-    centre = (lo_w + hi_w) / 2
-    patch_lo = np.maximum(np.floor(centre - reach).astype(int), 0)
-    patch_hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, grid.working_shape)
-    patch = working_patch(volume.array, grid, patch_lo, patch_hi)
     # one empty voxel around the structure, so that sampling it onto the working grid
     # interpolates across its edge as it does for a node's mask in its box
     mask = np.pad(structure[k0:k1, j0:j1, i0:i1], 1)
-    return working_crop(patch, grid, mask, (*(lo - 1), *(hi + 1)), image_origin_w=patch_lo)
+    bbox = (*(lo - 1), *(hi + 1))
+    focus = None
+    if crop == "node":
+        key = int(bbox[0] + np.argmax(mask.sum(axis=(1, 2))))
+        focus = node_focus(mask, bbox, key, long_mm)
+        centre = grid.to_working(focus[0])
+        extent = focus[1] / float(np.mean(grid.working_spacing))
+    else:
+        lo_w, hi_w = grid.to_working(lo), grid.to_working(hi - 1)
+        centre = (lo_w + hi_w) / 2
+        extent = float((hi_w - lo_w).max() + 1)
+    reach = max(MIN_FIELD, 1.4 * extent) / 2 + 2  # working voxels
+    patch_lo = np.maximum(np.floor(centre - reach).astype(int), 0)
+    patch_hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, grid.working_shape)
+    patch = working_patch(volume.array, grid, patch_lo, patch_hi)
+    return working_crop(patch, grid, mask, bbox, image_origin_w=patch_lo, focus=focus)
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int, int, int]:
@@ -183,7 +220,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         seconds["verify"] = time.perf_counter() - t
     if model.checker is not None and measured_pairs:
         t = time.perf_counter()
-        p_node = checker_probabilities(model, measured_pairs)
+        p_node = checker_probabilities(model, measured_pairs, image_w, grid)
         measured_pairs = [
             pair for pair, p in zip(measured_pairs, p_node, strict=True) if p >= model.checker.threshold
         ]

@@ -3,10 +3,13 @@
 The verifier (`inference.verify`) judges a candidate by a few numbers (size, density, its
 shell). What tells a piece of bowel or a vessel from a node is often in the image around
 it: a wall around content, a tube that runs on out of the candidate. The checker sees the
-candidate as the malignancy classifier does (`inference.classify.crop_around`: the CT and
-the candidate's mask in a cube 1.4 times its extent, with its short and long axis) and
-gives the probability that it is a node: the false-positive reduction stage of the lymph-
-node CAD literature (a CNN on candidate patches), here on the model's own candidates.
+CT and the candidate's mask in a cube (`inference.classify.crop_around`), with its short and
+long axis, and gives the probability that it is a node: the false-positive reduction stage
+of the lymph-node CAD literature (a CNN on candidate patches), here on the model's own
+candidates. The cube (`CROP`, `inference.pipeline.checker_crops`) is centred on the node as
+measured and 1.4 times its long axis ("node"); the first two checkers saw the classifier's
+cube, 1.4 times the whole candidate ("candidate"), in which a node joined to a vessel
+shrinks to a dot beside a tube and was refused.
 
 Training data: every candidate the model's segmenter finds (before the verifier) in
 training phantoms, plain and domain-randomised (`phantoms.variety_spec`), from
@@ -35,7 +38,7 @@ from inference import phantoms
 from inference.classify import crop_probabilities
 from inference.evaluate import match, phantom_volume
 from inference.model_store import add_checker, load_model, read_card
-from inference.pipeline import PipelineSettings, _detect, candidate_features
+from inference.pipeline import PipelineSettings, _detect, candidate_features, checker_crops
 from inference.progress import progress
 from inference.train import EVAL_SEED_BASE, TrainConfig, train_classifier, training_spec
 
@@ -45,6 +48,7 @@ CHECKER_SEED_BASE = 520_000
 WIDTH = 16
 KEEP_SHARES = (0.97, 0.98, 0.99, 0.995, 1.0)  # reported side by side from the same folds
 FLIPS = True  # score each crop as the mean over its eight mirror images (classify.FLIP_DIMS)
+CROP = "node"  # what the checker's crop shows (classify.CROP_KINDS; pipeline.checker_crops)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def phantom_part(model, seed: int, variety: bool) -> Part:
     spec = phantoms.variety_spec(seed) if variety else training_spec(seed)
     ph = phantoms.generate(seed, spec)
     volume = phantom_volume(ph)
-    pairs, _, _, _ = _detect(volume, model, PipelineSettings(plausibility=False))
+    pairs, _, image_w, grid = _detect(volume, model, PipelineSettings(plausibility=False))
     if not pairs:
         empty = np.zeros(0, bool)
         return Part(seed, np.zeros((0, 2, 1, 1, 1), np.float16), np.zeros((0, 2)), empty, empty)
@@ -73,7 +77,7 @@ def phantom_part(model, seed: int, variety: bool) -> Part:
     matches = match(ph.labels, [(m["bbox"], m["mask"]) for _, m in pairs])
     return Part(
         seed=seed,
-        crops=np.stack([m["crop"] for _, m in pairs]).astype(np.float16),
+        crops=np.stack(checker_crops(CROP, pairs, image_w, grid)).astype(np.float16),
         axes_mm=np.array([(m["short"].length_mm, m["long"].length_mm) for _, m in pairs]),
         node=np.array([mt.gt != 0 for mt in matches]),
         kept=np.asarray(kept, bool),
@@ -90,9 +94,9 @@ def phantom_parts(
     model = load_model(model_dir, "cpu")
     weights = model.card["weights"]
     verifier_sha = weights.get("verifier", {}).get("sha256", "none")
-    key = hashlib.sha256(f"{weights['segmenter']['sha256']} {verifier_sha} checker-1".encode()).hexdigest()[
-        :16
-    ]
+    version = "checker-1" if CROP == "candidate" else f"checker-1 {CROP}"  # the candidate crop's cache stays
+    basis = f"{weights['segmenter']['sha256']} {verifier_sha} {version}"
+    key = hashlib.sha256(basis.encode()).hexdigest()[:16]
     parts = []
     for n in progress(range(cases), cases, "checker phantoms"):
         for variety in (False, True):
@@ -193,12 +197,13 @@ def train_checker(
         "folds": folds,
         "keep_share": keep_share,
         "test_time_flips": FLIPS,
+        "crop": CROP,
         "out_of_fold": out_of_fold_table(parts, oof),
         "segmenter_sha256": read_card(model_dir)["weights"]["segmenter"]["sha256"],
     }
     if command:
         report["command"] = command
-    add_checker(model_dir, net, WIDTH, threshold, report, version, flips=FLIPS)
+    add_checker(model_dir, net, WIDTH, threshold, report, version, flips=FLIPS, crop=CROP)
     log.info(
         "checker threshold %.4f (keep share %g of the verifier's nodes, out of fold)", threshold, keep_share
     )

@@ -7,14 +7,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from inference import phantoms
 from inference.classify import CROP, crop_probabilities
 from inference.evaluate import phantom_volume
 from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, add_checker, load_model
 from inference.networks import NodeClassifier
-from inference.nodes import working_crop
-from inference.pipeline import _detect, analyse, checker_keeps, structure_crop
+from inference.nodes import node_focus, working_crop
+from inference.pipeline import _detect, analyse, checker_crops, checker_keeps, structure_crop
+from inference.preprocess import to_working
 from inference.train_checker import (
     KEEP_SHARES,
     Part,
@@ -138,18 +140,65 @@ def test_flip_scoring_averages_the_logit_over_the_eight_mirror_images():
     assert mirrored[0] == pytest.approx(mirrored[1], rel=1e-4)  # a mirror image scores the same
 
 
-def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_candidate(model_dir):
+def node_and_vessel(spacing=(2.0, 0.8, 0.8), shape=(40, 100, 100)):
+    """A 12 mm ball with a 4 mm vessel leaving its top and running on along z: one
+    candidate, as the segmenter can join a node to a vessel it touches; and the ball alone."""
+    k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(float)
+    z, y, x = k * spacing[0], j * spacing[1], i * spacing[2]
+    centre = np.array([30.0, 40.0, 40.0])  # mm
+    ball = (z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 6.0**2
+    vessel = ((y - centre[1]) ** 2 + (x - centre[2] - 5.0) ** 2 <= 2.0**2) & (z >= centre[0] + 4) & (z <= 76)
+    mask = ball | vessel
+    hu = np.where(mask, 45.0, -100.0).astype(np.float32)
+    return hu, mask, ball
+
+
+def _box_of(mask):
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return box, (*(s.start for s in box), *(s.stop for s in box))
+
+
+def test_the_node_crop_shows_a_node_joined_to_a_vessel_as_a_lone_node():
+    """The candidate's crop is centred on and scaled to the joined whole, where the node
+    shrinks; the node crop (`node_focus`: its key slice's centre and its long axis) is the lone node's."""
+    spacing = (2.0, 0.8, 0.8)
+    hu, mask, ball = node_and_vessel(spacing)
+    image_w, grid = to_working(hu, spacing, 1.0, crop=False)
+    box, bbox = _box_of(mask)
+    key = bbox[0] + int(np.argmax(mask[box].sum(axis=(1, 2))))
+    focus = node_focus(mask[box], bbox, key, 12.0)
+    np.testing.assert_allclose(focus[0], [15, 50, 50], atol=0.01)  # the ball's centre (native k, j, i)
+    assert focus[1] == 12.0
+
+    lone_box, lone_bbox = _box_of(ball)
+    lone = working_crop(image_w, grid, ball[lone_box], lone_bbox)
+    whole = working_crop(image_w, grid, mask[box], bbox)
+    node = working_crop(image_w, grid, mask[box], bbox, focus=focus)
+    c = CROP // 2
+    assert (whole[1] > 0.5).sum() < 0.6 * (lone[1] > 0.5).sum()  # the whole shrinks to fit the cube
+    assert node[1, c, c, c] > 0.5
+    a, b = node[1] > 0.5, lone[1] > 0.5
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9  # the node crop: the lone node's, vessel aside
+    np.testing.assert_allclose(node[0][b], lone[0][b], atol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["candidate", "node"])
+def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_candidate(model_dir, kind):
     """A look's structure (its voxels in a box of the volume) gets the crop the pipeline
-    makes for a candidate with the same voxels, though only a patch of the working grid is
-    resampled; the checker judges it by the card's threshold."""
+    makes for a candidate with the same voxels, of either kind, though only a patch of the
+    working grid is resampled; the checker judges it by the card's threshold."""
     spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
     volume = phantom_volume(phantoms.generate(11, spec))
     model = load_model(model_dir, "cpu")
     pairs, _, image_w, grid = _detect(volume, model, None)
     assert len(pairs) >= 3
-    for c, _ in pairs:
-        pipeline_crop = working_crop(image_w, grid, c.mask, c.bbox)
-        crop = structure_crop(volume, c.mask, tuple(c.bbox[:3]), model.working_spacing)
+    pipeline_crops = checker_crops(kind, pairs, image_w, grid)
+    for (c, m), pipeline_crop in zip(pairs, pipeline_crops, strict=True):
+        if kind == "candidate":
+            pipeline_crop = working_crop(image_w, grid, c.mask, c.bbox)  # the look's crop: from its voxels
+        crop = structure_crop(
+            volume, c.mask, tuple(c.bbox[:3]), model.working_spacing, kind, m["long"].length_mm
+        )
         np.testing.assert_allclose(crop, pipeline_crop, atol=1e-3)
 
     c, m = pairs[0]
@@ -157,5 +206,18 @@ def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_cand
     assert checker_keeps(model, *args)  # no checker: kept
     torch.manual_seed(0)
     for threshold, kept in ((1.01, False), (0.0, True)):
-        add_checker(model_dir, NodeClassifier(16).eval(), 16, threshold, {}, flips=True)
+        add_checker(model_dir, NodeClassifier(16).eval(), 16, threshold, {}, flips=True, crop=kind)
         assert checker_keeps(load_model(model_dir, "cpu"), *args) is kept
+
+
+def test_the_cards_checker_crop_is_loaded_and_an_unknown_one_refused(model_dir):
+    add_checker(model_dir, NodeClassifier(16), 16, 0.5, {}, crop="node")
+    assert load_model(model_dir, "cpu").checker.crop == "node"
+    card = json.loads((model_dir / "model_card.json").read_text())
+    del card["checker"]["crop"]  # a card from before the choice: the candidate's crop
+    (model_dir / "model_card.json").write_text(json.dumps(card))
+    assert load_model(model_dir, "cpu").checker.crop == "candidate"
+    card["checker"]["crop"] = "context"
+    (model_dir / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match=r"checker\.crop 'context'"):
+        load_model(model_dir, "cpu")
