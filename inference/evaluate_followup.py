@@ -106,10 +106,19 @@ def _one(
     )
     judge = look_judge(model)
     comparison = compare(prior, current_volume, current_findings, judge=judge)
+    registered = comparison.registration  # the same pair: registered once for the three
     without_look = compare(
-        prior, current_volume, current_findings, settings=FollowUpSettings(look_at_place=False)
+        prior,
+        current_volume,
+        current_findings,
+        settings=FollowUpSettings(look_at_place=False),
+        registration=registered,
     )
-    unjudged = compare(prior, current_volume, current_findings) if judge is not None else comparison
+    unjudged = (
+        compare(prior, current_volume, current_findings, registration=registered)
+        if judge is not None
+        else comparison
+    )
     prior_truth = _truth_of(pair.prior.labels, prior_findings)  # truth index -> finding
     current_truth = _truth_of(pair.current.labels, current_findings)
     paired = {n.prior_tracking_uid: n.current_tracking_uid for n in comparison.nodes if n.status == MATCHED}

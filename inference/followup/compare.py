@@ -33,24 +33,20 @@ def compare(
     *,
     settings: FollowUpSettings | None = None,
     judge: Judge | None = None,
+    registration: Registration | None = None,
 ) -> Comparison:
     """Register the prior to the current study, match the nodes one to one, and measure
     the changes and the response. `judge`: the model's verdict on what a look at a node's
     place measures (`inference.followup.look.judged`); without it every such structure counts.
+    `registration`: one already made for these two studies (a comparison's own), not made again.
 
     Without `prior.volume` the prior's centroids are used as they are (recorded as an
     ``identity`` registration with its reason). Raises `FollowUpError` on bad input.
     """
     settings = settings or FollowUpSettings()
     _check(prior, current_volume, current)
-    if prior.volume is None:
-        registration = Registration(
-            method="identity", note="no prior CT: the centroids are compared unregistered"
-        )
-    else:
-        from inference.followup.registration import register  # SimpleITK: only when registering
-
-        registration = register(prior.volume, current_volume, settings)
+    if registration is None:
+        registration = _registration(prior, current_volume, settings)
     mapped = [registration.map_point(n.centroid_lps_mm) for n in prior.nodes]
     pairs = matching.match(
         mapped,
@@ -163,6 +159,14 @@ class _Looks:
     gone: dict[int, Look]  # prior node index -> the look at its place in the current CT
     new: dict[int, Look]  # current finding index -> the look at its place in the prior CT
     tissue: dict[int, float]  # current finding index (unmatched) -> prior tissue share
+
+
+def _registration(prior: PriorStudy, current_volume: Volume, settings: FollowUpSettings) -> Registration:
+    if prior.volume is None:
+        return Registration(method="identity", note="no prior CT: the centroids are compared unregistered")
+    from inference.followup.registration import register  # SimpleITK: only when registering
+
+    return register(prior.volume, current_volume, settings)
 
 
 def _looks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -182,6 +183,22 @@ def test_a_new_node_already_visible_on_the_prior_ct_is_no_new_lesion(
         assert next(n for n in without.nodes if n.status == NEW).look is None
     else:
         assert node.look is None and node.short_axis_mm_prior is None
+
+
+def test_a_registration_given_is_used_and_not_made_again(studies, monkeypatch) -> None:
+    """`nodal evaluate-followup` compares each pair three ways: the registration made for
+    the first comparison is handed to the others."""
+    import inference.followup.registration as reg
+
+    study, _, current_volume, current = studies
+    prior_volume = array_volume(np.full(SHAPE, -100.0, np.float32), _affine(), "compare-test", "prior")
+    with_ct = PriorStudy(study.study_instance_uid, "", "", study.nodes, volume=prior_volume)
+    first = compare(with_ct, current_volume, current)
+    given = replace(first.registration, note="handed over")
+    monkeypatch.setattr(reg, "register", lambda *a, **k: pytest.fail("registered again"))
+    again = compare(with_ct, current_volume, current, registration=given)
+    assert again.registration is given
+    assert again.nodes == first.nodes and again.summary == first.summary
 
 
 @pytest.mark.parametrize("now", ["fat", "measured", "unclear", "look-alike"])
