@@ -126,8 +126,7 @@ def working_crop(
         centre = np.array(ndimage.center_of_mass(mask_w)) + lo_w
         extent: float = max(x.stop - x.start for x in sl)
     else:
-        centre = grid.to_working(focus[0])
-        extent = focus[1] / float(np.mean(grid.working_spacing))
+        centre, extent = focus_on_working(grid, focus)
     origin = np.asarray(image_origin_w)
     return crop_around(
         image_w, mask_w.astype(np.float32), centre - origin, extent, mask_origin_w=lo_w - origin
@@ -141,6 +140,11 @@ def node_focus(mask: np.ndarray, bbox, key_slice: int, long_mm: float) -> tuple[
     or a bowel wall it is the node, not the joined whole (the checker's `node` crop)."""
     jj, ii = np.nonzero(mask[key_slice - bbox[0]])
     return np.array([key_slice, bbox[1] + jj.mean(), bbox[2] + ii.mean()]), float(long_mm)
+
+
+def focus_on_working(grid: Grid, focus: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+    """A `node_focus` on the working grid: its centre (working k, j, i) and extent (voxels)."""
+    return grid.to_working(focus[0]), focus[1] / float(np.mean(grid.working_spacing))
 
 
 def measure_node(volume: Volume, c: Candidate) -> dict | None:

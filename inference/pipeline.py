@@ -24,7 +24,16 @@ from inference import plausibility, rules, verify
 from inference.classify import MIN_FIELD, crop_probabilities
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.model_store import LoadedModel
-from inference.nodes import Candidate, components, exclusive, measure_node, node_focus, refined, working_crop
+from inference.nodes import (
+    Candidate,
+    components,
+    exclusive,
+    focus_on_working,
+    measure_node,
+    node_focus,
+    refined,
+    working_crop,
+)
 from inference.preprocess import Grid, to_working, working_grid, working_patch
 from inference.segment import node_probability
 from inference.uids import deterministic_uid
@@ -192,8 +201,7 @@ def structure_crop(
     if crop == "node":
         key = int(bbox[0] + np.argmax(mask.sum(axis=(1, 2))))
         focus = node_focus(mask, bbox, key, long_mm)
-        centre = grid.to_working(focus[0])
-        extent = focus[1] / float(np.mean(grid.working_spacing))
+        centre, extent = focus_on_working(grid, focus)
     else:
         lo_w, hi_w = grid.to_working(lo), grid.to_working(hi - 1)
         centre = (lo_w + hi_w) / 2

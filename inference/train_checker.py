@@ -6,7 +6,7 @@ it: a wall around content, a tube that runs on out of the candidate. The checker
 CT and the candidate's mask in a cube (`inference.classify.crop_around`), with its short and
 long axis, and gives the probability that it is a node: the false-positive reduction stage
 of the lymph-node CAD literature (a CNN on candidate patches), here on the model's own
-candidates. The cube (`CROP`, `inference.pipeline.checker_crops`) is centred on the node as
+candidates. The cube (`CROP_KIND`, `inference.pipeline.checker_crops`) is centred on the node as
 measured and 1.4 times its long axis ("node"); the first two checkers saw the classifier's
 cube, 1.4 times the whole candidate ("candidate"), in which a node joined to a vessel
 shrinks to a dot beside a tube and was refused.
@@ -48,7 +48,7 @@ CHECKER_SEED_BASE = 520_000
 WIDTH = 16
 KEEP_SHARES = (0.97, 0.98, 0.99, 0.995, 1.0)  # reported side by side from the same folds
 FLIPS = True  # score each crop as the mean over its eight mirror images (classify.FLIP_DIMS)
-CROP = "node"  # what the checker's crop shows (classify.CROP_KINDS; pipeline.checker_crops)
+CROP_KIND = "node"  # what the checker's crop shows (classify.CROP_KINDS; pipeline.checker_crops)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Part:
     """The candidates of one phantom."""
 
     seed: int  # the plain and the variety phantom of a seed share their anatomy: one fold
-    crops: np.ndarray  # (n, 2, CROP, CROP, CROP) float16
+    crops: np.ndarray  # (n, 2, CROP, CROP, CROP) float16 (classify.CROP)
     axes_mm: np.ndarray  # (n, 2): short, long
     node: np.ndarray  # (n,) bool: matches a node of the phantom
     kept: np.ndarray  # (n,) bool: the model's verifier keeps it
@@ -77,7 +77,7 @@ def phantom_part(model, seed: int, variety: bool) -> Part:
     matches = match(ph.labels, [(m["bbox"], m["mask"]) for _, m in pairs])
     return Part(
         seed=seed,
-        crops=np.stack(checker_crops(CROP, pairs, image_w, grid)).astype(np.float16),
+        crops=np.stack(checker_crops(CROP_KIND, pairs, image_w, grid)).astype(np.float16),
         axes_mm=np.array([(m["short"].length_mm, m["long"].length_mm) for _, m in pairs]),
         node=np.array([mt.gt != 0 for mt in matches]),
         kept=np.asarray(kept, bool),
@@ -94,7 +94,9 @@ def phantom_parts(
     model = load_model(model_dir, "cpu")
     weights = model.card["weights"]
     verifier_sha = weights.get("verifier", {}).get("sha256", "none")
-    version = "checker-1" if CROP == "candidate" else f"checker-1 {CROP}"  # the candidate crop's cache stays
+    version = (
+        "checker-1" if CROP_KIND == "candidate" else f"checker-1 {CROP_KIND}"
+    )  # the candidate crop's cache stays
     basis = f"{weights['segmenter']['sha256']} {verifier_sha} {version}"
     key = hashlib.sha256(basis.encode()).hexdigest()[:16]
     parts = []
@@ -197,13 +199,13 @@ def train_checker(
         "folds": folds,
         "keep_share": keep_share,
         "test_time_flips": FLIPS,
-        "crop": CROP,
+        "crop": CROP_KIND,
         "out_of_fold": out_of_fold_table(parts, oof),
         "segmenter_sha256": read_card(model_dir)["weights"]["segmenter"]["sha256"],
     }
     if command:
         report["command"] = command
-    add_checker(model_dir, net, WIDTH, threshold, report, version, flips=FLIPS, crop=CROP)
+    add_checker(model_dir, net, WIDTH, threshold, report, version, flips=FLIPS, crop=CROP_KIND)
     log.info(
         "checker threshold %.4f (keep share %g of the verifier's nodes, out of fold)", threshold, keep_share
     )
