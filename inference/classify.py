@@ -19,8 +19,16 @@ MIN_FIELD = 32  # the cube covers at least this many working voxels (mm at 1 mm 
 #: What the checker's crop is centred on and scaled to (card `checker.crop`): "candidate",
 #: the whole candidate (its centre of mass and largest side), as the classifier's crop; "node",
 #: the node as measured (`inference.nodes.node_focus`: its key slice's centre and its long
-#: axis), so that a node joined to a vessel fills the crop as a lone node does.
-CROP_KINDS = ("candidate", "node")
+#: axis), so that a node joined to a vessel fills the crop as a lone node does; "both", the
+#: two crops stacked (the candidate's CT and mask, then the node's).
+CROP_KINDS = ("candidate", "node", "both")
+
+
+def crop_channels(kind: str) -> int:
+    """The input channels of a checker whose crop is `kind` (CT and mask per crop)."""
+    return 4 if kind == "both" else 2
+
+
 #: The eight mirror images of a (batch, channel, z, y, x) crop: the axes each one flips.
 FLIP_DIMS = tuple(dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference.classify import CROP_KINDS
+from inference.classify import CROP_KINDS, crop_channels
 from inference.networks import NodeClassifier, build_segmenter
 from inference.plausibility import Rules
 from inference.verify import Verifier
@@ -156,7 +156,14 @@ def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> Checker | N
     crop = spec.get("crop", "candidate")  # cards from before the choice: the candidate's crop
     if crop not in CROP_KINDS:
         raise ModelCardError(f"{model_dir / CARD_NAME}: checker.crop {crop!r} is not one of {CROP_KINDS}")
-    net = _load_weights(NodeClassifier(int(spec["width"])), model_dir / entry["file"], dev)
+    net = NodeClassifier(int(spec["width"]), in_channels=crop_channels(crop))
+    try:
+        net = _load_weights(net, model_dir / entry["file"], dev)
+    except RuntimeError as e:  # weights of another shape: the card's crop is not theirs
+        raise ModelCardError(
+            f"{model_dir / CARD_NAME}: {entry['file']} is not a width-{spec['width']} checker "
+            f"on {crop_channels(crop)} channels (checker.crop {crop!r})"
+        ) from e
     return Checker(net, float(spec["threshold"]), bool(spec.get("test_time_flips", False)), crop)
 
 

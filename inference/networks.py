@@ -36,7 +36,7 @@ CLASSIFIER_SCALARS = ("short_axis_mm", "long_axis_mm", "short_long_ratio")
 class NodeClassifier(nn.Module):
     """Crop (CT + node mask) -> conv features; with the measurements -> malignancy logit."""
 
-    def __init__(self, width: int = 16, n_scalars: int = len(CLASSIFIER_SCALARS)):
+    def __init__(self, width: int = 16, n_scalars: int = len(CLASSIFIER_SCALARS), in_channels: int = 2):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
@@ -48,7 +48,7 @@ class NodeClassifier(nn.Module):
             )
 
         self.features = nn.Sequential(
-            block(2, width),
+            block(in_channels, width),
             block(width, 2 * width),
             block(2 * width, 4 * width),
             block(4 * width, 4 * width),

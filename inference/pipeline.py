@@ -120,8 +120,17 @@ def checker_crops(
     crop: str, pairs: list[tuple[Candidate, dict]], image_w: np.ndarray, grid: Grid
 ) -> list[np.ndarray]:
     """The checker's input for each measured candidate: the classifier's crop of the whole
-    candidate, or (`crop` "node") a crop centred on and scaled to the node as measured
-    (`inference.classify.CROP_KINDS`)."""
+    candidate, a crop centred on and scaled to the node as measured (`crop` "node"), or
+    both stacked (`inference.classify.CROP_KINDS`)."""
+    if crop == "both":
+        return [
+            np.concatenate(both)
+            for both in zip(
+                checker_crops("candidate", pairs, image_w, grid),
+                checker_crops("node", pairs, image_w, grid),
+                strict=True,
+            )
+        ]
     if crop == "candidate":
         return [m["crop"] for _, m in pairs]
     return [
@@ -189,7 +198,14 @@ def structure_crop(
     that starts at `origin` (k, j, i), as the pipeline makes it for a node
     (`inference.nodes.working_crop` on the volume's working grid; `crop` "node": centred on
     its largest slice and scaled to `long_mm`, as `checker_crops`), resampling only the
-    patch of the working grid that the crop's field covers."""
+    patch of the working grid that the crop's field covers; `crop` "both": the two stacked."""
+    if crop == "both":
+        return np.concatenate(
+            [
+                structure_crop(volume, structure, origin, working_spacing, kind, long_mm)
+                for kind in ("candidate", "node")
+            ]
+        )
     k0, j0, i0, k1, j1, i1 = _bbox(structure)
     lo, hi = np.add(origin, (k0, j0, i0)), np.add(origin, (k1, j1, i1))
     grid = working_grid(volume.array, volume.spacing, working_spacing)

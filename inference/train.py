@@ -241,7 +241,8 @@ def train_classifier(
     progress and the log call it (the malignancy classifier, or the checker)."""
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng([cfg.seed, 5])
-    net = NodeClassifier(cfg.cls_width)
+    channels = int(crops[0].shape[0]) if len(crops) else 2  # CT and mask per crop
+    net = NodeClassifier(cfg.cls_width, in_channels=channels)
     if start is not None:
         net.load_state_dict(start)
     y_all = torch.tensor(labels, dtype=torch.float32)
@@ -251,7 +252,7 @@ def train_classifier(
     batch = 16
     steps = cfg.cls_epochs * max(1, len(crops) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
-    x_all = np.stack(crops) if crops else np.zeros((0, 2, 1, 1, 1), np.float16)
+    x_all = np.stack(crops) if crops else np.zeros((0, channels, 1, 1, 1), np.float16)
     s_all = torch.tensor([classifier_scalars(sa, la) for sa, la in scalars], dtype=torch.float32)
     net.train()
     t0 = time.time()

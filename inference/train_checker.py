@@ -6,10 +6,12 @@ it: a wall around content, a tube that runs on out of the candidate. The checker
 CT and the candidate's mask in a cube (`inference.classify.crop_around`), with its short and
 long axis, and gives the probability that it is a node: the false-positive reduction stage
 of the lymph-node CAD literature (a CNN on candidate patches), here on the model's own
-candidates. The cube (`CROP_KIND`, `inference.pipeline.checker_crops`) is centred on the node as
-measured and 1.4 times its long axis ("node"); the first two checkers saw the classifier's
-cube, 1.4 times the whole candidate ("candidate"), in which a node joined to a vessel
-shrinks to a dot beside a tube and was refused.
+candidates. It sees two cubes (`CROP_KIND` "both", `inference.pipeline.checker_crops`): the
+classifier's, 1.4 times the whole candidate ("candidate"), which shows a bowel loop's or a
+vessel's whole length, and one centred on the node as measured and 1.4 times its long axis
+("node"), in which a node joined to a vessel fills the cube as a lone node does (in the
+candidate's cube it shrinks to a dot beside a tube). The first two checkers saw the
+candidate's cube alone, the third the node's.
 
 Training data: every candidate the model's segmenter finds (before the verifier) in
 training phantoms, plain and domain-randomised (`phantoms.variety_spec`), from
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from inference import phantoms
-from inference.classify import crop_probabilities
+from inference.classify import crop_channels, crop_probabilities
 from inference.evaluate import match, phantom_volume
 from inference.model_store import add_checker, load_model, read_card
 from inference.pipeline import PipelineSettings, _detect, candidate_features, checker_crops
@@ -48,7 +50,7 @@ CHECKER_SEED_BASE = 520_000
 WIDTH = 16
 KEEP_SHARES = (0.97, 0.98, 0.99, 0.995, 1.0)  # reported side by side from the same folds
 FLIPS = True  # score each crop as the mean over its eight mirror images (classify.FLIP_DIMS)
-CROP_KIND = "node"  # what the checker's crop shows (classify.CROP_KINDS; pipeline.checker_crops)
+CROP_KIND = "both"  # what the checker's crop shows (classify.CROP_KINDS; pipeline.checker_crops)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Part:
     """The candidates of one phantom."""
 
     seed: int  # the plain and the variety phantom of a seed share their anatomy: one fold
-    crops: np.ndarray  # (n, 2, CROP, CROP, CROP) float16 (classify.CROP)
+    crops: np.ndarray  # (n, channels, CROP, CROP, CROP) float16 (classify.CROP, crop_channels)
     axes_mm: np.ndarray  # (n, 2): short, long
     node: np.ndarray  # (n,) bool: matches a node of the phantom
     kept: np.ndarray  # (n,) bool: the model's verifier keeps it
@@ -70,7 +72,8 @@ def phantom_part(model, seed: int, variety: bool) -> Part:
     pairs, _, image_w, grid = _detect(volume, model, PipelineSettings(plausibility=False))
     if not pairs:
         empty = np.zeros(0, bool)
-        return Part(seed, np.zeros((0, 2, 1, 1, 1), np.float16), np.zeros((0, 2)), empty, empty)
+        no_crops = np.zeros((0, crop_channels(CROP_KIND), 1, 1, 1), np.float16)
+        return Part(seed, no_crops, np.zeros((0, 2)), empty, empty)
     kept = np.ones(len(pairs), bool)
     if model.verifier is not None:
         kept = model.verifier.keep(np.stack([candidate_features(volume, c, m) for c, m in pairs]))

@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 
 from inference import phantoms
-from inference.classify import CROP, crop_probabilities
+from inference.classify import CROP, crop_channels, crop_probabilities
 from inference.evaluate import phantom_volume
 from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, add_checker, load_model
 from inference.networks import NodeClassifier
@@ -23,6 +23,7 @@ from inference.train_checker import (
     fit,
     out_of_fold,
     out_of_fold_table,
+    scores,
     threshold_for,
 )
 
@@ -38,9 +39,9 @@ def model_dir(tmp_path):
     return d
 
 
-def part(seed, node, kept, rng, n_crop=CROP):
+def part(seed, node, kept, rng, n_crop=CROP, channels=2):
     n = len(node)
-    crops = np.zeros((n, 2, n_crop, n_crop, n_crop), np.float16)
+    crops = np.zeros((n, channels, n_crop, n_crop, n_crop), np.float16)
     c = n_crop // 2
     for i, is_node in enumerate(node):  # a node: a bright ball in the mask channel; else a bar
         if is_node:
@@ -81,6 +82,15 @@ def test_fit_learns_a_ball_from_a_bar_out_of_fold():
     others = np.concatenate([s[~p.node] for p, s in zip(parts, oof, strict=True)])
     assert nodes.min() > others.max()
     assert isinstance(fit(parts, epochs=1, seed=0), NodeClassifier)
+
+
+def test_a_checker_on_both_crops_is_fitted_and_scored_on_four_channels():
+    """Both crops stacked (card `checker.crop` "both"): the network takes their four channels."""
+    rng = np.random.default_rng(3)
+    p = part(0, [True] * 8 + [False] * 8, [True] * 16, rng, n_crop=16, channels=crop_channels("both"))
+    net = fit([p], epochs=1, seed=0)
+    assert net.features[0][0].in_channels == 4
+    assert scores(net, p).shape == (16,)
 
 
 def test_the_checker_is_pinned_in_the_card_and_the_pipeline_applies_it(model_dir):
@@ -182,7 +192,7 @@ def test_the_node_crop_shows_a_node_joined_to_a_vessel_as_a_lone_node():
     np.testing.assert_allclose(node[0][b], lone[0][b], atol=0.05)
 
 
-@pytest.mark.parametrize("kind", ["candidate", "node"])
+@pytest.mark.parametrize("kind", ["candidate", "node", "both"])
 def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_candidate(model_dir, kind):
     """A look's structure (its voxels in a box of the volume) gets the crop the pipeline
     makes for a candidate with the same voxels, of either kind, though only a patch of the
@@ -194,8 +204,10 @@ def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_cand
     assert len(pairs) >= 3
     pipeline_crops = checker_crops(kind, pairs, image_w, grid)
     for (c, m), pipeline_crop in zip(pairs, pipeline_crops, strict=True):
-        if kind == "candidate":
-            pipeline_crop = working_crop(image_w, grid, c.mask, c.bbox)  # the look's crop: from its voxels
+        assert pipeline_crop.shape[0] == crop_channels(kind)
+        if kind != "node":  # the look's candidate crop: from its voxels
+            whole = working_crop(image_w, grid, c.mask, c.bbox)
+            pipeline_crop = np.concatenate([whole, pipeline_crop[2:]])
         crop = structure_crop(
             volume, c.mask, tuple(c.bbox[:3]), model.working_spacing, kind, m["long"].length_mm
         )
@@ -206,7 +218,8 @@ def test_a_structure_found_outside_the_pipeline_is_cropped_and_checked_as_a_cand
     assert checker_keeps(model, *args)  # no checker: kept
     torch.manual_seed(0)
     for threshold, kept in ((1.01, False), (0.0, True)):
-        add_checker(model_dir, NodeClassifier(16).eval(), 16, threshold, {}, flips=True, crop=kind)
+        net = NodeClassifier(16, in_channels=crop_channels(kind)).eval()
+        add_checker(model_dir, net, 16, threshold, {}, flips=True, crop=kind)
         assert checker_keeps(load_model(model_dir, "cpu"), *args) is kept
 
 
@@ -221,3 +234,9 @@ def test_the_cards_checker_crop_is_loaded_and_an_unknown_one_refused(model_dir):
     (model_dir / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ModelCardError, match=r"checker\.crop 'context'"):
         load_model(model_dir, "cpu")
+    card["checker"]["crop"] = "both"  # weights on two channels under a crop of four
+    (model_dir / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match=r"on 4 channels \(checker\.crop 'both'\)"):
+        load_model(model_dir, "cpu")
+    add_checker(model_dir, NodeClassifier(16, in_channels=4), 16, 0.5, {}, crop="both")
+    assert load_model(model_dir, "cpu").checker.crop == "both"
