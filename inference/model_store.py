@@ -156,9 +156,9 @@ def _load_checker(model_dir: Path, card: dict, dev: torch.device) -> Checker | N
     crop = spec.get("crop", "candidate")  # cards from before the choice: the candidate's crop
     if crop not in CROP_KINDS:
         raise ModelCardError(f"{model_dir / CARD_NAME}: checker.crop {crop!r} is not one of {CROP_KINDS}")
-    net = NodeClassifier(int(spec["width"]), in_channels=crop_channels(crop))
+    shape = NodeClassifier(int(spec["width"]), in_channels=crop_channels(crop))
     try:
-        net = _load_weights(net, model_dir / entry["file"], dev)
+        net = _load_weights(shape, model_dir / entry["file"], dev)
     except RuntimeError as e:  # weights of another shape: the card's crop is not theirs
         raise ModelCardError(
             f"{model_dir / CARD_NAME}: {entry['file']} is not a width-{spec['width']} checker "
