@@ -171,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with --data: which cases (auto: the test split where there is one, else the training cases)",
     )
     c.add_argument(
+        "--record",
+        action="store_true",
+        help="keep the headline figures, with this command and today's date, in the model's card",
+    )
+    c.add_argument(
         "--family",
         choices=("train", "heldout", "both"),
         default="train",
@@ -447,7 +452,21 @@ def cmd_evaluate(args, settings: Settings) -> int:
     print(json.dumps(result, indent=None if args.json else 2))
     if args.family == "both" and not args.json:
         print(side_by_side(results))
+    if args.record:
+        for family, r in results.items():
+            record(settings, f"{family} family, seeds {r['seeds'][0]}-{r['seeds'][1]}", r, args)
     return 0
+
+
+def record(settings: Settings, name: str, result: dict, args) -> None:
+    """`--record`: the evaluation's figures into the evaluated model's card."""
+    import datetime
+
+    from inference.model_store import record_evaluation
+
+    shown = [a for a in sys.argv[1:] if a != "--record"]
+    command = " ".join(["nodal", *shown]) if shown and shown[0] == "evaluate" else f"nodal evaluate ({name})"
+    record_evaluation(settings.inference.model_dir, name, result, command, datetime.date.today().isoformat())
 
 
 # --- follow-up studies (issue 17) --------------------------------------------------------
@@ -478,6 +497,8 @@ def evaluate_data(args, settings: Settings) -> int:
     dataset = open_dataset(args.data)
     result = evaluate_dataset(load_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
+    if args.record:
+        record(settings, f"dataset {args.data.resolve().name}, {result['data']['split']} split", result, args)
     return 0
 
 

@@ -211,6 +211,36 @@ def add_checker(
     return path
 
 
+#: What the card keeps of an evaluation (`inference.evaluate`, `inference.evaluate_data`).
+EVALUATION_FIGURES = (
+    "cases",
+    "seeds",
+    "data",
+    "nodes_short_axis_ge_5mm",
+    "sensitivity",
+    "fp_per_volume",
+    "dice",
+    "short_axis_mae_mm",
+    "short_axis_bias_mm",
+    "long_axis_mae_mm",
+    "volume_mape",
+    "auc",
+    "auc_size_rule",
+)
+
+
+def record_evaluation(model_dir: Path | None, name: str, result: dict, command: str, date: str) -> dict:
+    """Keep an evaluation's headline figures in the card's `evaluation` entry under `name`
+    (a phantom family and its seeds, or a site's dataset), with the command and date that
+    produced them; a later evaluation of the same name replaces it. Returns the entry."""
+    model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
+    card = read_card(model_dir)
+    entry = {k: result[k] for k in EVALUATION_FIGURES if k in result} | {"command": command, "date": date}
+    card.setdefault("evaluation", {})[name] = entry
+    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return entry
+
+
 def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:
     """Store `verifier` in the model directory and pin it in the card."""
     model_dir = Path(model_dir)

@@ -1,11 +1,15 @@
 """Model directories: a card that names the weights and pins their checksums, or no model."""
 
+import datetime
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, load_model, read_card
+from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, load_model, read_card, record_evaluation
 
 
 def test_shipped_demo_model_loads_and_says_what_it_is():
@@ -46,3 +50,29 @@ def test_missing_weights_are_refused(model_copy):
     (model_copy / "classifier.pt").unlink()
     with pytest.raises(ModelCardError, match=r"classifier\.pt named by the card is missing"):
         read_card(model_copy)
+
+
+def test_an_evaluation_is_recorded_in_the_card_with_its_command(model_copy):
+    """`nodal evaluate --record`: the headline figures, the command and the date go into the
+    evaluated model's card (issue 15: the card carries its results per family)."""
+    env = {**os.environ, "NODAL_INFERENCE__MODEL_DIR": str(model_copy)}
+    args = ["evaluate", "--family", "heldout", "--cases", "1", "--seed", "1000300", "--json", "--record"]
+    res = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)
+    entry = read_card(model_copy)["evaluation"]["heldout family, seeds 1000300-1000300"]
+    assert entry["command"] == "nodal evaluate --family heldout --cases 1 --seed 1000300 --json"
+    assert entry["date"] == datetime.date.today().isoformat()
+    for key in ("sensitivity", "fp_per_volume", "auc", "nodes_short_axis_ge_5mm", "seeds"):
+        assert entry[key] == printed[key], key
+    assert load_model(model_copy, "cpu").card["evaluation"] == {
+        "heldout family, seeds 1000300-1000300": entry
+    }
+
+    again = record_evaluation(
+        model_copy, "heldout family, seeds 1000300-1000300", {"sensitivity": 0.5}, "c", "d"
+    )
+    assert read_card(model_copy)["evaluation"] == {"heldout family, seeds 1000300-1000300": again}
+    assert again == {"sensitivity": 0.5, "command": "c", "date": "d"}
