@@ -464,8 +464,8 @@ def record(settings: Settings, name: str, result: dict, args) -> None:
 
     from inference.model_store import record_evaluation
 
-    shown = [a for a in sys.argv[1:] if a != "--record"]
-    command = " ".join(["nodal", *shown]) if shown and shown[0] == "evaluate" else f"nodal evaluate ({name})"
+    argv = sys.argv[sys.argv.index("evaluate") :] if "evaluate" in sys.argv else ["evaluate"]
+    command = " ".join(["nodal", *(a for a in argv if a != "--record")])  # without --config: a local path
     record_evaluation(settings.inference.model_dir, name, result, command, datetime.date.today().isoformat())
 
 

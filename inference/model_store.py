@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,14 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_card(model_dir: Path, card: dict) -> None:
+    """Replace the card in one step: a reader (a worker loading the model, the status page)
+    sees the old card or the new one, never half of it."""
+    tmp = model_dir / f".{CARD_NAME}.tmp"
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, model_dir / CARD_NAME)
 
 
 def read_card(model_dir: Path) -> dict:
@@ -207,7 +216,7 @@ def add_checker(
         "crop": crop,
         "fit": fit_report,
     }
-    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(model_dir, card)
     return path
 
 
@@ -237,7 +246,7 @@ def record_evaluation(model_dir: Path | None, name: str, result: dict, command: 
     card = read_card(model_dir)
     entry = {k: result[k] for k in EVALUATION_FIGURES if k in result} | {"command": command, "date": date}
     card.setdefault("evaluation", {})[name] = entry
-    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(model_dir, card)
     return entry
 
 
@@ -248,7 +257,7 @@ def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:
     path = verifier.save(model_dir, fit_report)
     card["weights"]["verifier"] = {"file": path.name, "sha256": sha256(path)}
     card["verifier"] = {"module": "inference.verify", "fit": fit_report}
-    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(model_dir, card)
     return path
 
 
@@ -260,7 +269,7 @@ def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn
     card["weights"] = {}
     for role, net in (("segmenter", segmenter), ("classifier", classifier)):
         card["weights"][role] = _save_weights(net, model_dir / f"{role}.pt")
-    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(model_dir, card)
     return model_dir
 
 
@@ -272,5 +281,5 @@ def set_plausibility(model_dir: Path, rules: Rules | None) -> dict:
         card.pop("plausibility", None)
     else:
         card["plausibility"] = rules.to_card()
-    (model_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(model_dir, card)
     return card

@@ -55,6 +55,8 @@ def test_missing_weights_are_refused(model_copy):
 def test_an_evaluation_is_recorded_in_the_card_with_its_command(model_copy):
     """`nodal evaluate --record`: the headline figures, the command and the date go into the
     evaluated model's card (issue 15: the card carries its results per family)."""
+    before = read_card(model_copy).get("evaluation", {})  # the shipped card's own results stay
+    name = "heldout family, seeds 1000300-1000300"
     env = {**os.environ, "NODAL_INFERENCE__MODEL_DIR": str(model_copy)}
     args = ["evaluate", "--family", "heldout", "--cases", "1", "--seed", "1000300", "--json", "--record"]
     res = subprocess.run(
@@ -62,17 +64,34 @@ def test_an_evaluation_is_recorded_in_the_card_with_its_command(model_copy):
     )
     assert res.returncode == 0, res.stderr
     printed = json.loads(res.stdout)
-    entry = read_card(model_copy)["evaluation"]["heldout family, seeds 1000300-1000300"]
+    entry = read_card(model_copy)["evaluation"][name]
     assert entry["command"] == "nodal evaluate --family heldout --cases 1 --seed 1000300 --json"
     assert entry["date"] == datetime.date.today().isoformat()
     for key in ("sensitivity", "fp_per_volume", "auc", "nodes_short_axis_ge_5mm", "seeds"):
         assert entry[key] == printed[key], key
-    assert load_model(model_copy, "cpu").card["evaluation"] == {
-        "heldout family, seeds 1000300-1000300": entry
-    }
+    assert load_model(model_copy, "cpu").card["evaluation"] == {**before, name: entry}
 
-    again = record_evaluation(
-        model_copy, "heldout family, seeds 1000300-1000300", {"sensitivity": 0.5}, "c", "d"
-    )
-    assert read_card(model_copy)["evaluation"] == {"heldout family, seeds 1000300-1000300": again}
+    again = record_evaluation(model_copy, name, {"sensitivity": 0.5}, "c", "d")
+    assert read_card(model_copy)["evaluation"] == {**before, name: again}
     assert again == {"sensitivity": 0.5, "command": "c", "date": "d"}
+    assert not list(model_copy.glob(".*.tmp"))  # the card is replaced in one step
+
+
+def test_an_evaluation_on_a_sites_dataset_is_recorded_under_its_name_and_split(model_copy, tmp_path):
+    env = {**os.environ, "NODAL_INFERENCE__MODEL_DIR": str(model_copy)}
+
+    def nodal(*args):
+        res = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", *map(str, args)], capture_output=True, text=True, env=env
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    geometry = ["--rows", 128, "--slices", 20, "--pixel-spacing", 1.25, "--slice-spacing", 2.5]
+    data = tmp_path / "site-nodes"
+    nodal("phantom", "--seed", 1_000_000, "--count", 1, "--format", "nnunet", *geometry, "--out", data)
+    printed = json.loads(nodal("evaluate", "--data", data, "--json", "--record"))
+    entry = read_card(model_copy)["evaluation"]["dataset site-nodes, train split"]
+    assert entry["data"] == printed["data"] == {"layout": "nnunet", "split": "train", "cases": 1}
+    assert entry["sensitivity"] == printed["sensitivity"]
+    assert entry["command"] == f"nodal evaluate --data {data} --json"
