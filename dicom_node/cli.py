@@ -454,11 +454,11 @@ def cmd_evaluate(args, settings: Settings) -> int:
         print(side_by_side(results))
     if args.record:
         for family, r in results.items():
-            record(settings, f"{family} family, seeds {r['seeds'][0]}-{r['seeds'][1]}", r, args)
+            record(settings, f"{family} family, seeds {r['seeds'][0]}-{r['seeds'][1]}", r)
     return 0
 
 
-def record(settings: Settings, name: str, result: dict, args) -> None:
+def record(settings: Settings, name: str, result: dict) -> None:
     """`--record`: the evaluation's figures into the evaluated model's card."""
     import datetime
 
@@ -498,7 +498,7 @@ def evaluate_data(args, settings: Settings) -> int:
     result = evaluate_dataset(load_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
     if args.record:
-        record(settings, f"dataset {args.data.resolve().name}, {result['data']['split']} split", result, args)
+        record(settings, f"dataset {args.data.resolve().name}, {result['data']['split']} split", result)
     return 0
 
 
