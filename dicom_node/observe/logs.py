@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 
 from dicom_node.config import Settings
@@ -46,9 +47,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment of each line, not of the moment of set-up.
+
+    A plain `StreamHandler()` keeps the stream it found when it was made. If that stream is
+    later replaced and closed (a supervisor's redirect, a test's captured output), a line
+    logged afterwards by any thread (an association ending, a worker) fails with "I/O
+    operation on closed file" and is lost. The standard library's own last-resort handler
+    looks the stream up at each line for the same reason.
+    """
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        logging.Handler.__init__(self, level)  # StreamHandler.__init__ would pin a stream
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def configure_logging(settings: Settings) -> None:
     """Root logger from `logging`; chatty libraries (pynetdicom logs per instance) held at WARNING."""
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     if settings.logging.format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -24,7 +24,7 @@ from dicom_node.delivery.outbox import deliver_due
 from dicom_node.index.db import Database, Job, JobState
 from dicom_node.observe import audit, metrics
 from dicom_node.observe.job_watcher import JobWatcher, read_state
-from dicom_node.observe.logs import JsonFormatter
+from dicom_node.observe.logs import JsonFormatter, configure_logging
 from dicom_node.receive.contract import Source
 from tests.helpers.dicom import part10
 from tests.helpers.metrics import DEPLOY, ROOT, alert_names, dashboard_exprs, sample
@@ -148,6 +148,31 @@ def test_json_log_lines_carry_the_structured_fields():
 
         rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     assert "ValueError: boom" in json.loads(fmt.format(rec))["exception"]
+
+
+def test_log_lines_follow_stderr_when_it_is_replaced_and_closed(monkeypatch):
+    """A line logged after the stderr of set-up time was closed reaches the new stderr.
+
+    Found in `make test`: an association thread logged after the test whose captured
+    stderr the handler had kept was over ("--- Logging error ---", I/O on a closed file).
+    """
+    import io
+    import sys
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_logging(Settings(logging={"format": "text", "level": "INFO"}))
+        logging.getLogger("nodal.test").info("while the first stream is open")
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("nodal.test").info("after it was closed")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert "after it was closed" in second.getvalue() and "Logging error" not in second.getvalue()
 
 
 def test_audit_trail_is_append_only_and_queryable(node):
