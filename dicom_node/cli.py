@@ -136,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
         "--cross-validate", action="store_true", help="only print 4-fold figures for several keep shares"
     )
     c.add_argument("--variety", action="store_true", help="fit on domain-randomised phantoms (variety_spec)")
+    c.add_argument(
+        "--mixed",
+        action="store_true",
+        help="fit on a plain and a domain-randomised phantom from each seed (twice --cases phantoms)",
+    )
     c.set_defaults(func=cmd_train_verifier)
 
     c = sub.add_parser(
@@ -177,10 +182,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--family",
-        choices=("train", "heldout", "both"),
+        choices=("train", "variety", "heldout", "both"),
         default="train",
-        help="phantom family: train (the generator of the training data, on unseen seeds), heldout "
-        "(an independent generator never used for training or fitting), or both side by side",
+        help="phantom family: train (the generator of the training data, on unseen seeds), variety "
+        "(the same generator, domain-randomised), heldout (an independent generator never used for "
+        "training or fitting), or both (train and heldout) side by side",
     )
     c.set_defaults(func=cmd_evaluate)
 
@@ -371,9 +377,12 @@ def cmd_train_verifier(args, settings: Settings) -> int:
 
     cache = settings.node.data_dir / "train-cache"
     if getattr(args, "cross_validate", False):
-        from inference.train_verifier import cross_validate, phantom_parts
+        from inference.train_verifier import cross_validate, mixed_parts, phantom_parts
 
-        parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety)
+        if getattr(args, "mixed", False):
+            parts = mixed_parts(args.model_dir, args.cases, cache_dir=cache)
+        else:
+            parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety)
         print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
         return 0
     keep_share = args.keep_share
@@ -381,6 +390,7 @@ def cmd_train_verifier(args, settings: Settings) -> int:
         keep_share = inspect.signature(train_verifier).parameters["keep_share"].default
     command = f"nodal train-verifier --model-dir {args.model_dir} --cases {args.cases}"
     command += f" --keep-share {keep_share}" + (" --variety" if getattr(args, "variety", False) else "")
+    command += " --mixed" if getattr(args, "mixed", False) else ""
     report = train_verifier(
         args.model_dir,
         args.cases,
@@ -388,6 +398,7 @@ def cmd_train_verifier(args, settings: Settings) -> int:
         cache_dir=cache,
         command=command,
         variety=getattr(args, "variety", False),
+        mixed=getattr(args, "mixed", False),
     )
     print(json.dumps({"verifier": report}))
     return 0

@@ -1,13 +1,16 @@
 """`nodal evaluate`: detection, segmentation, measurement and malignancy scores on held-out phantoms.
 
-Two phantom families (`FAMILIES`): `train`, the generator the demo model is trained on
-(`inference.phantoms`, evaluated on seeds it never trained on), and `heldout`, an
-independent generator (`inference.phantoms_heldout`) that no training, fitting or
-threshold choice ever sees; it measures how far the model generalises beyond the habits
-of its own generator. Seeds start at `EVAL_SEED_BASE`, far from every training seed. Malignancy is scored
-against each node's criterion label (before label noise). A threshold baseline (an HU
-window on the smoothed image, components of node-like volume) is scored with the same
-matching, to show what intensity alone achieves on these phantoms.
+Phantom families (`FAMILIES`): `train`, the generator the demo model is trained on
+(`inference.phantoms`, evaluated on seeds it never trained on); `variety`, the same
+generator with its domain randomisation (`phantoms.variety_spec`: more anatomy, elongated
+and clustered nodes, other acquisitions; what a site's CT varies in, drawn by the generator
+that training may use); and `heldout`, an independent generator (`inference.phantoms_heldout`)
+that no training, fitting or threshold choice ever sees; it measures how far the model
+generalises beyond the habits of its own generator. Seeds start at `EVAL_SEED_BASE`, far
+from every training seed. Malignancy is scored against each node's criterion label (before
+label noise). A threshold baseline (an HU window on the smoothed image, components of
+node-like volume) is scored with the same matching, to show what intensity alone achieves
+on these phantoms.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ SENSITIVITY_MIN_SHORT_AXIS_MM = 5.0
 THRESHOLD_BASELINE_HU = (15.0, 80.0)
 
 
-#: Phantom families: name -> (generator(seed, spec), default spec, UID key).
+#: Phantom families: name -> (generator(seed, spec), default spec, UID key); the variety
+#: family has no one spec: each seed draws its own acquisition.
 FAMILIES: dict[
-    str, tuple[Callable[[int, Any], phantoms.Phantom | phantoms_heldout.HeldoutPhantom], type, str]
+    str, tuple[Callable[[int, Any], phantoms.Phantom | phantoms_heldout.HeldoutPhantom], Any, str]
 ] = {
-    "train": (phantoms.generate, phantoms.PhantomSpec, "nodal-phantom"),
-    "heldout": (phantoms_heldout.generate, phantoms_heldout.HeldoutSpec, "nodal-phantom-heldout"),
+    "train": (phantoms.generate, phantoms.PhantomSpec(), "nodal-phantom"),
+    "variety": (phantoms.generate_variety, None, "nodal-phantom-variety"),
+    "heldout": (phantoms_heldout.generate, phantoms_heldout.HeldoutSpec(), "nodal-phantom-heldout"),
 }
 DEFAULT_FAMILY = "train"
 
@@ -129,8 +134,8 @@ def evaluate(
         raise ValueError(f"evaluation seeds start at {EVAL_SEED_BASE} (training seeds are below)")
     if family not in FAMILIES:
         raise ValueError(f"unknown phantom family {family!r}; choose one of {', '.join(FAMILIES)}")
-    generate, spec_type, _ = FAMILIES[family]
-    spec = spec or spec_type()
+    generate, default_spec, _ = FAMILIES[family]
+    spec = spec or default_spec
     settings = settings or PipelineSettings()
     rules = model.plausibility if settings.plausibility else None
     judged = rules or plausibility.Rules()
@@ -197,7 +202,7 @@ def evaluate(
         },
         "seconds_per_case": _r(np.mean(seconds)),
         "model": {"name": model.name, "version": model.version, "device": model.device.type},
-        "phantom": _describe(spec, drawn),
+        "phantom": _describe(spec, drawn, range(seed, seed + cases)),
     }
 
 
@@ -239,7 +244,14 @@ def _score(runs, rejected) -> dict:
     }
 
 
-def _describe(spec, drawn: list) -> dict:
+def _describe(spec, drawn: list, seeds: range) -> dict:
+    if spec is None:  # the variety family: one drawn acquisition per seed
+        specs = [phantoms.variety_spec(s) for s in seeds]
+
+        def span(attr):
+            return [min(getattr(s, attr) for s in specs), max(getattr(s, attr) for s in specs)]
+
+        return {k: span(k) for k in ("rows", "slices", "pixel_spacing_mm", "slice_spacing_mm", "noise_hu")}
     if isinstance(spec, phantoms.PhantomSpec):
         return {
             "rows": spec.rows,

@@ -264,6 +264,11 @@ def _random_walk(rng, start, n, step, drift, bounds_lo, bounds_hi):
     return np.array(pts)
 
 
+def generate_variety(seed: int, spec: PhantomSpec | None = None) -> Phantom:
+    """A domain-randomised phantom: `generate` on `variety_spec(seed)`, or on `spec` if given."""
+    return generate(seed, spec or variety_spec(seed))
+
+
 def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     """Build one phantom; the same seed and spec always give the same phantom."""
     spec = spec or PhantomSpec()

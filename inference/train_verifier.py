@@ -78,10 +78,21 @@ def train_verifier(
     settings: PipelineSettings | None = None,
     command: str = "",
     variety: bool = False,
+    mixed: bool = False,
 ) -> dict:
-    """Fit and store the verifier of the model in `model_dir` on phantoms; return the fit report."""
-    parts = phantom_parts(model_dir, cases, seed, cache_dir, settings, variety)
-    source = {"phantoms": cases, "seeds": [seed, seed + cases - 1], "variety": variety}
+    """Fit and store the verifier of the model in `model_dir` on phantoms; return the fit report.
+
+    `variety`: domain-randomised phantoms instead of plain ones; `mixed`: both, a plain and
+    a domain-randomised phantom from each seed (as the checker is fitted)."""
+    if mixed:
+        parts = mixed_parts(model_dir, cases, seed, cache_dir, settings)
+    else:
+        parts = phantom_parts(model_dir, cases, seed, cache_dir, settings, variety)
+    source = {
+        "phantoms": cases * (2 if mixed else 1),
+        "seeds": [seed, seed + cases - 1],
+        "variety": "mixed" if mixed else variety,
+    }
     if command:
         source["command"] = command
     return _fit_and_store(model_dir, parts, keep_share, source)
@@ -100,13 +111,9 @@ def phantom_parts(
         raise ValueError(f"verifier seeds must stay below the evaluation seeds ({EVAL_SEED_BASE})")
     model = load_model(model_dir)
     settings = settings or PipelineSettings()
-    features_key = hashlib.sha256(" ".join(verify.FEATURES).encode()).hexdigest()[:8]
-    key = f"{model.card['weights']['segmenter']['sha256'][:16]}-{features_key}" + (
-        "-variety" if variety else ""
-    )
     parts = []
     for n in progress(range(cases), cases, "verifier phantoms"):
-        cached = cache_dir / f"verifier-{key}-{seed + n}.npz" if cache_dir else None
+        cached = cache_file(cache_dir, model, seed + n, variety) if cache_dir else None
         if cached is not None and cached.is_file():
             with np.load(cached) as z:
                 x, y = z["x"], z["y"]
@@ -126,6 +133,28 @@ def phantom_parts(
                 np.savez(cached, x=x, y=y)
         parts.append((x, y))
     return parts
+
+
+def cache_file(cache_dir: Path, model: LoadedModel, seed: int, variety: bool) -> Path:
+    """Where the candidates of one phantom are cached: keyed by the segmenter's checksum and
+    the verifier's feature names, so that another segmenter or feature set never reads them."""
+    features_key = hashlib.sha256(" ".join(verify.FEATURES).encode()).hexdigest()[:8]
+    segmenter = model.card["weights"]["segmenter"]["sha256"][:16]
+    key = f"{segmenter}-{features_key}" + ("-variety" if variety else "")
+    return Path(cache_dir) / f"verifier-{key}-{seed}.npz"
+
+
+def mixed_parts(
+    model_dir: Path,
+    cases: int,
+    seed: int = VERIFIER_SEED_BASE,
+    cache_dir: Path | None = None,
+    settings: PipelineSettings | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`phantom_parts` of the plain and the domain-randomised phantom of each seed, in turn."""
+    plain = phantom_parts(model_dir, cases, seed, cache_dir, settings, variety=False)
+    varied = phantom_parts(model_dir, cases, seed, cache_dir, settings, variety=True)
+    return [part for pair in zip(plain, varied, strict=True) for part in pair]
 
 
 def cross_validate(parts: list[tuple], keep_shares: tuple[float, ...], folds: int = 4) -> list[dict]:

@@ -70,3 +70,19 @@ def test_variety_draws_patient_size_and_kernel():
         body = (ph.hu[ph.hu.shape[0] // 2] > -500).any(axis=0)
         widths.append(body.sum() * spec.pixel_spacing_mm)
     assert max(widths) - min(widths) > 25  # patient size 0.85-1.25
+
+
+def test_evaluate_scores_the_variety_family_each_seed_on_its_own_acquisition():
+    from dicom_node.cli import _parser
+    from inference.evaluate import evaluate
+    from inference.model_store import load_model
+
+    seed = 1_000_007  # its drawn acquisition is small (308 x 308 x 35)
+    spec = phantoms.variety_spec(seed)
+    assert _digest(phantoms.generate_variety(seed)) == _digest(phantoms.generate(seed, spec))
+    result = evaluate(load_model(device="cpu"), cases=1, seed=seed, family="variety")
+    assert result["family"] == "variety"
+    assert result["nodes"] == len(phantoms.generate_variety(seed).nodes)
+    assert result["phantom"]["rows"] == [spec.rows, spec.rows]
+    assert result["phantom"]["slice_spacing_mm"] == [spec.slice_spacing_mm] * 2
+    assert _parser().parse_args(["evaluate", "--family", "variety"]).family == "variety"

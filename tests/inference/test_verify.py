@@ -122,3 +122,19 @@ def test_cross_validation_trades_false_positives_for_kept_nodes():
     assert loose["keep_share"] == 0.99 and strict["keep_share"] == 0.8
     assert loose["nodes_kept"] >= strict["nodes_kept"] and loose["fp_per_phantom"] >= strict["fp_per_phantom"]
     assert 0.7 <= strict["nodes_kept"] <= 0.9
+
+
+def test_mixed_parts_take_a_plain_and_a_varied_phantom_from_each_seed(tmp_path):
+    """`train-verifier --mixed`: both phantoms of each seed, in turn, each from its own cache entry."""
+    from inference.train_verifier import VERIFIER_SEED_BASE, cache_file, mixed_parts
+
+    model = load_model(device="cpu")
+    for n in range(2):
+        for variety in (False, True):
+            x = np.full((3, len(verify.FEATURES)), 10 * n + variety, float)
+            np.savez(
+                cache_file(tmp_path, model, VERIFIER_SEED_BASE + n, variety), x=x, y=np.array([1, 0, 0], bool)
+            )
+    parts = mixed_parts(None, 2, cache_dir=tmp_path)
+    assert [int(x[0, 0]) for x, _ in parts] == [0, 1, 10, 11]
+    assert cache_file(tmp_path, model, 1, True) != cache_file(tmp_path, model, 1, False)
