@@ -155,6 +155,22 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_train_checker)
 
     c = sub.add_parser(
+        "checker",
+        help="set a model's checker threshold, or let the checker judge candidates without the verifier",
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument(
+        "--threshold", type=float, default=None, help="keep candidates the checker scores at least this"
+    )
+    c.add_argument(
+        "--without-verifier",
+        action="store_true",
+        help="remove the verifier: the checker judges every candidate the segmenter finds",
+    )
+    c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
+    c.set_defaults(func=cmd_checker)
+
+    c = sub.add_parser(
         "plausibility", help="write the plausibility rules (inference.plausibility) into a model's card"
     )
     c.add_argument("--model-dir", type=Path, required=True)
@@ -424,6 +440,22 @@ def cmd_train_checker(args, settings: Settings) -> int:
         **chosen,
     )
     print(json.dumps({"checker": report}))
+    return 0
+
+
+def cmd_checker(args, settings: Settings) -> int:
+    from inference.model_store import ModelCardError, set_checker
+
+    command = f"nodal checker --model-dir {args.model_dir}"
+    command += f" --threshold {args.threshold}" if args.threshold is not None else ""
+    command += " --without-verifier" if args.without_verifier else ""
+    command += f" --version {args.version}" if args.version else ""
+    try:
+        checker = set_checker(args.model_dir, args.threshold, args.without_verifier, args.version, command)
+    except (ModelCardError, ValueError) as exc:
+        print(f"nodal: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"checker": {k: v for k, v in checker.items() if k != "fit"}}))
     return 0
 
 

@@ -220,6 +220,40 @@ def add_checker(
     return path
 
 
+def set_checker(
+    model_dir: Path,
+    threshold: float | None = None,
+    without_verifier: bool = False,
+    version: str | None = None,
+    command: str = "",
+) -> dict:
+    """Change how a model's checker is used: its `threshold` (the one its fit chose stays in
+    `checker.fit`), and, `without_verifier`, let it judge every candidate alone (the
+    verifier's weights and card entry are removed). Returns the card's checker entry."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    if "checker" not in card.get("weights", {}):
+        raise ModelCardError(f"{model_dir}: the model has no checker (nodal train-checker adds one)")
+    checker = card["checker"]
+    if threshold is not None:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"checker threshold must lie between 0 and 1, not {threshold}")
+        checker["threshold"] = threshold
+    if without_verifier:
+        entry = card["weights"].pop("verifier", None)
+        card.pop("verifier", None)
+        if entry is not None:
+            (model_dir / entry["file"]).unlink(missing_ok=True)
+        checker["alone"] = True  # it judges every candidate the segmenter finds
+    if version is not None:
+        card["version"] = version
+    checker["set"] = {"threshold": checker["threshold"], "alone": bool(checker.get("alone"))}
+    if command:
+        checker["set"]["command"] = command
+    write_card(model_dir, card)
+    return checker
+
+
 #: What the card keeps of an evaluation (`inference.evaluate`, `inference.evaluate_data`).
 EVALUATION_FIGURES = (
     "cases",
