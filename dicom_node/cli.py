@@ -444,17 +444,13 @@ def cmd_train_checker(args, settings: Settings) -> int:
 
 
 def cmd_checker(args, settings: Settings) -> int:
-    from inference.model_store import ModelCardError, set_checker
+    from inference.model_store import set_checker
 
     command = f"nodal checker --model-dir {args.model_dir}"
     command += f" --threshold {args.threshold}" if args.threshold is not None else ""
     command += " --without-verifier" if args.without_verifier else ""
     command += f" --version {args.version}" if args.version else ""
-    try:
-        checker = set_checker(args.model_dir, args.threshold, args.without_verifier, args.version, command)
-    except (ModelCardError, ValueError) as exc:
-        print(f"nodal: {exc}", file=sys.stderr)
-        return 2
+    checker = set_checker(args.model_dir, args.threshold, args.without_verifier, args.version, command)
     print(json.dumps({"checker": {k: v for k, v in checker.items() if k != "fit"}}))
     return 0
 

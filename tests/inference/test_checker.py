@@ -240,3 +240,31 @@ def test_the_cards_checker_crop_is_loaded_and_an_unknown_one_refused(model_dir):
         load_model(model_dir, "cpu")
     add_checker(model_dir, NodeClassifier(16, in_channels=4), 16, 0.5, {}, crop="both")
     assert load_model(model_dir, "cpu").checker.crop == "both"
+
+
+def test_nodal_checker_sets_the_threshold_and_lets_the_checker_judge_without_the_verifier(model_dir):
+    """`nodal checker --threshold T --without-verifier`: the checker judges every candidate
+    the segmenter finds; the verifier's file and card entry are gone; the fit's own
+    threshold stays in `checker.fit`."""
+    from dicom_node.cli import main
+
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    with_verifier = analyse(volume, load_model(model_dir, "cpu")).findings.findings
+    assert main(["checker", "--model-dir", str(model_dir), "--threshold", "0.5"]) == 1  # no checker yet
+
+    torch.manual_seed(0)
+    add_checker(model_dir, NodeClassifier(16).eval(), 16, 1.01, {"threshold": 1.01})
+    assert main(["checker", "--model-dir", str(model_dir), "--threshold", "1.5"]) == 1
+    argv = ["checker", "--model-dir", str(model_dir), "--threshold", "1e-9", "--without-verifier"]
+    assert main([*argv, "--version", "9.9.9"]) == 0
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert "verifier" not in card["weights"] and "verifier" not in card
+    assert not (model_dir / "verifier.json").exists()
+    assert card["checker"]["threshold"] == 1e-9 and card["checker"]["fit"] == {"threshold": 1.01}
+    assert card["checker"]["set"]["command"].endswith("--threshold 1e-09 --without-verifier --version 9.9.9")
+    model = load_model(model_dir, "cpu")
+    assert model.verifier is None and model.version == "9.9.9"
+    alone = analyse(volume, model)
+    assert "verify" not in alone.seconds and "check" in alone.seconds
+    assert len(alone.findings.findings) >= len(with_verifier)  # nothing is dropped at this threshold
