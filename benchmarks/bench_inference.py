@@ -3,7 +3,7 @@
 Run as a child process so that its peak RSS is the pipeline's own (loading the DICOM
 series, the model, inference, measurements, classification and writing SEG/SR/images):
 
-    .venv/bin/python -m benchmarks.bench_inference SERIES_DIR [--threads N] [--device cpu]
+    .venv/bin/python -m benchmarks.bench_inference SERIES_DIR [--threads N] [--device cpu] [--model-dir DIR]
 
 Prints one JSON object.
 """
@@ -23,6 +23,7 @@ def main() -> None:
     p.add_argument("series", type=Path)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the shipped demo model")
     args = p.parse_args()
 
     import torch
@@ -36,7 +37,7 @@ def main() -> None:
     from sr_templates import write_results
 
     t0 = time.perf_counter()
-    model = load_model(None, args.device)
+    model = load_model(args.model_dir, args.device)
     t_model = time.perf_counter() - t0
     t = time.perf_counter()
     volume = load_series(args.series)
@@ -56,6 +57,7 @@ def main() -> None:
                 "spacing_mm": [round(s, 3) for s in volume.spacing],
                 "device": model.device.type,
                 "threads": torch.get_num_threads(),
+                "model": model.version,
                 "nodes": len(analysis.findings.findings),
                 "seconds": {
                     "model_load": round(t_model, 2),

@@ -291,6 +291,8 @@ def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:
     path = verifier.save(model_dir, fit_report)
     card["weights"]["verifier"] = {"file": path.name, "sha256": sha256(path)}
     card["verifier"] = {"module": "inference.verify", "fit": fit_report}
+    if "checker" in card:
+        card["checker"]["alone"] = False  # the verifier judges first again
     write_card(model_dir, card)
     return path
 
