@@ -88,7 +88,10 @@ lint: $(STAMP)
 # phantoms 0-79; 0.2.0 on phantoms 80-159 with more patches on node-like tissue; 0.3.0 on
 # phantoms 160-223 with patches on 0.2.0's own false positives; 0.4.0 (segmenter only) on
 # phantoms 224-287 with patches on 0.3.0's false positives; then the candidate verifier and
-# the plausibility rules (inference/plausibility.py) written into the card.
+# the plausibility rules (inference/plausibility.py) written into the card; 0.4.2: the
+# checker (a CNN on each candidate's crops, fitted on 240 training phantoms; about 70 min on
+# 2 cores) set to judge every candidate alone, without the verifier (benchmarks/RESULTS.md,
+# 2026-12-06).
 MODEL := inference/models/nodal-ln-demo
 train: $(STAMP)
 	$(BIN)/nodal train --out $(MODEL) --cases 80 --seg-steps 2000 --cls-epochs 25 --verifier-cases 0
@@ -102,6 +105,8 @@ train: $(STAMP)
 	  --verifier-cases 0
 	$(BIN)/nodal train-verifier --model-dir $(MODEL) --cases 32 --keep-share 0.97
 	$(BIN)/nodal plausibility --model-dir $(MODEL)
+	$(BIN)/nodal train-checker --model-dir $(MODEL) --cases 120 --keep-share 0.995 --epochs 8
+	$(BIN)/nodal checker --model-dir $(MODEL) --threshold 0.5 --without-verifier --version 0.4.2
 
 # Both phantom families side by side: `train` (the training generator, unseen seeds) and
 # `heldout` (an independent generator never used for training or fitting).

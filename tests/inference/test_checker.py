@@ -247,9 +247,14 @@ def test_nodal_checker_sets_the_threshold_and_lets_the_checker_judge_without_the
     the segmenter finds; the verifier's file and card entry are gone; the fit's own
     threshold stays in `checker.fit`."""
     from dicom_node.cli import main
+    from inference import verify
+    from inference.model_store import add_verifier
 
     spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
     volume = phantom_volume(phantoms.generate(11, spec))
+    x = np.random.default_rng(0).normal(size=(60, len(verify.FEATURES)))
+    add_verifier(model_dir, verify.fit(x, x[:, 0] > 0, 0.9)[0], {"note": "a verifier to remove"})
+    assert load_model(model_dir, "cpu").verifier is not None
     with_verifier = analyse(volume, load_model(model_dir, "cpu")).findings.findings
     assert main(["checker", "--model-dir", str(model_dir), "--threshold", "0.5"]) == 1  # no checker yet
 
