@@ -47,6 +47,9 @@ def make_app(settings: Settings) -> Celery:
         task_default_queue=q.queue_name,
         task_routes={TASK: {"queue": q.queue_name}},
         worker_hijack_root_logger=False,
+        # nodal's own logging writes each line to the process's stderr (observe.logs); were
+        # stdout/stderr redirected into Celery's logger, those lines would loop back into it
+        worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         # an unacknowledged message (its worker died) comes back this late; the job table

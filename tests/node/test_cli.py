@@ -57,7 +57,7 @@ def test_train_verifier_keep_share_default_is_the_functions(tmp_path: Path, monk
     seen = {}
     default = inspect.signature(tv.train_verifier).parameters["keep_share"].default
 
-    def fake(model_dir, cases, keep_share=default, cache_dir=None, command="", variety=False):
+    def fake(model_dir, cases, keep_share=default, cache_dir=None, command="", variety=False, mixed=False):
         seen.update(cases=cases, keep_share=keep_share, command=command)
         raise _Stop
 
