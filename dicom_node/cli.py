@@ -393,12 +393,10 @@ def cmd_train_verifier(args, settings: Settings) -> int:
 
     cache = settings.node.data_dir / "train-cache"
     if getattr(args, "cross_validate", False):
-        from inference.train_verifier import cross_validate, mixed_parts, phantom_parts
+        from inference.train_verifier import cross_validate, training_parts
 
-        if getattr(args, "mixed", False):
-            parts = mixed_parts(args.model_dir, args.cases, cache_dir=cache)
-        else:
-            parts = phantom_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety)
+        mixed = getattr(args, "mixed", False)
+        parts = training_parts(args.model_dir, args.cases, cache_dir=cache, variety=args.variety, mixed=mixed)
         print(json.dumps({"cross_validation": cross_validate(parts, (0.95, 0.97, 0.98))}))
         return 0
     keep_share = args.keep_share

@@ -84,10 +84,7 @@ def train_verifier(
 
     `variety`: domain-randomised phantoms instead of plain ones; `mixed`: both, a plain and
     a domain-randomised phantom from each seed (as the checker is fitted)."""
-    if mixed:
-        parts = mixed_parts(model_dir, cases, seed, cache_dir, settings)
-    else:
-        parts = phantom_parts(model_dir, cases, seed, cache_dir, settings, variety)
+    parts = training_parts(model_dir, cases, seed, cache_dir, settings, variety, mixed)
     source = {
         "phantoms": cases * (2 if mixed else 1),
         "seeds": [seed, seed + cases - 1],
@@ -96,6 +93,22 @@ def train_verifier(
     if command:
         source["command"] = command
     return _fit_and_store(model_dir, parts, keep_share, source)
+
+
+def training_parts(
+    model_dir: Path,
+    cases: int,
+    seed: int = VERIFIER_SEED_BASE,
+    cache_dir: Path | None = None,
+    settings: PipelineSettings | None = None,
+    variety: bool = False,
+    mixed: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The candidates a verifier is fitted (or cross-validated) on: plain phantoms,
+    domain-randomised ones (`variety`), or both phantoms of each seed (`mixed`)."""
+    if mixed:
+        return mixed_parts(model_dir, cases, seed, cache_dir, settings)
+    return phantom_parts(model_dir, cases, seed, cache_dir, settings, variety)
 
 
 def phantom_parts(
