@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         help="domain-randomised phantoms (inference.phantoms.variety_spec: anatomy, patient size, "
         "spacing, kernel, noise, metal; docs/model.md)",
     )
+    c.add_argument(
+        "--mixed",
+        action="store_true",
+        help="both phantoms of every seed, the plain and the domain-randomised one (twice the phantoms)",
+    )
     c.add_argument("--version", default=None)
     c.add_argument("--name", default=None)
     c.add_argument(
@@ -166,6 +171,13 @@ def _parser() -> argparse.ArgumentParser:
         "--without-verifier",
         action="store_true",
         help="remove the verifier: the checker judges every candidate the segmenter finds",
+    )
+    c.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="first take the checker of this model directory (e.g. after training the segmenter on)",
     )
     c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
     c.set_defaults(func=cmd_checker)
@@ -368,6 +380,7 @@ def cmd_train(args, settings: Settings) -> int:
         patches_per_case=0 if args.seg_steps == 0 else TrainConfig.patches_per_case,
         init_from=str(args.init_from) if args.init_from else None,
         variety=args.variety,
+        mixed=args.mixed,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")
@@ -445,10 +458,13 @@ def cmd_checker(args, settings: Settings) -> int:
     from inference.model_store import set_checker
 
     command = f"nodal checker --model-dir {args.model_dir}"
+    command += f" --from {args.source}" if args.source is not None else ""
     command += f" --threshold {args.threshold}" if args.threshold is not None else ""
     command += " --without-verifier" if args.without_verifier else ""
     command += f" --version {args.version}" if args.version else ""
-    checker = set_checker(args.model_dir, args.threshold, args.without_verifier, args.version, command)
+    checker = set_checker(
+        args.model_dir, args.threshold, args.without_verifier, args.version, command, args.source
+    )
     print(json.dumps({"checker": {k: v for k, v in checker.items() if k != "fit"}}))
     return 0
 

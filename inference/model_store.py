@@ -187,6 +187,27 @@ def _save_weights(net: nn.Module, path: Path) -> dict:
     return {"file": path.name, "sha256": sha256(path)}
 
 
+def _with_checker_of(model_dir: Path, card: dict, source: Path) -> dict:
+    """`card` with the checker of the model in `source`, its weights copied into `model_dir`."""
+    theirs = read_card(source)
+    entry = theirs.get("weights", {}).get("checker")
+    if entry is None:
+        raise ModelCardError(f"{source}: the model has no checker to take")
+    if theirs.get("working_spacing_mm") != card.get("working_spacing_mm"):
+        raise ModelCardError(f"{source}: its checker sees crops on another working grid than {model_dir}'s")
+    weights = (source / entry["file"]).read_bytes()
+    if hashlib.sha256(weights).hexdigest() != entry["sha256"]:
+        raise ModelCardError(f"{source}: {entry['file']} does not match its card's checksum")
+    (model_dir / entry["file"]).write_bytes(weights)
+    card["weights"]["checker"] = dict(entry)
+    card["checker"] = {
+        **theirs["checker"],
+        "taken_from": {"name": theirs["name"], "version": theirs["version"]},
+    }
+    card["checker"].pop("set", None)
+    return card
+
+
 def add_checker(
     model_dir: Path,
     checker: nn.Module,
@@ -226,12 +247,18 @@ def set_checker(
     without_verifier: bool = False,
     version: str | None = None,
     command: str = "",
+    source: Path | None = None,
 ) -> dict:
     """Change how a model's checker is used: its `threshold` (the one its fit chose stays in
     `checker.fit`), and, `without_verifier`, let it judge every candidate alone (the
-    verifier's weights and card entry are removed). Returns the card's checker entry."""
+    verifier's weights and card entry are removed). `source`: first take the checker of that
+    model directory (its weights, checked against its card, and its card entry, fit
+    included), e.g. to keep a checker when the segmenter is trained on. Returns the card's
+    checker entry."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
+    if source is not None:
+        card = _with_checker_of(model_dir, card, Path(source))
     if "checker" not in card.get("weights", {}):
         raise ModelCardError(f"{model_dir}: the model has no checker (nodal train-checker adds one)")
     checker = card["checker"]

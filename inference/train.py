@@ -12,7 +12,7 @@ import math
 import pickle
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class TrainConfig:
     fresh_classifier: bool = False  # with init_from: the classifier starts from random weights
     workers: int = 2
     variety: bool = False  # domain-randomised phantoms (phantoms.variety_spec), issue 15
+    mixed: bool = False  # both phantoms of every seed: the plain and the domain-randomised one
     name: str = "nodal-ln-demo"
     version: str = "0.1.0"
 
@@ -129,7 +130,13 @@ def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
 
 
 def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = None) -> tuple:
-    """Training samples; phantom samples are cached per (seed, cases, patch settings)."""
+    """Training samples; phantom samples are cached per (seed, cases, patch settings). With
+    `cfg.mixed`, the plain phantoms' samples and the domain-randomised ones', each from its
+    own cache entry."""
+    if cfg.mixed and data_dir is None:
+        plain = collect(replace(cfg, mixed=False, variety=False), None, cache_dir)
+        varied = collect(replace(cfg, mixed=False, variety=True), None, cache_dir)
+        return joined([plain, varied])
     cache = None
     if data_dir is None and cache_dir is not None:
         key = f"s{cfg.seed}-n{cfg.cases}-p{cfg.patch}x{cfg.patches_per_case}-w{cfg.working_spacing_mm}"
@@ -172,13 +179,28 @@ def _collect(cfg: TrainConfig, data_dir: Path | None) -> tuple:
         for i, ref in enumerate(cases):
             c = ref.load()
             parts.append(_samples(labelled_case(c.hu, c.spacing, c.label, cfg.working_spacing_mm), i, cfg))
+    samples = joined(parts)
+    log.info(
+        "collected %d patches and %d node crops in %.0f s", len(samples[0]), len(samples[2]), time.time() - t0
+    )
+    return samples
+
+
+def joined(parts: list[tuple]) -> tuple:
+    """The samples of several cases (or collections) as one collection, in order."""
     imgs = np.concatenate([p[0] for p in parts])
     masks = np.concatenate([p[1] for p in parts])
     crops = [c for p in parts for c in p[2]]
     scalars = [s for p in parts for s in p[3]]
     labels = [lab for p in parts for lab in p[4]]
-    log.info("collected %d patches and %d node crops in %.0f s", len(imgs), len(crops), time.time() - t0)
     return imgs, masks, crops, scalars, labels
+
+
+def family_words(cfg: TrainConfig) -> str:
+    """How the card names the phantoms a configuration trains on."""
+    if cfg.mixed:
+        return "each seed plain and domain-randomised (variety_spec), "
+    return "domain-randomised (variety_spec), " if cfg.variety else ""
 
 
 def _parent_segmenter_sha(cfg: TrainConfig) -> str:
@@ -331,8 +353,8 @@ def train(
         "name": cfg.name,
         "version": cfg.version,
         "training_data": (
-            f"{cfg.cases} synthetic CT phantoms (inference/phantoms.py, "
-            + ("domain-randomised (variety_spec), " if cfg.variety else "")
+            f"{cfg.cases * (2 if cfg.mixed else 1)} synthetic CT phantoms (inference/phantoms.py, "
+            + family_words(cfg)
             + f"seeds {cfg.seed}-{cfg.seed + cfg.cases - 1}),"
             f" {len(imgs)} patches, {len(crops)} labelled nodes"
             if data_dir is None

@@ -273,3 +273,43 @@ def test_nodal_checker_sets_the_threshold_and_lets_the_checker_judge_without_the
     alone = analyse(volume, model)
     assert "verify" not in alone.seconds and "check" in alone.seconds
     assert len(alone.findings.findings) >= len(with_verifier)  # nothing is dropped at this threshold
+
+
+def test_nodal_checker_from_takes_another_models_checker_with_its_card_entry(model_dir):
+    """`nodal checker --from DIR`: a model whose segmenter was trained on keeps the checker of
+    the model it came from, its weights checked and its fit recorded; refused when the
+    source has no checker, its weights do not match its card, or it works on another grid."""
+    from dicom_node.cli import main
+
+    source = shutil.copytree(model_dir, model_dir.parent / "source")
+    torch.manual_seed(3)
+    add_checker(
+        source, NodeClassifier(16, in_channels=4).eval(), 16, 0.3, {"cases": 7}, "1.2.3", True, "both"
+    )
+    assert main(["checker", "--model-dir", str(model_dir), "--from", str(model_dir.parent / "none")]) == 1
+    assert main(["checker", "--model-dir", str(model_dir), "--from", str(model_dir)]) == 1  # no checker there
+
+    argv = ["checker", "--model-dir", str(model_dir), "--from", str(source), "--threshold", "0.6"]
+    assert main(argv) == 0
+    card = json.loads((model_dir / "model_card.json").read_text())
+    theirs = json.loads((source / "model_card.json").read_text())
+    assert card["weights"]["checker"] == theirs["weights"]["checker"]
+    assert (model_dir / "checker.pt").read_bytes() == (source / "checker.pt").read_bytes()
+    assert card["checker"]["fit"] == {"cases": 7} and card["checker"]["crop"] == "both"
+    assert card["checker"]["taken_from"] == {"name": theirs["name"], "version": "1.2.3"}
+    assert card["checker"]["threshold"] == 0.6 and theirs["checker"]["threshold"] == 0.3
+    assert (
+        card["checker"]["set"]["command"]
+        == f"nodal checker --model-dir {model_dir} --from {source} --threshold 0.6"
+    )
+    model = load_model(model_dir, "cpu")
+    assert model.checker.threshold == 0.6 and model.checker.crop == "both" and model.checker.flips
+
+    theirs["working_spacing_mm"] = 0.8
+    (source / "model_card.json").write_text(json.dumps(theirs))
+    assert main(["checker", "--model-dir", str(model_dir), "--from", str(source)]) == 1
+    theirs["working_spacing_mm"] = card["working_spacing_mm"]
+    (source / "model_card.json").write_text(json.dumps(theirs))
+    (source / "checker.pt").write_bytes(b"changed")
+    assert main(["checker", "--model-dir", str(model_dir), "--from", str(source)]) == 1
+    assert load_model(model_dir, "cpu").checker.threshold == 0.6  # the refused calls changed nothing

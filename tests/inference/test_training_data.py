@@ -162,3 +162,35 @@ def test_seg_steps_zero_keeps_the_parents_segmenter_and_retrains_the_classifier(
 
     with pytest.raises(ValueError, match="keeps the segmenter"):
         train_module.train(tmp_path / "orphan", TrainConfig(seg_channels=(4, 8), cls_width=4, seg_steps=0))
+
+
+def test_mixed_training_joins_plain_and_variety_samples_each_from_its_own_cache(tmp_path, monkeypatch):
+    from inference import train as train_module
+    from inference.train import TrainConfig, collect
+
+    made = []
+
+    def fake_collect(cfg, data_dir):
+        made.append(cfg.variety)
+        mark = 2.0 if cfg.variety else 1.0
+        return (
+            np.full((2, 4, 4, 4), mark, np.float16),
+            np.zeros((2, 4, 4, 4), np.uint8),
+            [np.full((2, 3, 3, 3), mark, np.float16)],
+            [(mark, mark)],
+            [cfg.variety],
+        )
+
+    monkeypatch.setattr(train_module, "_collect", fake_collect)
+    cfg = TrainConfig(cases=2, seed=5, mixed=True)
+    imgs, masks, crops, scalars, labels = collect(cfg, None, tmp_path)
+    assert [float(c.max()) for c in crops] == [1.0, 2.0]
+    assert made == [False, True]
+    assert [float(i.max()) for i in imgs] == [1.0, 1.0, 2.0, 2.0]  # plain first, then variety
+    assert labels == [False, True] and scalars == [(1.0, 1.0), (2.0, 2.0)] and len(masks) == 4
+    caches = sorted(p.name for p in tmp_path.glob("samples-*.pkl"))
+    assert caches == ["samples-s5-n2-p64x48-w1.0-variety.pkl", "samples-s5-n2-p64x48-w1.0.pkl"]
+    # the second run reads both entries back and generates nothing
+    again = collect(cfg, None, tmp_path)
+    assert made == [False, True] and again[4] == labels
+    assert "plain and domain-randomised" in train_module.family_words(cfg)

@@ -29,6 +29,9 @@ def test_train_defaults_are_train_configs(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(_Stop):
         main(["train", "--out", str(tmp_path / "m"), "--cases", "3", "--seg-lr", "0.01", "--name", "x"])
     assert seen["cfg"] == train_module.TrainConfig(cases=3, seg_lr=0.01, name="x")
+    with pytest.raises(_Stop):
+        main(["train", "--out", str(tmp_path / "m"), "--mixed", "--verifier-cases", "0"])
+    assert seen["cfg"] == train_module.TrainConfig(mixed=True)
 
 
 def test_phantom_defaults_are_phantom_specs(tmp_path: Path, monkeypatch) -> None:
