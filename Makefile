@@ -104,7 +104,7 @@ train: $(STAMP)
 	  --seg-lr 5e-4 --node-share 0.35 --hard-share 0.2 --mined-share 0.3 --cls-epochs 0 --version 0.4.0 \
 	  --verifier-cases 0
 	$(BIN)/nodal train-verifier --model-dir $(MODEL) --cases 32 --keep-share 0.97
-	$(BIN)/nodal plausibility --model-dir $(MODEL)
+	$(BIN)/nodal plausibility --model-dir $(MODEL) --off tube_path
 	$(BIN)/nodal train-checker --model-dir $(MODEL) --cases 120 --keep-share 0.995 --epochs 8
 	$(BIN)/nodal checker --model-dir $(MODEL) --threshold 0.5 --without-verifier --version 0.4.2
 
