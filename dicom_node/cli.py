@@ -361,6 +361,13 @@ def cmd_demo(args, settings: Settings) -> int:
 def cmd_train(args, settings: Settings) -> int:
     from inference.train import TrainConfig, train
 
+    if args.mixed and (args.variety or args.data is not None):
+        print(
+            "nodal: --mixed trains on both kinds of phantom; it takes neither --variety nor --data",
+            file=sys.stderr,
+        )
+        return 2
+
     given = _given(
         args,
         cases="cases",

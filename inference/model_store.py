@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,10 +196,9 @@ def _with_checker_of(model_dir: Path, card: dict, source: Path) -> dict:
         raise ModelCardError(f"{source}: the model has no checker to take")
     if theirs.get("working_spacing_mm") != card.get("working_spacing_mm"):
         raise ModelCardError(f"{source}: its checker sees crops on another working grid than {model_dir}'s")
-    weights = (source / entry["file"]).read_bytes()
-    if hashlib.sha256(weights).hexdigest() != entry["sha256"]:
+    if sha256(source / entry["file"]) != entry["sha256"]:
         raise ModelCardError(f"{source}: {entry['file']} does not match its card's checksum")
-    (model_dir / entry["file"]).write_bytes(weights)
+    shutil.copyfile(source / entry["file"], model_dir / entry["file"])
     card["weights"]["checker"] = dict(entry)
     card["checker"] = {
         **theirs["checker"],

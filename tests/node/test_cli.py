@@ -32,6 +32,10 @@ def test_train_defaults_are_train_configs(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(_Stop):
         main(["train", "--out", str(tmp_path / "m"), "--mixed", "--verifier-cases", "0"])
     assert seen["cfg"] == train_module.TrainConfig(mixed=True)
+    seen.clear()
+    assert main(["train", "--out", str(tmp_path / "m"), "--mixed", "--variety"]) == 2
+    assert main(["train", "--out", str(tmp_path / "m"), "--mixed", "--data", str(tmp_path)]) == 2
+    assert not seen  # refused before training
 
 
 def test_phantom_defaults_are_phantom_specs(tmp_path: Path, monkeypatch) -> None:
