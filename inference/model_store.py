@@ -76,6 +76,13 @@ class LoadedModel:
     def working_spacing(self) -> float:
         return float(self.card["working_spacing_mm"])
 
+    @property
+    def neck_ratio(self) -> float | None:
+        """How thin a bridge between two parts of a component splits it (`inference.necks`);
+        None: components are not split."""
+        ratio = self.card["segmenter"].get("neck_ratio")
+        return None if ratio is None else float(ratio)
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -143,6 +150,11 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         rules = Rules.from_card(card.get("plausibility"))
     except (TypeError, ValueError) as e:
         raise ModelCardError(f"{model_dir / CARD_NAME}: plausibility: {e}") from e
+    ratio = card["segmenter"].get("neck_ratio")
+    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < 1):
+        raise ModelCardError(
+            f"{model_dir / CARD_NAME}: segmenter.neck_ratio {ratio!r} is not between 0 and 1"
+        )
     return LoadedModel(
         card=card,
         segmenter=seg,

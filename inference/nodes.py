@@ -11,6 +11,7 @@ from inference import rules
 from inference.classify import crop_around
 from inference.findings import AxisLine
 from inference.measure import axial_diameters
+from inference.necks import split_labels
 from inference.preprocess import Grid
 from inference.refine import margin_voxels, refine
 from inference.volume import Volume
@@ -31,9 +32,15 @@ def components(
     grid: Grid,
     threshold: float,
     min_volume_mm3: float,
+    neck_ratio: float | None = None,
 ) -> list[Candidate]:
-    """Connected components of the working-grid probability, each carried to the native grid."""
-    labels, _ = ndimage.label(prob >= threshold)
+    """Connected components of the working-grid probability, each carried to the native grid;
+    with a `neck_ratio`, each component split at its narrow necks first (`inference.necks`),
+    every part carried over without the voxels of the parts beside it."""
+    labels, count = ndimage.label(prob >= threshold)
+    origin = None
+    if neck_ratio is not None:
+        labels, origin = split_labels(labels, count, neck_ratio)
     voxel_w = float(np.prod(grid.working_spacing))
     out = []
     for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
@@ -46,6 +53,10 @@ def components(
         hi_w = np.array([min(n, x.stop + 2) for x, n in zip(sl, labels.shape, strict=True)])
         box_w = tuple(slice(a, b) for a, b in zip(lo_w, hi_w, strict=True))
         own = ndimage.binary_dilation(labels[box_w] == idx, iterations=2)
+        if origin is not None:  # not into the parts split from the same component
+            around = labels[box_w]
+            siblings = (around > 0) & (around != idx) & (origin[np.maximum(around - 1, 0)] == origin[idx - 1])
+            own &= ~siblings
         local = np.where(own, prob[box_w], 0.0)
         lo_n = np.maximum(np.floor(grid.to_native(lo_w)).astype(int), 0)
         hi_n = np.minimum(np.ceil(grid.to_native(hi_w - 1)).astype(int) + 1, volume.shape)

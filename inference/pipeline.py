@@ -88,7 +88,7 @@ def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     seconds["segment"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3)
+    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3, model.neck_ratio)
     measured = [
         (c, m)
         for c, m in ((c, measure_node(volume, c)) for c in candidates)

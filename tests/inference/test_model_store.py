@@ -3,7 +3,6 @@
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,11 +17,6 @@ def test_shipped_demo_model_loads_and_says_what_it_is():
     assert card["not_for_clinical_use"] is True
     assert "synthetic" in card["training_data"] and "NOT for clinical use" in card["intended_use"]
     assert model.working_spacing > 0
-
-
-@pytest.fixture
-def model_copy(tmp_path):
-    return shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "m")
 
 
 def test_missing_card_is_refused(model_copy):
