@@ -92,6 +92,16 @@ def match(labels: np.ndarray, masks: list[tuple[tuple, np.ndarray]]) -> list[_Ma
     return out
 
 
+def best_per_node(pairs) -> dict[int, tuple]:
+    """For each ground-truth node that (finding, match) `pairs` found, the pair that overlaps
+    it best; the other pairs on the same node are duplicates (a node reported twice)."""
+    best: dict[int, tuple] = {}
+    for f, m in pairs:
+        if m.gt and (m.gt not in best or m.dice > best[m.gt][1].dice):
+            best[m.gt] = (f, m)
+    return best
+
+
 def auc(scores: list[float], positive: list[bool]) -> float | None:
     """Area under the ROC curve (Mann-Whitney U with ties counted half)."""
     s, y = np.asarray(scores, float), np.asarray(positive, bool)
@@ -208,14 +218,12 @@ def evaluate(
 
 def _score(runs, rejected) -> dict:
     """Detection, measurement and malignancy figures of the findings that `rejected` keeps."""
-    gt_rows, pred_rows, fps = [], [], []
+    gt_rows, pred_rows, fps, dups = [], [], [], []
     for nodes, findings, matches, verdicts in runs:
         kept = [(f, m) for f, m, v in zip(findings, matches, verdicts, strict=True) if not rejected(v)]
         fps.append(sum(m.gt == 0 for _, m in kept))
-        best: dict[int, tuple] = {}
-        for f, m in kept:
-            if m.gt and (m.gt not in best or m.dice > best[m.gt][1].dice):
-                best[m.gt] = (f, m)
+        best = best_per_node(kept)
+        dups.append(sum(m.gt != 0 for _, m in kept) - len(best))
         for node in nodes:
             gt_rows.append((node, node.index in best))
             if node.index in best:
@@ -229,6 +237,7 @@ def _score(runs, rejected) -> dict:
         "sensitivity": _r(np.mean(big)) if big else None,
         "sensitivity_all_sizes": _r(np.mean([hit for _, hit in gt_rows])) if gt_rows else None,
         "fp_per_volume": _r(np.mean(fps)),
+        "duplicates_per_volume": _r(np.mean(dups)),
         "dice": _r(np.mean([d for _, _, d in pred_rows])) if pred_rows else None,
         "short_axis_mae_mm": _mae([(f.short_axis.length_mm, n.short_axis_mm) for n, f, _ in pred_rows]),
         "long_axis_mae_mm": _mae([(f.long_axis.length_mm, n.long_axis_mm) for n, f, _ in pred_rows]),

@@ -25,6 +25,7 @@ from inference.evaluate import (
     _mae,
     _r,
     auc,
+    best_per_node,
     match,
     threshold_baseline,
 )
@@ -87,6 +88,7 @@ def evaluate_cases(
     gt_rows: list[tuple[TruthNode, bool]] = []
     pred_rows: list[tuple[TruthNode, Finding, float]] = []
     fps: list[int] = []
+    dups: list[int] = []
     base_fps: list[int] = []
     base_hits: list[bool] = []
     seconds: list[float] = []
@@ -99,10 +101,8 @@ def evaluate_cases(
         findings = analysis.findings.findings
         matches = match(inst, [(f.bbox, f.mask) for f in findings])
         fps.append(sum(m.gt == 0 for m in matches))
-        best: dict[int, tuple] = {}
-        for f, m in zip(findings, matches, strict=True):
-            if m.gt and (m.gt not in best or m.dice > best[m.gt][1].dice):
-                best[m.gt] = (f, m)
+        best = best_per_node(zip(findings, matches, strict=True))
+        dups.append(sum(m.gt != 0 for m in matches) - len(best))
         for node in nodes:
             gt_rows.append((node, node.index in best))
             if node.index in best:
@@ -128,6 +128,7 @@ def evaluate_cases(
         "sensitivity": _r(np.mean(big)) if big else None,
         "sensitivity_all_sizes": _r(np.mean([hit for _, hit in gt_rows])) if gt_rows else None,
         "fp_per_volume": _r(np.mean(fps)) if fps else None,
+        "duplicates_per_volume": _r(np.mean(dups)) if dups else None,
         "dice": _r(np.mean([d for _, _, d in pred_rows])) if pred_rows else None,
         "short_axis_mae_mm": _mae([(a[0], a[1]) for a in axes]),
         "long_axis_mae_mm": _mae([(a[2], a[3]) for a in axes]),

@@ -30,3 +30,12 @@ def test_bias_keeps_the_sign_that_the_absolute_error_loses():
     assert _bias(pairs) == pytest.approx(-0.1667, abs=1e-4)
     assert _mae(pairs) == pytest.approx(0.8333, abs=1e-4)
     assert _bias([]) is None
+
+
+def test_a_node_found_twice_counts_once_and_the_second_finding_is_a_duplicate():
+    from inference.evaluate import _Match, best_per_node
+
+    pairs = [("a", _Match(1, 0.6)), ("b", _Match(1, 0.8)), ("c", _Match(2, 0.5)), ("d", _Match(0, 0.0))]
+    best = best_per_node(pairs)
+    assert {n: f for n, (f, _) in best.items()} == {1: "b", 2: "c"}
+    assert sum(m.gt != 0 for _, m in pairs) - len(best) == 1  # "a" reports node 1 again
