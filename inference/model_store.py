@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from inference.classify import CROP_KINDS, crop_channels
+from inference.necks import Necks
 from inference.networks import NodeClassifier, build_segmenter
 from inference.plausibility import Rules
 from inference.verify import Verifier
@@ -77,11 +78,10 @@ class LoadedModel:
         return float(self.card["working_spacing_mm"])
 
     @property
-    def neck_ratio(self) -> float | None:
-        """How thin a bridge between two parts of a component splits it (`inference.necks`);
-        None: components are not split."""
-        ratio = self.card["segmenter"].get("neck_ratio")
-        return None if ratio is None else float(ratio)
+    def necks(self) -> Necks | None:
+        """Where a segmented component is split to judge its parts (`inference.necks`); None:
+        components are not split."""
+        return Necks.from_card(self.card["segmenter"].get("necks"))
 
 
 def sha256(path: Path) -> str:
@@ -150,11 +150,10 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         rules = Rules.from_card(card.get("plausibility"))
     except (TypeError, ValueError) as e:
         raise ModelCardError(f"{model_dir / CARD_NAME}: plausibility: {e}") from e
-    ratio = card["segmenter"].get("neck_ratio")
-    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio < 1):
-        raise ModelCardError(
-            f"{model_dir / CARD_NAME}: segmenter.neck_ratio {ratio!r} is not between 0 and 1"
-        )
+    try:
+        Necks.from_card(card["segmenter"].get("necks"))
+    except ValueError as e:
+        raise ModelCardError(f"{model_dir / CARD_NAME}: segmenter.necks: {e}") from e
     return LoadedModel(
         card=card,
         segmenter=seg,

@@ -11,7 +11,7 @@ from inference import rules
 from inference.classify import crop_around
 from inference.findings import AxisLine
 from inference.measure import axial_diameters
-from inference.necks import split_labels
+from inference.necks import Necks, split_labels
 from inference.preprocess import Grid
 from inference.refine import margin_voxels, refine
 from inference.volume import Volume
@@ -23,6 +23,7 @@ class Candidate:
     bbox: tuple[int, int, int, int, int, int]
     soft: np.ndarray  # native probability in bbox
     crop: np.ndarray | None = None  # classifier input
+    part_of: int = 0  # the component this candidate was split from (`inference.necks`); 0: not split
 
 
 def components(
@@ -32,15 +33,15 @@ def components(
     grid: Grid,
     threshold: float,
     min_volume_mm3: float,
-    neck_ratio: float | None = None,
+    necks: Necks | None = None,
 ) -> list[Candidate]:
     """Connected components of the working-grid probability, each carried to the native grid;
-    with a `neck_ratio`, each component split at its narrow necks first (`inference.necks`),
-    every part carried over without the voxels of the parts beside it."""
+    with `necks`, each component split at its narrow necks first (`inference.necks`), every
+    part carried over without the voxels of the parts beside it."""
     labels, count = ndimage.label(prob >= threshold)
     origin = None
-    if neck_ratio is not None:
-        labels, origin = split_labels(labels, count, neck_ratio)
+    if necks is not None:
+        labels, origin = split_labels(labels, count, necks, grid.working_spacing)
     voxel_w = float(np.prod(grid.working_spacing))
     out = []
     for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
@@ -76,8 +77,65 @@ def components(
         centre = [c + x.start for c, x in zip(ndimage.center_of_mass(comp), sl, strict=True)]
         extent = max(x.stop - x.start for x in sl)
         crop = crop_around(image_w, labels, centre, extent, label=idx)
+        part_of = 0  # a component split into parts: the component each part came from
+        if origin is not None and np.count_nonzero(origin == origin[idx - 1]) > 1:
+            part_of = int(origin[idx - 1])
         out.append(
-            Candidate(mask=mask, bbox=bbox, soft=np.where(mask, soft, np.minimum(soft, 0.49)), crop=crop)
+            Candidate(
+                mask=mask,
+                bbox=bbox,
+                soft=np.where(mask, soft, np.minimum(soft, 0.49)),
+                crop=crop,
+                part_of=part_of,
+            )
+        )
+    return out
+
+
+def rejoined(candidates: list[Candidate], image_w: np.ndarray, grid: Grid) -> list[Candidate]:
+    """The candidates with the kept parts of one split component (`Candidate.part_of`) joined
+    again where they touch, in the place of the first of them: the split let each part be
+    judged on its own; what is kept of one structure is reported as one. A joined candidate
+    gets its classifier crop from its edge; the others are returned as they are."""
+    groups: dict[int, list[Candidate]] = {}
+    for c in candidates:
+        if c.part_of:
+            groups.setdefault(c.part_of, []).append(c)
+    out: list[Candidate] = []
+    for c in candidates:
+        parts = groups.get(c.part_of, [c]) if c.part_of else [c]
+        if len(parts) == 1:
+            out.append(c)
+        elif c is parts[0]:
+            out.extend(_joined(parts, image_w, grid))
+    return out
+
+
+def _joined(parts: list[Candidate], image_w: np.ndarray, grid: Grid) -> list[Candidate]:
+    """The union of `parts`, one candidate per (26-)connected piece of it."""
+    lo = np.min([c.bbox[:3] for c in parts], axis=0)
+    hi = np.max([c.bbox[3:] for c in parts], axis=0)
+    soft = np.zeros(hi - lo, np.float32)
+    union = np.zeros(hi - lo, bool)
+    for c in parts:
+        box = tuple(slice(a - o, b - o) for a, b, o in zip(c.bbox[:3], c.bbox[3:], lo, strict=True))
+        soft[box] = np.maximum(soft[box], c.soft)
+        union[box] |= c.mask
+    lab, n = ndimage.label(union, structure=np.ones((3, 3, 3)))
+    out = []
+    for sl, piece in zip(ndimage.find_objects(lab), range(1, n + 1), strict=True):
+        mask = lab[sl] == piece
+        bbox = (
+            *(int(a + s.start) for a, s in zip(lo, sl, strict=True)),
+            *(int(a + s.stop) for a, s in zip(lo, sl, strict=True)),
+        )
+        out.append(
+            Candidate(
+                mask=mask,
+                bbox=bbox,  # type: ignore[arg-type]
+                soft=np.where(mask, soft[sl], np.minimum(soft[sl], 0.49)),
+                crop=working_crop(image_w, grid, mask, bbox),
+            )
         )
     return out
 

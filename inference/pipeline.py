@@ -32,6 +32,7 @@ from inference.nodes import (
     measure_node,
     node_focus,
     refined,
+    rejoined,
     working_crop,
 )
 from inference.preprocess import Grid, to_working, working_grid, working_patch
@@ -88,7 +89,7 @@ def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     seconds["segment"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3, model.neck_ratio)
+    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3, model.necks)
     measured = [
         (c, m)
         for c, m in ((c, measure_node(volume, c)) for c in candidates)
@@ -249,6 +250,8 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
             pair for pair, p in zip(measured_pairs, p_node, strict=True) if p >= model.checker.threshold
         ]
         seconds["check"] = time.perf_counter() - t
+    if model.necks is not None:
+        measured_pairs = _rejoined_pairs(volume, measured_pairs, image_w, grid)
     s = settings or PipelineSettings()
     if s.boundary_refine_mm > 0:
         t = time.perf_counter()
@@ -328,6 +331,20 @@ def _refined_pair(
         return c, m
     m2 = measure_node(volume, r)
     return (r, m2) if m2 is not None else (c, m)
+
+
+def _rejoined_pairs(
+    volume: Volume, pairs: list[tuple[Candidate, dict]], image_w: np.ndarray, grid: Grid
+) -> list[tuple[Candidate, dict]]:
+    """The kept parts of each split component joined again (`inference.nodes.rejoined`); a
+    joined node is measured again."""
+    measured = {id(c): m for c, m in pairs}
+    out = []
+    for c in rejoined([c for c, _ in pairs], image_w, grid):
+        m = measured.get(id(c)) or measure_node(volume, c)
+        if m is not None:
+            out.append((c, m))
+    return out
 
 
 def _exclusive_pairs(

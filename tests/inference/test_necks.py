@@ -9,11 +9,12 @@ import pytest
 
 from inference.evaluate import array_volume
 from inference.model_store import ModelCardError, load_model
-from inference.necks import split_component, split_labels
-from inference.nodes import components
+from inference.necks import Necks, split_component, split_labels
+from inference.nodes import components, rejoined
 from inference.preprocess import to_working
 
 Z, Y, X = np.mgrid[:30, :30, :70]
+NECKS = Necks(ratio=0.5, max_neck_mm=10.0)
 
 
 def _ball(x: int, r: int) -> np.ndarray:
@@ -26,7 +27,7 @@ def _bridge(x0: int, x1: int, r: int) -> np.ndarray:
 
 def test_two_parts_joined_by_a_thin_bridge_are_split_and_keep_every_voxel() -> None:
     comp = _ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)
-    parts = split_component(comp, 0.5)
+    parts = split_component(comp, NECKS)
     assert len(parts) == 2
     assert sum(p.astype(int) for p in parts).max() == 1
     assert np.array_equal(np.logical_or.reduce(parts), comp)
@@ -35,17 +36,17 @@ def test_two_parts_joined_by_a_thin_bridge_are_split_and_keep_every_voxel() -> N
 
 
 def test_a_bridge_as_thick_as_half_the_thinner_part_does_not_split() -> None:
-    assert len(split_component(_ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 5), 0.5)) == 1
+    assert len(split_component(_ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 5), NECKS)) == 1
 
 
 def test_an_elongated_node_is_not_split() -> None:
     ellipsoid = ((Z - 15) / 5) ** 2 + ((Y - 15) / 5) ** 2 + ((X - 35) / 15) ** 2 <= 1
-    assert len(split_component(ellipsoid, 0.5)) == 1
+    assert len(split_component(ellipsoid, NECKS)) == 1
 
 
 def test_a_chain_of_three_is_split_into_three() -> None:
     chain = _ball(10, 7) | _ball(35, 7) | _ball(60, 7) | _bridge(10, 60, 2)
-    parts = split_component(chain, 0.5)
+    parts = split_component(chain, NECKS)
     assert len(parts) == 3
     assert np.array_equal(np.logical_or.reduce(parts), chain)
 
@@ -54,35 +55,77 @@ def test_split_labels_numbers_the_parts_and_says_where_each_came_from() -> None:
     labels = np.zeros(Z.shape, dtype=np.int32)
     labels[_ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)] = 1
     labels[(Z - 5) ** 2 + (Y - 5) ** 2 + (X - 65) ** 2 <= 9] = 2  # a lone blob
-    out, origin = split_labels(labels, 2, 0.5)
+    out, origin = split_labels(labels, 2, NECKS, (1.0, 1.0, 1.0))
     assert out.max() == 3 and sorted(origin.tolist()) == [1, 1, 2]
     assert np.array_equal(out > 0, labels > 0)
     assert origin[out[15, 15, 15] - 1] == 1 and origin[out[5, 5, 65] - 1] == 2
 
 
-def test_components_with_a_neck_ratio_give_each_part_as_a_candidate_of_its_own() -> None:
+def test_a_bridge_deeper_than_the_largest_neck_does_not_split() -> None:
+    comp = _ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)
+    assert len(split_component(comp, Necks(ratio=0.5, max_neck_mm=1.0))) == 1
+
+
+def test_depth_is_measured_in_mm_of_the_voxel_spacing() -> None:
+    comp = _ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)  # a 2-voxel bridge
+    assert len(split_component(comp, Necks(0.5, 3.0), (1.0, 1.0, 1.0))) == 2
+    assert len(split_component(comp, Necks(0.5, 3.0), (2.0, 2.0, 2.0))) == 1  # 4 mm deep there
+
+
+def _candidates(necks: Necks | None):
     hu = np.full(Z.shape, 40.0, dtype=np.float32)  # all body: the working grid is the volume
-    affine = np.eye(4)
-    volume = array_volume(hu, affine, "necks")
+    volume = array_volume(hu, np.eye(4), "necks")
     image_w, grid = to_working(volume.array, volume.spacing, 1.0)
     prob = np.where(_ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2), 0.9, 0.0).astype(np.float32)
-    whole = components(volume, image_w, prob, grid, 0.5, 20.0)
-    parts = components(volume, image_w, prob, grid, 0.5, 20.0, neck_ratio=0.5)
-    assert len(whole) == 1 and len(parts) == 2
+    return components(volume, image_w, prob, grid, 0.5, 20.0, necks), image_w, grid
+
+
+def _xs(c) -> np.ndarray:
+    return np.nonzero(c.mask)[2] + c.bbox[2]
+
+
+def test_components_with_necks_give_each_part_as_a_candidate_of_its_own() -> None:
+    [whole], _, _ = _candidates(None)
+    parts, _, _ = _candidates(NECKS)
+    assert whole.part_of == 0
+    assert len(parts) == 2 and {c.part_of for c in parts} == {1}
     for c in parts:  # no part reaches into the other one
-        xs = np.nonzero(c.mask)[2] + c.bbox[2]
-        assert xs.max() - xs.min() < 30
-    assert sum(int(c.mask.sum()) for c in parts) == int(whole[0].mask.sum())
+        assert _xs(c).max() - _xs(c).min() < 30
+    assert sum(int(c.mask.sum()) for c in parts) == int(whole.mask.sum())
 
 
-@pytest.mark.parametrize("ratio", [0, 1, 1.5, "half"])
-def test_a_card_with_a_neck_ratio_outside_0_to_1_is_refused(model_copy, ratio) -> None:
+def test_kept_parts_are_joined_again_and_a_lone_kept_part_stays_alone() -> None:
+    [whole], _, _ = _candidates(None)
+    parts, image_w, grid = _candidates(NECKS)
+    [joined] = rejoined(parts, image_w, grid)
+    assert joined.part_of == 0 and joined.crop is not None
+    assert int(joined.mask.sum()) == int(whole.mask.sum())
+    assert (_xs(joined).min(), _xs(joined).max()) == (_xs(whole).min(), _xs(whole).max())
+    big = max(parts, key=lambda c: c.mask.sum())
+    assert rejoined([big], image_w, grid) == [big]  # the checker dropped the other part
+    assert rejoined([whole], image_w, grid) == [whole]  # never split: as it was
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"ratio": 0, "max_neck_mm": 2.5},
+        {"ratio": 1, "max_neck_mm": 2.5},
+        {"ratio": 0.7, "max_neck_mm": -1},
+        {"ratio": "half", "max_neck_mm": 2.5},
+        {"ratio": 0.7},
+        0.7,
+    ],
+)
+def test_a_card_with_necks_that_are_not_a_ratio_below_1_and_a_depth_is_refused(model_copy, entry) -> None:
     card = json.loads((model_copy / "model_card.json").read_text())
-    card["segmenter"]["neck_ratio"] = ratio
+    card["segmenter"]["necks"] = entry
     (model_copy / "model_card.json").write_text(json.dumps(card))
-    with pytest.raises(ModelCardError, match="neck_ratio"):
+    with pytest.raises(ModelCardError, match=r"segmenter\.necks"):
         load_model(model_copy)
 
 
-def test_the_shipped_model_does_not_split() -> None:
-    assert load_model().neck_ratio is None
+def test_necks_go_to_the_card_and_back() -> None:
+    necks = Necks(0.7, 2.5)
+    assert Necks.from_card(necks.to_card()) == necks
+    assert Necks.from_card(None) is None
