@@ -190,6 +190,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--remove", action="store_true", help="remove the rules from the card (none applied)")
     c.set_defaults(func=cmd_plausibility)
 
+    c = sub.add_parser(
+        "necks", help="split segmented components at narrow necks (inference.necks): write it into a card"
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument("--ratio", type=float, help="split at a bridge thinner than this share of a part")
+    c.add_argument("--max-neck-mm", type=float, help="and no deeper than this from the edge (mm)")
+    c.add_argument("--remove", action="store_true", help="remove it from the card (components are not split)")
+    c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
+    c.set_defaults(func=cmd_necks)
+
     c = sub.add_parser("evaluate", help="score a model on held-out phantoms")
     c.add_argument("--cases", type=int, default=20)
     c.add_argument("--seed", type=int, default=None, help="first seed (default: the first held-out seed)")
@@ -486,6 +496,24 @@ def cmd_plausibility(args, settings: Settings) -> int:
         return 2
     card = set_plausibility(args.model_dir, None if args.remove else Rules(off=tuple(args.off)))
     print(json.dumps({"plausibility": card.get("plausibility")}))
+    return 0
+
+
+def cmd_necks(args, settings: Settings) -> int:
+    from inference.model_store import set_necks
+    from inference.necks import Necks
+
+    if args.remove == (args.ratio is not None or args.max_neck_mm is not None):
+        print("nodal: give --ratio and --max-neck-mm, or --remove", file=sys.stderr)
+        return 2
+    try:
+        entry = None if args.remove else {"ratio": args.ratio, "max_neck_mm": args.max_neck_mm}
+        necks = Necks.from_card(entry)
+    except ValueError as e:
+        print(f"nodal: necks: {e}", file=sys.stderr)
+        return 2
+    card = set_necks(args.model_dir, necks, args.version)
+    print(json.dumps({"version": card["version"], "necks": card["segmenter"].get("necks")}))
     return 0
 
 

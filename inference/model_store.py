@@ -346,6 +346,21 @@ def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn
     return model_dir
 
 
+def set_necks(model_dir: Path, necks: Necks | None, version: str | None = None) -> dict:
+    """Write where segmented components are split (`inference.necks`) into the card's
+    `segmenter.necks`, None removing it, and optionally a new version."""
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    if necks is None:
+        card["segmenter"].pop("necks", None)
+    else:
+        card["segmenter"]["necks"] = necks.to_card()
+    if version is not None:
+        card["version"] = version
+    write_card(model_dir, card)
+    return card
+
+
 def set_plausibility(model_dir: Path, rules: Rules | None) -> dict:
     """Write the plausibility rules (inference.plausibility) into the card; None removes them."""
     model_dir = Path(model_dir)

@@ -129,3 +129,19 @@ def test_necks_go_to_the_card_and_back() -> None:
     necks = Necks(0.7, 2.5)
     assert Necks.from_card(necks.to_card()) == necks
     assert Necks.from_card(None) is None
+
+
+def test_nodal_necks_writes_the_split_into_the_card_and_removes_it(model_copy, capsys) -> None:
+    from dicom_node.cli import main
+
+    argv = ["necks", "--model-dir", str(model_copy)]
+    assert main([*argv, "--ratio", "0.7", "--max-neck-mm", "2.5", "--version", "9.9.9"]) == 0
+    model = load_model(model_copy)
+    assert model.necks == Necks(0.7, 2.5) and model.version == "9.9.9"
+    assert main([*argv, "--ratio", "1.2", "--max-neck-mm", "2.5"]) == 2  # refused, card unchanged
+    assert main([*argv, "--ratio", "0.7"]) == 2
+    assert main([*argv, "--remove", "--ratio", "0.7"]) == 2
+    assert load_model(model_copy).necks == Necks(0.7, 2.5)
+    assert main([*argv, "--remove"]) == 0
+    assert load_model(model_copy).necks is None
+    assert "ratio" in capsys.readouterr().err
