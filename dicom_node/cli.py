@@ -196,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model-dir", type=Path, required=True)
     c.add_argument("--ratio", type=float, help="split at a bridge thinner than this share of a part")
     c.add_argument("--max-neck-mm", type=float, help="and no deeper than this from the edge (mm)")
+    c.add_argument("--part-threshold", type=float, help="checker threshold for a part of a rejected whole")
     c.add_argument("--remove", action="store_true", help="remove it from the card (components are not split)")
     c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
     c.set_defaults(func=cmd_necks)
@@ -501,13 +502,14 @@ def cmd_plausibility(args, settings: Settings) -> int:
 
 def cmd_necks(args, settings: Settings) -> int:
     from inference.model_store import set_necks
-    from inference.necks import Necks
+    from inference.necks import FIELDS, Necks
 
-    if args.remove == (args.ratio is not None or args.max_neck_mm is not None):
-        print("nodal: give --ratio and --max-neck-mm, or --remove", file=sys.stderr)
+    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+    if args.remove == bool(given):
+        print("nodal: give --ratio, --max-neck-mm and --part-threshold, or --remove", file=sys.stderr)
         return 2
     try:
-        entry = None if args.remove else {"ratio": args.ratio, "max_neck_mm": args.max_neck_mm}
+        entry = None if args.remove else given
         necks = Necks.from_card(entry)
     except ValueError as e:
         print(f"nodal: necks: {e}", file=sys.stderr)

@@ -2,10 +2,11 @@
 
 The segmenter can join a node to the tissue beside it (a vessel, the bowel wall) through a
 thin bridge of voxels above threshold. The joined whole is then measured and judged as one
-candidate, and the checker rejects it, node and all. Splitting each component where it
-narrows gives the node back as a candidate of its own; parts of one component that are
-all kept are joined again afterwards (`inference.nodes.rejoined`), so a node with a waist is
-still one node.
+candidate, and the checker rejects it, node and all. Where the checker rejects a component
+that narrows, its parts are judged in its place (`inference.pipeline`), each kept only when
+the checker is at least `part_threshold` sure of it (a component split into many parts
+gives the checker as many more chances to err); kept parts of one component that touch
+are joined again (`inference.nodes.rejoined`). A component the checker keeps is not split.
 
 A component is split where two parts of it are each clearly thicker than the bridge between
 them: at the smallest depth `t` (distance to the component's edge, mm) at which the voxels
@@ -30,28 +31,34 @@ MAX_DEPTH = 4  # splits of a split part, at most
 
 @dataclass(frozen=True)
 class Necks:
-    """Where a component is split (the model card's `segmenter.necks`)."""
+    """Where a component is split, and how sure the checker must be of a part (the model
+    card's `segmenter.necks`)."""
 
     ratio: float  # a bridge thinner than this share of the thinner part's depth
     max_neck_mm: float  # and no deeper than this (mm from the edge)
+    part_threshold: float  # a part of a rejected component is kept at this checker probability
 
     @classmethod
     def from_card(cls, entry: dict | None) -> Necks | None:
         """The card's entry (None: components are not split); ValueError when it is not one."""
         if entry is None:
             return None
-        if not isinstance(entry, dict) or set(entry) != {"ratio", "max_neck_mm"}:
-            raise ValueError(f"needs exactly ratio and max_neck_mm, not {entry!r}")
-        ratio, neck = entry["ratio"], entry["max_neck_mm"]
-        for name, v in (("ratio", ratio), ("max_neck_mm", neck)):
+        if not isinstance(entry, dict) or set(entry) != set(FIELDS):
+            raise ValueError(f"needs exactly {', '.join(FIELDS)}, not {entry!r}")
+        for name in FIELDS:
+            v = entry[name]
             if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
                 raise ValueError(f"{name} {v!r} is not a positive number")
-        if ratio >= 1:
-            raise ValueError(f"ratio {ratio!r} is not below 1")
-        return cls(float(ratio), float(neck))
+        for name in ("ratio", "part_threshold"):
+            if entry[name] >= 1:
+                raise ValueError(f"{name} {entry[name]!r} is not below 1")
+        return cls(*(float(entry[name]) for name in FIELDS))
 
     def to_card(self) -> dict:
-        return {"ratio": self.ratio, "max_neck_mm": self.max_neck_mm}
+        return {name: getattr(self, name) for name in FIELDS}
+
+
+FIELDS = ("ratio", "max_neck_mm", "part_threshold")
 
 
 def split_labels(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -24,6 +25,7 @@ class Candidate:
     soft: np.ndarray  # native probability in bbox
     crop: np.ndarray | None = None  # classifier input
     part_of: int = 0  # the component this candidate was split from (`inference.necks`); 0: not split
+    parts: list[Candidate] = field(default_factory=list)  # its parts, where it was split
 
 
 def components(
@@ -35,61 +37,73 @@ def components(
     min_volume_mm3: float,
     necks: Necks | None = None,
 ) -> list[Candidate]:
-    """Connected components of the working-grid probability, each carried to the native grid;
-    with `necks`, each component split at its narrow necks first (`inference.necks`), every
-    part carried over without the voxels of the parts beside it."""
+    """Connected components of the working-grid probability, each carried to the native grid.
+    With `necks`, each component split at its narrow necks (`inference.necks`) also holds
+    its parts (`Candidate.parts`), each carried over without the voxels of the parts beside
+    it, to be judged in its place when the whole is rejected."""
     labels, count = ndimage.label(prob >= threshold)
-    origin = None
+    carry = functools.partial(_carried, volume, image_w, prob, grid, threshold, min_volume_mm3)
+    slices = ndimage.find_objects(labels)
+    wholes = [None if sl is None else carry(labels, idx, sl) for idx, sl in enumerate(slices, start=1)]
     if necks is not None:
-        labels, origin = split_labels(labels, count, necks, grid.working_spacing)
-    voxel_w = float(np.prod(grid.working_spacing))
-    out = []
-    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        comp = labels[sl] == idx
-        if comp.sum() * voxel_w < min_volume_mm3 * 0.5:
-            continue
-        lo_w = np.array([max(0, x.start - 2) for x in sl])
-        hi_w = np.array([min(n, x.stop + 2) for x, n in zip(sl, labels.shape, strict=True)])
-        box_w = tuple(slice(a, b) for a, b in zip(lo_w, hi_w, strict=True))
-        own = ndimage.binary_dilation(labels[box_w] == idx, iterations=2)
-        if origin is not None:  # not into the parts split from the same component
-            around = labels[box_w]
-            siblings = (around > 0) & (around != idx) & (origin[np.maximum(around - 1, 0)] == origin[idx - 1])
-            own &= ~siblings
-        local = np.where(own, prob[box_w], 0.0)
-        lo_n = np.maximum(np.floor(grid.to_native(lo_w)).astype(int), 0)
-        hi_n = np.minimum(np.ceil(grid.to_native(hi_w - 1)).astype(int) + 1, volume.shape)
-        axes = [np.arange(a, b) for a, b in zip(lo_n, hi_n, strict=True)]
-        coords = np.meshgrid(
-            *[grid.to_working_axis(ax, a) - lo_w[ax] for ax, a in enumerate(axes)], indexing="ij"
-        )
-        soft = ndimage.map_coordinates(local, coords, order=1, mode="constant", cval=0.0)
-        mask = soft >= threshold
-        lab, n = ndimage.label(mask)
-        if n == 0:
-            continue
-        if n > 1:
-            sizes = ndimage.sum_labels(mask, lab, range(1, n + 1))
-            mask = lab == (int(np.argmax(sizes)) + 1)
-        bbox = (int(lo_n[0]), int(lo_n[1]), int(lo_n[2]), int(hi_n[0]), int(hi_n[1]), int(hi_n[2]))
-        centre = [c + x.start for c, x in zip(ndimage.center_of_mass(comp), sl, strict=True)]
-        extent = max(x.stop - x.start for x in sl)
-        crop = crop_around(image_w, labels, centre, extent, label=idx)
-        part_of = 0  # a component split into parts: the component each part came from
-        if origin is not None and np.count_nonzero(origin == origin[idx - 1]) > 1:
-            part_of = int(origin[idx - 1])
-        out.append(
-            Candidate(
-                mask=mask,
-                bbox=bbox,
-                soft=np.where(mask, soft, np.minimum(soft, 0.49)),
-                crop=crop,
-                part_of=part_of,
-            )
-        )
-    return out
+        parts, origin = split_labels(labels, count, necks, grid.working_spacing)
+        for idx, sl in enumerate(ndimage.find_objects(parts), start=1):
+            whole = wholes[origin[idx - 1] - 1]
+            siblings = origin == origin[idx - 1]
+            if sl is None or whole is None or np.count_nonzero(siblings) < 2:
+                continue
+            part = carry(parts, idx, sl, siblings)
+            if part is not None:
+                part.part_of = int(origin[idx - 1])
+                whole.parts.append(part)
+    return [c for c in wholes if c is not None]
+
+
+def _carried(
+    volume: Volume,
+    image_w: np.ndarray,
+    prob: np.ndarray,
+    grid: Grid,
+    threshold: float,
+    min_volume_mm3: float,
+    labels: np.ndarray,
+    idx: int,
+    sl: tuple[slice, ...],
+    siblings: np.ndarray | None = None,
+) -> Candidate | None:
+    """Component `idx` of `labels` (within `sl`) carried to the native grid; None when it is
+    too small or nothing of it is left there. `siblings` (by label - 1): the labels it must
+    not reach into (the other parts of the component it was split from)."""
+    comp = labels[sl] == idx
+    if comp.sum() * float(np.prod(grid.working_spacing)) < min_volume_mm3 * 0.5:
+        return None
+    lo_w = np.array([max(0, x.start - 2) for x in sl])
+    hi_w = np.array([min(n, x.stop + 2) for x, n in zip(sl, labels.shape, strict=True)])
+    box_w = tuple(slice(a, b) for a, b in zip(lo_w, hi_w, strict=True))
+    own = ndimage.binary_dilation(labels[box_w] == idx, iterations=2)
+    if siblings is not None:
+        around = labels[box_w]
+        own &= ~((around > 0) & (around != idx) & siblings[np.maximum(around - 1, 0)])
+    local = np.where(own, prob[box_w], 0.0)
+    lo_n = np.maximum(np.floor(grid.to_native(lo_w)).astype(int), 0)
+    hi_n = np.minimum(np.ceil(grid.to_native(hi_w - 1)).astype(int) + 1, volume.shape)
+    axes = [np.arange(a, b) for a, b in zip(lo_n, hi_n, strict=True)]
+    coords = np.meshgrid(
+        *[grid.to_working_axis(ax, a) - lo_w[ax] for ax, a in enumerate(axes)], indexing="ij"
+    )
+    soft = ndimage.map_coordinates(local, coords, order=1, mode="constant", cval=0.0)
+    mask = soft >= threshold
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    if n > 1:
+        sizes = ndimage.sum_labels(mask, lab, range(1, n + 1))
+        mask = lab == (int(np.argmax(sizes)) + 1)
+    bbox = (int(lo_n[0]), int(lo_n[1]), int(lo_n[2]), int(hi_n[0]), int(hi_n[1]), int(hi_n[2]))
+    centre = [c + x.start for c, x in zip(ndimage.center_of_mass(comp), sl, strict=True)]
+    extent = max(x.stop - x.start for x in sl)
+    crop = crop_around(image_w, labels, centre, extent, label=idx)
+    return Candidate(mask=mask, bbox=bbox, soft=np.where(mask, soft, np.minimum(soft, 0.49)), crop=crop)
 
 
 def rejoined(candidates: list[Candidate], image_w: np.ndarray, grid: Grid) -> list[Candidate]:

@@ -243,16 +243,16 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         keep = model.verifier.keep(x)
         measured_pairs = [pair for pair, k in zip(measured_pairs, keep, strict=True) if k]
         seconds["verify"] = time.perf_counter() - t
+    s = settings or PipelineSettings()
     if model.checker is not None and measured_pairs:
         t = time.perf_counter()
         p_node = checker_probabilities(model, measured_pairs, image_w, grid)
-        measured_pairs = [
-            pair for pair, p in zip(measured_pairs, p_node, strict=True) if p >= model.checker.threshold
-        ]
+        kept = [p >= model.checker.threshold for p in p_node]
+        rejected = [c for (c, _), k in zip(measured_pairs, kept, strict=True) if not k]
+        measured_pairs = [pair for pair, k in zip(measured_pairs, kept, strict=True) if k]
+        if model.necks is not None:
+            measured_pairs += _kept_parts(volume, model, rejected, s.min_volume_mm3, image_w, grid)
         seconds["check"] = time.perf_counter() - t
-    if model.necks is not None:
-        measured_pairs = _rejoined_pairs(volume, measured_pairs, image_w, grid)
-    s = settings or PipelineSettings()
     if s.boundary_refine_mm > 0:
         t = time.perf_counter()
         measured_pairs = [
@@ -333,14 +333,30 @@ def _refined_pair(
     return (r, m2) if m2 is not None else (c, m)
 
 
-def _rejoined_pairs(
-    volume: Volume, pairs: list[tuple[Candidate, dict]], image_w: np.ndarray, grid: Grid
+def _kept_parts(
+    volume: Volume,
+    model: LoadedModel,
+    rejected: list[Candidate],
+    min_volume_mm3: float,
+    image_w: np.ndarray,
+    grid: Grid,
 ) -> list[tuple[Candidate, dict]]:
-    """The kept parts of each split component joined again (`inference.nodes.rejoined`); a
-    joined node is measured again."""
-    measured = {id(c): m for c, m in pairs}
+    """The parts of the rejected candidates that were split at their necks (`inference.necks`)
+    which the checker keeps at the card's `part_threshold`, measured; the kept parts of one
+    candidate joined again where they touch (`inference.nodes.rejoined`)."""
+    assert model.necks is not None
+    parts = [
+        (c, m)
+        for c, m in ((c, measure_node(volume, c)) for r in rejected for c in r.parts)
+        if m is not None and m["volume_mm3"] >= min_volume_mm3
+    ]
+    if not parts:
+        return []
+    p_node = checker_probabilities(model, parts, image_w, grid)
+    kept = [pair for pair, p in zip(parts, p_node, strict=True) if p >= model.necks.part_threshold]
+    measured = {id(c): m for c, m in kept}
     out = []
-    for c in rejoined([c for c, _ in pairs], image_w, grid):
+    for c in rejoined([c for c, _ in kept], image_w, grid):
         m = measured.get(id(c)) or measure_node(volume, c)
         if m is not None:
             out.append((c, m))

@@ -10,11 +10,11 @@ import pytest
 from inference.evaluate import array_volume
 from inference.model_store import ModelCardError, load_model
 from inference.necks import Necks, split_component, split_labels
-from inference.nodes import components, rejoined
+from inference.nodes import components, measure_node, rejoined
 from inference.preprocess import to_working
 
 Z, Y, X = np.mgrid[:30, :30, :70]
-NECKS = Necks(ratio=0.5, max_neck_mm=10.0)
+NECKS = Necks(ratio=0.5, max_neck_mm=10.0, part_threshold=0.9)
 
 
 def _ball(x: int, r: int) -> np.ndarray:
@@ -63,13 +63,13 @@ def test_split_labels_numbers_the_parts_and_says_where_each_came_from() -> None:
 
 def test_a_bridge_deeper_than_the_largest_neck_does_not_split() -> None:
     comp = _ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)
-    assert len(split_component(comp, Necks(ratio=0.5, max_neck_mm=1.0))) == 1
+    assert len(split_component(comp, Necks(ratio=0.5, max_neck_mm=1.0, part_threshold=0.9))) == 1
 
 
 def test_depth_is_measured_in_mm_of_the_voxel_spacing() -> None:
     comp = _ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)  # a 2-voxel bridge
-    assert len(split_component(comp, Necks(0.5, 3.0), (1.0, 1.0, 1.0))) == 2
-    assert len(split_component(comp, Necks(0.5, 3.0), (2.0, 2.0, 2.0))) == 1  # 4 mm deep there
+    assert len(split_component(comp, Necks(0.5, 3.0, 0.9), (1.0, 1.0, 1.0))) == 2
+    assert len(split_component(comp, Necks(0.5, 3.0, 0.9), (2.0, 2.0, 2.0))) == 1  # 4 mm deep there
 
 
 def _candidates(necks: Necks | None):
@@ -84,24 +84,23 @@ def _xs(c) -> np.ndarray:
     return np.nonzero(c.mask)[2] + c.bbox[2]
 
 
-def test_components_with_necks_give_each_part_as_a_candidate_of_its_own() -> None:
-    [whole], _, _ = _candidates(None)
-    parts, _, _ = _candidates(NECKS)
-    assert whole.part_of == 0
-    assert len(parts) == 2 and {c.part_of for c in parts} == {1}
-    for c in parts:  # no part reaches into the other one
+def test_a_split_component_holds_its_parts_each_without_the_others_voxels() -> None:
+    [plain], _, _ = _candidates(None)
+    [whole], _, _ = _candidates(NECKS)
+    assert plain.parts == [] and np.array_equal(whole.mask, plain.mask)  # the whole as it was
+    assert len(whole.parts) == 2 and {c.part_of for c in whole.parts} == {1}
+    for c in whole.parts:  # no part reaches into the other one
         assert _xs(c).max() - _xs(c).min() < 30
-    assert sum(int(c.mask.sum()) for c in parts) == int(whole.mask.sum())
+    assert sum(int(c.mask.sum()) for c in whole.parts) == int(whole.mask.sum())
 
 
 def test_kept_parts_are_joined_again_and_a_lone_kept_part_stays_alone() -> None:
-    [whole], _, _ = _candidates(None)
-    parts, image_w, grid = _candidates(NECKS)
-    [joined] = rejoined(parts, image_w, grid)
+    [whole], image_w, grid = _candidates(NECKS)
+    [joined] = rejoined(whole.parts, image_w, grid)
     assert joined.part_of == 0 and joined.crop is not None
     assert int(joined.mask.sum()) == int(whole.mask.sum())
     assert (_xs(joined).min(), _xs(joined).max()) == (_xs(whole).min(), _xs(whole).max())
-    big = max(parts, key=lambda c: c.mask.sum())
+    big = max(whole.parts, key=lambda c: c.mask.sum())
     assert rejoined([big], image_w, grid) == [big]  # the checker dropped the other part
     assert rejoined([whole], image_w, grid) == [whole]  # never split: as it was
 
@@ -126,7 +125,7 @@ def test_a_card_with_necks_that_are_not_a_ratio_below_1_and_a_depth_is_refused(m
 
 
 def test_necks_go_to_the_card_and_back() -> None:
-    necks = Necks(0.7, 2.5)
+    necks = Necks(0.7, 2.5, 0.9)
     assert Necks.from_card(necks.to_card()) == necks
     assert Necks.from_card(None) is None
 
@@ -135,13 +134,51 @@ def test_nodal_necks_writes_the_split_into_the_card_and_removes_it(model_copy, c
     from dicom_node.cli import main
 
     argv = ["necks", "--model-dir", str(model_copy)]
-    assert main([*argv, "--ratio", "0.7", "--max-neck-mm", "2.5", "--version", "9.9.9"]) == 0
+    split = ["--ratio", "0.7", "--max-neck-mm", "2.5", "--part-threshold", "0.9"]
+    assert main([*argv, *split, "--version", "9.9.9"]) == 0
     model = load_model(model_copy)
-    assert model.necks == Necks(0.7, 2.5) and model.version == "9.9.9"
-    assert main([*argv, "--ratio", "1.2", "--max-neck-mm", "2.5"]) == 2  # refused, card unchanged
+    assert model.necks == Necks(0.7, 2.5, 0.9) and model.version == "9.9.9"
+    assert main([*argv, *split[:-1], "1.2"]) == 2  # refused, the card unchanged
     assert main([*argv, "--ratio", "0.7"]) == 2
     assert main([*argv, "--remove", "--ratio", "0.7"]) == 2
-    assert load_model(model_copy).necks == Necks(0.7, 2.5)
+    assert load_model(model_copy).necks == Necks(0.7, 2.5, 0.9)
     assert main([*argv, "--remove"]) == 0
     assert load_model(model_copy).necks is None
-    assert "ratio" in capsys.readouterr().err
+    assert "part_threshold" in capsys.readouterr().err
+
+
+def test_the_pipeline_judges_the_parts_of_a_rejected_component_in_its_place(model_copy) -> None:
+    """A checker that rejects every candidate, parts kept at any probability: what is found
+    is exactly the split components, each part judged, the parts of one joined again."""
+    from inference import phantoms
+    from inference.evaluate import phantom_volume
+    from inference.pipeline import PipelineSettings, _detect, analyse
+
+    card = json.loads((model_copy / "model_card.json").read_text())
+    card["checker"]["threshold"] = 1.01
+    (model_copy / "model_card.json").write_text(json.dumps(card))
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    assert analyse(volume, load_model(model_copy)).findings.findings == ()
+
+    necks = Necks(ratio=0.9, max_neck_mm=10.0, part_threshold=1e-9)
+    card["segmenter"]["necks"] = necks.to_card()
+    (model_copy / "model_card.json").write_text(json.dumps(card))
+    model = load_model(model_copy)
+    pairs, _, image_w, grid = _detect(volume, model, PipelineSettings(plausibility=False))
+    split = [c for c, _ in pairs if c.parts]
+    assert split, "the phantom has a component that splits"
+    found = analyse(volume, model, PipelineSettings(plausibility=False)).findings.findings
+    measured = [
+        [p for p in c.parts if (m := measure_node(volume, p)) and m["volume_mm3"] >= 20] for c in split
+    ]
+    assert 0 < len(found) <= sum(len(rejoined(parts, image_w, grid)) for parts in measured)
+    for f in found:  # each from a split component, none from one that was not split
+        k, j, i = np.round(f.centroid_voxel).astype(int)
+        inside = [c for c, _ in pairs if _holds(c, (k, j, i))]
+        assert inside and all(c.parts for c in inside)
+
+
+def _holds(c, kji) -> bool:
+    local = np.subtract(kji, c.bbox[:3])
+    return bool(np.all(local >= 0) and np.all(local < c.mask.shape) and c.mask[tuple(local)])
