@@ -61,25 +61,6 @@ class Necks:
 FIELDS = ("ratio", "max_neck_mm", "part_threshold")
 
 
-def split_labels(
-    labels: np.ndarray, count: int, necks: Necks, spacing: tuple[float, float, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """`labels` (components 1..count, voxels of `spacing` mm) with every component split at
-    its necks: the new label image (parts numbered from 1) and, for each part, the component
-    it came from (`origin[part - 1]`)."""
-    out = np.zeros_like(labels)
-    origin: list[int] = []
-    for idx, sl in enumerate(ndimage.find_objects(labels, max_label=count), start=1):
-        if sl is None:
-            continue
-        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        comp = labels[box] == idx
-        for part in split_component(comp, necks, spacing):
-            origin.append(idx)
-            out[box][part] = len(origin)
-    return out, np.array(origin, dtype=int)
-
-
 def split_component(
     comp: np.ndarray, necks: Necks, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), depth: int = 0
 ) -> list[np.ndarray]:

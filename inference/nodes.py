@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -12,7 +11,7 @@ from inference import rules
 from inference.classify import crop_around
 from inference.findings import AxisLine
 from inference.measure import axial_diameters
-from inference.necks import Necks, split_labels
+from inference.necks import Necks, split_component
 from inference.preprocess import Grid
 from inference.refine import margin_voxels, refine
 from inference.volume import Volume
@@ -25,7 +24,16 @@ class Candidate:
     soft: np.ndarray  # native probability in bbox
     crop: np.ndarray | None = None  # classifier input
     part_of: int = 0  # the component this candidate was split from (`inference.necks`); 0: not split
-    parts: list[Candidate] = field(default_factory=list)  # its parts, where it was split
+    working: Working | None = None  # its component's box on the working grid (`components`)
+
+
+@dataclass(frozen=True)
+class Working:
+    """A component's box on the working grid: where it starts, the component, the probability."""
+
+    origin: np.ndarray
+    component: np.ndarray
+    prob: np.ndarray
 
 
 def components(
@@ -35,28 +43,61 @@ def components(
     grid: Grid,
     threshold: float,
     min_volume_mm3: float,
-    necks: Necks | None = None,
+    keep_working: bool = False,
 ) -> list[Candidate]:
     """Connected components of the working-grid probability, each carried to the native grid.
-    With `necks`, each component split at its narrow necks (`inference.necks`) also holds
-    its parts (`Candidate.parts`), each carried over without the voxels of the parts beside
-    it, to be judged in its place when the whole is rejected."""
-    labels, count = ndimage.label(prob >= threshold)
-    carry = functools.partial(_carried, volume, image_w, prob, grid, threshold, min_volume_mm3)
-    slices = ndimage.find_objects(labels)
-    wholes = [None if sl is None else carry(labels, idx, sl) for idx, sl in enumerate(slices, start=1)]
-    if necks is not None:
-        parts, origin = split_labels(labels, count, necks, grid.working_spacing)
-        for idx, sl in enumerate(ndimage.find_objects(parts), start=1):
-            whole = wholes[origin[idx - 1] - 1]
-            siblings = origin == origin[idx - 1]
-            if sl is None or whole is None or np.count_nonzero(siblings) < 2:
-                continue
-            part = carry(parts, idx, sl, siblings)
-            if part is not None:
-                part.part_of = int(origin[idx - 1])
-                whole.parts.append(part)
-    return [c for c in wholes if c is not None]
+    With `keep_working`, each keeps its working-grid box (`Candidate.working`), so that it
+    can be split at its necks later (`parts_of`)."""
+    labels, _ = ndimage.label(prob >= threshold)
+    out = []
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        c = _carried(volume, image_w, prob, grid, threshold, min_volume_mm3, labels, idx, sl)
+        if c is None:
+            continue
+        if keep_working:
+            box = _grown(sl, labels.shape)
+            c.working = Working(np.array([b.start for b in box]), labels[box] == idx, prob[box].copy())
+        out.append(c)
+    return out
+
+
+def parts_of(
+    c: Candidate,
+    part_of: int,
+    necks: Necks,
+    volume: Volume,
+    image_w: np.ndarray,
+    grid: Grid,
+    threshold: float,
+    min_volume_mm3: float,
+) -> list[Candidate]:
+    """The parts of a component split at its narrow necks (`inference.necks`), each carried to
+    the native grid as the component was, without the voxels of the parts beside it, and
+    marked `part_of`; none where it has no neck (or kept no working box, `components`)."""
+    if c.working is None:
+        return []
+    pieces = split_component(c.working.component, necks, grid.working_spacing)
+    if len(pieces) < 2:
+        return []
+    labels = np.zeros(c.working.component.shape, np.int32)
+    for n, piece in enumerate(pieces, start=1):
+        labels[piece] = n
+    out = []
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        part = _carried(
+            volume, image_w, c.working.prob, grid, threshold, min_volume_mm3, labels, idx, sl,
+            siblings=True, origin=c.working.origin,
+        )  # fmt: skip
+        if part is not None:
+            part.part_of = part_of
+            out.append(part)
+    return out
+
+
+def _grown(sl: tuple[slice, ...], shape: tuple[int, ...], by: int = 2) -> tuple[slice, ...]:
+    return tuple(slice(max(0, s.start - by), min(n, s.stop + by)) for s, n in zip(sl, shape, strict=True))
 
 
 def _carried(
@@ -69,22 +110,26 @@ def _carried(
     labels: np.ndarray,
     idx: int,
     sl: tuple[slice, ...],
-    siblings: np.ndarray | None = None,
+    siblings: bool = False,
+    origin: np.ndarray | None = None,
 ) -> Candidate | None:
     """Component `idx` of `labels` (within `sl`) carried to the native grid; None when it is
-    too small or nothing of it is left there. `siblings` (by label - 1): the labels it must
-    not reach into (the other parts of the component it was split from)."""
+    too small or nothing of it is left there. `labels` and `prob` may be a box of the working
+    grid that starts at `origin` and reaches 2 voxels beyond the component where the grid
+    does. With `siblings`, `labels` holds the parts of one component, and the part does not
+    reach into the others."""
     comp = labels[sl] == idx
     if comp.sum() * float(np.prod(grid.working_spacing)) < min_volume_mm3 * 0.5:
         return None
-    lo_w = np.array([max(0, x.start - 2) for x in sl])
-    hi_w = np.array([min(n, x.stop + 2) for x, n in zip(sl, labels.shape, strict=True)])
-    box_w = tuple(slice(a, b) for a, b in zip(lo_w, hi_w, strict=True))
+    box_w = _grown(sl, labels.shape)
     own = ndimage.binary_dilation(labels[box_w] == idx, iterations=2)
-    if siblings is not None:
+    if siblings:
         around = labels[box_w]
-        own &= ~((around > 0) & (around != idx) & siblings[np.maximum(around - 1, 0)])
+        own &= (around == 0) | (around == idx)
     local = np.where(own, prob[box_w], 0.0)
+    at = np.zeros(3, int) if origin is None else origin
+    lo_w = np.array([b.start for b in box_w]) + at  # on the whole working grid
+    hi_w = np.array([b.stop for b in box_w]) + at
     lo_n = np.maximum(np.floor(grid.to_native(lo_w)).astype(int), 0)
     hi_n = np.minimum(np.ceil(grid.to_native(hi_w - 1)).astype(int) + 1, volume.shape)
     axes = [np.arange(a, b) for a, b in zip(lo_n, hi_n, strict=True)]
@@ -100,9 +145,9 @@ def _carried(
         sizes = ndimage.sum_labels(mask, lab, range(1, n + 1))
         mask = lab == (int(np.argmax(sizes)) + 1)
     bbox = (int(lo_n[0]), int(lo_n[1]), int(lo_n[2]), int(hi_n[0]), int(hi_n[1]), int(hi_n[2]))
-    centre = [c + x.start for c, x in zip(ndimage.center_of_mass(comp), sl, strict=True)]
+    centre = [c + x.start + a for c, x, a in zip(ndimage.center_of_mass(comp), sl, at, strict=True)]
     extent = max(x.stop - x.start for x in sl)
-    crop = crop_around(image_w, labels, centre, extent, label=idx)
+    crop = crop_around(image_w, labels, centre, extent, label=idx, mask_origin_w=at)
     return Candidate(mask=mask, bbox=bbox, soft=np.where(mask, soft, np.minimum(soft, 0.49)), crop=crop)
 
 

@@ -31,6 +31,7 @@ from inference.nodes import (
     focus_on_working,
     measure_node,
     node_focus,
+    parts_of,
     refined,
     rejoined,
     working_crop,
@@ -89,7 +90,8 @@ def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     seconds["segment"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3, model.necks)
+    splits = model.necks is not None and model.checker is not None  # parts judged where it rejects
+    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3, keep_working=splits)
     measured = [
         (c, m)
         for c, m in ((c, measure_node(volume, c)) for c in candidates)
@@ -251,7 +253,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         rejected = [c for (c, _), k in zip(measured_pairs, kept, strict=True) if not k]
         measured_pairs = [pair for pair, k in zip(measured_pairs, kept, strict=True) if k]
         if model.necks is not None:
-            measured_pairs += _kept_parts(volume, model, rejected, s.min_volume_mm3, image_w, grid)
+            measured_pairs += _kept_parts(volume, model, rejected, s, image_w, grid)
         seconds["check"] = time.perf_counter() - t
     if s.boundary_refine_mm > 0:
         t = time.perf_counter()
@@ -337,18 +339,23 @@ def _kept_parts(
     volume: Volume,
     model: LoadedModel,
     rejected: list[Candidate],
-    min_volume_mm3: float,
+    s: PipelineSettings,
     image_w: np.ndarray,
     grid: Grid,
 ) -> list[tuple[Candidate, dict]]:
-    """The parts of the rejected candidates that were split at their necks (`inference.necks`)
-    which the checker keeps at the card's `part_threshold`, measured; the kept parts of one
+    """The parts of the rejected candidates, split at their necks (`inference.necks`), which
+    the checker keeps at the card's `part_threshold`, measured; the kept parts of one
     candidate joined again where they touch (`inference.nodes.rejoined`)."""
     assert model.necks is not None
+    split = [
+        part
+        for n, r in enumerate(rejected, start=1)
+        for part in parts_of(r, n, model.necks, volume, image_w, grid, s.threshold, s.min_volume_mm3)
+    ]
     parts = [
         (c, m)
-        for c, m in ((c, measure_node(volume, c)) for r in rejected for c in r.parts)
-        if m is not None and m["volume_mm3"] >= min_volume_mm3
+        for c, m in ((c, measure_node(volume, c)) for c in split)
+        if m is not None and m["volume_mm3"] >= s.min_volume_mm3
     ]
     if not parts:
         return []

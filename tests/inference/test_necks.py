@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from inference.evaluate import array_volume
 from inference.model_store import ModelCardError, load_model
-from inference.necks import Necks, split_component, split_labels
-from inference.nodes import components, measure_node, rejoined
+from inference.necks import Necks, split_component
+from inference.nodes import components, measure_node, parts_of, rejoined
 from inference.preprocess import to_working
 
 Z, Y, X = np.mgrid[:30, :30, :70]
@@ -51,16 +52,6 @@ def test_a_chain_of_three_is_split_into_three() -> None:
     assert np.array_equal(np.logical_or.reduce(parts), chain)
 
 
-def test_split_labels_numbers_the_parts_and_says_where_each_came_from() -> None:
-    labels = np.zeros(Z.shape, dtype=np.int32)
-    labels[_ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)] = 1
-    labels[(Z - 5) ** 2 + (Y - 5) ** 2 + (X - 65) ** 2 <= 9] = 2  # a lone blob
-    out, origin = split_labels(labels, 2, NECKS, (1.0, 1.0, 1.0))
-    assert out.max() == 3 and sorted(origin.tolist()) == [1, 1, 2]
-    assert np.array_equal(out > 0, labels > 0)
-    assert origin[out[15, 15, 15] - 1] == 1 and origin[out[5, 5, 65] - 1] == 2
-
-
 def test_a_bridge_deeper_than_the_largest_neck_does_not_split() -> None:
     comp = _ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2)
     assert len(split_component(comp, Necks(ratio=0.5, max_neck_mm=1.0, part_threshold=0.9))) == 1
@@ -72,35 +63,40 @@ def test_depth_is_measured_in_mm_of_the_voxel_spacing() -> None:
     assert len(split_component(comp, Necks(0.5, 3.0, 0.9), (2.0, 2.0, 2.0))) == 1  # 4 mm deep there
 
 
-def _candidates(necks: Necks | None):
+def _whole_and_parts(keep_working: bool = True):
+    """The component of two balls joined by a thin bridge, and its parts (`parts_of`)."""
     hu = np.full(Z.shape, 40.0, dtype=np.float32)  # all body: the working grid is the volume
     volume = array_volume(hu, np.eye(4), "necks")
     image_w, grid = to_working(volume.array, volume.spacing, 1.0)
     prob = np.where(_ball(15, 8) | _ball(42, 10) | _bridge(15, 42, 2), 0.9, 0.0).astype(np.float32)
-    return components(volume, image_w, prob, grid, 0.5, 20.0, necks), image_w, grid
+    [whole] = components(volume, image_w, prob, grid, 0.5, 20.0, keep_working)
+    parts = parts_of(whole, 7, NECKS, volume, image_w, grid, 0.5, 20.0)
+    return whole, parts, image_w, grid
 
 
 def _xs(c) -> np.ndarray:
     return np.nonzero(c.mask)[2] + c.bbox[2]
 
 
-def test_a_split_component_holds_its_parts_each_without_the_others_voxels() -> None:
-    [plain], _, _ = _candidates(None)
-    [whole], _, _ = _candidates(NECKS)
-    assert plain.parts == [] and np.array_equal(whole.mask, plain.mask)  # the whole as it was
-    assert len(whole.parts) == 2 and {c.part_of for c in whole.parts} == {1}
-    for c in whole.parts:  # no part reaches into the other one
+def test_a_component_is_split_into_parts_each_without_the_others_voxels() -> None:
+    plain, none, _, _ = _whole_and_parts(keep_working=False)
+    whole, parts, _, _ = _whole_and_parts()
+    assert none == [] and np.array_equal(whole.mask, plain.mask)  # the whole as it was
+    assert len(parts) == 2 and {c.part_of for c in parts} == {7}
+    for c in parts:  # no part reaches into the other one; each crop is centred on its part
         assert _xs(c).max() - _xs(c).min() < 30
-    assert sum(int(c.mask.sum()) for c in whole.parts) == int(whole.mask.sum())
+        assert c.crop is not None and c.crop[1].sum() > 0
+        assert np.allclose(ndimage.center_of_mass(c.crop[1]), (c.crop.shape[1] - 1) / 2, atol=2)
+    assert sum(int(c.mask.sum()) for c in parts) == int(whole.mask.sum())
 
 
 def test_kept_parts_are_joined_again_and_a_lone_kept_part_stays_alone() -> None:
-    [whole], image_w, grid = _candidates(NECKS)
-    [joined] = rejoined(whole.parts, image_w, grid)
+    whole, parts, image_w, grid = _whole_and_parts()
+    [joined] = rejoined(parts, image_w, grid)
     assert joined.part_of == 0 and joined.crop is not None
     assert int(joined.mask.sum()) == int(whole.mask.sum())
     assert (_xs(joined).min(), _xs(joined).max()) == (_xs(whole).min(), _xs(whole).max())
-    big = max(whole.parts, key=lambda c: c.mask.sum())
+    big = max(parts, key=lambda c: c.mask.sum())
     assert rejoined([big], image_w, grid) == [big]  # the checker dropped the other part
     assert rejoined([whole], image_w, grid) == [whole]  # never split: as it was
 
@@ -165,18 +161,23 @@ def test_the_pipeline_judges_the_parts_of_a_rejected_component_in_its_place(mode
     card["segmenter"]["necks"] = necks.to_card()
     (model_copy / "model_card.json").write_text(json.dumps(card))
     model = load_model(model_copy)
-    pairs, _, image_w, grid = _detect(volume, model, PipelineSettings(plausibility=False))
-    split = [c for c, _ in pairs if c.parts]
+    settings = PipelineSettings(plausibility=False)
+    pairs, _, image_w, grid = _detect(volume, model, settings)
+    split = [
+        (c, p)
+        for n, (c, _) in enumerate(pairs)
+        if (p := parts_of(c, n + 1, necks, volume, image_w, grid, 0.5, 20.0))
+    ]
     assert split, "the phantom has a component that splits"
-    found = analyse(volume, model, PipelineSettings(plausibility=False)).findings.findings
+    found = analyse(volume, model, settings).findings.findings
     measured = [
-        [p for p in c.parts if (m := measure_node(volume, p)) and m["volume_mm3"] >= 20] for c in split
+        [p for p in parts if (m := measure_node(volume, p)) and m["volume_mm3"] >= 20] for _, parts in split
     ]
     assert 0 < len(found) <= sum(len(rejoined(parts, image_w, grid)) for parts in measured)
     for f in found:  # each from a split component, none from one that was not split
         k, j, i = np.round(f.centroid_voxel).astype(int)
         inside = [c for c, _ in pairs if _holds(c, (k, j, i))]
-        assert inside and all(c.parts for c in inside)
+        assert inside and all(any(c is s for s, _ in split) for c in inside)
 
 
 def _holds(c, kji) -> bool:
