@@ -3,7 +3,8 @@
 volume -> working grid -> U-Net probability -> connected components -> per node: mask on
 the native grid, RECIST diameters, volume, mean HU -> verification (drop what is not a
 node, when the model has a verifier; then what its checker, a CNN on the crop, takes for
-a look-alike) -> each node's edge settled on the image and measured
+a look-alike; with the card's `segmenter.necks`, the parts of a rejected component judged
+in its place, `inference.necks`) -> each node's edge settled on the image and measured
 again (`inference.refine`) -> every voxel to at most one node (`inference.nodes.exclusive`;
 the findings are measured from those same masks) -> classifier probability and rule
 category -> `StudyFindings`.
