@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         help="share of segmenter patches centred on the false positives of the --init-from model",
     )
     c.add_argument(
+        "--per-node",
+        action="store_true",
+        help="centre node patches on each node alike (default: on each node voxel alike, which "
+        "favours large nodes)",
+    )
+    c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
     )
     c.add_argument(
@@ -399,6 +405,7 @@ def cmd_train(args, settings: Settings) -> int:
         init_from=str(args.init_from) if args.init_from else None,
         variety=args.variety,
         mixed=args.mixed,
+        per_node=args.per_node,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")

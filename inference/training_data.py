@@ -93,10 +93,16 @@ def segmentation_patches(
     node_share: float = 0.4,
     hard_share: float = 0.3,
     mined_share: float = 0.0,
+    per_node: bool = False,
 ):
     """Patches centred on nodes (`node_share`), on hard negatives (`hard_share`: node-like
     tissue such as muscle, vessels, bowel, organs), on a model's own false positives
-    (`mined_share`, where `case.mined` is set) and anywhere in the body (the rest)."""
+    (`mined_share`, where `case.mined` is set) and anywhere in the body (the rest).
+
+    A node patch is centred on a voxel of a node drawn uniformly from all node voxels, so a
+    node's chance grows with its volume (a 30 mm node is drawn about 100 times as often as
+    a 6 mm one); with `per_node` the node is drawn first, each node alike, then a voxel of
+    it."""
     shares = (node_share, hard_share, mined_share)
     if min(shares) < 0 or sum(shares) > 1:
         raise ValueError("patch shares must be non-negative and add up to at most 1")
@@ -109,15 +115,26 @@ def segmentation_patches(
     ]
     bounds = np.cumsum(shares)
     node_mask = (case.nodes > 0).astype(np.uint8)
+    by_node = _voxels_by_node(case.nodes) if per_node else []
     images, masks = [], []
     for _ in range(count):
-        pool = pools[int(np.searchsorted(bounds, rng.random(), side="right"))]
+        kind = int(np.searchsorted(bounds, rng.random(), side="right"))
+        pool = by_node[rng.integers(len(by_node))] if kind == 0 and by_node else pools[kind]
         if pool is None or pool.size == 0:
             pool = body
         c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
         images.append(_patch(case.image, c, size, -1000.0))
         masks.append(_patch(node_mask, c, size, 0))
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
+
+
+def _voxels_by_node(nodes: np.ndarray) -> list[np.ndarray]:
+    """The flat indices of each node's voxels in an instance map, one array per node."""
+    flat = nodes.ravel()
+    inside = np.flatnonzero(flat)
+    order = np.argsort(flat[inside], kind="stable")
+    ids, starts = np.unique(flat[inside][order], return_index=True)
+    return np.split(inside[order], starts[1:]) if ids.size else []
 
 
 def false_positive_map(prob: np.ndarray, nodes: np.ndarray, threshold: float = 0.5) -> np.ndarray:

@@ -51,6 +51,27 @@ def test_segmentation_patches_follow_the_requested_shares():
         segmentation_patches(case, 1, 16, rng, node_share=0.7, hard_share=0.5)
 
 
+def test_per_node_patches_draw_each_node_alike():
+    from inference.training_data import segmentation_patches
+
+    # a 30-voxel node (27,000 voxels) and a 4-voxel one (64), far apart
+    image = np.full((120, 120, 120), -100.0, np.float32)
+    nodes = np.zeros(image.shape, np.uint8)
+    nodes[5:35, 5:35, 5:35] = 1
+    nodes[100:104, 100:104, 100:104] = 2
+    case = Case(image=image, nodes=nodes, malignant={}, axes_mm={})
+
+    def small_share(per_node: bool) -> float:
+        _, masks = segmentation_patches(
+            case, 200, 40, np.random.default_rng(1), node_share=1.0, hard_share=0.0, per_node=per_node
+        )
+        # a patch centred near the small node holds none of the large one, which lies 65+ voxels away
+        return float(np.mean([m.any() and m.sum() <= 64 for m in masks]))
+
+    assert small_share(per_node=False) < 0.05  # drawn by voxel: 64 of 27,064
+    assert 0.35 < small_share(per_node=True) < 0.65  # drawn by node: one in two
+
+
 def test_training_continues_from_a_model_and_says_so(tmp_path):
     import torch
 
