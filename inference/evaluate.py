@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from inference import phantoms, phantoms_heldout, plausibility
+from inference import phantoms, phantoms_heldout, plausibility, rules
 from inference.dicom_volume import CT_IMAGE_STORAGE
 from inference.findings import SliceRef
 from inference.model_store import LoadedModel
@@ -100,6 +100,18 @@ def best_per_node(pairs) -> dict[int, tuple]:
         if m.gt and (m.gt not in best or m.dice > best[m.gt][1].dice):
             best[m.gt] = (f, m)
     return best
+
+
+def found_by_size(gt_rows) -> dict[str, list[int]]:
+    """Nodes of short axis >= 5 mm found and present, [found, present], per RECIST 1.1 size
+    class of their true short axis (`inference.rules`): where the misses lie."""
+    out = {c: [0, 0] for c in rules.SIZE_CATEGORIES}
+    for node, hit in gt_rows:
+        if node.short_axis_mm >= SENSITIVITY_MIN_SHORT_AXIS_MM:
+            counts = out[rules.size_category(node.short_axis_mm)]
+            counts[0] += int(hit)
+            counts[1] += 1
+    return out
 
 
 def auc(scores: list[float], positive: list[bool]) -> float | None:
@@ -236,6 +248,7 @@ def _score(runs, rejected) -> dict:
         "nodes_short_axis_ge_5mm": len(big),
         "sensitivity": _r(np.mean(big)) if big else None,
         "sensitivity_all_sizes": _r(np.mean([hit for _, hit in gt_rows])) if gt_rows else None,
+        "found_by_size": found_by_size(gt_rows),
         "fp_per_volume": _r(np.mean(fps)),
         "duplicates_per_volume": _r(np.mean(dups)),
         "dice": _r(np.mean([d for _, _, d in pred_rows])) if pred_rows else None,

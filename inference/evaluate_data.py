@@ -26,6 +26,7 @@ from inference.evaluate import (
     _r,
     auc,
     best_per_node,
+    found_by_size,
     match,
     threshold_baseline,
 )
@@ -127,6 +128,7 @@ def evaluate_cases(
         "nodes_short_axis_ge_5mm": len(big),
         "sensitivity": _r(np.mean(big)) if big else None,
         "sensitivity_all_sizes": _r(np.mean([hit for _, hit in gt_rows])) if gt_rows else None,
+        "found_by_size": found_by_size(gt_rows),
         "fp_per_volume": _r(np.mean(fps)) if fps else None,
         "duplicates_per_volume": _r(np.mean(dups)) if dups else None,
         "dice": _r(np.mean([d for _, _, d in pred_rows])) if pred_rows else None,

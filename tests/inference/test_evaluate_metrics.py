@@ -39,3 +39,18 @@ def test_a_node_found_twice_counts_once_and_the_second_finding_is_a_duplicate():
     best = best_per_node(pairs)
     assert {n: f for n, (f, _) in best.items()} == {1: "b", 2: "c"}
     assert sum(m.gt != 0 for _, m in pairs) - len(best) == 1  # "a" reports node 1 again
+
+
+def test_found_nodes_are_counted_per_recist_size_class():
+    from types import SimpleNamespace
+
+    from inference.evaluate import found_by_size
+    from inference.rules import SIZE_NON_TARGET, SIZE_NORMAL, SIZE_TARGET
+
+    def node(short_mm):
+        return SimpleNamespace(short_axis_mm=short_mm)
+
+    sizes_found = [(4.0, False), (5.0, True), (9.9, False), (10.0, True), (22.0, False)]
+    rows = [(node(mm), found) for mm, found in sizes_found]
+    # the 4 mm node is under the sensitivity's 5 mm and counted nowhere
+    assert found_by_size(rows) == {SIZE_NORMAL: [1, 2], SIZE_NON_TARGET: [1, 1], SIZE_TARGET: [0, 1]}
