@@ -399,7 +399,9 @@ class InferenceSection(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
     sliding_window: SlidingWindow = SlidingWindow()
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="node mask threshold; None = the model card's segmenter.threshold"
+    )
     min_node_volume_mm3: float = Field(20.0, ge=0.0)
     boundary_refine_mm: float = Field(
         3.0, ge=0.0, le=10.0, description="settle each node's edge on the CT within this distance; 0 = off"

@@ -78,6 +78,12 @@ class LoadedModel:
         return float(self.card["working_spacing_mm"])
 
     @property
+    def threshold(self) -> float:
+        """The node probability above which a voxel belongs to a candidate: the threshold its
+        checker and verifier were fitted at (the card's `segmenter.threshold`)."""
+        return float(self.card["segmenter"].get("threshold", 0.5))
+
+    @property
     def necks(self) -> Necks | None:
         """Where a segmented component is split to judge its parts (`inference.necks`); None:
         components are not split."""

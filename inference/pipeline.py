@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    threshold: float = 0.5
+    threshold: float | None = None  # node mask threshold; None: the model's (LoadedModel.threshold)
     min_volume_mm3: float = 20.0
     roi: int = 96
     overlap: float = 0.25
@@ -92,7 +92,8 @@ def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
 
     t = time.perf_counter()
     splits = model.necks is not None and model.checker is not None  # parts judged where it rejects
-    candidates = components(volume, image_w, prob, grid, s.threshold, s.min_volume_mm3, keep_working=splits)
+    threshold = mask_threshold(s, model)
+    candidates = components(volume, image_w, prob, grid, threshold, s.min_volume_mm3, keep_working=splits)
     measured = [
         (c, m)
         for c, m in ((c, measure_node(volume, c)) for c in candidates)
@@ -100,6 +101,11 @@ def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
     ]
     seconds["measure"] = time.perf_counter() - t
     return measured, seconds, image_w, grid
+
+
+def mask_threshold(settings: PipelineSettings, model: LoadedModel) -> float:
+    """The node mask threshold: the settings' where given, else the model's own."""
+    return model.threshold if settings.threshold is None else settings.threshold
 
 
 def candidate_features(volume: Volume, candidate: Candidate, measured: dict) -> np.ndarray:
@@ -348,10 +354,11 @@ def _kept_parts(
     the checker keeps at the card's `part_threshold`, measured; the kept parts of one
     candidate joined again where they touch (`inference.nodes.rejoined`)."""
     assert model.necks is not None
+    threshold = mask_threshold(s, model)
     split = [
         part
         for n, r in enumerate(rejected, start=1)
-        for part in parts_of(r, n, model.necks, volume, image_w, grid, s.threshold, s.min_volume_mm3)
+        for part in parts_of(r, n, model.necks, volume, image_w, grid, threshold, s.min_volume_mm3)
     ]
     parts = [
         (c, m)

@@ -110,7 +110,7 @@ def mine(case: Case, cfg: TrainConfig) -> Case:
         _MINING_MODEL[cfg.init_from] = load_model(Path(cfg.init_from), device="cpu")
     model = _MINING_MODEL[cfg.init_from]
     prob = node_probability(model.segmenter, case.image, model.device)
-    case.mined = false_positive_map(prob, case.nodes, model.card["segmenter"].get("threshold", 0.5))
+    case.mined = false_positive_map(prob, case.nodes, model.threshold)
     return case
 
 

@@ -89,3 +89,27 @@ def test_an_evaluation_on_a_sites_dataset_is_recorded_under_its_name_and_split(m
     assert entry["data"] == printed["data"] == {"layout": "nnunet", "split": "train", "cases": 1}
     assert entry["sensitivity"] == printed["sensitivity"]
     assert entry["command"] == f"nodal evaluate --data {data} --json"
+
+
+def test_the_mask_threshold_is_the_models_unless_the_settings_give_one(model_copy):
+    """The checker was fitted on the candidates at the card's threshold: the pipeline takes it
+    from the card, and the configuration (`inference.threshold`) overrides it only when set."""
+    import numpy as np
+
+    from inference import phantoms
+    from inference.evaluate import phantom_volume
+    from inference.pipeline import PipelineSettings, detect, mask_threshold
+
+    card = json.loads((model_copy / "model_card.json").read_text())
+    card["segmenter"]["threshold"] = 0.9
+    (model_copy / "model_card.json").write_text(json.dumps(card))
+    model = load_model(model_copy, "cpu")
+    assert model.threshold == 0.9 and load_model(DEFAULT_MODEL_DIR, "cpu").threshold == 0.5
+    assert mask_threshold(PipelineSettings(), model) == 0.9
+    assert mask_threshold(PipelineSettings(threshold=0.3), model) == 0.3
+
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    own = [m["volume_mm3"] for _, m in detect(volume, model)[0]]
+    given = [m["volume_mm3"] for _, m in detect(volume, model, PipelineSettings(threshold=0.5))[0]]
+    assert own and np.sum(own) < np.sum(given)  # a higher threshold: less of each candidate
