@@ -115,7 +115,14 @@ def segmentation_patches(
     ]
     bounds = np.cumsum(shares)
     node_mask = (case.nodes > 0).astype(np.uint8)
-    by_node = _voxels_by_node(case.nodes) if per_node else []
+    by_node = (  # each node's voxels as flat indices, nodes in label order
+        [
+            np.ravel_multi_index(ix, case.nodes.shape)
+            for _, ix in sorted(ndimage.value_indices(case.nodes, ignore_value=0).items())
+        ]
+        if per_node
+        else []
+    )
     images, masks = [], []
     for _ in range(count):
         kind = int(np.searchsorted(bounds, rng.random(), side="right"))
@@ -126,15 +133,6 @@ def segmentation_patches(
         images.append(_patch(case.image, c, size, -1000.0))
         masks.append(_patch(node_mask, c, size, 0))
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
-
-
-def _voxels_by_node(nodes: np.ndarray) -> list[np.ndarray]:
-    """The flat indices of each node's voxels in an instance map, one array per node."""
-    flat = nodes.ravel()
-    inside = np.flatnonzero(flat)
-    order = np.argsort(flat[inside], kind="stable")
-    ids, starts = np.unique(flat[inside][order], return_index=True)
-    return np.split(inside[order], starts[1:]) if ids.size else []
 
 
 def false_positive_map(prob: np.ndarray, nodes: np.ndarray, threshold: float = 0.5) -> np.ndarray:
