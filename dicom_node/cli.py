@@ -101,11 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         help="share of segmenter patches centred on the false positives of the --init-from model",
     )
     c.add_argument(
-        "--per-node",
-        action="store_true",
-        help="centre node patches on each node alike (default: on each node voxel alike, which "
-        "favours large nodes)",
+        "--node-power",
+        type=float,
+        default=1.0,
+        help="draw the node of a node patch with weight (its voxels) ** POWER: 1 (default) each node "
+        "voxel alike, which favours large nodes; 0 each node alike",
     )
+    c.add_argument("--per-node", action="store_true", help="the same as --node-power 0")
     c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
     )
@@ -405,7 +407,7 @@ def cmd_train(args, settings: Settings) -> int:
         init_from=str(args.init_from) if args.init_from else None,
         variety=args.variety,
         mixed=args.mixed,
-        per_node=args.per_node,
+        node_power=0.0 if args.per_node else args.node_power,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")

@@ -58,7 +58,7 @@ class TrainConfig:
     node_share: float = 0.4  # segmenter patches centred on a node
     hard_share: float = 0.3  # ... on node-like tissue that is not a node
     mined_share: float = 0.0  # ... on the false positives of the `init_from` model (mining)
-    per_node: bool = False  # node patches: each node drawn alike, not each node voxel (small nodes)
+    node_power: float = 1.0  # node patches: node drawn by voxels ** power (1: each voxel alike, 0: each node)
     init_from: str | None = None  # model directory whose weights both networks start from
     fresh_classifier: bool = False  # with init_from: the classifier starts from random weights
     workers: int = 2
@@ -126,7 +126,7 @@ def _samples(case: Case, seed: int, cfg: TrainConfig) -> tuple:
             cfg.node_share,
             cfg.hard_share,
             cfg.mined_share,
-            per_node=cfg.per_node,
+            node_power=cfg.node_power,
         )
     else:  # the segmenter is not trained in this run
         imgs, masks = (
@@ -152,8 +152,10 @@ def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = No
             key += f"-h{cfg.node_share}-{cfg.hard_share}"
         if cfg.variety:
             key += "-variety"
-        if cfg.per_node:
+        if cfg.node_power == 0:  # recorded as --per-node
             key += "-per-node"
+        elif cfg.node_power != 1:
+            key += f"-np{cfg.node_power}"
         if cfg.mined_share:  # mined patches depend on the model that made the mistakes
             key += f"-m{cfg.mined_share}-{_parent_segmenter_sha(cfg)[:12]}"
         cache = Path(cache_dir) / f"samples-{key}.pkl"

@@ -93,16 +93,16 @@ def segmentation_patches(
     node_share: float = 0.4,
     hard_share: float = 0.3,
     mined_share: float = 0.0,
-    per_node: bool = False,
+    node_power: float = 1.0,
 ):
     """Patches centred on nodes (`node_share`), on hard negatives (`hard_share`: node-like
     tissue such as muscle, vessels, bowel, organs), on a model's own false positives
     (`mined_share`, where `case.mined` is set) and anywhere in the body (the rest).
 
-    A node patch is centred on a voxel of a node drawn uniformly from all node voxels, so a
-    node's chance grows with its volume (a 30 mm node is drawn about 100 times as often as
-    a 6 mm one); with `per_node` the node is drawn first, each node alike, then a voxel of
-    it."""
+    A node patch is centred on a voxel of a node. The node is drawn with a weight of its
+    voxel count to the power `node_power`, then a voxel of it: at 1 (the default) each node
+    voxel alike, so a 30 mm node is drawn about 100 times as often as a 6 mm one; at 0 each
+    node alike; at 0.5 the 30 mm node about 10 times as often."""
     shares = (node_share, hard_share, mined_share)
     if min(shares) < 0 or sum(shares) > 1:
         raise ValueError("patch shares must be non-negative and add up to at most 1")
@@ -120,19 +120,28 @@ def segmentation_patches(
             np.ravel_multi_index(ix, case.nodes.shape)
             for _, ix in sorted(ndimage.value_indices(case.nodes, ignore_value=0).items())
         ]
-        if per_node
+        if node_power != 1
         else []
     )
+    weights = np.array([v.size for v in by_node], float) ** node_power
     images, masks = [], []
     for _ in range(count):
         kind = int(np.searchsorted(bounds, rng.random(), side="right"))
-        pool = by_node[rng.integers(len(by_node))] if kind == 0 and by_node else pools[kind]
+        pool = _node_pool(by_node, weights, rng) if kind == 0 and by_node else pools[kind]
         if pool is None or pool.size == 0:
             pool = body
         c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
         images.append(_patch(case.image, c, size, -1000.0))
         masks.append(_patch(node_mask, c, size, 0))
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
+
+
+def _node_pool(by_node: list[np.ndarray], weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One node's voxels, the node drawn by `weights` (all alike: drawn as recorded recipes
+    with each node alike drew it)."""
+    if np.all(weights == weights[0]):
+        return by_node[rng.integers(len(by_node))]
+    return by_node[rng.choice(len(by_node), p=weights / weights.sum())]
 
 
 def false_positive_map(prob: np.ndarray, nodes: np.ndarray, threshold: float = 0.5) -> np.ndarray:

@@ -51,7 +51,7 @@ def test_segmentation_patches_follow_the_requested_shares():
         segmentation_patches(case, 1, 16, rng, node_share=0.7, hard_share=0.5)
 
 
-def test_per_node_patches_draw_each_node_alike():
+def test_node_power_weighs_how_often_each_node_is_drawn():
     from inference.training_data import segmentation_patches
 
     # a 30-voxel node (27,000 voxels) and a 4-voxel one (64), far apart
@@ -61,15 +61,16 @@ def test_per_node_patches_draw_each_node_alike():
     nodes[100:104, 100:104, 100:104] = 2
     case = Case(image=image, nodes=nodes, malignant={}, axes_mm={})
 
-    def small_share(per_node: bool) -> float:
+    def small_share(node_power: float) -> float:
         _, masks = segmentation_patches(
-            case, 200, 40, np.random.default_rng(1), node_share=1.0, hard_share=0.0, per_node=per_node
+            case, 400, 40, np.random.default_rng(1), node_share=1.0, hard_share=0.0, node_power=node_power
         )
         # a patch centred near the small node holds none of the large one, which lies 65+ voxels away
         return float(np.mean([m.any() and m.sum() <= 64 for m in masks]))
 
-    assert small_share(per_node=False) < 0.05  # drawn by voxel: 64 of 27,064
-    assert 0.35 < small_share(per_node=True) < 0.65  # drawn by node: one in two
+    assert small_share(1.0) < 0.02  # drawn by voxel: 64 of 27,064
+    assert 0.03 < small_share(0.5) < 0.09  # sqrt(64) / (sqrt(64) + sqrt(27,000)): 0.046
+    assert 0.4 < small_share(0.0) < 0.6  # drawn by node: one in two
 
 
 def test_training_continues_from_a_model_and_says_so(tmp_path):
