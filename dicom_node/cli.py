@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--node-power",
         type=float,
-        default=1.0,
+        default=None,
         help="draw the node of a node patch with weight (its voxels) ** POWER: 1 (default) each node "
         "voxel alike, which favours large nodes; 0 each node alike",
     )
@@ -386,6 +386,11 @@ def cmd_train(args, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.per_node and args.node_power is not None:
+        print("nodal: --per-node is --node-power 0; give one of them", file=sys.stderr)
+        return 2
+    if args.per_node:
+        args.node_power = 0.0
 
     given = _given(
         args,
@@ -397,6 +402,7 @@ def cmd_train(args, settings: Settings) -> int:
         hard_share="hard_share",
         node_share="node_share",
         mined_share="mined_share",
+        node_power="node_power",
         version="version",
         name="name",
     )
@@ -407,7 +413,6 @@ def cmd_train(args, settings: Settings) -> int:
         init_from=str(args.init_from) if args.init_from else None,
         variety=args.variety,
         mixed=args.mixed,
-        node_power=0.0 if args.per_node else args.node_power,
     )
     command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")

@@ -32,8 +32,13 @@ def test_train_defaults_are_train_configs(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(_Stop):
         main(["train", "--out", str(tmp_path / "m"), "--mixed", "--verifier-cases", "0"])
     assert seen["cfg"] == train_module.TrainConfig(mixed=True)
+    for flags, power in ((["--per-node"], 0.0), (["--node-power", "0.5"], 0.5)):
+        with pytest.raises(_Stop):
+            main(["train", "--out", str(tmp_path / "m"), *flags, "--verifier-cases", "0"])
+        assert seen["cfg"] == train_module.TrainConfig(node_power=power)
     seen.clear()
     assert main(["train", "--out", str(tmp_path / "m"), "--mixed", "--variety"]) == 2
+    assert main(["train", "--out", str(tmp_path / "m"), "--per-node", "--node-power", "0.5"]) == 2
     assert main(["train", "--out", str(tmp_path / "m"), "--mixed", "--data", str(tmp_path)]) == 2
     assert not seen  # refused before training
 
