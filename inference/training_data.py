@@ -137,8 +137,8 @@ def segmentation_patches(
 
 
 def _node_pool(by_node: list[np.ndarray], weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One node's voxels, the node drawn by `weights` (all alike: drawn as recorded recipes
-    with each node alike drew it)."""
+    """One node's voxels, the node drawn by `weights`; with equal weights drawn as
+    `--per-node` has always drawn it, so that its recorded recipes make the same patches."""
     if np.all(weights == weights[0]):
         return by_node[rng.integers(len(by_node))]
     return by_node[rng.choice(len(by_node), p=weights / weights.sum())]
