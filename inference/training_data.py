@@ -124,10 +124,12 @@ def segmentation_patches(
         else []
     )
     weights = np.array([v.size for v in by_node], float) ** node_power
+    # equal weights draw as `--per-node` always drew, so its recorded recipes make the same patches
+    probs = None if not by_node or np.all(weights == weights[0]) else weights / weights.sum()
     images, masks = [], []
     for _ in range(count):
         kind = int(np.searchsorted(bounds, rng.random(), side="right"))
-        pool = _node_pool(by_node, weights, rng) if kind == 0 and by_node else pools[kind]
+        pool = _node_pool(by_node, probs, rng) if kind == 0 and by_node else pools[kind]
         if pool is None or pool.size == 0:
             pool = body
         c = np.array(np.unravel_index(rng.choice(pool), case.image.shape)) + rng.integers(-12, 13, 3)
@@ -136,12 +138,11 @@ def segmentation_patches(
     return np.stack(images).astype(np.float16), np.stack(masks).astype(np.uint8)
 
 
-def _node_pool(by_node: list[np.ndarray], weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One node's voxels, the node drawn by `weights`; with equal weights drawn as
-    `--per-node` has always drawn it, so that its recorded recipes make the same patches."""
-    if np.all(weights == weights[0]):
+def _node_pool(by_node: list[np.ndarray], probs: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """One node's voxels, the node drawn by `probs` (None: each node alike)."""
+    if probs is None:
         return by_node[rng.integers(len(by_node))]
-    return by_node[rng.choice(len(by_node), p=weights / weights.sum())]
+    return by_node[rng.choice(len(by_node), p=probs)]
 
 
 def false_positive_map(prob: np.ndarray, nodes: np.ndarray, threshold: float = 0.5) -> np.ndarray:
