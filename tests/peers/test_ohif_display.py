@@ -160,7 +160,14 @@ def tracked(processed: Path, tmp_path_factory) -> dict:
     with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-tracked"), seen) as page:
         page.dblclick(f"#thumbnail-{display_sets(page)['SR']}")
         page.get_by_role("button", name="Yes").click()
-        page.wait_for_function("() => window.services.measurementService.getMeasurements().length > 0")
+        # OHIF fills a measurement's display text once it has computed the lengths, one
+        # measurement after another: on a loaded machine two equal readings a second apart
+        # can still hold one without them, so wait until every measurement has its lengths
+        page.wait_for_function(
+            f"() => {{ const ms = ({TRACKED_JS})();"
+            " return ms.length > 0 && ms.every(m => m.primary.length >= 2); }",
+            timeout=120_000,
+        )
         seen["measurements"] = settled(page, TRACKED_JS)
         page.screenshot(path=str(SCREENSHOTS / "sr-tracked.png"))
     return seen
