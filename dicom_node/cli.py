@@ -557,8 +557,10 @@ def cmd_evaluate(args, settings: Settings) -> int:
     if args.family == "both" and not args.json:
         print(side_by_side(results))
     if args.record:
-        for family, r in results.items():
-            record(settings, f"{family} family, seeds {r['seeds'][0]}-{r['seeds'][1]}", r)
+        from inference.model_store import evaluation_name
+
+        for r in results.values():
+            record(settings, evaluation_name(r), r)
     return 0
 
 

@@ -209,6 +209,8 @@ def evaluate(
         "family": family,
         "cases": cases,
         "seeds": [seed, seed + cases - 1],
+        # the training generator's revision (`phantoms.REVISION`): one seed, other phantoms
+        **({"generator_revision": phantoms.REVISION} if family in ("train", "variety") else {}),
         **headline,
         "threshold_baseline": {
             "window_hu": list(THRESHOLD_BASELINE_HU),

@@ -301,6 +301,7 @@ def set_checker(
 EVALUATION_FIGURES = (
     "cases",
     "seeds",
+    "generator_revision",
     "data",
     "nodes_short_axis_ge_5mm",
     "sensitivity",
@@ -313,6 +314,16 @@ EVALUATION_FIGURES = (
     "auc",
     "auc_size_rule",
 )
+
+
+def evaluation_name(result: dict) -> str:
+    """The card's name for a phantom evaluation: its family and seeds, and the training
+    generator's revision from 2 on (the same seeds make other phantoms; revision 1's entries
+    keep their names)."""
+    name = f"{result['family']} family, seeds {result['seeds'][0]}-{result['seeds'][1]}"
+    if result.get("generator_revision", 1) > 1:
+        name += f", revision {result['generator_revision']}"
+    return name
 
 
 def record_evaluation(model_dir: Path | None, name: str, result: dict, command: str, date: str) -> dict:

@@ -32,6 +32,18 @@ from typing import TypedDict
 import numpy as np
 from scipy import ndimage
 
+#: The generator's revision, part of every cache key of phantom-made samples: 2 paints no
+#: isolated short piece of a tube clipped to its region (`_Canvas.tube`).
+REVISION = 2
+MIN_PIECE_DIAMETERS = 3.0  # a tube's piece shorter than this many diameters is a blob, not a tube
+
+
+def revision_tag() -> str:
+    """The part of a cache key that names the generator's revision ("" for revision 1, whose
+    recorded cache entries keep their names)."""
+    return "" if REVISION == 1 else f"-r{REVISION}"
+
+
 # Tissue codes of the label map that the generator keeps beside the image.
 AIR, FAT, FAT_MEDIASTINUM, FAT_AXILLA, FAT_ABDOMEN = 0, 1, 2, 3, 4
 MUSCLE, BONE, LUNG, VESSEL, ORGAN, BOWEL, AIRWAY, OESOPHAGUS = 5, 6, 7, 8, 9, 10, 11, 12
@@ -222,10 +234,37 @@ class _Canvas:
         return sl, self.paint(sl, mask, hu, code, where)
 
     def tube(self, points_zyx, radius, hu, code, where=None):
-        """Union of spheres along a densely sampled path."""
+        """Union of spheres along a densely sampled path.
+
+        Painted only `where` the tissue allows, a tube that leaves its region and comes back
+        would leave isolated short pieces: node-shaped blobs of vessel or bowel that no body
+        has (a vessel or a bowel loop is continuous). Since `REVISION` 2 such a piece (shorter
+        than `MIN_PIECE_DIAMETERS` diameters, not cut by the volume's edge) is not painted."""
         pts = _densify(np.asarray(points_zyx, float), step=max(radius * 0.5, 0.7))
+        keep_pieces = where is None or code in where
+        box = None if keep_pieces else self.axes_mm(pts.min(axis=0) - radius, pts.max(axis=0) + radius)
+        if box is not None:
+            sl = box[0]
+            before_hu, before_tissue = self.hu[sl].copy(), self.tissue[sl].copy()
         for p in pts:
             self.ellipsoid(p, (radius, radius, radius), hu, code, where=where)
+        if box is not None:
+            self._drop_short_pieces(sl, before_hu, before_tissue, 2 * radius)
+
+    def _drop_short_pieces(self, sl, before_hu, before_tissue, diameter) -> None:
+        painted = self.tissue[sl] != before_tissue
+        pieces, _ = ndimage.label(painted)
+        for index, piece in enumerate(ndimage.find_objects(pieces), start=1):
+            extent = max((s.stop - s.start) * d for s, d in zip(piece, self.spacing, strict=True))
+            at_edge = any(
+                b.start + s.start == 0 or b.start + s.stop == size
+                for s, b, size in zip(piece, sl, self.shape, strict=True)
+            )
+            if extent >= MIN_PIECE_DIAMETERS * diameter or at_edge:
+                continue
+            mask = pieces[piece] == index
+            self.hu[sl][piece][mask] = before_hu[piece][mask]
+            self.tissue[sl][piece][mask] = before_tissue[piece][mask]
 
     def slab_ellipse(self, z_range, centre_yx, semi_yx, hu, code, where=None, scale=None):
         """An elliptic cylinder along z; `scale(z)` may shrink it slice by slice."""

@@ -101,7 +101,7 @@ def phantom_parts(
         "checker-1" if CROP_KIND == "candidate" else f"checker-1 {CROP_KIND}"
     )  # the candidate crop's cache stays
     basis = f"{weights['segmenter']['sha256']} {verifier_sha} {version}"
-    key = hashlib.sha256(basis.encode()).hexdigest()[:16]
+    key = hashlib.sha256(basis.encode()).hexdigest()[:16] + phantoms.revision_tag()
     parts = []
     for n in progress(range(cases), cases, "checker phantoms"):
         for variety in (False, True):

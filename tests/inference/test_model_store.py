@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, load_model, read_card, record_evaluation
+from inference.model_store import (
+    DEFAULT_MODEL_DIR,
+    ModelCardError,
+    evaluation_name,
+    load_model,
+    read_card,
+    record_evaluation,
+)
 
 
 def test_shipped_demo_model_loads_and_says_what_it_is():
@@ -113,3 +120,12 @@ def test_the_mask_threshold_is_the_models_unless_the_settings_give_one(model_cop
     own = [m["volume_mm3"] for _, m in detect(volume, model)[0]]
     given = [m["volume_mm3"] for _, m in detect(volume, model, PipelineSettings(threshold=0.5))[0]]
     assert own and np.sum(own) < np.sum(given)  # a higher threshold: less of each candidate
+
+
+def test_a_training_generator_evaluation_is_named_with_its_revision():
+    """The same seeds of another generator revision are other phantoms: their figures get an
+    entry of their own, and revision 1's entries keep their names."""
+    train = {"family": "train", "seeds": [1000400, 1000439], "generator_revision": 2}
+    assert evaluation_name(train) == "train family, seeds 1000400-1000439, revision 2"
+    assert evaluation_name({**train, "generator_revision": 1}) == "train family, seeds 1000400-1000439"
+    assert evaluation_name({"family": "heldout", "seeds": [1, 2]}) == "heldout family, seeds 1-2"

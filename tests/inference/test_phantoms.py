@@ -70,3 +70,58 @@ def test_written_series_loads_back(tmp_path, ph):
     truth = json.loads((tmp_path / "ground_truth.json").read_text())
     assert len(truth["nodes"]) == len(ph.nodes)
     assert "criterion" in truth
+
+
+def _canvas(fat_slab_gap_mm: tuple[float, float]) -> phantoms._Canvas:
+    """A 1 mm canvas of fat with a band of muscle across x in `fat_slab_gap_mm`."""
+    spec = phantoms.PhantomSpec(rows=40, columns=120, pixel_spacing_mm=1.0, slices=40, slice_spacing_mm=1.0)
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    cv = phantoms._Canvas(spec, affine)
+    cv.hu[:], cv.tissue[:] = -100.0, phantoms.FAT
+    lo, hi = fat_slab_gap_mm
+    cv.hu[:, :, int(lo) : int(hi)], cv.tissue[:, :, int(lo) : int(hi)] = 50.0, phantoms.MUSCLE
+    return cv
+
+
+def test_a_tube_clipped_to_its_region_leaves_no_short_piece():
+    """A vessel that crosses a muscle band is painted in the fat on both sides; the piece
+    left between the band and the end of its path, shorter than 3 diameters, would be a
+    node-shaped blob of vessel in fat, and is not painted (revision 2)."""
+    cv = _canvas((30, 90))  # fat at x 0-29 and 90-119
+    cv.tube([(20, 20, 2), (20, 20, 98)], 3.0, 40.0, phantoms.VESSEL, where=(phantoms.FAT,))
+    xs = np.flatnonzero((cv.tissue == phantoms.VESSEL).any(axis=(0, 1)))
+    assert xs.min() == 0 and xs.max() < 30  # the long piece (cut by the edge) stays
+    assert not (cv.tissue[:, :, 90:] == phantoms.VESSEL).any()  # the 8 mm piece (< 18 mm) is gone
+    assert (cv.hu[:, :, 90:] == -100.0).all()  # ... and its fat is as before
+
+
+def test_a_tube_piece_of_three_diameters_stays():
+    cv = _canvas((30, 60))
+    cv.tube([(20, 20, 2), (20, 20, 85)], 3.0, 40.0, phantoms.VESSEL, where=(phantoms.FAT,))
+    assert (cv.tissue[:, :, 60:90] == phantoms.VESSEL).any(axis=(0, 1)).sum() >= 25  # 26-28 mm: a tube
+
+
+def test_a_tube_within_its_own_tissue_is_painted_whole():
+    """Bowel contents painted inside the bowel wall (`where` = its own code) are not pieces."""
+    cv = _canvas((30, 90))
+    cv.tube([(20, 20, 2), (20, 20, 98)], 3.0, 40.0, phantoms.MUSCLE, where=(phantoms.MUSCLE,))
+    assert (cv.hu[:, :, 30:90] == 40.0).any()
+
+
+def test_no_phantom_has_node_shaped_pieces_of_bowel_in_fat():
+    """Bowel loops (and mesenteric vessels) are continuous: no isolated piece of bowel shorter
+    than 3 of its diameters sits in the abdomen, away from the volume's edge."""
+    from scipy import ndimage
+
+    spec = replace(SMALL, region="abdomen")
+    for seed in (0, 1, 2):
+        ph = phantoms.generate(seed, spec)
+        pieces, _ = ndimage.label(ph.tissue == phantoms.BOWEL)
+        for piece in ndimage.find_objects(pieces):
+            at_edge = any(s.start == 0 or s.stop == n for s, n in zip(piece, ph.tissue.shape, strict=True))
+            extent = max((s.stop - s.start) * d for s, d in zip(piece, (2.5, 1.45, 1.45), strict=True))
+            assert at_edge or extent >= 3 * 2 * 7.0, (seed, piece)  # bowel radius >= 7 mm
+
+
+def test_cache_keys_name_the_generator_revision():
+    assert phantoms.REVISION == 2 and phantoms.revision_tag() == "-r2"

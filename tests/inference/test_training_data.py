@@ -211,7 +211,8 @@ def test_mixed_training_joins_plain_and_variety_samples_each_from_its_own_cache(
     assert [float(i.max()) for i in imgs] == [1.0, 1.0, 2.0, 2.0]  # plain first, then variety
     assert labels == [False, True] and scalars == [(1.0, 1.0), (2.0, 2.0)] and len(masks) == 4
     caches = sorted(p.name for p in tmp_path.glob("samples-*.pkl"))
-    assert caches == ["samples-s5-n2-p64x48-w1.0-variety.pkl", "samples-s5-n2-p64x48-w1.0.pkl"]
+    # the key ends with the generator's revision (phantoms.revision_tag)
+    assert caches == ["samples-s5-n2-p64x48-w1.0-r2.pkl", "samples-s5-n2-p64x48-w1.0-variety-r2.pkl"]
     # the second run reads both entries back and generates nothing
     again = collect(cfg, None, tmp_path)
     assert made == [False, True] and again[4] == labels
