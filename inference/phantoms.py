@@ -33,9 +33,20 @@ import numpy as np
 from scipy import ndimage
 
 #: The generator's revision, part of every cache key of phantom-made samples: 2 paints no
-#: isolated short piece of a tube clipped to its region (`_Canvas.tube`).
-REVISION = 2
+#: isolated short piece of a tube clipped to its region (`_Canvas.tube`); 3 continues the
+#: pulmonary artery beyond the hilum into the lung (`_lobar_arteries`).
+REVISION = 3
 MIN_PIECE_DIAMETERS = 3.0  # a tube's piece shorter than this many diameters is a blob, not a tube
+
+#: The pulmonary artery beyond the hilum (revision 3): the interlobar artery, then the upper,
+#: middle and lower lobar arteries, each a chain of (dz, dy, dx) steps in mm with the radius
+#: of each step, tapering into the lung. Up is +z, posterior +y; the hilum is on the +x side.
+INTERLOBAR_ARTERY = ((0.0, 5.0, 12.0), 9.0)
+LOBAR_ARTERIES = (
+    (((35.0, -5.0, 15.0), 6.0), ((25.0, 0.0, 10.0), 4.0), ((20.0, 0.0, 8.0), 2.0)),  # upper lobe
+    (((-5.0, -25.0, 25.0), 5.0), ((-5.0, -15.0, 15.0), 3.5), ((0.0, -10.0, 10.0), 2.0)),  # middle
+    (((-40.0, 15.0, 12.0), 7.0), ((-35.0, 10.0, 8.0), 4.5), ((-25.0, 5.0, 5.0), 2.0)),  # lower lobe
+)
 
 
 def revision_tag() -> str:
@@ -284,6 +295,26 @@ class _Canvas:
             self.paint(sl, m[None], hu, code, where)
 
 
+def _lobar_arteries(cv: _Canvas, hilum_zyx, hu: float) -> None:
+    """The pulmonary artery's branches beyond the hilum, tapering into the lung (revision 3).
+
+    Until revision 2 the artery, 24 mm across, ended blind at the hilum: its rounded end, at
+    blood density in an unenhanced phantom, was a node-shaped cap that no body has (a
+    pulmonary artery divides into lobar arteries that run on into the lung). The branches are
+    painted in lung, mediastinal fat and vessel only, never over a node; a node in their way
+    is a node touching a vessel."""
+    where = (LUNG, FAT_MEDIASTINUM, VESSEL)
+    step, radius = INTERLOBAR_ARTERY
+    root = np.asarray(hilum_zyx, float) + step
+    cv.tube([hilum_zyx, root], radius, hu, VESSEL, where=where)
+    for chain in LOBAR_ARTERIES:
+        p = root
+        for step, radius in chain:
+            q = p + step
+            cv.tube([p, q], radius, hu, VESSEL, where=where)
+            p = q
+
+
 def _densify(points: np.ndarray, step: float) -> np.ndarray:
     out = [points[0]]
     for a, b in itertools.pairwise(points):
@@ -352,6 +383,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         cv.slab_ellipse((zd, zd + 6), (sy, 0), (18, 20), 85.0, ORGAN)
 
     # Chest above z = 0: lungs, airway, mediastinal organs and vessels.
+    hilum = None
     if zhi > 15:
 
         def dome(z):
@@ -381,7 +413,8 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         ax, ay = 22 + rng.uniform(-5, 5), sy - 25
         cv.tube([(zlo, ay + 5, 5), (0, ay, ax), (zhi, ay, ax)], 12.0, art, VESSEL)  # descending aorta
         cv.tube([(heart_z + 30, cy - 0.3 * Bc, 5), (zhi, cy - 0.3 * Bc + 10, 5)], 14.0, art, VESSEL)
-        cv.tube([(heart_z + 20, cy - 0.4 * Bc, 20), (carina - 5, cy - 0.1 * Bc, 35)], 12.0, ven, VESSEL)
+        hilum = (carina - 5, cy - 0.1 * Bc, 35)
+        cv.tube([(heart_z + 20, cy - 0.4 * Bc, 20), hilum], 12.0, ven, VESSEL)  # pulmonary artery
         cv.tube([(heart_z + 20, cy - 0.25 * Bc, -30), (zhi, cy - 0.2 * Bc, -25)], 9.0, ven, VESSEL)
         for _ in range(rng.integers(4, 8)):  # small mediastinal vessels: node-like in cross-section
             start = (max(5.0, zlo), cy + rng.uniform(-0.5, 0.5) * Bc, rng.uniform(-35, 35))
@@ -431,6 +464,8 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
 
     labels = np.zeros(cv.shape, dtype=np.uint8)
     nodes = _place_nodes(rng, cv, labels, spec, node_enh, extra)
+    if hilum is not None:  # painted after the nodes: no random draw and no node moves
+        _lobar_arteries(cv, hilum, ven)
 
     # Texture, partial-volume blur and correlated noise.
     hu = cv.hu

@@ -123,5 +123,51 @@ def test_no_phantom_has_node_shaped_pieces_of_bowel_in_fat():
             assert at_edge or extent >= 3 * 2 * 7.0, (seed, piece)  # bowel radius >= 7 mm
 
 
+def test_the_pulmonary_artery_runs_on_into_the_lung():
+    """Beyond the hilum the artery divides into lobar arteries that taper into the lung
+    (revision 3): its end is no blind, rounded cap of 24 mm at blood density."""
+    from scipy import ndimage
+
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.0, slices=200, slice_spacing_mm=1.0)
+    affine = np.array([[0, 0, 1.0, -100], [0, 1.0, 0, -100], [1.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    cv = phantoms._Canvas(spec, affine)  # 1 mm voxels; index (k, j, i) = (z, y + 100, x + 100) mm
+    cv.hu[:], cv.tissue[:] = -850.0, phantoms.LUNG
+    cv.ellipsoid((150, 7, 33), (6, 6, 6), 45.0, phantoms.NODE)  # a node against the upper lobe's artery
+    node = cv.tissue == phantoms.NODE
+    hilum = np.array([100.0, 0.0, 0.0])
+    phantoms._lobar_arteries(cv, hilum, 40.0)
+    assert np.array_equal(cv.tissue == phantoms.NODE, node)  # never painted over a node
+    vessel = cv.tissue == phantoms.VESSEL
+    offset = np.array([0.0, 100.0, 100.0])  # mm -> index
+    k, _, i = np.argwhere(vessel).T
+    assert i.max() >= 150 and k.max() >= 170 and k.min() <= 30  # lateral, up and down into the lung
+    assert ndimage.label(vessel)[1] == 1  # one tree, from the hilum
+    radius = ndimage.distance_transform_edt(vessel)
+    step, _ = phantoms.INTERLOBAR_ARTERY
+    root = hilum + step
+    for chain in phantoms.LOBAR_ARTERIES:  # each tip thin (2 mm radius), not a blunt end of 24 mm
+        steps = np.array([s for s, _ in chain])
+        tip = root + steps.sum(axis=0) - 0.5 * steps[-1]
+        assert 1.0 <= radius[tuple(np.round(tip + offset).astype(int))] <= 2.5
+
+
+def test_the_lobar_arteries_move_no_node_and_draw_no_random_number(monkeypatch):
+    """Painted after the nodes, they change a phantom only around the hilum."""
+    spec = replace(SMALL, region="chest")
+    with_them = phantoms.generate(3, spec)
+    monkeypatch.setattr(phantoms, "_lobar_arteries", lambda cv, hilum, hu: None)
+    without = phantoms.generate(3, spec)
+    assert np.array_equal(with_them.labels, without.labels)
+    assert with_them.ground_truth() == without.ground_truth()
+    added = (with_them.tissue == phantoms.VESSEL) & (without.tissue != phantoms.VESSEL)
+    assert added.sum() > 0
+    assert np.isin(without.tissue[added], (phantoms.LUNG, phantoms.FAT_MEDIASTINUM)).all()
+    box = np.argwhere(added)
+    lo, hi = box.min(axis=0) - 3, box.max(axis=0) + 4  # the partial-volume blur's reach
+    outside = np.ones(added.shape, bool)
+    outside[tuple(slice(max(a, 0), b) for a, b in zip(lo, hi, strict=True))] = False
+    assert np.array_equal(with_them.hu[outside], without.hu[outside])
+
+
 def test_cache_keys_name_the_generator_revision():
-    assert phantoms.REVISION == 2 and phantoms.revision_tag() == "-r2"
+    assert phantoms.REVISION == 3 and phantoms.revision_tag() == "-r3"

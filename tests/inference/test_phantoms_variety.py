@@ -12,7 +12,8 @@ from inference import phantoms
 SMALL = phantoms.PhantomSpec(rows=256, columns=256, pixel_spacing_mm=1.45, slices=48, slice_spacing_mm=2.5)
 TINY = phantoms.PhantomSpec(rows=176, columns=176, pixel_spacing_mm=2.2, slices=44, slice_spacing_mm=3.5)
 # generate(7, SMALL) without `variety` (hu, labels and tissue bytes, in that order), as the
-# generator's revision 2 makes it (no isolated short pieces of clipped tubes); revision 1, before
+# generator's revisions 2 and 3 make it (no isolated short pieces of clipped tubes; this phantom
+# has no chest, so no lobar artery); revision 1, before
 # `variety` existed, made 4303cf6093313e61192c9263a6f03ee95cba1efe04efd30e60e02a0cd39bdbc8
 BEFORE = "7556d3e0dcddfca74db40c8a5473dd8d8722e550d8e69aa1e4ad9b2d32eb0a29"
 
