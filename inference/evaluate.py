@@ -195,15 +195,10 @@ def evaluate(
     headline = _score(runs, rejected_by(rules.enabled()) if rules else lambda v: False)
     without = _score(runs, lambda v: False)
     with_all = _score(runs, rejected_by(judged.enabled()))
-    per_rule = {}
-    for r in plausibility.RULES:
-        alone = _score(runs, rejected_by((r,)))
-        per_rule[r] = {
-            "fp_removed": round((without["fp_per_volume"] - alone["fp_per_volume"]) * cases),
-            "nodes_lost": without["_found_ge_5mm"] - alone["_found_ge_5mm"],
-        }
+    per_rule = rule_effects(runs)
     for d in (headline, without, with_all):
         d.pop("_found_ge_5mm")
+        d.pop("_fps")
     brief = ("sensitivity", "fp_per_volume", "dice", "short_axis_mae_mm", "auc", "auc_size_rule")
     return {
         "family": family,
@@ -265,7 +260,27 @@ def _score(runs, rejected) -> dict:
         "auc_size_rule": _r(auc([f.short_axis.length_mm for _, f, _ in pred_rows], crit)),
         "malignant_nodes": int(sum(crit)),
         "_found_ge_5mm": int(sum(big)),
+        "_fps": int(sum(fps)),
     }
+
+
+def rule_effects(runs) -> dict[str, dict]:
+    """What each plausibility rule does alone to the findings of `runs` (nodes, findings,
+    matches, verdicts per phantom): the false positives it removes, the nodes >= 5 mm it
+    loses, and those per RECIST 1.1 size class of their true short axis (`found_by_size`)."""
+    without = _score(runs, lambda v: False)
+    effects = {}
+    for rule in plausibility.RULES:
+        alone = _score(runs, lambda v, rule=rule: v[rule])
+        effects[rule] = {
+            "fp_removed": without["_fps"] - alone["_fps"],
+            "nodes_lost": without["_found_ge_5mm"] - alone["_found_ge_5mm"],
+            "nodes_lost_by_size": {
+                size: found[0] - alone["found_by_size"][size][0]
+                for size, found in without["found_by_size"].items()
+            },
+        }
+    return effects
 
 
 def _describe(spec, drawn: list, seeds: range) -> dict:

@@ -54,3 +54,52 @@ def test_found_nodes_are_counted_per_recist_size_class():
     rows = [(node(mm), found) for mm, found in sizes_found]
     # the 4 mm node is under the sensitivity's 5 mm and counted nowhere
     assert found_by_size(rows) == {SIZE_NORMAL: [1, 2], SIZE_NON_TARGET: [1, 1], SIZE_TARGET: [0, 1]}
+
+
+def test_each_rule_alone_counts_the_false_positives_it_removes_and_the_nodes_it_loses_per_size():
+    from types import SimpleNamespace
+
+    from inference import plausibility
+    from inference.evaluate import _Match, rule_effects
+    from inference.rules import SIZE_NON_TARGET, SIZE_NORMAL, SIZE_TARGET
+
+    def node(index, short_mm):
+        return SimpleNamespace(
+            index=index,
+            short_axis_mm=short_mm,
+            long_axis_mm=short_mm,
+            volume_mm3=short_mm**3,
+            malignant_criterion=False,
+        )
+
+    def finding(short_mm):
+        axis = SimpleNamespace(length_mm=short_mm)
+        return SimpleNamespace(
+            short_axis=axis, long_axis=axis, volume_mm3=short_mm**3, malignancy_probability=0.5
+        )
+
+    def breaks(*names):
+        return {r: r in names for r in plausibility.RULES}
+
+    nodes = [node(1, 6.0), node(2, 20.0), node(3, 12.0)]
+    findings = [finding(6.0), finding(20.0), finding(8.0), finding(12.0), finding(12.0)]
+    matches = [_Match(1, 0.9), _Match(2, 0.9), _Match(0, 0.0), _Match(3, 0.9), _Match(3, 0.5)]
+    verdicts = [
+        breaks("tube_inplane"),  # loses the 6 mm node
+        breaks(),
+        breaks("elongation", "tube_inplane"),  # a false positive both remove
+        breaks("tube_inplane"),  # the 12 mm node's best finding; its duplicate keeps it found
+        breaks(),
+    ]
+    effects = rule_effects([(nodes, findings, matches, verdicts)])
+    assert effects["tube_inplane"] == {
+        "fp_removed": 1,
+        "nodes_lost": 1,
+        "nodes_lost_by_size": {SIZE_NORMAL: 1, SIZE_NON_TARGET: 0, SIZE_TARGET: 0},
+    }
+    assert effects["elongation"]["fp_removed"] == 1 and effects["elongation"]["nodes_lost"] == 0
+    assert effects["size"] == {
+        "fp_removed": 0,
+        "nodes_lost": 0,
+        "nodes_lost_by_size": {SIZE_NORMAL: 0, SIZE_NON_TARGET: 0, SIZE_TARGET: 0},
+    }
