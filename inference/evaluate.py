@@ -189,13 +189,10 @@ def evaluate(
             node.index in found for node in ph.nodes if node.short_axis_mm >= SENSITIVITY_MIN_SHORT_AXIS_MM
         )
 
-    def rejected_by(names):
-        return lambda v: any(v[r] for r in names)
-
-    headline = _score(runs, rejected_by(rules.enabled()) if rules else lambda v: False)
-    without = _score(runs, lambda v: False)
-    with_all = _score(runs, rejected_by(judged.enabled()))
-    per_rule = rule_effects(runs)
+    headline = _score(runs, _rejected_by(rules.enabled() if rules else ()))
+    without = _score(runs, _rejected_by(()))
+    with_all = _score(runs, _rejected_by(judged.enabled()))
+    per_rule = rule_effects(runs, rules.enabled() if rules else ())
     for d in (headline, without, with_all):
         d.pop("_found_ge_5mm")
         d.pop("_fps")
@@ -264,22 +261,37 @@ def _score(runs, rejected) -> dict:
     }
 
 
-def rule_effects(runs) -> dict[str, dict]:
-    """What each plausibility rule does alone to the findings of `runs` (nodes, findings,
-    matches, verdicts per phantom): the false positives it removes, the nodes >= 5 mm it
-    loses, and those per RECIST 1.1 size class of their true short axis (`found_by_size`)."""
-    without = _score(runs, lambda v: False)
-    effects = {}
-    for rule in plausibility.RULES:
-        alone = _score(runs, lambda v, rule=rule: v[rule])
-        effects[rule] = {
-            "fp_removed": without["_fps"] - alone["_fps"],
-            "nodes_lost": without["_found_ge_5mm"] - alone["_found_ge_5mm"],
+def _rejected_by(rules: tuple[str, ...]):
+    """A verdict filter: True where the verdict breaks any of `rules`."""
+    return lambda verdict: any(verdict[r] for r in rules)
+
+
+def rule_effects(runs, applied: tuple[str, ...] = ()) -> dict[str, dict]:
+    """What each plausibility rule does to the findings of `runs` (nodes, findings, matches,
+    verdicts per phantom): alone, the false positives it removes, the nodes >= 5 mm it loses,
+    and those per RECIST 1.1 size class of their true short axis (`found_by_size`); for a
+    rule among `applied` (the model's rules), also `marginal`: what it removes and loses on
+    top of the other applied rules, i.e. what taking it out of them brings back (less than
+    alone where another applied rule rejects the same finding)."""
+
+    def change(before: dict, after: dict) -> dict:
+        return {
+            "fp_removed": before["_fps"] - after["_fps"],
+            "nodes_lost": before["_found_ge_5mm"] - after["_found_ge_5mm"],
             "nodes_lost_by_size": {
-                size: found[0] - alone["found_by_size"][size][0]
-                for size, found in without["found_by_size"].items()
+                size: found[0] - after["found_by_size"][size][0]
+                for size, found in before["found_by_size"].items()
             },
         }
+
+    without = _score(runs, _rejected_by(()))
+    applied_score = _score(runs, _rejected_by(applied))
+    effects = {}
+    for rule in plausibility.RULES:
+        effects[rule] = change(without, _score(runs, _rejected_by((rule,))))
+        if rule in applied:
+            others = tuple(r for r in applied if r != rule)
+            effects[rule]["marginal"] = change(_score(runs, _rejected_by(others)), applied_score)
     return effects
 
 

@@ -91,15 +91,28 @@ def test_each_rule_alone_counts_the_false_positives_it_removes_and_the_nodes_it_
         breaks("tube_inplane"),  # the 12 mm node's best finding; its duplicate keeps it found
         breaks(),
     ]
-    effects = rule_effects([(nodes, findings, matches, verdicts)])
+    effects = rule_effects([(nodes, findings, matches, verdicts)], applied=("elongation", "tube_inplane"))
+    none_by_size = {SIZE_NORMAL: 0, SIZE_NON_TARGET: 0, SIZE_TARGET: 0}
     assert effects["tube_inplane"] == {
         "fp_removed": 1,
         "nodes_lost": 1,
         "nodes_lost_by_size": {SIZE_NORMAL: 1, SIZE_NON_TARGET: 0, SIZE_TARGET: 0},
+        # on top of elongation, which rejects the false positive too: taking it out brings
+        # back the 6 mm node and no false positive
+        "marginal": {
+            "fp_removed": 0,
+            "nodes_lost": 1,
+            "nodes_lost_by_size": {SIZE_NORMAL: 1, SIZE_NON_TARGET: 0, SIZE_TARGET: 0},
+        },
     }
     assert effects["elongation"]["fp_removed"] == 1 and effects["elongation"]["nodes_lost"] == 0
+    assert effects["elongation"]["marginal"] == {
+        "fp_removed": 0,
+        "nodes_lost": 0,
+        "nodes_lost_by_size": none_by_size,
+    }
     assert effects["size"] == {
         "fp_removed": 0,
         "nodes_lost": 0,
-        "nodes_lost_by_size": {SIZE_NORMAL: 0, SIZE_NON_TARGET: 0, SIZE_TARGET: 0},
-    }
+        "nodes_lost_by_size": none_by_size,
+    }  # not applied
