@@ -271,8 +271,9 @@ def rule_effects(runs, applied: tuple[str, ...] = ()) -> dict[str, dict]:
     verdicts per phantom): alone, the false positives it removes, the nodes >= 5 mm it loses,
     and those per RECIST 1.1 size class of their true short axis (`found_by_size`); for a
     rule among `applied` (the model's rules), also `marginal`: what it removes and loses on
-    top of the other applied rules, i.e. what taking it out of them brings back (less than
-    alone where another applied rule rejects the same finding)."""
+    top of the other applied rules, i.e. what taking it out of them brings back (not what it
+    does alone where another applied rule rejects the same finding, or another finding of
+    the same node)."""
 
     def change(before: dict, after: dict) -> dict:
         return {
