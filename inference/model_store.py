@@ -224,6 +224,15 @@ def _with_checker_of(model_dir: Path, card: dict, source: Path) -> dict:
     return card
 
 
+def _set_version(card: dict, version: str | None) -> None:
+    """Give the card a new `version` (None: unchanged). The evaluations it carries measured
+    the model before the change, so a new version drops them: a card's figures are always
+    its own version's."""
+    if version is not None and version != card.get("version"):
+        card["version"] = version
+        card.pop("evaluation", None)
+
+
 def add_checker(
     model_dir: Path,
     checker: nn.Module,
@@ -241,8 +250,7 @@ def add_checker(
     nodes than the model without it)."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
-    if version is not None:
-        card["version"] = version
+    _set_version(card, version)
     path = model_dir / "checker.pt"
     card["weights"]["checker"] = _save_weights(checker, path)
     card["checker"] = {
@@ -288,8 +296,7 @@ def set_checker(
         if entry is not None:
             (model_dir / entry["file"]).unlink(missing_ok=True)
         checker["alone"] = True  # it judges every candidate the segmenter finds
-    if version is not None:
-        card["version"] = version
+    _set_version(card, version)
     checker["set"] = {"threshold": checker["threshold"], "alone": bool(checker.get("alone"))}
     if command:
         checker["set"]["command"] = command
@@ -372,8 +379,7 @@ def set_necks(model_dir: Path, necks: Necks | None, version: str | None = None) 
         card["segmenter"].pop("necks", None)
     else:
         card["segmenter"]["necks"] = necks.to_card()
-    if version is not None:
-        card["version"] = version
+    _set_version(card, version)
     write_card(model_dir, card)
     return card
 

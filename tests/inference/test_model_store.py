@@ -15,6 +15,8 @@ from inference.model_store import (
     load_model,
     read_card,
     record_evaluation,
+    set_checker,
+    set_necks,
 )
 
 
@@ -129,3 +131,20 @@ def test_a_training_generator_evaluation_is_named_with_its_revision():
     assert evaluation_name(train) == "train family, seeds 1000400-1000439, revision 2"
     assert evaluation_name({**train, "generator_revision": 1}) == "train family, seeds 1000400-1000439"
     assert evaluation_name({"family": "heldout", "seeds": [1, 2]}) == "heldout family, seeds 1-2"
+
+
+def test_a_new_version_drops_the_evaluations_of_the_model_it_replaces(model_copy):
+    record_evaluation(model_copy, "train family, seeds 1-2", {"sensitivity": 0.9}, "c", "d")
+    version = read_card(model_copy)["version"]
+
+    set_checker(model_copy, threshold=0.5, version=version)  # the same version: figures kept
+    assert "train family, seeds 1-2" in read_card(model_copy)["evaluation"]
+
+    set_checker(model_copy, threshold=0.5, version=version + ".1")
+    card = read_card(model_copy)
+    assert card["version"] == version + ".1"
+    assert "evaluation" not in card  # they measured the model before the change
+
+    record_evaluation(model_copy, "train family, seeds 3-4", {"sensitivity": 0.8}, "c", "d")
+    set_necks(model_copy, None, version=version + ".2")
+    assert "evaluation" not in read_card(model_copy)
