@@ -91,7 +91,7 @@ lint: $(STAMP)
 # the plausibility rules (inference/plausibility.py) written into the card; 0.4.2: the
 # checker (a CNN on each candidate's crops, fitted on 240 training phantoms; about 70 min on
 # 2 cores) set to judge every candidate alone, without the verifier (benchmarks/RESULTS.md,
-# 2026-12-06).
+# 2026-12-06); 0.4.10: 0.4.2 with the plausibility rule tube_inplane off too.
 MODEL := inference/models/nodal-ln-demo
 train: $(STAMP)
 	$(BIN)/nodal train --out $(MODEL) --cases 80 --seg-steps 2000 --cls-epochs 25 --verifier-cases 0
@@ -107,6 +107,8 @@ train: $(STAMP)
 	$(BIN)/nodal plausibility --model-dir $(MODEL) --off tube_path
 	$(BIN)/nodal train-checker --model-dir $(MODEL) --cases 120 --keep-share 0.995 --epochs 8
 	$(BIN)/nodal checker --model-dir $(MODEL) --threshold 0.5 --without-verifier --version 0.4.2
+	$(BIN)/nodal plausibility --model-dir $(MODEL) --off tube_path tube_inplane
+	$(BIN)/nodal checker --model-dir $(MODEL) --threshold 0.5 --without-verifier --version 0.4.10
 
 # Both phantom families side by side: `train` (the training generator, unseen seeds) and
 # `heldout` (an independent generator never used for training or fitting).

@@ -7,10 +7,13 @@ so that a node never runs weights nobody can name.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +104,21 @@ def sha256(path: Path) -> str:
 def write_card(model_dir: Path, card: dict) -> None:
     """Replace the card in one step: a reader (a worker loading the model, the status page)
     sees the old card or the new one, never half of it."""
-    tmp = model_dir / f".{CARD_NAME}.tmp"
+    tmp = model_dir / f".{CARD_NAME}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     os.replace(tmp, model_dir / CARD_NAME)
+
+
+@contextmanager
+def _card_changed_alone(model_dir: Path) -> Iterator[None]:
+    """Hold the model directory's lock while the card is read, changed and written, so that
+    two evaluations recording at once (run side by side on a machine's cores) both land."""
+    fd = os.open(model_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_card(model_dir: Path) -> dict:
@@ -338,10 +353,11 @@ def record_evaluation(model_dir: Path | None, name: str, result: dict, command: 
     (a phantom family and its seeds, or a site's dataset), with the command and date that
     produced them; a later evaluation of the same name replaces it. Returns the entry."""
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
-    card = read_card(model_dir)
     entry = {k: result[k] for k in EVALUATION_FIGURES if k in result} | {"command": command, "date": date}
-    card.setdefault("evaluation", {})[name] = entry
-    write_card(model_dir, card)
+    with _card_changed_alone(model_dir):
+        card = read_card(model_dir)
+        card.setdefault("evaluation", {})[name] = entry
+        write_card(model_dir, card)
     return entry
 
 

@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -148,3 +149,21 @@ def test_a_new_version_drops_the_evaluations_of_the_model_it_replaces(model_copy
     record_evaluation(model_copy, "train family, seeds 3-4", {"sensitivity": 0.8}, "c", "d")
     set_necks(model_copy, None, version=version + ".2")
     assert "evaluation" not in read_card(model_copy)
+
+
+def _record_many(model_dir, worker):
+    for i in range(6):
+        record_evaluation(model_dir, f"worker {worker}, run {i}", {"sensitivity": i / 10}, "c", "d")
+
+
+def test_evaluations_recorded_at_once_by_several_processes_all_land(model_copy):
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_record_many, args=(model_copy, w)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    names = read_card(model_copy)["evaluation"].keys()
+    assert {f"worker {w}, run {i}" for w in range(4) for i in range(6)} <= names
+    assert not list(model_copy.glob(".*.tmp"))
