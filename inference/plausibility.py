@@ -35,8 +35,8 @@ The rules and their thresholds live in the model card (`plausibility`), so a mod
 the rules it was measured with travel together; `inference.plausibility: false` in the
 configuration turns them off, and a rule set to `null` in the card is skipped. A rule
 that the card's `rules` does not name is off: a rule added later changes no older model's
-findings unmeasured. The shipped card names `tube_path` as off (measured, and it lost
-nodes on the train family: benchmarks/RESULTS.md).
+findings unmeasured. The shipped card names `tube_path` and `tube_inplane` as off (measured:
+each lost nodes on the training generator's families, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
