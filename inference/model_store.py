@@ -110,13 +110,16 @@ def write_card(model_dir: Path, card: dict) -> None:
 
 
 @contextmanager
-def _card_changed_alone(model_dir: Path) -> Iterator[None]:
-    """Hold the model directory's lock while the card is read, changed and written, so that
-    two evaluations recording at once (run side by side on a machine's cores) both land."""
+def _changed_card(model_dir: Path) -> Iterator[dict]:
+    """The card to change in place, read and written back under the model directory's lock,
+    so that two writers at once (evaluations recording side by side on a machine's cores, a
+    rule set while one records) both land. Nothing is written if the change raises."""
     fd = os.open(model_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        card = read_card(model_dir)
+        yield card
+        write_card(model_dir, card)
     finally:
         os.close(fd)  # releases the lock
 
@@ -264,19 +267,18 @@ def add_checker(
     `version`, when given, becomes the card's version (a model with a checker finds other
     nodes than the model without it)."""
     model_dir = Path(model_dir)
-    card = read_card(model_dir)
-    _set_version(card, version)
     path = model_dir / "checker.pt"
-    card["weights"]["checker"] = _save_weights(checker, path)
-    card["checker"] = {
-        "architecture": "inference.networks.NodeClassifier",
-        "width": width,
-        "threshold": threshold,
-        "test_time_flips": flips,
-        "crop": crop,
-        "fit": fit_report,
-    }
-    write_card(model_dir, card)
+    with _changed_card(model_dir) as card:
+        _set_version(card, version)
+        card["weights"]["checker"] = _save_weights(checker, path)
+        card["checker"] = {
+            "architecture": "inference.networks.NodeClassifier",
+            "width": width,
+            "threshold": threshold,
+            "test_time_flips": flips,
+            "crop": crop,
+            "fit": fit_report,
+        }
     return path
 
 
@@ -295,27 +297,26 @@ def set_checker(
     included), e.g. to keep a checker when the segmenter is trained on. Returns the card's
     checker entry."""
     model_dir = Path(model_dir)
-    card = read_card(model_dir)
-    if source is not None:
-        card = _with_checker_of(model_dir, card, Path(source))
-    if "checker" not in card.get("weights", {}):
-        raise ModelCardError(f"{model_dir}: the model has no checker (nodal train-checker adds one)")
-    checker = card["checker"]
-    if threshold is not None:
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"checker threshold must lie between 0 and 1, not {threshold}")
-        checker["threshold"] = threshold
-    if without_verifier:
-        entry = card["weights"].pop("verifier", None)
-        card.pop("verifier", None)
-        if entry is not None:
-            (model_dir / entry["file"]).unlink(missing_ok=True)
-        checker["alone"] = True  # it judges every candidate the segmenter finds
-    _set_version(card, version)
-    checker["set"] = {"threshold": checker["threshold"], "alone": bool(checker.get("alone"))}
-    if command:
-        checker["set"]["command"] = command
-    write_card(model_dir, card)
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"checker threshold must lie between 0 and 1, not {threshold}")
+    with _changed_card(model_dir) as card:
+        if source is not None:
+            _with_checker_of(model_dir, card, Path(source))
+        if "checker" not in card.get("weights", {}):
+            raise ModelCardError(f"{model_dir}: the model has no checker (nodal train-checker adds one)")
+        checker = card["checker"]
+        if threshold is not None:
+            checker["threshold"] = threshold
+        if without_verifier:
+            entry = card["weights"].pop("verifier", None)
+            card.pop("verifier", None)
+            if entry is not None:
+                (model_dir / entry["file"]).unlink(missing_ok=True)
+            checker["alone"] = True  # it judges every candidate the segmenter finds
+        _set_version(card, version)
+        checker["set"] = {"threshold": checker["threshold"], "alone": bool(checker.get("alone"))}
+        if command:
+            checker["set"]["command"] = command
     return checker
 
 
@@ -354,23 +355,20 @@ def record_evaluation(model_dir: Path | None, name: str, result: dict, command: 
     produced them; a later evaluation of the same name replaces it. Returns the entry."""
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR)
     entry = {k: result[k] for k in EVALUATION_FIGURES if k in result} | {"command": command, "date": date}
-    with _card_changed_alone(model_dir):
-        card = read_card(model_dir)
+    with _changed_card(model_dir) as card:
         card.setdefault("evaluation", {})[name] = entry
-        write_card(model_dir, card)
     return entry
 
 
 def add_verifier(model_dir: Path, verifier: Verifier, fit_report: dict) -> Path:
     """Store `verifier` in the model directory and pin it in the card."""
     model_dir = Path(model_dir)
-    card = read_card(model_dir)
-    path = verifier.save(model_dir, fit_report)
-    card["weights"]["verifier"] = {"file": path.name, "sha256": sha256(path)}
-    card["verifier"] = {"module": "inference.verify", "fit": fit_report}
-    if "checker" in card:
-        card["checker"]["alone"] = False  # the verifier judges first again
-    write_card(model_dir, card)
+    with _changed_card(model_dir) as card:
+        path = verifier.save(model_dir, fit_report)
+        card["weights"]["verifier"] = {"file": path.name, "sha256": sha256(path)}
+        card["verifier"] = {"module": "inference.verify", "fit": fit_report}
+        if "checker" in card:
+            card["checker"]["alone"] = False  # the verifier judges first again
     return path
 
 
@@ -389,24 +387,25 @@ def save_model(model_dir: Path, card: dict, segmenter: nn.Module, classifier: nn
 def set_necks(model_dir: Path, necks: Necks | None, version: str | None = None) -> dict:
     """Write where segmented components are split (`inference.necks`) into the card's
     `segmenter.necks`, None removing it, and optionally a new version."""
-    model_dir = Path(model_dir)
-    card = read_card(model_dir)
-    if necks is None:
-        card["segmenter"].pop("necks", None)
-    else:
-        card["segmenter"]["necks"] = necks.to_card()
-    _set_version(card, version)
-    write_card(model_dir, card)
+    with _changed_card(Path(model_dir)) as card:
+        if necks is None:
+            card["segmenter"].pop("necks", None)
+        else:
+            card["segmenter"]["necks"] = necks.to_card()
+        _set_version(card, version)
     return card
 
 
 def set_plausibility(model_dir: Path, rules: Rules | None) -> dict:
-    """Write the plausibility rules (inference.plausibility) into the card; None removes them."""
-    model_dir = Path(model_dir)
-    card = read_card(model_dir)
-    if rules is None:
-        card.pop("plausibility", None)
-    else:
-        card["plausibility"] = rules.to_card()
-    write_card(model_dir, card)
+    """Write the plausibility rules (inference.plausibility) into the card; None removes them.
+    Other rules find other nodes, so a change drops the card's evaluations, as a new version
+    does (`_set_version`)."""
+    with _changed_card(Path(model_dir)) as card:
+        before = card.get("plausibility")
+        if rules is None:
+            card.pop("plausibility", None)
+        else:
+            card["plausibility"] = rules.to_card()
+        if card.get("plausibility") != before:
+            card.pop("evaluation", None)
     return card

@@ -18,7 +18,9 @@ from inference.model_store import (
     record_evaluation,
     set_checker,
     set_necks,
+    set_plausibility,
 )
+from inference.plausibility import Rules
 
 
 def test_shipped_demo_model_loads_and_says_what_it_is():
@@ -149,6 +151,36 @@ def test_a_new_version_drops_the_evaluations_of_the_model_it_replaces(model_copy
     record_evaluation(model_copy, "train family, seeds 3-4", {"sensitivity": 0.8}, "c", "d")
     set_necks(model_copy, None, version=version + ".2")
     assert "evaluation" not in read_card(model_copy)
+
+
+def test_other_plausibility_rules_drop_the_evaluations_and_the_same_rules_keep_them(model_copy):
+    """The rules decide which candidates are reported, so figures measured under other rules
+    are not the card's model's (written without a new version by `nodal plausibility`)."""
+    rules = Rules.from_card(read_card(model_copy).get("plausibility")) or Rules()
+    record_evaluation(model_copy, "train family, seeds 1-2", {"sensitivity": 0.9}, "c", "d")
+
+    set_plausibility(model_copy, rules)  # what the card holds already
+    assert "train family, seeds 1-2" in read_card(model_copy)["evaluation"]
+
+    set_plausibility(model_copy, None)
+    assert "evaluation" not in read_card(model_copy)
+
+
+def test_a_change_that_fails_writes_nothing(model_copy, tmp_path):
+    without = tmp_path / "without-checker"
+    without.mkdir()
+    card = read_card(model_copy)
+    card["weights"].pop("checker")
+    card.pop("checker")
+    for entry in card["weights"].values():
+        (without / entry["file"]).write_bytes((model_copy / entry["file"]).read_bytes())
+    (without / "model_card.json").write_text(json.dumps(card))
+    before = (model_copy / "model_card.json").read_bytes()
+    with pytest.raises(ModelCardError, match="no checker to take"):
+        set_checker(model_copy, threshold=0.4, source=without)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        set_checker(model_copy, threshold=1.5)
+    assert (model_copy / "model_card.json").read_bytes() == before
 
 
 def _record_many(model_dir, worker):
