@@ -109,6 +109,12 @@ train: $(STAMP)
 	$(BIN)/nodal checker --model-dir $(MODEL) --threshold 0.5 --without-verifier --version 0.4.2
 	$(BIN)/nodal plausibility --model-dir $(MODEL) --off tube_path tube_inplane
 	$(BIN)/nodal checker --model-dir $(MODEL) --threshold 0.5 --without-verifier --version 0.4.10
+	rm -rf var/train/0.4.10 && mkdir -p var/train && cp -r $(MODEL) var/train/0.4.10
+	$(BIN)/nodal train --out $(MODEL) --init-from $(MODEL) --seed 288 --cases 96 --seg-steps 0 \
+	  --cls-epochs 10 --mixed --version 0.4.11 --verifier-cases 0
+	$(BIN)/nodal plausibility --model-dir $(MODEL) --off tube_path tube_inplane
+	$(BIN)/nodal checker --model-dir $(MODEL) --from var/train/0.4.10 --threshold 0.5 --without-verifier \
+	  --version 0.4.11
 
 # Both phantom families side by side: `train` (the training generator, unseen seeds) and
 # `heldout` (an independent generator never used for training or fitting).
