@@ -54,6 +54,10 @@ class NodeExtras:
     """What a current node's own groups carry in a follow-up."""
 
     time_point: hd.sr.TimePointContext
+    #: the axes group's: the same time point without its order. OHIF draws a node's first
+    #: five values beside its lines (its line, both axes, then the next numbers in document
+    #: order); an order there would push the probability of cancer out
+    axes_time_point: hd.sr.TimePointContext
     measurements: tuple[hd.sr.Measurement, ...] = ()
     evaluations: tuple[hd.sr.QualitativeEvaluation, ...] = ()
     comment_suffix: str = ""
@@ -69,12 +73,13 @@ class FollowUpContent:
     evaluations: hd.sr.ContainerContentItem | None = None
 
 
-def time_point(order: int, date: str) -> hd.sr.TimePointContext:
-    """Time point context (TID 1502): ``"prior"`` or ``"current"`` with the study date."""
+def time_point(order: int, date: str, *, numbered: bool = True) -> hd.sr.TimePointContext:
+    """Time point context (TID 1502): ``"prior"`` or ``"current"`` with the study date, and
+    its Time Point Order (optional in TID 1502) unless not `numbered`."""
     name = "prior" if order == PRIOR_ORDER else "current"
     return hd.sr.TimePointContext(
         time_point=f"{name} {date}".strip()[:64],
-        time_point_order=order,
+        time_point_order=order if numbered else None,
     )
 
 
@@ -124,6 +129,7 @@ def content(
         if n.current_label is not None:
             per_label[n.current_label] = NodeExtras(
                 time_point=current_tp,
+                axes_time_point=time_point(CURRENT_ORDER, current_date, numbered=False),
                 measurements=tuple(_changes(n)),
                 evaluations=tuple(_role(n)),
                 comment_suffix=_change_text(n, comparison.prior_study_date),

@@ -159,7 +159,7 @@ def finding_groups(
     time_point = None if extras is None else extras.time_point
     axes = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(finding, OHIF_BIDIRECTIONAL if editable_in_ohif else None),
-        time_point_context=time_point,
+        time_point_context=None if extras is None else extras.axes_time_point,
         finding_type=codes.LYMPH_NODE,
         finding_category=codes.ANATOMICAL_STRUCTURE,
         algorithm_id=algorithm,

@@ -310,8 +310,8 @@ def test_every_current_node_has_two_lines_its_change_and_its_values(followed, vi
         text, empty = labels[0]
         assert empty == "" and text.startswith(f"{f['label']} {call}, size: {f['size_category']}; ")
         names = [name for name, _ in labels[1:]]
-        current_part = ["Long Axis", "Short Axis", "Time Point Order", "Volume", "Probability of cancer"]
-        current_part.append("Time Point Order")
+        # the axes (their time point has no order), then the volume group's values
+        current_part = ["Long Axis", "Short Axis", "Volume", "Probability of cancer", "Time Point Order"]
         if change["status"] == "new":
             assert text.endswith(f"; new since {PRIOR_DATE}")
             assert names == [*current_part, "Time Point Order"]  # absent at the prior time point
@@ -327,24 +327,25 @@ def test_every_current_node_has_two_lines_its_change_and_its_values(followed, vi
                 and abs(int(found[4]) - sa["change_percent"]) <= 1
             )
             assert names == [*current_part, "Short Axis", "Long Axis", "Volume", "Time Point Order"]
-            prior = dict(labels[7:10])  # then "Time Point Order" 1
+            prior = dict(labels[6:9])  # then "Time Point Order" 1
             assert abs(_number(prior["Short Axis"], "mm") - sa["prior"]) <= 0.01
             assert abs(_number(prior["Long Axis"], "mm") - change["long_axis_mm"]["prior"]) <= 0.01
             assert abs(_number(prior["Volume"], "mm3") - change["volume_mm3"]["prior"]) <= 0.1
         orders = [value for name, value in labels if name == "Time Point Order"]
-        assert orders == ["2.00 1", "2.00 1", "1.00 1"]  # current (axes, volume), prior
-        now = dict(labels[1:6])  # the current values
+        assert orders == ["2.00 1", "1.00 1"]  # current (the volume group's), prior
+        now = dict(labels[1:5])  # the current values
         assert abs(_number(now["Long Axis"], "mm") - f["long_axis_mm"]) <= 0.01
         assert abs(_number(now["Short Axis"], "mm") - f["short_axis_mm"]) <= 0.01
         assert abs(_number(now["Volume"], "mm3") - f["volume_mm3"]) <= 0.1
         assert abs(_number(now["Probability of cancer"], "%") - 100 * f["malignancy_probability"]) <= 0.01
 
 
-def test_the_text_on_the_image_is_the_change_both_axes_the_time_point_and_the_volume(
+def test_the_text_on_the_image_is_the_change_both_axes_the_volume_and_the_probability(
     followed, viewed
 ) -> None:
     """OHIF writes a node's first five labels beside its lines: the node's line (with its
-    change), both axes, the time point order and the volume; the probability does not fit."""
+    change), both axes, the volume and the probability of cancer (the axes' time point has no
+    order, which would take the probability's place)."""
     current = {n["tracking_uid"]: n for n in followed["doc"]["nodes"]}
     shown = viewed["svg"]["texts"]
     assert shown and viewed["svg"]["lines"] == 2 * len(shown)
@@ -354,8 +355,9 @@ def test_the_text_on_the_image_is_the_change_both_axes_the_time_point_and_the_vo
         assert lines[0].startswith(f"{f['label']} ") and " since " in lines[0]
         assert lines[1].startswith("L: ") and abs(float(lines[1].split()[-2]) - f["long_axis_mm"]) <= 0.01
         assert lines[2].startswith("W: ") and abs(float(lines[2].split()[-2]) - f["short_axis_mm"]) <= 0.01
-        assert lines[3] == "Time Point Order: 2.00 1"
-        assert lines[4].startswith("Volume: ") and abs(float(lines[4].split()[-2]) - f["volume_mm3"]) <= 0.1
+        assert lines[3].startswith("Volume: ") and abs(float(lines[3].split()[-2]) - f["volume_mm3"]) <= 0.1
+        probability = float(lines[4].removeprefix("Probability of cancer: ").split()[0])
+        assert lines[4].endswith(" %") and abs(probability - 100 * f["malignancy_probability"]) <= 0.01
 
 
 def test_the_editable_sr_becomes_one_tracked_bidirectional_measurement_per_current_node(

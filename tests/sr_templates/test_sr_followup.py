@@ -202,7 +202,9 @@ def test_matched_node_keeps_prior_tracking_uid_in_sr_and_seg(followup) -> None:
     assert seg.SegmentSequence[0].TrackingUID == prior_uid
     assert seg.SegmentSequence[1].TrackingUID == case.findings.findings[1].tracking_uid  # new: its own
     groups = [g for g in _groups(pydicom.dcmread(paths["sr.dcm"])) if _uid(g) == prior_uid]
-    assert sorted(_order(g) or 0 for g in groups) == [1, 2, 2]  # prior values; axes and volume now
+    # the axes now (a time point without its order, for OHIF: test_..._time_points_...),
+    # the prior values, the volume now
+    assert sorted(_order(g) or 0 for g in groups) == [0, 1, 2]
 
 
 def test_prior_values_changes_and_roles_are_coded(followup) -> None:
@@ -294,18 +296,22 @@ def test_every_node_in_imaging_measurements_has_a_place(followup) -> None:
 def test_time_points_follow_the_values_and_the_first_number_holds_the_lines(followup) -> None:
     """Time point contexts close each group (the order of TID 1501/1411 is not significant):
     OHIF takes a group's first NUM as the one with the lines when it takes an editable SR
-    over, and lists a node's values in document order."""
+    over, and lists a node's values in document order. The current axes' time point has no
+    order (optional in TID 1502): OHIF draws a node's first five values beside its lines, and
+    an order there would take the probability's place; the node's volume group has it."""
     case, comparison, _ = followup
     sr = build_results(
         case.datasets, case.findings, comparison=comparison, editable_in_ohif=True, result_images=False
     ).sr
     for group in _groups(sr):
         names = [i.ConceptNameCodeSequence[0].CodeValue for i in group.ContentSequence]
-        assert names[-2:] == ["C2348792", "126073"], names  # Time Point, Time Point Order
         nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
         if _child(group, "112039")[0].TextValue.startswith("Cornerstone3DTools"):  # the axes
+            assert names[-1] == "C2348792" and "126073" not in names, names  # Time Point alone
             assert nums[0].ConceptNameCodeSequence[0].CodeValue == codes.LONG_AXIS.value
             assert nums[0].ContentSequence[0].ValueType == "SCOORD"
+        else:
+            assert names[-2:] == ["C2348792", "126073"], names  # Time Point, Time Point Order
 
 
 def test_the_response_is_a_qualitative_evaluation_of_the_report(followup) -> None:
