@@ -144,7 +144,7 @@ def viewed(processed: Path, tmp_path_factory) -> dict:
 
         seen["sr"], seen["svg"] = open_sr(page, uid["SR"])
         shown = [n for n in nodes if n["tracking_uid"] in seen["svg"]["texts"]]
-        frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"])
+        frame(page, shown[0]["centroid_lps_mm"] if shown else nodes[0]["centroid_lps_mm"], 2.5)
         page.screenshot(path=str(SCREENSHOTS / "sr.png"))
     return seen
 
