@@ -114,7 +114,10 @@ def _changed_card(model_dir: Path) -> Iterator[dict]:
     """The card to change in place, read and written back under the model directory's lock,
     so that two writers at once (evaluations recording side by side on a machine's cores, a
     rule set while one records) both land. Nothing is written if the change raises."""
-    fd = os.open(model_dir, os.O_RDONLY)
+    try:
+        fd = os.open(model_dir, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ModelCardError(f"no model directory {model_dir}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         card = read_card(model_dir)

@@ -183,6 +183,11 @@ def test_a_change_that_fails_writes_nothing(model_copy, tmp_path):
     assert (model_copy / "model_card.json").read_bytes() == before
 
 
+def test_a_change_to_a_missing_model_directory_says_so(tmp_path):
+    with pytest.raises(ModelCardError, match="no model directory"):
+        set_plausibility(tmp_path / "nowhere", None)
+
+
 def _record_many(model_dir, worker):
     for i in range(6):
         record_evaluation(model_dir, f"worker {worker}, run {i}", {"sensitivity": i / 10}, "c", "d")
