@@ -91,7 +91,8 @@ lint: $(STAMP)
 # the plausibility rules (inference/plausibility.py) written into the card; 0.4.2: the
 # checker (a CNN on each candidate's crops, fitted on 240 training phantoms; about 70 min on
 # 2 cores) set to judge every candidate alone, without the verifier (benchmarks/RESULTS.md,
-# 2026-12-06); 0.4.10: 0.4.2 with the plausibility rule tube_inplane off too.
+# 2026-12-06); 0.4.10: 0.4.2 with the plausibility rule tube_inplane off too; 0.4.11: 0.4.10
+# with its malignancy classifier trained on the plain and domain-randomised phantoms 288-383.
 MODEL := inference/models/nodal-ln-demo
 train: $(STAMP)
 	$(BIN)/nodal train --out $(MODEL) --cases 80 --seg-steps 2000 --cls-epochs 25 --verifier-cases 0

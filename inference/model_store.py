@@ -113,7 +113,8 @@ def write_card(model_dir: Path, card: dict) -> None:
 def _changed_card(model_dir: Path) -> Iterator[dict]:
     """The card to change in place, read and written back under the model directory's lock,
     so that two writers at once (evaluations recording side by side on a machine's cores, a
-    rule set while one records) both land. Nothing is written if the change raises."""
+    rule set while one records) both land. No card is written if the change raises (weight
+    files it wrote or removed before stay as they are)."""
     try:
         fd = os.open(model_dir, os.O_RDONLY)
     except FileNotFoundError:
