@@ -113,7 +113,9 @@ def write_card(model_dir: Path, card: dict) -> None:
 def _changed_card(model_dir: Path) -> Iterator[dict]:
     """The card to change in place, read and written back under the model directory's lock,
     so that two writers at once (evaluations recording side by side on a machine's cores, a
-    rule set while one records) both land. No card is written if the change raises (weight
+    rule set while one records) both land. A change of what decides the findings
+    (`_findings_basis`) drops the card's evaluations, which measured the model before it, as
+    a new version does (`_set_version`). No card is written if the change raises (weight
     files it wrote or removed before stay as they are)."""
     try:
         fd = os.open(model_dir, os.O_RDONLY)
@@ -122,10 +124,24 @@ def _changed_card(model_dir: Path) -> Iterator[dict]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         card = read_card(model_dir)
+        before = _findings_basis(card)
         yield card
+        if _findings_basis(card) != before:
+            card.pop("evaluation", None)
         write_card(model_dir, card)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _findings_basis(card: dict) -> str:
+    """What in a card decides a model's findings and their figures: its weights, working grid,
+    networks' settings (necks included), the checker's use and the plausibility rules (not
+    how or when they were set)."""
+    checker = {k: v for k, v in card.get("checker", {}).items() if k not in ("set", "taken_from")}
+    basis = [
+        card.get(k) for k in ("weights", "working_spacing_mm", "segmenter", "classifier", "plausibility")
+    ]
+    return json.dumps([*basis, checker], sort_keys=True)
 
 
 def read_card(model_dir: Path) -> dict:
@@ -401,15 +417,11 @@ def set_necks(model_dir: Path, necks: Necks | None, version: str | None = None) 
 
 
 def set_plausibility(model_dir: Path, rules: Rules | None) -> dict:
-    """Write the plausibility rules (inference.plausibility) into the card; None removes them.
-    Other rules find other nodes, so a change drops the card's evaluations, as a new version
-    does (`_set_version`)."""
+    """Write the plausibility rules (inference.plausibility) into the card; None removes them
+    (other rules find other nodes: a change drops the card's evaluations, `_changed_card`)."""
     with _changed_card(Path(model_dir)) as card:
-        before = card.get("plausibility")
         if rules is None:
             card.pop("plausibility", None)
         else:
             card["plausibility"] = rules.to_card()
-        if card.get("plausibility") != before:
-            card.pop("evaluation", None)
     return card

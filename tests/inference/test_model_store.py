@@ -20,6 +20,7 @@ from inference.model_store import (
     set_necks,
     set_plausibility,
 )
+from inference.necks import Necks
 from inference.plausibility import Rules
 
 
@@ -163,6 +164,24 @@ def test_other_plausibility_rules_drop_the_evaluations_and_the_same_rules_keep_t
     assert "train family, seeds 1-2" in read_card(model_copy)["evaluation"]
 
     set_plausibility(model_copy, None)
+    assert "evaluation" not in read_card(model_copy)
+
+
+def test_a_checker_or_neck_change_without_a_version_drops_the_evaluations(model_copy):
+    """A threshold or a neck split changes what is reported as much as a rule does; setting
+    what the card holds already (or only the command that set it) keeps the figures."""
+    name = "train family, seeds 1-2"
+    threshold = read_card(model_copy)["checker"]["threshold"]
+    record_evaluation(model_copy, name, {"sensitivity": 0.9}, "c", "d")
+    set_checker(model_copy, threshold=threshold, command="nodal checker ... (again)")
+    set_necks(model_copy, None)  # the shipped card has none
+    assert name in read_card(model_copy)["evaluation"]
+
+    set_checker(model_copy, threshold=0.4)
+    assert "evaluation" not in read_card(model_copy)
+
+    record_evaluation(model_copy, name, {"sensitivity": 0.9}, "c", "d")
+    set_necks(model_copy, Necks(ratio=0.7, max_neck_mm=2.5, part_threshold=0.8))
     assert "evaluation" not in read_card(model_copy)
 
 
