@@ -91,8 +91,7 @@ class Rules:
         return {
             "module": "inference.plausibility",
             "rules": {r: r not in off for r in RULES},
-            # pairs as lists, as JSON holds them: a card's entry compares equal to a new one
-            "thresholds": {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()},
+            "thresholds": body,
         }
 
     @classmethod
