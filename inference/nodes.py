@@ -308,6 +308,8 @@ def measure_node(volume: Volume, c: Candidate) -> dict | None:
         float(hu[core].mean()) if core.any() else np.nan,
         float(hu[c.mask & ~core].mean()) if (c.mask & ~core).any() else np.nan,
     )
+    if rules.touches_edge(c.mask, c.bbox[:3], c.bbox[3:], volume.shape):
+        flags = (*flags, rules.FLAG_SCAN_EDGE)
     return {
         "bbox": c.bbox,
         "mask": c.mask,

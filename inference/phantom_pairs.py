@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from inference import phantoms
+from inference import phantoms, rules
 from inference.followup import response
 from inference.phantoms import FAT_CODES, NODE, STATIONS, Phantom, PhantomSpec
 
@@ -75,7 +75,8 @@ class PhantomPair:
     scenario: str
 
     def truth_response(self) -> response.ResponseSummary:
-        """RECIST 1.1 / Lugano of the true sizes (the nodes that stay in view)."""
+        """RECIST 1.1 / Lugano of the true sizes (the nodes that stay in view). A prior node
+        cut by the edge of the prior scan is no target, as in the comparison."""
         return response.assess(
             [
                 response.NodeSizes(
@@ -84,10 +85,16 @@ class PhantomPair:
                     la_prior=n.long_axis_mm_prior,
                     sa_current=n.short_axis_mm_current,
                     la_current=n.long_axis_mm_current,
+                    at_scan_edge=n.prior_index is not None and self.prior_at_scan_edge(n.prior_index),
                 )
                 for i, n in enumerate(self.nodes)
             ]
         )
+
+    def prior_at_scan_edge(self, index: int) -> bool:
+        """Whether prior node `index` reaches the edge of the prior scan (`rules.touches_edge`)."""
+        mask = self.prior.labels == index
+        return rules.touches_edge(mask, (0, 0, 0), mask.shape, mask.shape)
 
 
 def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> PhantomPair:
@@ -247,7 +254,7 @@ def _paint(
     inner, halo = q <= 1.0, q <= HALO
     if not inner.any():
         return False
-    if check and _touches_border(inner, lo, hi, hu.shape):
+    if check and rules.touches_edge(inner, lo, hi, hu.shape):
         return False
     if check and (np.isin(tissue[sl][inner], FAT_CODES).mean() < 0.9 or (labels[sl][halo] != 0).any()):
         return False
@@ -258,16 +265,6 @@ def _paint(
     labels[sl][inner] = index
     tissue[sl][inner] = NODE
     return True
-
-
-def _touches_border(inner: np.ndarray, lo, hi, shape) -> bool:
-    """Whether the node's voxels reach the edge of the volume (it would be cut off)."""
-    for axis in range(3):
-        if lo[axis] == 0 and inner.take(0, axis=axis).any():
-            return True
-        if hi[axis] == shape[axis] and inner.take(-1, axis=axis).any():
-            return True
-    return False
 
 
 def _new_nodes(rng, scenario, hu, labels, tissue, affine, sigma, first_index) -> list[phantoms.NodeTruth]:

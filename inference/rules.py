@@ -15,6 +15,10 @@ SIZE_TARGET = "pathological target (>=15 mm)"
 SIZE_CATEGORIES = (SIZE_NORMAL, SIZE_NON_TARGET, SIZE_TARGET)
 FLAG_ROUND = "round"
 FLAG_NECROSIS = "central low attenuation"
+#: the node reaches the edge of the scanned volume (its first or last slice, row or column):
+#: part of it may lie outside, so it cannot be measured whole. RECIST 1.1 takes as targets
+#: only lesions "suitable for accurate repeated measurements" (docs/follow-up-criteria.md)
+FLAG_SCAN_EDGE = "cut by the edge of the scan"
 
 
 def size_category(short_axis_mm: float) -> str:
@@ -32,3 +36,14 @@ def shape_flags(short_axis_mm: float, long_axis_mm: float, core_hu: float, rim_h
     if short_axis_mm >= 8.0 and np.isfinite(core_hu) and core_hu < rim_hu - 15.0:
         flags.append(FLAG_NECROSIS)
     return tuple(flags)
+
+
+def touches_edge(mask: np.ndarray, lo, hi, shape) -> bool:
+    """Whether `mask`, the box [lo, hi) of a volume of `shape`, reaches the volume's edge:
+    its first or last slice, row or column."""
+    for axis in range(3):
+        if lo[axis] == 0 and mask.take(0, axis=axis).any():
+            return True
+        if hi[axis] == shape[axis] and mask.take(-1, axis=axis).any():
+            return True
+    return False

@@ -166,14 +166,25 @@ def _values(
         measurements=[_num(c, v, u) for c, v, u in values if v is not None] + ([] if prior else _changes(n)),
         qualitative_evaluations=list(_role(n)),
     )
-    note = _look_text(n)
-    if note:
+    _note(group, _look_text(n) or (_edge_text() if prior and n.prior_at_scan_edge else ""))
+    return group
+
+
+def _note(group, text: str) -> None:
+    """A Comment (DCM 121106) in the group, where there is something to say."""
+    if text:
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
-                name=codes.COMMENT, value=note[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+                name=codes.COMMENT, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
-    return group
+
+
+def _edge_text() -> str:
+    return (
+        "cut by the edge of the prior scan: measured in part, so not a RECIST 1.1 target "
+        "(not suitable for accurate repeated measurement)"
+    )
 
 
 def _look_text(n: NodeChange) -> str:
@@ -197,7 +208,7 @@ def _gone_prior_values(
     series = comparison.prior_series_instance_uid
     if not frame or not series or n.prior_centroid_lps_mm is None:
         return _values(n, PRIOR_ORDER, tracking, tp, algorithm)
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_volume_surface=hd.sr.VolumeSurface(
             graphic_type=hd.sr.GraphicTypeValues3D.POINT,
@@ -212,6 +223,8 @@ def _gone_prior_values(
         measurements=_prior_measurements(n),
         qualitative_evaluations=list(_role(n)),
     )
+    _note(group, _edge_text() if n.prior_at_scan_edge else "")
+    return group
 
 
 def _presence(tracking, tp, value: Code, algorithm) -> hd.sr.MeasurementsAndQualitativeEvaluations:

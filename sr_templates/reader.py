@@ -45,13 +45,15 @@ def is_nodal_sr(ds: Dataset) -> bool:
 
 
 def read_prior_nodes(
-    sr: Dataset, seg: Dataset | None = None, *, images: Sequence[Dataset] = ()
+    sr: Dataset, seg: Dataset | None = None, *, images: Sequence[Dataset] = (), volume: Volume | None = None
 ) -> tuple[PriorNode, ...]:
     """The nodes of nodal's SR `sr`, as measured in that (prior) study.
 
     `seg` (nodal's SEG of the same series) places each node at its segment's centroid;
     without it, `images` (the CT images the SR references) place it at the midpoint of its
-    long-axis line. Groups of an earlier time point in a follow-up SR are skipped: only the
+    long-axis line. With the SEG and `volume` (the prior CT), a node whose segment reaches
+    the edge of that CT is marked `at_scan_edge` (`rules.FLAG_SCAN_EDGE`); without them no
+    node is. Groups of an earlier time point in a follow-up SR are skipped: only the
     study's own measurements are read. A node given by numbers alone (no segment, no line:
     a prior node the model did not find, measured at its place by `inference.followup.look`)
     was no finding of that study and is not read.
@@ -91,7 +93,7 @@ def read_prior_nodes(
             elif code == _REFERENCED_SEGMENT:
                 node["segment"] = int(item.ReferencedSOPSequence[0].ReferencedSegmentNumber)
     measured = [n for n in nodes.values() if "short" in n and "long" in n]
-    centroids = _segment_centroids(seg) if seg is not None else {}
+    centroids, at_edge = _segment_geometry(seg, volume) if seg is not None else ({}, set())
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
     out = []
     for n in measured:
@@ -114,6 +116,7 @@ def read_prior_nodes(
                 long_axis_mm=n["long"],
                 volume_mm3=n.get("volume"),
                 malignancy_probability=n.get("probability"),
+                at_scan_edge=n["uid"] in at_edge,
             )
         )
     return tuple(out)
@@ -134,7 +137,7 @@ def read_prior_study(
         study_instance_uid=str(sr.StudyInstanceUID),
         series_instance_uid=series[0] if series else "",
         study_date=str(sr.get("StudyDate", "") or ""),
-        nodes=read_prior_nodes(sr, seg, images=images),
+        nodes=read_prior_nodes(sr, seg, images=images, volume=volume),
         volume=volume,
         source=FROM_SR,
         frame_of_reference_uid=str(sr.get("FrameOfReferenceUID", "") or ""),
@@ -180,8 +183,12 @@ def _number(item: Dataset) -> tuple[float, str]:
     return float(mv[0].NumericValue), str(unit)
 
 
-def _segment_centroids(seg: Dataset) -> dict[str, tuple[float, float, float]]:
-    """Tracking UID -> centroid (LPS mm) of each segment of nodal's SEG."""
+def _segment_geometry(
+    seg: Dataset, volume: Volume | None
+) -> tuple[dict[str, tuple[float, float, float]], set[str]]:
+    """Tracking UID -> centroid (LPS mm) of each segment of nodal's SEG; and the tracking
+    UIDs of the segments that reach the edge of `volume` (its first or last slice, row or
+    column), none without it."""
     uid_of = {int(s.SegmentNumber): str(s.get("TrackingUID", "")) for s in seg.SegmentSequence}
     shared = seg.SharedFunctionalGroupsSequence[0]
     orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
@@ -191,6 +198,7 @@ def _segment_centroids(seg: Dataset) -> dict[str, tuple[float, float, float]]:
         frames = frames[None]
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
+    edge: set[int] = set()
     for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         rows, cols = np.nonzero(frames[f])
@@ -204,11 +212,21 @@ def _segment_centroids(seg: Dataset) -> dict[str, tuple[float, float, float]]:
         )
         sums[number] = sums.get(number, np.zeros(3)) + points.sum(axis=0)
         counts[number] = counts.get(number, 0) + rows.size
-    return {
+        if volume is not None and _at_edge(points, volume):
+            edge.add(number)
+    centroids: dict[str, tuple[float, float, float]] = {
         uid_of[n]: tuple(float(v) for v in sums[n] / counts[n])  # type: ignore[misc]
         for n in sums
         if uid_of.get(n)
     }
+    return centroids, {uid_of[n] for n in edge if uid_of.get(n)}
+
+
+def _at_edge(points: np.ndarray, volume: Volume) -> bool:
+    """Whether any of `points` (LPS mm) lies on the first or last slice, row or column of `volume`."""
+    affine = np.asarray(volume.affine, float)
+    kji = np.rint((points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T)
+    return bool((kji <= 0).any() or (kji >= np.asarray(volume.shape) - 1).any())
 
 
 def _drawn(item: Dataset) -> bool:

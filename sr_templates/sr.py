@@ -29,6 +29,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from inference import rules
 from inference.findings import AxisLine, Finding, StudyFindings
 from inference.followup import Comparison
 from sr_templates import codes, followup, provenance, uids
@@ -97,7 +98,8 @@ def comment(finding: Finding) -> str:
     """The node's call and size class in words (ASCII), e.g. ``"LN-1 malignant, size:
     pathological target (>=15 mm)"``."""
     call = malignancy_value(finding.malignancy_probability).meaning.lower()
-    return f"{finding.label} {call}, size: {finding.size_category}"
+    edge = "; cut by the edge of the scan, measured in part" if rules.FLAG_SCAN_EDGE in finding.flags else ""
+    return f"{finding.label} {call}, size: {finding.size_category}{edge}"
 
 
 def _referenced_segment(

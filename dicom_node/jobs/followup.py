@@ -201,7 +201,7 @@ def _prior_study(
 
         images = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
         try:
-            nodes = read_prior_nodes(sr.sr, sr.seg, images=images)
+            nodes = read_prior_nodes(sr.sr, sr.seg, images=images, volume=volume)
         except FollowUpError as e:
             raise PriorUnusable(f"nodal's SR of the prior cannot be read: {e}") from None
         return prior_study(nodes, FROM_SR), []

@@ -74,6 +74,7 @@ def compare(
                 la_current=f.long_axis.length_mm if f is not None else _la(now),
                 unassessed=f is None and now is not None and now.outcome == UNCLEAR,
                 looked=f is None and _sa(now) is not None,
+                at_scan_edge=node.at_scan_edge,
             )
         )
     tissue = looks.tissue
@@ -117,6 +118,7 @@ def compare(
                 prior_tissue_share=tissue.get(c),
                 seen_in_prior_image=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
                 look=then,
+                prior_at_scan_edge=was is not None and was.at_scan_edge,
             )
         )
     for p, node in enumerate(prior.nodes):
@@ -139,6 +141,7 @@ def compare(
                     prior_centroid_lps_mm=node.centroid_lps_mm,
                     current_centroid_lps_mm=mapped[p],
                     look=now,
+                    prior_at_scan_edge=node.at_scan_edge,
                 )
             )
     return Comparison(

@@ -4,7 +4,9 @@ Only lymph nodes are assessed, and only two time points are known, so the nadir 
 baseline (the prior). The rules, with their sources, are in docs/follow-up-criteria.md:
 
 * target nodes: short axis >= 15 mm at baseline, the largest first, at most
-  `MAX_TARGET_NODES` (RECIST 1.1 allows two lesions per organ; lymph nodes count as one);
+  `MAX_TARGET_NODES` (RECIST 1.1 allows two lesions per organ; lymph nodes count as one),
+  leaving out nodes cut by the edge of the baseline scan (RECIST 1.1 takes as targets only
+  lesions "suitable for accurate repeated measurements");
 * non-target nodes: pathological (short axis >= 10 mm) at baseline and not targets;
 * targets: CR when every target node is < 10 mm short axis; PD when the sum of their short
   axes grew by >= 20 % and >= 5 mm; PR when it fell by >= 30 %; SD otherwise. A target that
@@ -61,6 +63,9 @@ class NodeSizes:
     #: the model did not find the node now, and its place still holds soft tissue that
     #: cannot be measured apart from its surroundings: not evaluable
     unassessed: bool = False
+    #: at baseline the node reached the edge of the scanned volume (`rules.FLAG_SCAN_EDGE`):
+    #: not measurable whole, so never a target (a non-target if pathological)
+    at_scan_edge: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sa_prior", "la_prior", "sa_current", "la_current"):
@@ -85,7 +90,7 @@ def roles(nodes: Sequence[NodeSizes]) -> dict[str, str]:
     for n in ranked:
         sa = float(n.sa_prior or 0.0)
         targets = sum(1 for r in out.values() if r == TARGET)
-        if sa >= TARGET_MIN_SA_MM and targets < MAX_TARGET_NODES:
+        if sa >= TARGET_MIN_SA_MM and targets < MAX_TARGET_NODES and not n.at_scan_edge:
             out[n.key] = TARGET
         elif sa >= PATHOLOGICAL_MIN_SA_MM:
             out[n.key] = NON_TARGET

@@ -2,8 +2,8 @@
 
 This module is the interface between the comparison (`inference.followup`), the node that
 finds and fetches the prior (`dicom_node`) and the result writers (`sr_templates`). It
-imports only the standard library, NumPy and `inference.findings` / `inference.volume`, so
-that none of them pulls in torch.
+imports only the standard library, NumPy and `inference.findings` / `inference.rules` /
+`inference.volume`, so that none of them pulls in torch.
 
 Coordinates are DICOM LPS millimetres. A transform is a 4x4 matrix that maps a point of the
 prior study's frame of reference to the current study's: ``current = M @ (prior, 1)``.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from inference import rules
 from inference.findings import Point3, StudyFindings
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class PriorNode:
     long_axis_mm: float
     volume_mm3: float | None
     malignancy_probability: float | None = None
+    #: the node reached the edge of the prior scan (`rules.FLAG_SCAN_EDGE`): never a target
+    at_scan_edge: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ class NodeChange:
     #: holds (gone: the current CT; new and seen before: the prior CT). Measured there, its
     #: sizes fill that study's side above (`inference.followup.look`)
     look: Look | None = None
+    #: the node reached the edge of the prior scan: not measurable whole then, so no target
+    prior_at_scan_edge: bool = False
 
     @property
     def tracking_uid(self) -> str:
@@ -207,6 +212,7 @@ class NodeChange:
             "distance_mm": _r(self.distance_mm, 2),
             "prior_tissue_share": _r(self.prior_tissue_share, 3),
             "seen_in_prior_image": self.seen_in_prior_image,
+            "prior_at_scan_edge": self.prior_at_scan_edge,
             "look": None if self.look is None else self.look.to_json(),
             "short_axis_mm": {
                 "prior": _r(self.short_axis_mm_prior, 2),
@@ -327,6 +333,7 @@ def prior_nodes(findings: StudyFindings) -> tuple[PriorNode, ...]:
             long_axis_mm=float(f.long_axis.length_mm),
             volume_mm3=float(f.volume_mm3),
             malignancy_probability=float(f.malignancy_probability),
+            at_scan_edge=rules.FLAG_SCAN_EDGE in f.flags,
         )
         for f in findings.findings
     )

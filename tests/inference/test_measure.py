@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from inference import rules
 from inference.findings import SliceRef
 from inference.measure import axial_diameters
 from inference.nodes import Candidate, measure_node
@@ -79,3 +80,18 @@ def test_ellipsoid_measured_in_patient_space():
     # pixel endpoints are (column, row) + 0.5 of the same points
     (c0, r0), _ = m["long"].endpoints_pixel
     assert np.allclose(vol.to_lps(np.array([20, r0 - 0.5, c0 - 0.5])), p0)
+
+
+def test_a_node_reaching_the_edge_of_the_scan_is_flagged():
+    spacing = (2.0, 0.8, 0.8)
+    shape = (12, 40, 40)
+    vol = oblique_volume(shape, spacing)
+    k, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    for centre, cut in (((6.0, 20.0, 20.0), False), ((1.0, 20.0, 20.0), True), ((6.0, 20.0, 37.0), True)):
+        mask = ((k - centre[0]) * 2.0 / 5) ** 2 + ((j - centre[1]) * 0.8 / 5) ** 2 + (
+            (i - centre[2]) * 0.8 / 6
+        ) ** 2 <= 1
+        vol.array[:] = 0.0
+        vol.array[mask] = 45.0
+        m = measure_node(vol, Candidate(mask=mask, bbox=(0, 0, 0, *shape), soft=mask.astype(float)))
+        assert (rules.FLAG_SCAN_EDGE in m["flags"]) is cut, centre

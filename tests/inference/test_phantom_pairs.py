@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -118,3 +119,24 @@ def test_follow_up_holds_only_slices_the_prior_covers(pairs) -> None:
         assert np.allclose(
             pair.current.affine[:3, 3], pair.prior.affine[:3, 3] + first * pair.prior.affine[:3, 0]
         )
+
+
+def test_a_prior_node_cut_by_the_edge_of_the_prior_scan_is_no_target_of_the_truth(pairs) -> None:
+    pair = pairs["progression"]
+    targets = pair.truth_response().target_prior_tracking_uids
+    assert len(targets) == 2
+    assert not any(pair.prior_at_scan_edge(f.prior_index) for f in pair.nodes if f.prior_index)
+    first = int(targets[0].removeprefix("truth-"))
+    index = pair.nodes[first].prior_index
+    labels = pair.prior.labels.copy()
+    _, j, i = np.argwhere(labels == index)[0]
+    labels[0, j, i] = index  # the node now reaches the first slice
+    cut = pp.PhantomPair(
+        prior=replace(pair.prior, labels=labels),
+        current=pair.current,
+        motion=pair.motion,
+        nodes=pair.nodes,
+        scenario=pair.scenario,
+    )
+    assert cut.prior_at_scan_edge(index)
+    assert targets[0] not in cut.truth_response().target_prior_tracking_uids

@@ -69,3 +69,23 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_a_segment_reaching_the_edge_of_the_prior_ct_marks_its_node(tmp_path) -> None:
+    from inference.dicom_volume import load_series
+    from tests.helpers.sr_case import NODES, NodeSpec
+
+    at_first_slice = NodeSpec((0.6, 30.0, 40.0), (5.0, 5.0, 6.0), 0.5, "pathological non-target (10-15 mm)")
+    at_last_row = NodeSpec((10.0, 58.4, 30.0), (4.0, 4.0, 5.0), 0.5, "normal (<10 mm)")
+    edge = make_case(tmp_path, nodes=(NODES[0], at_first_slice, at_last_row), uid_seed="nodal-reader-edge")
+    paths = write_results(edge.datasets, edge.findings, tmp_path / "out", result_images=False)
+    written = {p.name: pydicom.dcmread(p) for p in paths}
+    sr, seg = written["sr.dcm"], written["seg.dcm"]
+    volume = load_series(edge.datasets)
+    nodes = {n.tracking_uid: n for n in read_prior_nodes(sr, seg, images=edge.datasets, volume=volume)}
+    marked = {f.label: nodes[f.tracking_uid].at_scan_edge for f in edge.findings.findings}
+    assert marked == {"LN-1": False, "LN-2": True, "LN-3": True}
+    # without the prior CT the edge is unknown: no node is marked
+    assert not any(n.at_scan_edge for n in read_prior_nodes(sr, seg, images=edge.datasets))
+    study = read_prior_study(sr, seg, images=edge.datasets, volume=volume)
+    assert sum(n.at_scan_edge for n in study.nodes) == 2

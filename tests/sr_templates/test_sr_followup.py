@@ -30,13 +30,21 @@ ALLOWED_WARNINGS = ("Unrecognized defined term <99NODAL>",)
 
 @pytest.fixture(scope="module")
 def followup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("followup")
+    return _compared(tmp_path_factory.mktemp("followup"))
+
+
+def _compared(folder, *, cut: bool = False):
+    """The case compared with its prior and written. LN-1 grew from 14 to 18 mm short axis;
+    LN-3 is gone (fat at its place now); LN-2 is new: the same CT stands in for the prior's,
+    without LN-2. `cut`: both prior nodes reached the edge of the prior scan."""
     case = make_case(folder, nodes=NODES, uid_seed="nodal-followup-sr")
     volume = load_series(case.datasets)
     f = case.findings.findings
-    # LN-1 grew from 14 to 18 mm short axis; LN-3 is gone (fat at its place now); LN-2 is
-    # new: the same CT stands in for the prior's, without LN-2
     prior = _prior(f[0].centroid_lps_mm, _without(volume, f[1]))
+    if cut:
+        prior = dataclasses.replace(
+            prior, nodes=tuple(dataclasses.replace(n, at_scan_edge=True) for n in prior.nodes)
+        )
     comparison = compare(prior, volume, case.findings)
     paths = write_results(
         case.datasets, case.findings, folder / "out", comparison=comparison, prior_sources=volume
@@ -65,6 +73,37 @@ def _without(volume, finding):
     k0, j0, i0, k1, j1, i1 = finding.bbox
     array[k0:k1, j0:j1, i0:i1][finding.mask] = -100.0
     return dataclasses.replace(volume, array=array)
+
+
+@pytest.fixture(scope="module")
+def at_edge(tmp_path_factory):
+    """As `followup`, but both prior nodes were cut by the edge of the prior scan."""
+    return _compared(tmp_path_factory.mktemp("edge"), cut=True)
+
+
+def test_prior_nodes_cut_by_the_prior_scan_are_no_targets_and_said_so(at_edge) -> None:
+    _, comparison, paths = at_edge
+    # LN-3 (16 mm) would be the target (test_comparison_of_the_case); cut, it is a non-target
+    assert {n.prior_label: n.recist_role for n in comparison.nodes if n.prior_label} == {
+        "LN-1": "non-target",
+        "LN-3": "non-target",
+    }
+    s = comparison.summary
+    assert (s.target_response, s.non_target_response) == ("", "non-CR/non-PD")
+    assert s.recist_response == "non-CR/non-PD"
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+    for uid in (PRIOR_STUDY + ".9.1", PRIOR_STUDY + ".9.3"):
+        prior_group = next(g for g in groups if _uid(g) == uid and _order(g) == 1)
+        assert "cut by the edge of the prior scan" in _child(prior_group, "121106")[0].TextValue
+        role = _child(prior_group, codes.BASELINE_CATEGORY.value)[0].ConceptCodeSequence[0]
+        assert role.CodeValue == codes.NON_TARGET_AT_BASELINE.value
+
+
+@needs_dciodvfy
+def test_the_sr_with_cut_prior_nodes_passes_dciodvfy(at_edge) -> None:
+    errors, warnings = dciodvfy(at_edge[2]["sr.dcm"])
+    assert errors == [], errors
+    assert all(any(a in w for a in ALLOWED_WARNINGS) for w in warnings), warnings
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,17 @@ def test_the_call_and_size_class_are_also_said_in_words(case, sr) -> None:
         assert said.isascii()
 
 
+def test_a_node_cut_by_the_edge_of_the_scan_is_said_so(case) -> None:
+    from dataclasses import replace
+
+    from inference import rules
+    from sr_templates.sr import comment
+
+    finding = case.findings.findings[0]
+    cut = replace(finding, flags=(*finding.flags, rules.FLAG_SCAN_EDGE))
+    assert comment(cut) == comment(finding) + "; cut by the edge of the scan, measured in part"
+
+
 def test_axis_measurements_are_inferred_from_their_lines_on_the_key_slice(case, sr) -> None:
     axes = sr.content.get_image_measurement_groups()
     slices = case.findings.slices

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from inference import rules
 from inference.evaluate import array_volume
 from inference.followup import (
     FROM_ANALYSIS,
@@ -246,3 +247,20 @@ def test_a_gone_node_is_looked_for_at_its_place_on_the_current_ct(studies, now) 
     assert node.to_json()["look"]["outcome"] == now
     non_target = comparison.summary.non_target_response
     assert non_target == ("non-CR/non-PD" if now == "unclear" else "CR")
+
+
+def test_a_prior_node_cut_by_the_edge_of_the_prior_scan_is_no_target(studies) -> None:
+    study, _, current_volume, current = studies
+    cut = replace(study, nodes=(replace(study.nodes[0], at_scan_edge=True), *study.nodes[1:]))
+    comparison = compare(cut, current_volume, current)
+    grown = next(n for n in comparison.nodes if n.current_label == "LN-1")
+    assert grown.prior_at_scan_edge and grown.recist_role == "non-target"
+    assert comparison.summary.target_prior_tracking_uids == ()
+    assert comparison.to_json()["nodes"][0]["prior_at_scan_edge"] is True
+
+
+def test_prior_nodes_carry_the_scan_edge_flag() -> None:
+    _, prior = _findings("edge", [("LN-1", (0.5, 30, 30), (6, 6, 8)), ("LN-2", (20, 60, 60), (6, 6, 8))])
+    flagged = replace(prior.findings[0], flags=(rules.FLAG_SCAN_EDGE,))
+    nodes = prior_nodes(replace(prior, findings=(flagged, prior.findings[1])))
+    assert [n.at_scan_edge for n in nodes] == [True, False]

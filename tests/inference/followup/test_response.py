@@ -117,3 +117,15 @@ def test_a_non_target_not_measurable_now_is_no_complete_response() -> None:
 def test_an_unassessed_node_has_no_current_size() -> None:
     with pytest.raises(FollowUpError, match="unassessed"):
         NodeSizes(key="a", sa_prior=12, la_prior=14, sa_current=5, la_current=6, unassessed=True)
+
+
+def test_a_node_cut_by_the_edge_of_the_baseline_scan_is_no_target() -> None:
+    cut = NodeSizes(key="cut", sa_prior=30, la_prior=40, sa_current=10, la_current=14, at_scan_edge=True)
+    r = roles([cut, node("b", 20, 20), node("c", 16, 16)])
+    assert r == {"cut": "non-target", "b": "target", "c": "target"}  # the next largest take its place
+    small = NodeSizes(key="s", sa_prior=8, la_prior=9, sa_current=8, la_current=9, at_scan_edge=True)
+    assert roles([small]) == {"s": "normal"}
+    # alone, a cut node of 30 mm that shrank by two thirds gives no target response
+    s = assess([cut])
+    assert s.target_prior_tracking_uids == () and s.target_response == ""
+    assert s.recist_response == NON_CR_NON_PD
