@@ -191,6 +191,19 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_checker)
 
     c = sub.add_parser(
+        "classifier", help="set how a model's classifier scores a node (test-time mirror images)"
+    )
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument(
+        "--test-time-flips",
+        choices=("on", "off"),
+        required=True,
+        help="on: a node's score is the mean logit over its crop's eight mirror images",
+    )
+    c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
+    c.set_defaults(func=cmd_classifier)
+
+    c = sub.add_parser(
         "plausibility", help="write the plausibility rules (inference.plausibility) into a model's card"
     )
     c.add_argument("--model-dir", type=Path, required=True)
@@ -498,6 +511,16 @@ def cmd_checker(args, settings: Settings) -> int:
         args.model_dir, args.threshold, args.without_verifier, args.version, command, args.source
     )
     print(json.dumps({"checker": {k: v for k, v in checker.items() if k != "fit"}}))
+    return 0
+
+
+def cmd_classifier(args, settings: Settings) -> int:
+    from inference.model_store import set_classifier
+
+    command = f"nodal classifier --model-dir {args.model_dir} --test-time-flips {args.test_time_flips}"
+    command += f" --version {args.version}" if args.version else ""
+    classifier = set_classifier(args.model_dir, args.test_time_flips == "on", args.version, command)
+    print(json.dumps({"classifier": classifier}))
     return 0
 
 

@@ -81,6 +81,12 @@ class LoadedModel:
         return float(self.card["working_spacing_mm"])
 
     @property
+    def classifier_flips(self) -> bool:
+        """Whether the classifier scores a node as the mean logit over its crop's eight mirror
+        images (the card's `classifier.test_time_flips`; it is trained with random flips)."""
+        return bool(self.card["classifier"].get("test_time_flips", False))
+
+    @property
     def threshold(self) -> float:
         """The node probability above which a voxel belongs to a candidate: the threshold its
         checker and verifier were fitted at (the card's `segmenter.threshold`)."""
@@ -138,10 +144,9 @@ def _findings_basis(card: dict) -> str:
     networks' settings (necks included), the checker's use and the plausibility rules (not
     how or when they were set)."""
     checker = {k: v for k, v in card.get("checker", {}).items() if k not in ("set", "taken_from")}
-    basis = [
-        card.get(k) for k in ("weights", "working_spacing_mm", "segmenter", "classifier", "plausibility")
-    ]
-    return json.dumps([*basis, checker], sort_keys=True)
+    classifier = {k: v for k, v in card.get("classifier", {}).items() if k != "set"}
+    basis = [card.get(k) for k in ("weights", "working_spacing_mm", "segmenter", "plausibility")]
+    return json.dumps([*basis, classifier, checker], sort_keys=True)
 
 
 def read_card(model_dir: Path) -> dict:
@@ -338,6 +343,20 @@ def set_checker(
         if command:
             checker["set"]["command"] = command
     return checker
+
+
+def set_classifier(model_dir: Path, flips: bool, version: str | None = None, command: str = "") -> dict:
+    """Change how a model's classifier scores a node: `flips`, as the mean logit over its
+    crop's eight mirror images (`LoadedModel.classifier_flips`). Returns the card's
+    classifier entry."""
+    with _changed_card(Path(model_dir)) as card:
+        classifier = card["classifier"]
+        classifier.pop("test_time_flips", None)  # off is the default: a card without it is the same
+        if flips:
+            classifier["test_time_flips"] = True
+        _set_version(card, version)
+        classifier["set"] = {"test_time_flips": bool(flips), **({"command": command} if command else {})}
+    return classifier
 
 
 #: What the card keeps of an evaluation (`inference.evaluate`, `inference.evaluate_data`).

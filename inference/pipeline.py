@@ -285,6 +285,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         [m["crop"] for m in measured],
         [(m["short"].length_mm, m["long"].length_mm) for m in measured],
         model.device,
+        flips=model.classifier_flips,
     )
     seconds["classify"] = time.perf_counter() - t
 

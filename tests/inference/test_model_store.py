@@ -17,6 +17,7 @@ from inference.model_store import (
     read_card,
     record_evaluation,
     set_checker,
+    set_classifier,
     set_necks,
     set_plausibility,
 )
@@ -183,6 +184,41 @@ def test_a_checker_or_neck_change_without_a_version_drops_the_evaluations(model_
     record_evaluation(model_copy, name, {"sensitivity": 0.9}, "c", "d")
     set_necks(model_copy, Necks(ratio=0.7, max_neck_mm=2.5, part_threshold=0.8))
     assert "evaluation" not in read_card(model_copy)
+
+
+def test_classifier_mirror_images_are_set_in_the_card_and_drop_the_evaluations(model_copy):
+    name = "train family, seeds 1-2"
+    assert not load_model(model_copy, "cpu").classifier_flips  # the shipped card scores one view
+    record_evaluation(model_copy, name, {"sensitivity": 0.9}, "c", "d")
+    set_classifier(model_copy, False, command="nodal classifier ... off")  # as it is: figures kept
+    assert name in read_card(model_copy)["evaluation"]
+
+    entry = set_classifier(model_copy, True, version="9.9.9", command="nodal classifier ... on")
+    assert entry["test_time_flips"] is True and entry["set"]["command"] == "nodal classifier ... on"
+    card = read_card(model_copy)
+    assert card["version"] == "9.9.9" and "evaluation" not in card
+    assert load_model(model_copy, "cpu").classifier_flips
+
+    record_evaluation(model_copy, name, {"sensitivity": 0.9}, "c", "d")
+    set_classifier(model_copy, False)
+    assert "evaluation" not in read_card(model_copy) and not load_model(model_copy, "cpu").classifier_flips
+
+
+def test_the_pipeline_scores_nodes_over_mirror_images_when_the_card_says_so(model_copy):
+    from inference import phantoms
+    from inference.evaluate import phantom_volume
+    from inference.pipeline import analyse
+
+    spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
+    volume = phantom_volume(phantoms.generate(11, spec))
+    one = analyse(volume, load_model(model_copy, "cpu")).findings.findings
+    set_classifier(model_copy, True)
+    eight = analyse(volume, load_model(model_copy, "cpu")).findings.findings
+    assert one and len(one) == len(eight)
+    p1, p8 = ([f.malignancy_probability for f in found] for found in (one, eight))
+    assert p1 != p8  # the mean of eight views is not the one view's score
+    unscored = [{**f.to_json(), "malignancy_probability": None} for f in one]
+    assert unscored == [{**f.to_json(), "malignancy_probability": None} for f in eight]  # nothing else
 
 
 def test_a_change_that_fails_writes_nothing(model_copy, tmp_path):
