@@ -7,6 +7,7 @@ is erased at start."""
 from __future__ import annotations
 
 import io
+import time
 
 import pydicom
 import pytest
@@ -18,6 +19,7 @@ from sqlalchemy import select, text
 from dicom_node.api.app import create_app
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Study, forget_patients
+from dicom_node.observe import audit
 from dicom_node.receive.contract import Source
 from dicom_node.receive.indexer import Pending, study_labels
 from dicom_node.receive.receiver import Receiver
@@ -68,7 +70,11 @@ def node(tmp_path, request):
     db.close()
 
 
-def c_store(port: int, datasets: list[bytes]) -> None:
+def c_store(port: int, datasets: list[bytes], db: Database) -> None:
+    """Send `datasets` in one association and wait until the node has ended it: it logs and
+    audits the end from its own thread after the modality's release returns, and a test that
+    ended first would have that line printed outside its capture."""
+    ended = len(audit.query(db, "instances_stored"))
     ae = AE(ae_title="CT1")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="NODAL")
@@ -76,6 +82,10 @@ def c_store(port: int, datasets: list[bytes]) -> None:
     for data in datasets:
         assert assoc.send_c_store(pydicom.dcmread(io.BytesIO(data))).Status == 0
     assoc.release()
+    deadline = time.monotonic() + 10
+    while len(audit.query(db, "instances_stored")) == ended:
+        assert time.monotonic() < deadline, "the node did not end the association"
+        time.sleep(0.02)
 
 
 def stored(db: Database, uid: str) -> tuple:
@@ -86,7 +96,7 @@ def stored(db: Database, uid: str) -> tuple:
 
 def test_dimse_and_stow_label_the_study(node):
     port, http, db, receiver, shown = node
-    c_store(port, [instance("1.2.3.1.1", "1.2.3.1"), instance("1.2.3.1.2", "1.2.3.1")])
+    c_store(port, [instance("1.2.3.1.1", "1.2.3.1"), instance("1.2.3.1.2", "1.2.3.1")], db)
     r = http.post(
         "/dicom-web/studies", content=body([instance("1.2.3.2.1", "1.2.3.2", "ACC-2")]), headers=HEADERS
     )
@@ -107,12 +117,12 @@ def test_dimse_and_stow_label_the_study(node):
 
 def test_a_later_instance_without_accession_number_keeps_it_and_a_new_one_replaces_it(node):
     port, _, db, receiver, _ = node
-    c_store(port, [instance("1.2.4.1", "1.2.4", "FIRST")])
+    c_store(port, [instance("1.2.4.1", "1.2.4", "FIRST")], db)
     assert receiver.flush(10)
-    c_store(port, [instance("1.2.4.2", "1.2.4", "")])
+    c_store(port, [instance("1.2.4.2", "1.2.4", "")], db)
     assert receiver.flush(10)
     assert stored(db, "1.2.4")[0] == "FIRST"
-    c_store(port, [instance("1.2.4.3", "1.2.4", "CORRECTED")])
+    c_store(port, [instance("1.2.4.3", "1.2.4", "CORRECTED")], db)
     assert receiver.flush(10)
     assert stored(db, "1.2.4")[0] == "CORRECTED"
 
