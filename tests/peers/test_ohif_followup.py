@@ -22,7 +22,7 @@ what OHIF holds (its display sets, Cornerstone's annotations, the SVG it drew):
   Bidirectional measurement.
 
 docs/follow-up.md ("In OHIF") says what this means for the radiologist. Screenshots:
-var/ohif/followup-sr.png, followup-sr-new.png, followup-prior-ct.png,
+var/ohif/followup-sr.png, followup-sr-new.png, followup-sr-matched.png, followup-prior-ct.png,
 followup-sr-tracked.png.
 """
 
@@ -206,9 +206,9 @@ def viewed(orthanc: Orthanc, followed: dict) -> dict:
         # the viewport's arrows: one step per measurement of the SR, round to the first again
         seen["steps"] = []
         seen["slice_before_steps"] = page.evaluate(SLICE_JS)
-        new = {
-            n["current_tracking_uid"] for n in followed["doc"]["comparison"]["nodes"] if n["status"] == "new"
-        }
+        compared = followed["doc"]["comparison"]["nodes"]
+        new = {n["current_tracking_uid"] for n in compared if n["status"] == "new"}
+        matched = {n["prior_tracking_uid"] for n in compared if n["status"] == "matched"}
         order = [m["uid"] for m in seen["sr"]["measurements"]]
         for n in range(len(order)):
             page.locator(NEXT_MEASUREMENT).first.click()
@@ -226,6 +226,11 @@ def viewed(orthanc: Orthanc, followed: dict) -> dict:
                 seen["new_shown"] = True
                 _frame_left(page, nodes[shown_new.pop()]["centroid_lps_mm"])
                 page.screenshot(path=str(SCREENSHOTS / "followup-sr-new.png"))
+            shown_matched = matched & set(svg["texts"])
+            if shown_matched and "matched_shown" not in seen:
+                seen["matched_shown"] = True
+                _frame_left(page, nodes[shown_matched.pop()]["centroid_lps_mm"])
+                page.screenshot(path=str(SCREENSHOTS / "followup-sr-matched.png"))
 
         # the prior study, opened from the study list, and its CT at a gone node
         page.get_by_text(PRIOR_SHOWN).first.click()
@@ -437,6 +442,12 @@ def test_no_uncaught_error_in_the_page(viewed) -> None:
 
 
 def test_screenshots_were_taken(viewed, tracked) -> None:
-    names = ("followup-sr.png", "followup-sr-new.png", "followup-prior-ct.png", "followup-sr-tracked.png")
+    names = (
+        "followup-sr.png",
+        "followup-sr-new.png",
+        "followup-sr-matched.png",
+        "followup-prior-ct.png",
+        "followup-sr-tracked.png",
+    )
     for name in names:
         assert (SCREENSHOTS / name).stat().st_size > 10_000, name
