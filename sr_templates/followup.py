@@ -47,6 +47,8 @@ from inference.followup.look import FAT, MEASURED, UNCLEAR
 from sr_templates import codes
 
 PRIOR_ORDER, CURRENT_ORDER = 1, 2
+#: how the prior time point's Time Point (TID 1502) text begins, before the study date
+PRIOR_NAME = "prior"
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class FollowUpContent:
 def time_point(order: int, date: str, *, numbered: bool = True) -> hd.sr.TimePointContext:
     """Time point context (TID 1502): ``"prior"`` or ``"current"`` with the study date, and
     its Time Point Order (optional in TID 1502) unless not `numbered`."""
-    name = "prior" if order == PRIOR_ORDER else "current"
+    name = PRIOR_NAME if order == PRIOR_ORDER else "current"
     return hd.sr.TimePointContext(
         time_point=f"{name} {date}".strip()[:64],
         time_point_order=order if numbered else None,

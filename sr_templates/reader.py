@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from inference.followup.types import FROM_SR, FollowUpError, PriorNode, PriorStudy
 from inference.volume import Volume
 from sr_templates import codes
+from sr_templates.followup import PRIOR_NAME, PRIOR_ORDER
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -28,6 +29,7 @@ _TRACKING_ID = "112039"
 _TRACKING_UID = "112040"
 _MEASUREMENT_GROUP = "125007"
 _TIME_POINT_ORDER = "126073"
+_TIME_POINT = "C2348792"
 _REFERENCED_SEGMENT = "121191"
 _DERIVATION = "121401"
 
@@ -70,7 +72,7 @@ def read_prior_nodes(
     nodes: dict[str, dict] = {}
     for group in _groups(sr):
         uid = _first(group, _TRACKING_UID, "UID")
-        if uid is None or _first(group, _TIME_POINT_ORDER, "NumericValue", num=True) == 1:
+        if uid is None or _of_the_prior(group):
             continue
         node = nodes.setdefault(uid, {"uid": uid})
         label = _first(group, _TRACKING_ID, "TextValue")
@@ -153,6 +155,16 @@ def _groups(sr: Dataset) -> Iterable[Dataset]:
             yield item
         else:
             stack.extend(item.get("ContentSequence", []))
+
+
+def _of_the_prior(group: Dataset) -> bool:
+    """Whether a follow-up SR's group holds values of the earlier time point (TID 1502): its
+    Time Point Order is 1, or, without an order, its Time Point text names the prior."""
+    order = _first(group, _TIME_POINT_ORDER, "NumericValue", num=True)
+    if order is not None:
+        return order == PRIOR_ORDER
+    text = _first(group, _TIME_POINT, "TextValue")
+    return text is not None and (text == PRIOR_NAME or text.startswith(PRIOR_NAME + " "))
 
 
 def _code(item: Dataset) -> str:

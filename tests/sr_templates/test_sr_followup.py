@@ -398,6 +398,23 @@ def test_reader_takes_the_current_values_not_the_prior(followup) -> None:
     assert grown.short_axis_mm == pytest.approx(case.findings.findings[0].short_axis.length_mm, abs=1e-4)
 
 
+def test_reader_knows_the_prior_values_by_their_time_point_text_without_an_order(followup) -> None:
+    """TID 1502 makes the Time Point Order optional: without it, "prior <date>" says it."""
+    case, _, paths = followup
+    sr = pydicom.dcmread(paths["sr.dcm"])
+    dropped = 0
+    for group in _groups(sr):
+        orders = _child(group, "126073")
+        for item in orders:
+            group.ContentSequence.remove(item)
+            dropped += 1
+    assert dropped >= 2  # the prior values' groups and the current volume groups had one
+    nodes = read_prior_nodes(sr, pydicom.dcmread(paths["seg.dcm"]))
+    grown = next(n for n in nodes if n.tracking_uid == PRIOR_STUDY + ".9.1")
+    assert grown.short_axis_mm == pytest.approx(case.findings.findings[0].short_axis.length_mm, abs=1e-4)
+    assert PRIOR_STUDY + ".9.3" not in {n.tracking_uid for n in nodes}  # gone: prior values only
+
+
 def test_prior_beside_current_images(followup) -> None:
     case, comparison, paths = followup
     key_images = build_results(case.datasets, case.findings).result_images
