@@ -168,7 +168,8 @@ def _values(
         measurements=[_num(c, v, u) for c, v, u in values if v is not None] + ([] if prior else _changes(n)),
         qualitative_evaluations=list(_role(n)),
     )
-    _note(group, _look_text(n) or (_edge_text() if prior and n.prior_at_scan_edge else ""))
+    edge = _edge_text() if prior and n.prior_at_scan_edge else ""
+    _note(group, "; ".join(t for t in (_look_text(n), edge) if t))
     return group
 
 

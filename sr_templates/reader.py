@@ -235,10 +235,13 @@ def _segment_geometry(
 
 
 def _at_edge(points: np.ndarray, volume: Volume) -> bool:
-    """Whether any of `points` (LPS mm) lies on the first or last slice, row or column of `volume`."""
+    """Whether any of `points` (LPS mm) lies on the first or last slice, row or column of
+    `volume`. Points outside it (a SEG of another series than this CT) mark nothing."""
     affine = np.asarray(volume.affine, float)
     kji = np.rint((points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T)
-    return bool((kji <= 0).any() or (kji >= np.asarray(volume.shape) - 1).any())
+    last = np.asarray(volume.shape) - 1
+    inside = kji[((kji >= 0) & (kji <= last)).all(axis=1)]
+    return bool(((inside == 0) | (inside == last)).any())
 
 
 def _drawn(item: Dataset) -> bool:

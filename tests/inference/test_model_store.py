@@ -203,6 +203,12 @@ def test_classifier_mirror_images_are_set_in_the_card_and_drop_the_evaluations(m
     set_classifier(model_copy, False)
     assert "evaluation" not in read_card(model_copy) and not load_model(model_copy, "cpu").classifier_flips
 
+    from dicom_node.cli import main
+
+    assert main(["classifier", "--model-dir", str(model_copy), "--test-time-flips", "on"]) == 0
+    entry = read_card(model_copy)["classifier"]
+    assert entry["test_time_flips"] is True and entry["set"]["command"].startswith("nodal classifier")
+
 
 def test_the_pipeline_scores_nodes_over_mirror_images_when_the_card_says_so(model_copy):
     from inference import phantoms

@@ -85,6 +85,13 @@ def test_a_segment_reaching_the_edge_of_the_prior_ct_marks_its_node(tmp_path) ->
     nodes = {n.tracking_uid: n for n in read_prior_nodes(sr, seg, images=edge.datasets, volume=volume)}
     marked = {f.label: nodes[f.tracking_uid].at_scan_edge for f in edge.findings.findings}
     assert marked == {"LN-1": False, "LN-2": True, "LN-3": True}
+    # a CT elsewhere (not the SEG's series): no point of a segment lies in it, none is marked
+    import dataclasses
+
+    shifted = volume.affine.copy()
+    shifted[:3, 3] += 500.0
+    elsewhere = dataclasses.replace(volume, affine=shifted)
+    assert not any(n.at_scan_edge for n in read_prior_nodes(sr, seg, images=edge.datasets, volume=elsewhere))
     # without the prior CT the edge is unknown: no node is marked
     assert not any(n.at_scan_edge for n in read_prior_nodes(sr, seg, images=edge.datasets))
     study = read_prior_study(sr, seg, images=edge.datasets, volume=volume)
