@@ -29,6 +29,7 @@ from scipy.spatial.transform import Rotation
 
 from inference import phantoms, rules
 from inference.followup import response
+from inference.measure import axial_diameters
 from inference.phantoms import FAT_CODES, NODE, STATIONS, Phantom, PhantomSpec
 
 PAIR_STREAM = 0x50414952  # "PAIR": the follow-up's random stream is (seed, PAIR_STREAM, scenario)
@@ -75,26 +76,47 @@ class PhantomPair:
     scenario: str
 
     def truth_response(self) -> response.ResponseSummary:
-        """RECIST 1.1 / Lugano of the true sizes (the nodes that stay in view). A prior node
-        cut by the edge of the prior scan is no target, as in the comparison."""
-        return response.assess(
-            [
+        """RECIST 1.1 / Lugano of the true sizes (the nodes that stay in view), by the
+        comparison's rules: a prior node cut by the edge of the prior scan is no target; a
+        node cut by the edge of the follow-up scan counts the size of its part in view
+        (measured as a reader would, on its largest axial slice) and is not evaluable."""
+        sizes = []
+        for i, n in enumerate(self.nodes):
+            cut_now = n.current_index is not None and self.current_at_scan_edge(n.current_index)
+            sa_now, la_now = n.short_axis_mm_current, n.long_axis_mm_current
+            if cut_now:
+                sa_now, la_now = self.current_in_view_axes(n.current_index)  # type: ignore[arg-type]
+            sizes.append(
                 response.NodeSizes(
                     key=f"truth-{i}",
                     sa_prior=n.short_axis_mm_prior,
                     la_prior=n.long_axis_mm_prior,
-                    sa_current=n.short_axis_mm_current,
-                    la_current=n.long_axis_mm_current,
+                    sa_current=sa_now,
+                    la_current=la_now,
                     at_scan_edge=n.prior_index is not None and self.prior_at_scan_edge(n.prior_index),
+                    at_scan_edge_now=cut_now,
                 )
-                for i, n in enumerate(self.nodes)
-            ]
-        )
+            )
+        return response.assess(sizes)
 
     def prior_at_scan_edge(self, index: int) -> bool:
         """Whether prior node `index` reaches the edge of the prior scan (`rules.touches_edge`)."""
         mask = self.prior.labels == index
         return rules.touches_edge(mask, (0, 0, 0), mask.shape, mask.shape)
+
+    def current_at_scan_edge(self, index: int) -> bool:
+        """Whether follow-up node `index` reaches the edge of the follow-up scan."""
+        mask = self.current.labels == index
+        return rules.touches_edge(mask, (0, 0, 0), mask.shape, mask.shape)
+
+    def current_in_view_axes(self, index: int) -> tuple[float, float]:
+        """(short, long) axis in mm of the part of follow-up node `index` in the scan, on the
+        axial slice where it is largest (`inference.measure.axial_diameters`)."""
+        mask = self.current.labels == index
+        key = int(np.argmax(mask.sum(axis=(1, 2))))
+        spacing = np.linalg.norm(self.current.affine[:3, :3], axis=0)
+        d = axial_diameters(mask[key].astype(np.float32), (float(spacing[1]), float(spacing[2])))
+        return d.short_mm, d.long_mm
 
 
 def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> PhantomPair:

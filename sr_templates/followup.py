@@ -42,6 +42,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.coding import Code
 
+from inference import rules
 from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
 from inference.followup.look import FAT, MEASURED, UNCLEAR
 from sr_templates import codes
@@ -195,9 +196,11 @@ def _look_text(n: NodeChange) -> str:
     if n.look is None or n.look.outcome != MEASURED:
         return ""
     study = "current" if n.status == GONE else "prior"
+    # a prior-side size cut by the scan's edge is said by the prior values' edge comment
+    cut = f"; {rules.FLAG_SCAN_EDGE}, measured in part" if n.look.at_scan_edge and n.status == GONE else ""
     return (
         f"not found by the model on the {study} CT; measured by nodal at its registered place there "
-        "(soft tissue apart from its surroundings): to be confirmed by the reader"
+        f"(soft tissue apart from its surroundings){cut}: to be confirmed by the reader"
     )
 
 
@@ -319,7 +322,8 @@ def summary_text(comparison: Comparison) -> str:
         label = n.prior_label if n.status == GONE else n.current_label
         study = "current" if n.status == GONE else "prior"
         if n.look is not None and n.look.outcome == MEASURED:
-            parts.append(f"{label}: not found by the model on the {study} CT, measured at its place")
+            cut = f" ({rules.FLAG_SCAN_EDGE}, measured in part)" if n.look.at_scan_edge else ""
+            parts.append(f"{label}: not found by the model on the {study} CT, measured at its place{cut}")
         elif n.look is not None:
             parts.append(f"{label}: not found by the model on the {study} CT; {n.look.note}")
     if s.recist_reason:

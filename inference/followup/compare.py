@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from inference import rules
 from inference.findings import Finding, Point3, StudyFindings
 from inference.followup import matching, response
 from inference.followup.look import MEASURED, UNCLEAR, Judge, Look, judged, look_at
@@ -75,6 +76,7 @@ def compare(
                 unassessed=f is None and now is not None and now.outcome == UNCLEAR,
                 looked=f is None and _sa(now) is not None,
                 at_scan_edge=node.at_scan_edge,
+                at_scan_edge_now=_cut(f) if f is not None else _look_cut(now),
             )
         )
     tissue = looks.tissue
@@ -90,6 +92,8 @@ def compare(
                     la_current=f.long_axis.length_mm,
                     seen_before=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
                     looked=_sa(then) is not None,
+                    at_scan_edge=_look_cut(then),
+                    at_scan_edge_now=_cut(f),
                 )
             )
     role = response.roles(sizes)
@@ -118,7 +122,7 @@ def compare(
                 prior_tissue_share=tissue.get(c),
                 seen_in_prior_image=tissue.get(c, 0.0) > settings.new_node_max_prior_tissue,
                 look=then,
-                prior_at_scan_edge=was is not None and was.at_scan_edge,
+                prior_at_scan_edge=was.at_scan_edge if was is not None else _look_cut(then),
             )
         )
     for p, node in enumerate(prior.nodes):
@@ -155,6 +159,11 @@ def compare(
         prior_frame_of_reference_uid=prior.frame_of_reference_uid
         or (prior.volume.frame_of_reference_uid if prior.volume is not None else ""),
     )
+
+
+def _cut(f: Finding) -> bool:
+    """Whether the current node reaches the edge of the current scan (measured in part)."""
+    return rules.FLAG_SCAN_EDGE in f.flags
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,11 @@ def _looks(
                 )
                 gone[p] = judged(now, current_volume, judge)
     return _Looks(gone=gone, new=new, tissue=tissue)
+
+
+def _look_cut(look: Look | None) -> bool:
+    """Whether what a look measured reaches the edge of its scan (measured in part)."""
+    return look is not None and look.outcome == MEASURED and look.at_scan_edge
 
 
 def _sa(look: Look | None) -> float | None:

@@ -12,7 +12,9 @@ The answer (`Look.outcome`) is one of:
   through the registration, is mostly below `FollowUpSettings.soft_tissue_hu`): the node
   is truly absent there;
 * `MEASURED`: one soft-tissue structure sits there, apart from its surroundings, and its
-  short axis, long axis and volume are given;
+  short axis, long axis and volume are given. Where it reaches the edge of the scan it is
+  measured in part (`Look.at_scan_edge`, `rules.FLAG_SCAN_EDGE`), as a node of the model's
+  own would be;
 * `LOOK_ALIKE`: one soft-tissue structure sits there, but the model's checker (a CNN on its
   crop, `inference.train_checker`) takes it for a look-alike, as it would drop it among the
   model's own candidates (only with a `Judge`, which `compare` gets from a model that has a
@@ -29,7 +31,7 @@ The separation is a marker-controlled watershed on the distance map of the soft 
 a node pressed against an organ, a vessel or another node is cut at the neck between them,
 as a reader's eye separates them by their shapes.
 
-Pure: NumPy, SciPy and `inference.measure`; no network, no torch.
+Pure: NumPy, SciPy, `inference.measure` and `inference.rules`; no network, no torch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from inference import rules
 from inference.findings import Point3
 from inference.measure import axial_diameters
 from inference.volume import Volume
@@ -76,6 +79,8 @@ class Look:
     volume_mm3: float | None = None
     soft_tissue_share: float | None = None  # of the core, above the soft-tissue threshold
     note: str = ""
+    #: MEASURED: the structure reaches the edge of the scan, so it is measured in part
+    at_scan_edge: bool = False
     #: MEASURED: the structure's voxels in a box of the volume that starts at `origin` (k, j, i)
     structure: np.ndarray | None = field(default=None, compare=False, repr=False)
     origin: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
@@ -88,6 +93,7 @@ class Look:
             "volume_mm3": _r(self.volume_mm3, 1),
             "soft_tissue_share": _r(self.soft_tissue_share, 3),
             "note": self.note,
+            "at_scan_edge": self.at_scan_edge,
         }
 
 
@@ -132,6 +138,7 @@ def look_at(
     why = _not_a_node(node, neck, spacing, expected_short_axis_mm, expected_long_axis_mm)
     if why:
         return Look(UNCLEAR, soft_tissue_share=share, note=why)
+    cut = rules.touches_edge(node, lo, hi, shape)
     areas = node.sum(axis=(1, 2))
     key = int(np.argmax(areas))
     try:
@@ -153,6 +160,8 @@ def look_at(
         long_axis_mm=float(d.long_mm),
         volume_mm3=float(node.sum() * np.prod(spacing)),
         soft_tissue_share=share,
+        note=rules.FLAG_SCAN_EDGE if cut else "",
+        at_scan_edge=cut,
         structure=node,
         origin=(int(lo[0]), int(lo[1]), int(lo[2])),
     )

@@ -13,9 +13,11 @@ baseline (the prior). The rules, with their sources, are in docs/follow-up-crite
   is gone counts 0 mm. A target the model did not find now is looked for at its place
   (`inference.followup.look`): measured there, that size counts; soft tissue there that
   cannot be measured apart makes the targets not evaluable (NE) unless they progressed
-  even with it at 0 mm;
-* non-targets: CR when all are < 10 mm (or gone); their unequivocal progression is a
-  radiologist's judgement and is not called automatically;
+  even with it at 0 mm; so does a target cut by the edge of the current scan, unless they
+  progressed even with it at the size of its part in view;
+* non-targets: CR when all are < 10 mm (or gone), none of them unassessed nor cut by the
+  edge of the current scan; their unequivocal progression is a radiologist's judgement and
+  is not called automatically;
 * a new node is an unequivocal new lesion at >= 15 mm short axis (PD); a new node of
   10-15 mm is equivocal (reported, to be confirmed at the next study); a node without a
   prior match whose place was soft tissue on the prior CT is not new (`seen_before`);
@@ -66,6 +68,10 @@ class NodeSizes:
     #: at baseline the node reached the edge of the scanned volume (`rules.FLAG_SCAN_EDGE`):
     #: not measurable whole, so never a target (a non-target if pathological)
     at_scan_edge: bool = False
+    #: now the node reaches the edge of the current scan: its current size is that of the
+    #: part in view, a lower bound. A target so cut is not evaluable unless the targets
+    #: progressed even so; a non-target so cut is not called normal
+    at_scan_edge_now: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sa_prior", "la_prior", "sa_current", "la_current"):
@@ -80,6 +86,8 @@ class NodeSizes:
             raise FollowUpError(f"node {self.key} is absent at both times")
         if self.unassessed and self.sa_current is not None:
             raise FollowUpError(f"node {self.key}: an unassessed node has no current size")
+        if self.at_scan_edge_now and self.sa_current is None:
+            raise FollowUpError(f"node {self.key}: a node cut by the edge of the scan now has a current size")
 
 
 def roles(nodes: Sequence[NodeSizes]) -> dict[str, str]:
@@ -111,6 +119,7 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
     missed = [n for n in nodes if n.sa_prior is None and n.seen_before]
     looked = [n for n in nodes if n.looked]
     unassessed_targets = [n for n in targets if n.unassessed]
+    cut_targets = [n for n in targets if n.at_scan_edge_now]
     unequivocal = [n for n in new if float(n.sa_current or 0.0) >= NEW_LESION_MIN_SA_MM]
     equivocal = [
         n for n in new if PATHOLOGICAL_MIN_SA_MM <= float(n.sa_current or 0.0) < NEW_LESION_MIN_SA_MM
@@ -122,15 +131,22 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
     target_response = None
     if targets:
         change = sum_current - sum_prior
-        if change >= PD_INCREASE * sum_prior and change >= PD_MIN_MM:  # even with unknowns at 0 mm
+        # even with unknown sizes at 0 mm and cut nodes at the size of their part in view
+        if change >= PD_INCREASE * sum_prior and change >= PD_MIN_MM:
             target_response = PD
             reasons.append(f"sum of target short axes +{change:.1f} mm (>= 20 % and >= 5 mm)")
-        elif unassessed_targets:  # an unknown size: nothing but progression can be called
+        elif unassessed_targets or cut_targets:  # a size unknown: nothing but progression can be called
             target_response = NE
-            reasons.append(
-                f"{len(unassessed_targets)} target node(s) not found now, their place still soft tissue "
-                "that cannot be measured apart: not evaluable"
-            )
+            if unassessed_targets:
+                reasons.append(
+                    f"{len(unassessed_targets)} target node(s) not found now, their place still soft "
+                    "tissue that cannot be measured apart: not evaluable"
+                )
+            if cut_targets:
+                reasons.append(
+                    f"{len(cut_targets)} target node(s) cut by the edge of the scan now, measured in "
+                    "part: not evaluable"
+                )
         elif all(float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM for n in targets):
             target_response = CR
             reasons.append("every target node < 10 mm short axis")
@@ -141,7 +157,8 @@ def assess(nodes: Sequence[NodeSizes]) -> ResponseSummary:
             target_response = SD
             reasons.append(f"sum of target short axes {100 * change / sum_prior:+.0f} %")
     non_target_cr = all(
-        float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM and not n.unassessed for n in non_targets
+        float(n.sa_current or 0.0) < PATHOLOGICAL_MIN_SA_MM and not (n.unassessed or n.at_scan_edge_now)
+        for n in non_targets
     )
     if non_targets:
         reasons.append("non-target nodes " + ("all < 10 mm" if non_target_cr else "present (non-CR/non-PD)"))

@@ -140,3 +140,21 @@ def test_a_prior_node_cut_by_the_edge_of_the_prior_scan_is_no_target_of_the_trut
     )
     assert cut.prior_at_scan_edge(index)
     assert targets[0] not in cut.truth_response().target_prior_tracking_uids
+
+
+def test_a_target_cut_by_the_edge_of_the_follow_up_scan_is_not_evaluable_in_the_truth(pairs) -> None:
+    pair = pairs["partial-response"]
+    truth = pair.truth_response()
+    assert truth.target_response == "PR"
+    assert not any(pair.current_at_scan_edge(f.current_index) for f in pair.nodes if f.current_index)
+    first = pair.nodes[int(truth.target_prior_tracking_uids[0].removeprefix("truth-"))]
+    index = first.current_index
+    labels = pair.current.labels.copy()
+    _, j, i = np.argwhere(labels == index)[0]
+    labels[0, j, i] = index  # the node now reaches the first slice of the follow-up
+    cut = replace(pair, current=replace(pair.current, labels=labels))
+    assert cut.current_at_scan_edge(index)
+    sa, la = cut.current_in_view_axes(index)  # measured on its largest axial slice, as a reader would
+    assert 0 < sa <= la  # (the test phantom's 2.2 mm pixels measure it only roughly)
+    s = cut.truth_response()
+    assert s.target_response == "NE" and "cut by the edge of the scan now" in s.recist_reason

@@ -155,6 +155,24 @@ def test_nodes_the_model_missed_are_measured_at_their_place_and_said_so(looked) 
     assert "LN-2: not found by the model on the prior CT, measured at its place" in text
 
 
+def test_a_size_measured_at_the_place_against_the_scan_edge_is_said_to_be_in_part(looked, tmp_path) -> None:
+    case, comparison, _ = looked
+    nodes = tuple(
+        dataclasses.replace(n, look=dataclasses.replace(n.look, at_scan_edge=True))
+        if n.prior_label == "LN-3" and n.look is not None
+        else n
+        for n in comparison.nodes
+    )
+    cut = dataclasses.replace(comparison, nodes=nodes)
+    assert "LN-3: not found by the model on the current CT, measured at its place (cut by the edge" in (
+        summary_text(cut)
+    )
+    paths = {p.name: p for p in write_results(case.datasets, case.findings, tmp_path, comparison=cut)}
+    groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
+    [now] = [g for g in groups if _uid(g) == PRIOR_STUDY + ".9.3" and _order(g) == 2]
+    assert "cut by the edge of the scan, measured in part" in _child(now, "121106")[0].TextValue
+
+
 def test_a_structure_the_checker_refuses_is_no_node_and_said_so(refused) -> None:
     _, comparison, paths = refused
     gone = next(n for n in comparison.nodes if n.prior_label == "LN-3")

@@ -264,3 +264,38 @@ def test_prior_nodes_carry_the_scan_edge_flag() -> None:
     flagged = replace(prior.findings[0], flags=(rules.FLAG_SCAN_EDGE,))
     nodes = prior_nodes(replace(prior, findings=(flagged, prior.findings[1])))
     assert [n.at_scan_edge for n in nodes] == [True, False]
+
+
+def test_a_target_cut_by_the_edge_of_the_current_scan_is_not_evaluable() -> None:
+    _, prior = _findings("cut-prior", [("LN-1", (20, 30, 30), (10, 10, 14))])  # a 20 mm target
+    current_volume, current = _findings("cut-current", [("LN-1", (20, 31, 30), (3, 3, 4))])  # 6 mm now
+    study = PriorStudy(
+        study_instance_uid=prior.study_instance_uid,
+        series_instance_uid=prior.series_instance_uid,
+        study_date="20260105",
+        nodes=prior_nodes(prior),
+    )
+    assert compare(study, current_volume, current).summary.recist_response == "CR"
+    cut = replace(current.findings[0], flags=(*current.findings[0].flags, rules.FLAG_SCAN_EDGE))
+    s = compare(study, current_volume, replace(current, findings=(cut,))).summary
+    assert s.recist_response == "NE" and "cut by the edge of the scan now" in s.recist_reason
+
+
+def test_a_gone_target_measured_at_its_place_against_the_scan_edge_is_not_evaluable() -> None:
+    """The look measures what lies at a missed target's place; where that reaches the edge of
+    the current scan it is measured in part, as the model's own cut node would be."""
+    _, prior = _findings("look-cut-prior", [("LN-1", (20, 30, 7), (10, 14, 10))])  # 20 mm target
+    study = PriorStudy(prior.study_instance_uid, "", "20260105", prior_nodes(prior))
+    _, current = _findings("look-cut-current", [])  # the model found nothing now
+    g = np.indices(SHAPE).astype(float) * SPACING
+    # a 16 mm node at its place, then a 20 mm one reaching the first column
+    for centre_i, radius_mm, cut in ((7, 8.0, False), (4, 10.0, True)):
+        array = np.full(SHAPE, -100.0, np.float32)
+        c = np.array([20, 30, centre_i]) * SPACING
+        array[sum((g[a] - c[a]) ** 2 for a in range(3)) <= radius_mm**2] = 45.0
+        volume = array_volume(array, _affine(), "compare-test", "look-cut-current")
+        comparison = compare(study, volume, current)
+        [gone] = comparison.nodes
+        assert gone.look is not None and gone.look.outcome == "measured" and gone.look.at_scan_edge is cut
+        assert gone.short_axis_mm_current is not None and gone.short_axis_mm_current > 10.0
+        assert comparison.summary.recist_response == ("NE" if cut else "SD")

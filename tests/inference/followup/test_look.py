@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from inference import rules
 from inference.evaluate import array_volume
 from inference.followup.look import FAT, MEASURED, UNCLEAR, look_at
 
@@ -103,10 +104,16 @@ def test_a_node_grown_well_past_its_old_size_is_measured_whole() -> None:
 
 
 def test_the_scan_edge_is_no_continuation() -> None:
-    """A node cut by the first slice does not continue past the scan: it is measured."""
+    """A node cut by the first slice does not continue past the scan: it is measured, and
+    marked as measured in part."""
     array = np.full(SHAPE, FAT_HU)
     array[_ball((1, 48, 48), 8.0)] = NODE_HU
-    assert look_at(_volume(array), _place((2, 48, 48)), 14.0, 16.0).outcome == MEASURED
+    look = look_at(_volume(array), _place((2, 48, 48)), 14.0, 16.0)
+    assert look.outcome == MEASURED and look.at_scan_edge
+    assert look.to_json()["at_scan_edge"] is True and look.note == rules.FLAG_SCAN_EDGE
+    whole = np.full(SHAPE, FAT_HU)
+    whole[_ball(CENTRE, 8.0)] = NODE_HU
+    assert not look_at(_volume(whole), _place(CENTRE), 14.0, 16.0).at_scan_edge
 
 
 def test_a_place_outside_the_scan_is_unclear() -> None:

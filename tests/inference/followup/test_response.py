@@ -129,3 +129,30 @@ def test_a_node_cut_by_the_edge_of_the_baseline_scan_is_no_target() -> None:
     s = assess([cut])
     assert s.target_prior_tracking_uids == () and s.target_response == ""
     assert s.recist_response == NON_CR_NON_PD
+
+
+def _cut_now(key, sa0, sa1) -> NodeSizes:
+    return NodeSizes(
+        key=key, sa_prior=sa0, la_prior=sa0 * 1.3, sa_current=sa1, la_current=sa1 * 1.3, at_scan_edge_now=True
+    )
+
+
+def test_a_target_cut_by_the_edge_of_the_current_scan_is_not_evaluable() -> None:
+    # the part in view measures 6 mm: without the rule, both targets < 10 mm would be CR
+    s = assess([node("a", 20, 5), _cut_now("b", 18, 6)])
+    assert s.target_response == NE and s.recist_response == NE
+    assert "cut by the edge of the scan now" in s.recist_reason
+    # progression stands on the part in view alone: 20 + 18 -> 20 + 30 (+12 mm, 32 %)
+    s = assess([node("a", 20, 20), _cut_now("b", 18, 30)])
+    assert s.target_response == PD and s.recist_response == PD
+
+
+def test_a_non_target_cut_by_the_edge_of_the_current_scan_is_not_called_normal() -> None:
+    s = assess([node("a", 20, 5), _cut_now("b", 12, 4)])
+    assert s.target_response == CR and s.non_target_response == NON_CR_NON_PD
+    assert s.recist_response == PR  # targets CR with non-targets present
+
+
+def test_a_node_cut_now_has_a_current_size() -> None:
+    with pytest.raises(FollowUpError, match="edge of the scan now"):
+        NodeSizes(key="a", sa_prior=12, la_prior=14, sa_current=None, la_current=None, at_scan_edge_now=True)
