@@ -11,7 +11,10 @@ with a soft-tissue window. `refine` moves the edge there:
 2. within `grow_mm` of the mask (in or out), each voxel's membership is how close its HU
    (lightly blurred in plane) is to the node's density, on the scale node - fat: 1 at
    the node's density, 0.5 half-way to fat (or as far above the node: an enhanced
-   vessel or bone beside the node stays out), 0 at fat;
+   vessel or bone beside the node stays out), 0 at fat. Where a structure denser than
+   fat (an organ, a vessel, another node) lies beyond that band, the node grows only on
+   its own side of the contact: a watershed on the distance map, seeded by the mask and
+   by that structure, cuts at the neck between them;
 3. deeper inside the mask the network's verdict stands, holes in each slice are filled
    and fat inside the node's convex outline is taken in, so that a necrotic centre or a
    fatty hilum (a notch of fat at the node's margin) remains part of the node, as it is
@@ -27,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
+from skimage.segmentation import watershed
 
 SHELL_MM = (2.0, 4.0)  # where the surrounding fat's density is taken
 IN_PLANE_BLUR_PX = 0.5
@@ -61,7 +65,11 @@ def refine(
         return None
     membership = np.clip(1.0 - np.abs(image - node_hu) / contrast, 0.0, 1.0)
     inside = ndimage.distance_transform_edt(mask, sampling=spacing)
-    band = (outside <= grow_mm) & (inside <= KEEP_DEPTH_MM)
+    band = (
+        (outside <= grow_mm)
+        & (inside <= KEEP_DEPTH_MM)
+        & _own(image > fat_hu + contrast / 2, mask, outside, grow_mm, spacing)
+    )
     deep = mask & ~band
     out = np.where(band, membership, 0.0)
     out[deep] = np.maximum(soft[deep], 0.5)
@@ -76,6 +84,28 @@ def refine(
         filled = lab == keep
     out = np.where(filled, np.maximum(out, 0.5), np.minimum(out, 0.49))
     return out.astype(np.float32), filled
+
+
+def _own(
+    tissue: np.ndarray,
+    mask: np.ndarray,
+    outside: np.ndarray,
+    grow_mm: float,
+    spacing: tuple[float, float, float],
+) -> np.ndarray:
+    """Where the node may grow: the node's side of the neck between it and a neighbouring
+    structure denser than fat (an organ, a vessel, another node) that the box shows beyond
+    the band (`tissue`: above half-way between fat and node). A marker-controlled
+    watershed on the distance map (scikit-image), seeded by the network's mask and by that
+    neighbour's tissue, cuts at the neck between them, as in `inference.followup.look`.
+    Everywhere when no such neighbour is in view."""
+    other = tissue & (outside > grow_mm)
+    if not other.any():
+        return np.ones(mask.shape, dtype=bool)
+    region = tissue | mask
+    seeds = np.where(mask, 1, np.where(other, 2, 0)).astype(np.int32)
+    distance = ndimage.distance_transform_edt(region, sampling=spacing)
+    return watershed(-distance, seeds, mask=region) != 2
 
 
 def _closed(node: np.ndarray, fat: np.ndarray) -> np.ndarray:

@@ -117,3 +117,19 @@ def test_classifier_crop_from_a_native_mask_matches_the_working_grid_crop():
     np.testing.assert_allclose(crop[0], reference[0], atol=0.05)  # the same CT cube
     a, b = crop[1] > 0.5, reference[1] > 0.5
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9  # and the same node in it
+
+
+@pytest.mark.parametrize("gap_voxels", [0, 1])
+def test_the_edge_does_not_grow_into_an_organ_the_node_lies_on(gap_voxels):
+    """A node pressed against an organ of its density: the edge is settled on the node's side
+    of the contact (a watershed cut at the neck), not grown up to 3 mm into the organ."""
+    truth = ellipsoid(SEMI)
+    below = int(np.nonzero(truth.any(axis=(0, 2)))[0].max()) + 1 + gap_voxels
+    organ = np.zeros(SHAPE, bool)
+    organ[:, below : below + 12, 10:50] = True  # along the short axis, 9.6 mm thick
+    net = ndimage.binary_erosion(truth, IN_PLANE, iterations=1)
+    out = refine(ct(truth | organ), np.where(net, 0.9, 0.1).astype(np.float32), net, SPACING, grow_mm=3.0)
+    assert out is not None
+    membership, mask = out
+    assert short_axis(membership) == pytest.approx(2 * SEMI[1], abs=0.5)  # grown into it: 11.5-11.7 mm
+    assert not (mask & organ).any()
