@@ -115,7 +115,10 @@ class PhantomPair:
         mask = self.current.labels == index
         key = int(np.argmax(mask.sum(axis=(1, 2))))
         spacing = np.linalg.norm(self.current.affine[:3, :3], axis=0)
-        d = axial_diameters(mask[key].astype(np.float32), (float(spacing[1]), float(spacing[2])))
+        try:
+            d = axial_diameters(mask[key].astype(np.float32), (float(spacing[1]), float(spacing[2])))
+        except ValueError:  # a part of a voxel or two has no contour: nothing measurable in view
+            return 0.0, 0.0
         return d.short_mm, d.long_mm
 
 

@@ -158,3 +158,12 @@ def test_a_target_cut_by_the_edge_of_the_follow_up_scan_is_not_evaluable_in_the_
     assert 0 < sa <= la  # (the test phantom's 2.2 mm pixels measure it only roughly)
     s = cut.truth_response()
     assert s.target_response == "NE" and "cut by the edge of the scan now" in s.recist_reason
+
+
+def test_a_node_with_a_voxel_in_view_measures_nothing_there(pairs) -> None:
+    pair = pairs["partial-response"]
+    index = next(f.current_index for f in pair.nodes if f.current_index)
+    labels = np.where(pair.current.labels == index, 0, pair.current.labels)
+    labels[0, 0, 0] = index  # all that is left of it: one voxel in the corner
+    cut = replace(pair, current=replace(pair.current, labels=labels))
+    assert cut.current_at_scan_edge(index) and cut.current_in_view_axes(index) == (0.0, 0.0)
