@@ -19,6 +19,8 @@ FLAG_NECROSIS = "central low attenuation"
 #: part of it may lie outside, so it cannot be measured whole. RECIST 1.1 takes as targets
 #: only lesions "suitable for accurate repeated measurements" (docs/follow-up-criteria.md)
 FLAG_SCAN_EDGE = "cut by the edge of the scan"
+#: how a result says a node's size is that of its part in the scan (SR comments and summary)
+SCAN_EDGE_REMARK = f"{FLAG_SCAN_EDGE}, measured in part"
 
 
 def size_category(short_axis_mm: float) -> str:

@@ -197,7 +197,7 @@ def _look_text(n: NodeChange) -> str:
         return ""
     study = "current" if n.status == GONE else "prior"
     # a prior-side size cut by the scan's edge is said by the prior values' edge comment
-    cut = f"; {rules.FLAG_SCAN_EDGE}, measured in part" if n.look.at_scan_edge and n.status == GONE else ""
+    cut = f"; {rules.SCAN_EDGE_REMARK}" if n.look.at_scan_edge and n.status == GONE else ""
     return (
         f"not found by the model on the {study} CT; measured by nodal at its registered place there "
         f"(soft tissue apart from its surroundings){cut}: to be confirmed by the reader"
@@ -322,7 +322,7 @@ def summary_text(comparison: Comparison) -> str:
         label = n.prior_label if n.status == GONE else n.current_label
         study = "current" if n.status == GONE else "prior"
         if n.look is not None and n.look.outcome == MEASURED:
-            cut = f" ({rules.FLAG_SCAN_EDGE}, measured in part)" if n.look.at_scan_edge else ""
+            cut = f" ({rules.SCAN_EDGE_REMARK})" if n.look.at_scan_edge else ""
             parts.append(f"{label}: not found by the model on the {study} CT, measured at its place{cut}")
         elif n.look is not None:
             parts.append(f"{label}: not found by the model on the {study} CT; {n.look.note}")

@@ -98,7 +98,7 @@ def comment(finding: Finding) -> str:
     """The node's call and size class in words (ASCII), e.g. ``"LN-1 malignant, size:
     pathological target (>=15 mm)"``."""
     call = malignancy_value(finding.malignancy_probability).meaning.lower()
-    edge = f"; {rules.FLAG_SCAN_EDGE}, measured in part" if rules.FLAG_SCAN_EDGE in finding.flags else ""
+    edge = f"; {rules.SCAN_EDGE_REMARK}" if rules.FLAG_SCAN_EDGE in finding.flags else ""
     return f"{finding.label} {call}, size: {finding.size_category}{edge}"
 
 
