@@ -7,7 +7,9 @@ the truth:
 
 * matching: of the nodes present in both studies and found by the model in both, the share
   whose prior finding the comparison paired with their current finding;
-* short-axis change: |measured change - true change| of those correctly paired nodes;
+* short-axis change: |measured change - true change| of those correctly paired nodes (for a
+  node cut by the edge of a scan, the true change of its part in view, as it is measured:
+  `PhantomPair.true_short_axis_change_mm`);
 * response: the RECIST 1.1 nodal response of the comparison against that of the true sizes,
   and the same without the look at the place of nodes found in one study only
   (`inference.followup.look`), and, for a model with a checker, with the look's structures
@@ -134,7 +136,7 @@ def _one(
         if paired.get(p.tracking_uid) == c.tracking_uid:
             correct += 1
             measured = c.short_axis.length_mm - p.short_axis.length_mm
-            errors.append(abs(measured - float(fate.short_axis_change_mm or 0.0)))
+            errors.append(abs(measured - float(pair.true_short_axis_change_mm(fate) or 0.0)))
     m = np.asarray(comparison.registration.matrix)
     centres = np.array([f.prior_centre_lps_mm for f in pair.nodes if f.prior_centre_lps_mm is not None])
     reg_error = None

@@ -112,14 +112,33 @@ class PhantomPair:
     def current_in_view_axes(self, index: int) -> tuple[float, float]:
         """(short, long) axis in mm of the part of follow-up node `index` in the scan, on the
         axial slice where it is largest (`inference.measure.axial_diameters`)."""
-        mask = self.current.labels == index
-        key = int(np.argmax(mask.sum(axis=(1, 2))))
-        spacing = np.linalg.norm(self.current.affine[:3, :3], axis=0)
-        try:
-            d = axial_diameters(mask[key].astype(np.float32), (float(spacing[1]), float(spacing[2])))
-        except ValueError:  # a part of a voxel or two has no contour: nothing measurable in view
-            return 0.0, 0.0
-        return d.short_mm, d.long_mm
+        return _in_view_axes(self.current, index)
+
+    def true_short_axis_change_mm(self, fate: NodeFate) -> float | None:
+        """The true short-axis change of a node in both scans as the comparison measures it:
+        where a scan's edge cuts the node, its short axis there is that of its part in view
+        (`current_in_view_axes`, and the same on the prior scan). None for a new or gone node."""
+        prior, current = fate.short_axis_mm_prior, fate.short_axis_mm_current
+        if fate.prior_index is None or fate.current_index is None or prior is None or current is None:
+            return None
+        if self.prior_at_scan_edge(fate.prior_index):
+            prior = _in_view_axes(self.prior, fate.prior_index)[0]
+        if self.current_at_scan_edge(fate.current_index):
+            current = _in_view_axes(self.current, fate.current_index)[0]
+        return current - prior
+
+
+def _in_view_axes(phantom: Phantom, index: int) -> tuple[float, float]:
+    """(short, long) axis in mm of what the scan of `phantom` holds of node `index`, on the
+    axial slice where it is largest; 0 where that is too small to have a contour."""
+    mask = phantom.labels == index
+    key = int(np.argmax(mask.sum(axis=(1, 2))))
+    spacing = np.linalg.norm(phantom.affine[:3, :3], axis=0)
+    try:
+        d = axial_diameters(mask[key].astype(np.float32), (float(spacing[1]), float(spacing[2])))
+    except ValueError:  # a part of a voxel or two has no contour: nothing measurable in view
+        return 0.0, 0.0
+    return d.short_mm, d.long_mm
 
 
 def make_pair(seed: int, scenario: str, spec: PhantomSpec | None = None) -> PhantomPair:

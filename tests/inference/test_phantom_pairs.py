@@ -167,3 +167,25 @@ def test_a_node_with_a_voxel_in_view_measures_nothing_there(pairs) -> None:
     labels[0, 0, 0] = index  # all that is left of it: one voxel in the corner
     cut = replace(pair, current=replace(pair.current, labels=labels))
     assert cut.current_at_scan_edge(index) and cut.current_in_view_axes(index) == (0.0, 0.0)
+
+
+def test_the_true_change_of_a_node_cut_by_a_scan_edge_is_that_of_its_part_in_view(pairs) -> None:
+    """The comparison measures a cut node's part in view; its true change is scored the same
+    way (`nodal evaluate-followup`'s change error), on whichever scan cuts it."""
+    pair = pairs["partial-response"]
+    fate = next(f for f in pair.nodes if f.prior_index and f.current_index)
+    assert pair.true_short_axis_change_mm(fate) == pytest.approx(fate.short_axis_change_mm)
+    labels = pair.current.labels.copy()
+    _, j, i = np.argwhere(labels == fate.current_index)[0]
+    labels[0, j, i] = fate.current_index  # the node now reaches the first slice of the follow-up
+    cut = replace(pair, current=replace(pair.current, labels=labels))
+    in_view = cut.current_in_view_axes(fate.current_index)[0]
+    assert cut.true_short_axis_change_mm(fate) == pytest.approx(in_view - fate.short_axis_mm_prior)
+    labels = pair.prior.labels.copy()
+    _, j, i = np.argwhere(labels == fate.prior_index)[0]
+    labels[0, j, i] = fate.prior_index  # and the prior node the first slice of the prior
+    both = replace(cut, prior=replace(pair.prior, labels=labels))
+    prior_in_view = pp._in_view_axes(both.prior, fate.prior_index)[0]
+    assert both.true_short_axis_change_mm(fate) == pytest.approx(in_view - prior_in_view)
+    assert prior_in_view != pytest.approx(fate.short_axis_mm_prior)
+    assert pair.true_short_axis_change_mm(replace(fate, prior_index=None, short_axis_mm_prior=None)) is None
