@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from inference import rules
 from inference.findings import StudyFindings
 from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
 from inference.followup.look import UNCLEAR
@@ -37,20 +38,45 @@ def changed(n: NodeChange) -> bool:
     )
 
 
-def _gone_text(n: NodeChange) -> tuple[str, str]:
-    """Title and line of the current panel of a prior node the model did not find now."""
+def gone_text(n: NodeChange) -> tuple[str, list[str]]:
+    """Title and lines of the current panel of a prior node the model did not find now."""
     was = f"was short {n.short_axis_mm_prior:.1f} mm"
     if n.short_axis_mm_current is not None:
         return (
             f"CURRENT - {n.prior_label} NOT FOUND BY THE MODEL",
-            f"{n.prior_label}: measured at its place: short {n.short_axis_mm_current:.1f} mm ({was})",
+            [
+                f"{n.prior_label}: measured at its place: short {n.short_axis_mm_current:.1f} mm ({was})",
+                *_cut(n.prior_label, n.look is not None and n.look.at_scan_edge),
+            ],
         )
     if n.look is not None and n.look.outcome == UNCLEAR:
         return (
             f"CURRENT - {n.prior_label} NOT FOUND BY THE MODEL",
-            f"{n.prior_label}: soft tissue still at its place, not measurable apart ({was})",
+            [f"{n.prior_label}: soft tissue still at its place, not measurable apart ({was})"],
         )
-    return f"CURRENT - {n.prior_label} GONE", f"{n.prior_label}: not found now ({was})"
+    return f"CURRENT - {n.prior_label} GONE", [f"{n.prior_label}: not found now ({was})"]
+
+
+def prior_lines(n: NodeChange, date: str) -> list[str]:
+    """The legend of the prior panel of a changed node: its prior sizes (for a new node, what
+    its place held then), and whether the edge of the prior scan cut what was measured."""
+    if n.status == NEW:
+        if n.short_axis_mm_prior is not None:
+            return [
+                f"{n.current_label}: measured at its place on {date}: short {n.short_axis_mm_prior:.1f} mm",
+                *_cut(n.current_label, n.look is not None and n.look.at_scan_edge),
+            ]
+        if n.seen_in_prior_image:
+            return [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]
+        return [f"{n.current_label}: not present on {date}"]
+    change = "" if n.short_axis_change_mm is None else f", change {n.short_axis_change_mm:+.1f} mm"
+    sizes = f"short {n.short_axis_mm_prior:.1f} mm, long {n.long_axis_mm_prior:.1f} mm"
+    return [f"{n.prior_label}: {sizes}{change}", *_cut(n.prior_label, n.prior_at_scan_edge)]
+
+
+def _cut(label: str | None, cut: bool) -> list[str]:
+    """A line of its own for a size measured on a node cut by the edge of the scan."""
+    return [f"{label}: {rules.SCAN_EDGE_REMARK}"] if cut else []
 
 
 def side_by_side(
@@ -74,8 +100,8 @@ def side_by_side(
             here = matrix[:3, :3] @ np.asarray(n.prior_centroid_lps_mm) + matrix[:3, 3]
             k, row, col = _voxel(study_findings.affine, here, study_findings.shape)
             key = ri.KeyImage(k, ())
-            title, text = _gone_text(n)
-            current = _panel(ri.window(ri.slice_hu(sources, k)), (row, col), title, [text], study_findings)
+            title, text = gone_text(n)
+            current = _panel(ri.window(ri.slice_hu(sources, k)), (row, col), title, text, study_findings)
         else:
             f = study_findings.findings[index[n.current_label]]  # type: ignore[index]
             key = ri.KeyImage(int(f.key_slice), ((index[f.label], f),))
@@ -83,24 +109,17 @@ def side_by_side(
         if n.status == NEW:
             assert n.current_centroid_lps_mm is not None
             where = to_prior[:3, :3] @ np.asarray(n.current_centroid_lps_mm) + to_prior[:3, 3]
-            if n.short_axis_mm_prior is not None:
-                lines = [
-                    f"{n.current_label}: measured at its place on {date}: "
-                    f"short {n.short_axis_mm_prior:.1f} mm"
-                ]
-            elif n.seen_in_prior_image:
-                lines = [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]
-            else:
-                lines = [f"{n.current_label}: not present on {date}"]
         else:
             assert n.prior_centroid_lps_mm is not None
             where = np.asarray(n.prior_centroid_lps_mm, dtype=float)
-            change = "" if n.short_axis_change_mm is None else f", change {n.short_axis_change_mm:+.1f} mm"
-            sizes = f"short {n.short_axis_mm_prior:.1f} mm, long {n.long_axis_mm_prior:.1f} mm"
-            lines = [f"{n.prior_label}: {sizes}{change}"]
         k, row, col = _voxel(prior.affine, where, prior.shape)
         left = _panel(
-            ri.window(prior.array[k]), (row, col), f"PRIOR {date}", lines, study_findings, current.shape
+            ri.window(prior.array[k]),
+            (row, col),
+            f"PRIOR {date}",
+            prior_lines(n, date),
+            study_findings,
+            current.shape,
         )
         gap = np.zeros((current.shape[0], GAP_PX, 3), np.uint8)
         out.append((key, np.concatenate([left, gap, current], axis=1)))

@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 from skimage.draw import line as draw_line
 
+from inference import rules
 from inference.findings import Finding, ModelInfo, StudyFindings
 from inference.followup import Comparison
 from inference.volume import Volume
@@ -186,11 +187,7 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
         )
 
     # Legend at the bottom: what each label means, with the model that produced it.
-    lines = [
-        f"{f.label}: short {f.short_axis.length_mm:.1f} mm, long {f.long_axis.length_mm:.1f} mm, "
-        f"p(malignant) {f.malignancy_probability:.2f}"
-        for _, f in key.findings
-    ] or [NO_FINDINGS_TEXT]
+    lines = legend_lines([f for _, f in key.findings])
     if len(lines) > MAX_LEGEND_LINES:
         hidden = len(lines) - MAX_LEGEND_LINES + 1
         lines = [*lines[: MAX_LEGEND_LINES - 1], f"... and {hidden} more (see the SR)"]
@@ -202,6 +199,21 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
     for i, line_text in enumerate(lines):
         draw.text((margin, y0 + i * line_h), line_text, font=legend_font, fill=BANNER_COLOR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def legend_lines(findings: Sequence[Finding]) -> list[str]:
+    """The legend's node lines: each node's sizes and probability, and for a node cut by the
+    edge of the scan a line of its own that says its sizes are those of the part in view
+    (`NO_FINDINGS_TEXT` for none)."""
+    lines = []
+    for f in findings:
+        lines.append(
+            f"{f.label}: short {f.short_axis.length_mm:.1f} mm, long {f.long_axis.length_mm:.1f} mm, "
+            f"p(malignant) {f.malignancy_probability:.2f}"
+        )
+        if rules.FLAG_SCAN_EDGE in f.flags:
+            lines.append(f"{f.label}: {rules.SCAN_EDGE_REMARK}")
+    return lines or [NO_FINDINGS_TEXT]
 
 
 def _orientation_letters(vector: Sequence[float]) -> str:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from inference import rules
 from sr_templates import build_results, codes, write_results
 from sr_templates.result_images import (
     BANNER_COLOR,
     MIN_SIZE,
+    NO_FINDINGS_TEXT,
     banner_text,
     footer_text,
     key_images,
+    legend_lines,
 )
 from sr_templates.seg import segment_rgb
 from sr_templates.sources import header_copy
@@ -90,3 +94,13 @@ def test_result_images_need_pixel_data_but_seg_and_sr_do_not(case) -> None:
     assert results.seg is not None and results.result_images == ()
     with pytest.raises(ValueError, match="pixel data"):
         build_results(headers, case.findings)
+
+
+def test_the_legend_says_when_the_scan_edge_cut_a_node(case) -> None:
+    """A node cut by the edge of the scan is measured in part; the legend says so on a line
+    of its own (the SR's remark), and says nothing of it for a whole node."""
+    f = case.findings.findings[0]
+    assert len(legend_lines([f])) == 1
+    cut = dataclasses.replace(f, flags=(*f.flags, rules.FLAG_SCAN_EDGE))
+    assert legend_lines([cut])[1:] == [f"{f.label}: cut by the edge of the scan, measured in part"]
+    assert legend_lines([]) == [NO_FINDINGS_TEXT]

@@ -15,7 +15,7 @@ from inference.dicom_volume import load_series
 from inference.followup import FROM_SR, PriorNode, PriorStudy, compare
 from sr_templates import build_results, codes, read_prior_nodes, write_results
 from sr_templates.followup import summary_text
-from sr_templates.prior_images import changed
+from sr_templates.prior_images import changed, gone_text, prior_lines
 from tests.helpers.sr_case import DSRDUMP, NodeSpec, dciodvfy, make_case, needs_dciodvfy, needs_dsrdump
 
 NODES = (
@@ -171,6 +171,24 @@ def test_a_size_measured_at_the_place_against_the_scan_edge_is_said_to_be_in_par
     groups = _groups(pydicom.dcmread(paths["sr.dcm"]))
     [now] = [g for g in groups if _uid(g) == PRIOR_STUDY + ".9.3" and _order(g) == 2]
     assert "cut by the edge of the scan, measured in part" in _child(now, "121106")[0].TextValue
+
+
+def test_the_images_say_which_sizes_the_scan_edge_cut(looked, at_edge) -> None:
+    """The prior-beside-current images carry the SR's remark on their own line: a gone node
+    measured at its place against the current edge, a new node's look against the prior
+    edge, a prior node cut by the prior scan; and nothing where no edge cut the size."""
+    remark = "cut by the edge of the scan, measured in part"
+    _, comparison, _ = looked
+    gone = next(n for n in comparison.nodes if n.prior_label == "LN-3")
+    new = next(n for n in comparison.nodes if n.current_label == "LN-2")
+    assert not any(remark in line for line in [*gone_text(gone)[1], *prior_lines(new, PRIOR_DATE)])
+    cut_gone, cut_new = (
+        dataclasses.replace(n, look=dataclasses.replace(n.look, at_scan_edge=True)) for n in (gone, new)
+    )
+    assert gone_text(cut_gone)[1][1:] == [f"LN-3: {remark}"]
+    assert prior_lines(cut_new, PRIOR_DATE)[1:] == [f"LN-2: {remark}"]
+    matched = next(n for n in at_edge[1].nodes if n.prior_label == "LN-1" and n.current_label)
+    assert matched.prior_at_scan_edge and prior_lines(matched, PRIOR_DATE)[1:] == [f"LN-1: {remark}"]
 
 
 def test_a_structure_the_checker_refuses_is_no_node_and_said_so(refused) -> None:
