@@ -9,13 +9,16 @@ OHIF itself holds (its services and Cornerstone's state), not on pixels:
 * every segment's voxel count in OHIF's labelmap equals the SEG file's;
 * in the SR viewport every node is one measurement with two lines drawn (long and short
   axis) and its values: the call and size class, both axes, the volume, the probability;
-* no uncaught error in the page.
+* no uncaught error in the page;
+* a node cut by the edge of the scan (the CT made to end inside it) has, in OHIF too, the
+  comment that says it is measured in part.
 
 Screenshots for a person go to var/ohif/ (the README's come from there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -173,6 +176,35 @@ def tracked(processed: Path, tmp_path_factory) -> dict:
     return seen
 
 
+@pytest.fixture(scope="module")
+def cut_node(tmp_path_factory) -> dict:
+    """The same phantom scanned to just short of the far end of its largest node: nodal flags
+    that node as cut by the edge of the scan (it is LN-1, the SR's first measurement, so
+    OHIF opens the SR on it). Its findings and what OHIF shows of its SR."""
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("ohif-cut")
+    phantom = phantoms.generate(SEED, SPEC)
+    node = max(phantom.nodes, key=lambda n: n.short_axis_mm)
+    stop = int(np.argwhere(phantom.labels == node.index)[:, 0].max())  # its last slice left out
+    phantoms.write_phantom(
+        dataclasses.replace(
+            phantom, hu=phantom.hu[:stop], labels=phantom.labels[:stop], tissue=phantom.tissue[:stop]
+        ),
+        root / "ct",
+    )
+    _process(root / "ct", root / "out")
+    seen: dict = {"page_errors": [], "console_errors": [], "findings": _findings(root)}
+    files = [*sorted((root / "ct").glob("*.dcm")), root / "out" / "sr.dcm"]
+    with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-cut"), seen) as page:
+        seen["sr"], seen["svg"] = open_sr(page, display_sets(page)["SR"])
+        x, y, z = seen["findings"][0]["centroid_lps_mm"]
+        frame(page, [x + 50.0, y, z], 2.5)  # the node left of centre: its long comment in view
+        page.screenshot(path=str(SCREENSHOTS / "sr-cut.png"))
+    return seen
+
+
 def _findings(processed: Path) -> list[dict]:
     return json.loads((processed / "out" / "findings.json").read_text())["nodes"]
 
@@ -261,3 +293,22 @@ def test_editable_sr_becomes_one_tracked_bidirectional_measurement_per_node(proc
         assert abs(float(long_text.split()[1]) - f["long_axis_mm"]) <= 0.06
         assert abs(float(short_text.split()[1]) - f["short_axis_mm"]) <= 0.06
     assert tracked["page_errors"] == []
+
+
+def test_a_node_cut_by_the_edge_of_the_scan_says_so_in_ohif(cut_node) -> None:
+    """Beside a cut node's lines the radiologist reads that its sizes are those of the part
+    in the scan: the SR's comment, as OHIF holds it and draws it on the slice shown."""
+    remark = "; cut by the edge of the scan, measured in part"
+    edge = "cut by the edge of the scan"
+    flagged = {f["tracking_uid"]: f for f in cut_node["findings"] if edge in f["flags"]}
+    assert flagged and cut_node["findings"][0]["tracking_uid"] in flagged
+    measurements = {m["uid"]: m for m in cut_node["sr"]["measurements"]}
+    for uid, f in flagged.items():
+        labels = [e["label"] for e in measurements[uid]["labels"]]
+        comments = [label for label in labels if label.startswith(f"{f['label']} ")]
+        assert len(comments) == 1 and comments[0].endswith(remark), comments
+    shown = cut_node["svg"]["texts"]
+    assert any(remark in lines[0] for uid, lines in shown.items() if uid in flagged), shown
+    others = [lines[0] for uid, lines in shown.items() if uid not in flagged]
+    assert not any(remark in line for line in others)
+    assert cut_node["page_errors"] == []
