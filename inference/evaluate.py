@@ -74,8 +74,20 @@ class _Match:
     dice: float
 
 
-def match(labels: np.ndarray, masks: list[tuple[tuple, np.ndarray]]) -> list[_Match]:
-    """Match each predicted (bbox, mask) to the ground-truth node it overlaps most."""
+#: A finding hits the true node it overlaps most when their intersection over union is at
+#: least this (the usual threshold of medical object detection). A finding mostly of other
+#: tissue (a bowel loop with a small node on its wall) is then a false positive, not the node.
+HIT_MIN_IOU = 0.1
+#: How the verifier and the checker label their training candidates, as when the shipped
+#: model was trained: a node when the overlap is this share of the smaller of the two.
+TRAINING_MIN_OVERLAP = 0.1
+
+
+def match(
+    labels: np.ndarray, masks: list[tuple[tuple, np.ndarray]], *, training: bool = False
+) -> list[_Match]:
+    """Match each predicted (bbox, mask) to the ground-truth node it overlaps most, when the
+    two overlap enough (`HIT_MIN_IOU`; with `training`, `TRAINING_MIN_OVERLAP`)."""
     out = []
     gt_sizes = np.bincount(labels.ravel())
     for bbox, mask in masks:
@@ -85,10 +97,16 @@ def match(labels: np.ndarray, masks: list[tuple[tuple, np.ndarray]]) -> list[_Ma
         counts[0] = 0
         best = int(np.argmax(counts))
         inter = int(counts[best])
-        if best == 0 or inter < 0.1 * min(mask.sum(), gt_sizes[best]):
+        size, node = int(mask.sum()), int(gt_sizes[best])
+        enough = (
+            inter >= TRAINING_MIN_OVERLAP * min(size, node)
+            if training
+            else inter >= HIT_MIN_IOU * (size + node - inter)
+        )
+        if best == 0 or not enough:
             out.append(_Match(0, 0.0))
         else:
-            out.append(_Match(best, 2 * inter / (mask.sum() + gt_sizes[best])))
+            out.append(_Match(best, 2 * inter / (size + node)))
     return out
 
 

@@ -77,7 +77,7 @@ def phantom_part(model, seed: int, variety: bool) -> Part:
     kept = np.ones(len(pairs), bool)
     if model.verifier is not None:
         kept = model.verifier.keep(np.stack([candidate_features(volume, c, m) for c, m in pairs]))
-    matches = match(ph.labels, [(m["bbox"], m["mask"]) for _, m in pairs])
+    matches = match(ph.labels, [(m["bbox"], m["mask"]) for _, m in pairs], training=True)
     return Part(
         seed=seed,
         crops=np.stack(checker_crops(CROP_KIND, pairs, image_w, grid)).astype(np.float16),

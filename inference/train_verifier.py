@@ -40,7 +40,7 @@ def labelled_candidates(
     if not pairs:
         return np.zeros((0, len(verify.FEATURES))), np.zeros(0, bool)
     x = np.stack([candidate_features(volume, c, m) for c, m in pairs])
-    matches = match(labels, [(m["bbox"], m["mask"]) for _, m in pairs])
+    matches = match(labels, [(m["bbox"], m["mask"]) for _, m in pairs], training=True)
     return x, np.array([m.gt != 0 for m in matches])
 
 

@@ -23,6 +23,22 @@ def test_match_counts_overlap_and_false_positives():
     assert out[1].gt == 0
 
 
+def test_a_finding_mostly_of_other_tissue_is_a_false_positive_not_the_node():
+    """A bowel loop segmented with a small node on its wall: the node lies wholly inside the
+    finding, but the two have an intersection over union of 0.05, so the evaluations count
+    a false positive (and the node missed); the training labels keep the old rule."""
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:5, 2:5, 2:5] = 1  # 27 voxels
+    loop = np.ones((8, 8, 8), bool)  # 512 voxels, the node in its corner
+    [m] = match(labels, [((2, 2, 2, 10, 10, 10), loop)])
+    assert m.gt == 0
+    [m] = match(labels, [((2, 2, 2, 10, 10, 10), loop)], training=True)
+    assert m.gt == 1
+    half = np.ones((4, 4, 4), bool)  # a node measured too large: IoU 27/64
+    [m] = match(labels, [((2, 2, 2, 6, 6, 6), half)])
+    assert m.gt == 1
+
+
 def test_bias_keeps_the_sign_that_the_absolute_error_loses():
     from inference.evaluate import _bias, _mae
 
