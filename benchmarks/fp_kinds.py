@@ -3,8 +3,10 @@
 `python -m benchmarks.fp_kinds --first 600000 --count 10 --variety` runs the pipeline with
 the plausibility rules off on training phantoms (seeds below the evaluation seeds; with
 `--variety` drawn by `inference.phantoms.variety_spec`) and prints one line per finding:
-true or false, short and long axis, mean HU, extent along z, the two commonest tissues
-of the phantom's tissue map under it, and the plausibility rules it breaks. It reads
+true or false (by the evaluations' hit rule, `inference.evaluate.HIT_MIN_IOU`: a finding
+mostly of other tissue with a node on it is false), short and long axis, mean HU, extent
+along z, the two commonest tissues of the phantom's tissue map under it, and the
+plausibility rules it breaks. It reads
 only the training family, so rules and training can be studied on it without spending
 the held-out family.
 """

@@ -64,7 +64,7 @@ def prior_lines(n: NodeChange, date: str) -> list[str]:
         if n.short_axis_mm_prior is not None:
             return [
                 f"{n.current_label}: measured at its place on {date}: short {n.short_axis_mm_prior:.1f} mm",
-                *_cut(n.current_label, n.look is not None and n.look.at_scan_edge),
+                *_cut(n.current_label, n.prior_at_scan_edge),
             ]
         if n.seen_in_prior_image:
             return [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]

@@ -40,7 +40,7 @@ WINDOW_WIDTH_HU = 400.0
 MIN_SIZE = 512
 BANNER_COLOR = (255, 200, 0)
 NO_FINDINGS_TEXT = "NO LYMPH NODES FOUND"
-#: At most this many node lines in the legend (the rest: "... and N more").
+#: At most this many node lines in the legend (the rest: "... and N more" nodes).
 MAX_LEGEND_LINES = 6
 
 
@@ -187,11 +187,7 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
         )
 
     # Legend at the bottom: what each label means, with the model that produced it.
-    lines = legend_lines([f for _, f in key.findings])
-    if len(lines) > MAX_LEGEND_LINES:
-        hidden = len(lines) - MAX_LEGEND_LINES + 1
-        lines = [*lines[: MAX_LEGEND_LINES - 1], f"... and {hidden} more (see the SR)"]
-    lines.append(footer_text())
+    lines = [*legend_lines([f for _, f in key.findings]), footer_text()]
     legend_font = _fitting_font(draw, max(lines, key=len), cols - 2 * margin, base_size)
     line_h = draw.textbbox((0, 0), "Ag", font=legend_font)[3] + margin
     y0 = rows - line_h * len(lines) - margin
@@ -204,16 +200,28 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
 def legend_lines(findings: Sequence[Finding]) -> list[str]:
     """The legend's node lines: each node's sizes and probability, and for a node cut by the
     edge of the scan a line of its own that says its sizes are those of the part in view
-    (`NO_FINDINGS_TEXT` for none)."""
-    lines = []
-    for f in findings:
-        lines.append(
+    (`NO_FINDINGS_TEXT` for none). At most `MAX_LEGEND_LINES`: whole nodes while they fit,
+    then how many nodes more the SR holds (a node's sizes never without its remark)."""
+    groups = [
+        [
             f"{f.label}: short {f.short_axis.length_mm:.1f} mm, long {f.long_axis.length_mm:.1f} mm, "
-            f"p(malignant) {f.malignancy_probability:.2f}"
-        )
-        if rules.FLAG_SCAN_EDGE in f.flags:
-            lines.append(f"{f.label}: {rules.SCAN_EDGE_REMARK}")
-    return lines or [NO_FINDINGS_TEXT]
+            f"p(malignant) {f.malignancy_probability:.2f}",
+            *([f"{f.label}: {rules.SCAN_EDGE_REMARK}"] if rules.FLAG_SCAN_EDGE in f.flags else []),
+        ]
+        for f in findings
+    ]
+    if not groups:
+        return [NO_FINDINGS_TEXT]
+    if sum(len(g) for g in groups) <= MAX_LEGEND_LINES:
+        return [line for g in groups for line in g]
+    lines: list[str] = []
+    shown = 0
+    for g in groups:
+        if len(lines) + len(g) > MAX_LEGEND_LINES - 1:
+            break
+        lines += g
+        shown += 1
+    return [*lines, f"... and {len(groups) - shown} more (see the SR)"]
 
 
 def _orientation_letters(vector: Sequence[float]) -> str:

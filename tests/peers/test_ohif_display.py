@@ -193,6 +193,7 @@ def cut_node(tmp_path_factory) -> dict:
             phantom, hu=phantom.hu[:stop], labels=phantom.labels[:stop], tissue=phantom.tissue[:stop]
         ),
         root / "ct",
+        uid_seed=f"nodal-phantom-{SEED}-cut",  # UIDs of its own, not the whole CT's
     )
     _process(root / "ct", root / "out")
     seen: dict = {"page_errors": [], "console_errors": [], "findings": _findings(root)}
@@ -200,7 +201,9 @@ def cut_node(tmp_path_factory) -> dict:
     with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-cut"), seen) as page:
         seen["sr"], seen["svg"] = open_sr(page, display_sets(page)["SR"])
         x, y, z = seen["findings"][0]["centroid_lps_mm"]
-        frame(page, [x + 50.0, y, z], 2.5)  # the node left of centre: its long comment in view
+        # centred 50 mm to the patient's left of the node, which so stands left of the
+        # screen's centre and leaves room on the right for its long comment
+        frame(page, [x + 50.0, y, z], 2.5)
         page.screenshot(path=str(SCREENSHOTS / "sr-cut.png"))
     return seen
 

@@ -13,6 +13,7 @@ from inference import rules
 from sr_templates import build_results, codes, write_results
 from sr_templates.result_images import (
     BANNER_COLOR,
+    MAX_LEGEND_LINES,
     MIN_SIZE,
     NO_FINDINGS_TEXT,
     banner_text,
@@ -104,3 +105,19 @@ def test_the_legend_says_when_the_scan_edge_cut_a_node(case) -> None:
     cut = dataclasses.replace(f, flags=(*f.flags, rules.FLAG_SCAN_EDGE))
     assert legend_lines([cut])[1:] == [f"{f.label}: cut by the edge of the scan, measured in part"]
     assert legend_lines([]) == [NO_FINDINGS_TEXT]
+
+
+def test_a_full_legend_keeps_each_node_whole_and_counts_the_nodes_left_out(case) -> None:
+    """Six nodes, the fifth cut (seven lines): the first four nodes whole, not the fifth's
+    size without its remark, then how many nodes the SR holds beside them."""
+    f = case.findings.findings[0]
+    nodes = [dataclasses.replace(f, label=f"LN-{n}") for n in range(1, 7)]
+    nodes[4] = dataclasses.replace(nodes[4], flags=(*f.flags, rules.FLAG_SCAN_EDGE))
+    lines = legend_lines(nodes)
+    assert len(lines) <= MAX_LEGEND_LINES
+    assert [line.split(":")[0] for line in lines[:-1]] == ["LN-1", "LN-2", "LN-3", "LN-4"]
+    assert lines[-1] == "... and 2 more (see the SR)"
+    assert len(legend_lines(nodes[:4] + nodes[5:])) == 5  # five whole nodes fit, none left out
+    whole = [dataclasses.replace(f, label=f"LN-{n}") for n in range(1, 8)]  # seven, none cut
+    assert legend_lines(whole)[-1] == "... and 2 more (see the SR)"
+    assert len(legend_lines(whole)) == MAX_LEGEND_LINES

@@ -182,9 +182,8 @@ def test_the_images_say_which_sizes_the_scan_edge_cut(looked, at_edge) -> None:
     gone = next(n for n in comparison.nodes if n.prior_label == "LN-3")
     new = next(n for n in comparison.nodes if n.current_label == "LN-2")
     assert not any(remark in line for line in [*gone_text(gone)[1], *prior_lines(new, PRIOR_DATE)])
-    cut_gone, cut_new = (
-        dataclasses.replace(n, look=dataclasses.replace(n.look, at_scan_edge=True)) for n in (gone, new)
-    )
+    cut_gone = dataclasses.replace(gone, look=dataclasses.replace(gone.look, at_scan_edge=True))
+    cut_new = dataclasses.replace(new, prior_at_scan_edge=True)  # what the comparison sets for a cut look
     assert gone_text(cut_gone)[1][1:] == [f"LN-3: {remark}"]
     assert prior_lines(cut_new, PRIOR_DATE)[1:] == [f"LN-2: {remark}"]
     matched = next(n for n in at_edge[1].nodes if n.prior_label == "LN-1" and n.current_label)
