@@ -15,7 +15,6 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from inference import rules
 from inference.findings import StudyFindings
 from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
 from inference.followup.look import UNCLEAR
@@ -76,7 +75,7 @@ def prior_lines(n: NodeChange, date: str) -> list[str]:
 
 def _cut(label: str | None, cut: bool) -> list[str]:
     """A line of its own for a size measured on a node cut by the edge of the scan."""
-    return [f"{label}: {rules.SCAN_EDGE_REMARK}"] if cut else []
+    return [ri.scan_edge_line(label)] if cut else []
 
 
 def side_by_side(

@@ -197,6 +197,11 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
     return np.asarray(image, dtype=np.uint8)
 
 
+def scan_edge_line(label: str | None) -> str:
+    """A legend line of its own that says a node's sizes are those of its part in the scan."""
+    return f"{label}: {rules.SCAN_EDGE_REMARK}"
+
+
 def legend_lines(findings: Sequence[Finding]) -> list[str]:
     """The legend's node lines: each node's sizes and probability, and for a node cut by the
     edge of the scan a line of its own that says its sizes are those of the part in view
@@ -206,7 +211,7 @@ def legend_lines(findings: Sequence[Finding]) -> list[str]:
         [
             f"{f.label}: short {f.short_axis.length_mm:.1f} mm, long {f.long_axis.length_mm:.1f} mm, "
             f"p(malignant) {f.malignancy_probability:.2f}",
-            *([f"{f.label}: {rules.SCAN_EDGE_REMARK}"] if rules.FLAG_SCAN_EDGE in f.flags else []),
+            *([scan_edge_line(f.label)] if rules.FLAG_SCAN_EDGE in f.flags else []),
         ]
         for f in findings
     ]
