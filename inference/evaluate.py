@@ -83,6 +83,11 @@ HIT_MIN_IOU = 0.1
 TRAINING_MIN_OVERLAP = 0.1
 
 
+def hit_rule() -> dict:
+    """How an evaluation counted a hit, for its report (`match` without `training`)."""
+    return {"min_iou": HIT_MIN_IOU}
+
+
 def match(
     labels: np.ndarray, masks: list[tuple[tuple, np.ndarray]], *, training: bool = False
 ) -> list[_Match]:
@@ -222,6 +227,7 @@ def evaluate(
         # the training generator's revision (`phantoms.REVISION`): one seed, other phantoms
         **({"generator_revision": phantoms.REVISION} if family in ("train", "variety") else {}),
         **headline,
+        "hit_rule": hit_rule(),
         "threshold_baseline": {
             "window_hu": list(THRESHOLD_BASELINE_HU),
             "sensitivity": _r(np.mean(base_hits)) if base_hits else None,

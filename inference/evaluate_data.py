@@ -27,6 +27,7 @@ from inference.evaluate import (
     auc,
     best_per_node,
     found_by_size,
+    hit_rule,
     match,
     threshold_baseline,
 )
@@ -142,6 +143,7 @@ def evaluate_cases(
         "auc": _r(auc([f.malignancy_probability for _, f, _ in pred_rows], labelled)),
         "auc_size_rule": _r(auc([f.short_axis.length_mm for _, f, _ in pred_rows], labelled)),
         "malignant_nodes": int(sum(node.malignant for node, _ in gt_rows)),
+        "hit_rule": hit_rule(),
         "threshold_baseline": {
             "window_hu": list(THRESHOLD_BASELINE_HU),
             "sensitivity": _r(np.mean(base_hits)) if base_hits else None,

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from inference.evaluate import array_volume, match
+from inference.evaluate import array_volume, hit_rule, match
 from inference.findings import Finding, StudyFindings
 from inference.followup import FROM_ANALYSIS, MATCHED, FollowUpSettings, PriorStudy, compare, prior_nodes
 from inference.model_store import LoadedModel
@@ -69,6 +69,7 @@ def evaluate_followup(
         "nodes_in_both_found": found,
         "matched_correctly": correct,
         "matching_accuracy": _r(correct / found if found else None, 4),
+        "hit_rule": hit_rule(),  # which finding found a true node (`_truth_of`)
         "sa_change_error_mm": {
             "median": _r(float(np.median(errors)) if errors else None, 2),
             "p90": _r(float(np.percentile(errors, 90)) if errors else None, 2),

@@ -375,6 +375,7 @@ EVALUATION_FIGURES = (
     "volume_mape",
     "auc",
     "auc_size_rule",
+    "hit_rule",
 )
 
 

@@ -13,6 +13,7 @@ import pytest
 from inference import phantoms
 from inference.dataset_export import export_dicom_seg, export_nnunet, phantom_label
 from inference.datasets import DatasetError, label_mapping, nodal_value, open_dataset
+from inference.evaluate import HIT_MIN_IOU
 
 SMALL = phantoms.PhantomSpec(rows=64, columns=64, pixel_spacing_mm=3.0, slices=12, slice_spacing_mm=4.0)
 
@@ -186,6 +187,7 @@ def test_evaluate_data_scores_both_formats_alike(tmp_path):
     spec = phantoms.PhantomSpec(rows=128, columns=128, pixel_spacing_mm=1.25, slices=20, slice_spacing_mm=2.5)
     truth = [phantoms.generate(s, spec) for s in (1_000_000, 1_000_001)]
     assert nn["data"] == {"layout": "nnunet", "split": "train", "cases": 2}
+    assert nn["hit_rule"] == {"min_iou": HIT_MIN_IOU}
     assert seg["data"]["layout"] == "dicom-seg"
     assert nn["nodes"] == seg["nodes"] == sum(len(ph.nodes) for ph in truth)
     assert nn["malignant_nodes"] == sum(n.malignant for ph in truth for n in ph.nodes)

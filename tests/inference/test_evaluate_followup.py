@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from inference.evaluate import HIT_MIN_IOU
 from inference.evaluate_followup import FOLLOWUP_SEED_BASE, evaluate_followup
 from inference.followup.response import CR, NE, NON_CR_NON_PD, PD, PR, SD
 from inference.model_store import load_model
@@ -14,6 +15,7 @@ from tests.inference.test_phantom_pairs import SPEC
 def test_one_pair_end_to_end() -> None:
     result = evaluate_followup(load_model(device="cpu"), pairs=1, spec=SPEC)
     assert result["pairs"] == 1 and result["first_seed"] == FOLLOWUP_SEED_BASE
+    assert result["hit_rule"] == {"min_iou": HIT_MIN_IOU}
     row = result["per_pair"][0]
     assert row["scenario"] == "progression"
     assert 0 <= row["matched_correctly"] <= row["found_in_both"] <= row["truth_in_both"]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from inference.evaluate import HIT_MIN_IOU
 from inference.model_store import (
     DEFAULT_MODEL_DIR,
     ModelCardError,
@@ -77,6 +78,7 @@ def test_an_evaluation_is_recorded_in_the_card_with_its_command(model_copy):
     assert entry["date"] == datetime.date.today().isoformat()
     for key in ("sensitivity", "fp_per_volume", "auc", "nodes_short_axis_ge_5mm", "seeds"):
         assert entry[key] == printed[key], key
+    assert entry["hit_rule"] == printed["hit_rule"] == {"min_iou": HIT_MIN_IOU}  # what a hit was
     assert load_model(model_copy, "cpu").card["evaluation"] == {**before, name: entry}
 
     again = record_evaluation(model_copy, name, {"sensitivity": 0.5}, "c", "d")
