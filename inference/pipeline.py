@@ -209,16 +209,22 @@ def structure_crop(
     (`inference.nodes.working_crop` on the volume's working grid; `crop` "node": centred on
     its largest slice and scaled to `long_mm`, as `checker_crops`), resampling only the
     patch of the working grid that the crop's field covers; `crop` "both": the two stacked."""
-    if crop == "both":
-        return np.concatenate(
-            [
-                structure_crop(volume, structure, origin, working_spacing, kind, long_mm)
-                for kind in ("candidate", "node")
-            ]
-        )
+    grid = working_grid(volume.array, volume.spacing, working_spacing)
+    kinds = ("candidate", "node") if crop == "both" else (crop,)
+    return np.concatenate([_structure_crop(volume, grid, structure, origin, kind, long_mm) for kind in kinds])
+
+
+def _structure_crop(
+    volume: Volume,
+    grid: Grid,
+    structure: np.ndarray,
+    origin: tuple[int, int, int],
+    crop: str,
+    long_mm: float,
+) -> np.ndarray:
+    """`structure_crop` of one kind ("candidate" or "node") on the volume's working `grid`."""
     k0, j0, i0, k1, j1, i1 = _bbox(structure)
     lo, hi = np.add(origin, (k0, j0, i0)), np.add(origin, (k1, j1, i1))
-    grid = working_grid(volume.array, volume.spacing, working_spacing)
     # one empty voxel around the structure, so that sampling it onto the working grid
     # interpolates across its edge as it does for a node's mask in its box
     mask = np.pad(structure[k0:k1, j0:j1, i0:i1], 1)
