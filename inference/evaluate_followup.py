@@ -65,11 +65,11 @@ def evaluate_followup(
     return {
         "pairs": pairs,
         "first_seed": seed,
+        "hit_rule": hit_rule(),  # which finding found a true node (`_truth_of`)
         "nodes_in_both_truth": in_both,
         "nodes_in_both_found": found,
         "matched_correctly": correct,
         "matching_accuracy": _r(correct / found if found else None, 4),
-        "hit_rule": hit_rule(),  # which finding found a true node (`_truth_of`)
         "sa_change_error_mm": {
             "median": _r(float(np.median(errors)) if errors else None, 2),
             "p90": _r(float(np.percentile(errors, 90)) if errors else None, 2),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from inference.evaluate import HIT_MIN_IOU
+from inference.evaluate import HIT_MIN_IOU, hit_rule
 from inference.model_store import (
     DEFAULT_MODEL_DIR,
     ModelCardError,
@@ -32,6 +32,8 @@ def test_shipped_demo_model_loads_and_says_what_it_is():
     assert card["not_for_clinical_use"] is True
     assert "synthetic" in card["training_data"] and "NOT for clinical use" in card["intended_use"]
     assert model.working_spacing > 0
+    # each recorded figure says what a hit was, and that is the rule the evaluations use now
+    assert card["evaluation"] and all(e["hit_rule"] == hit_rule() for e in card["evaluation"].values())
 
 
 def test_missing_card_is_refused(model_copy):
