@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from inference import rules
+
 Point3 = tuple[float, float, float]
 Point2 = tuple[float, float]
 
@@ -91,6 +93,9 @@ class ModelInfo:
     name: str
     version: str
     device: str = "cpu"
+    #: slices further apart than this and the model misses small nodes (the card's
+    #: `limits.max_slice_spacing_mm`); None: the card names no limit
+    max_slice_spacing_mm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,27 @@ class StudyFindings:
     model: ModelInfo
     findings: tuple[Finding, ...]
 
+    @property
+    def slice_spacing_mm(self) -> float:
+        """The distance between neighbouring slices (along the affine's slice axis)."""
+        return float(np.linalg.norm(self.affine[:3, 0]))
+
+    @property
+    def remarks(self) -> tuple[str, ...]:
+        """What the reader must know about the whole result: slices further apart than the
+        model finds small nodes reliably on (`rules.thick_slices_remark`)."""
+        limit = self.model.max_slice_spacing_mm
+        if limit is None or self.slice_spacing_mm <= limit + 0.01:
+            return ()
+        return (rules.thick_slices_remark(self.slice_spacing_mm, limit),)
+
     def to_json(self) -> dict:
         return {
             "study_instance_uid": self.study_instance_uid,
             "series_instance_uid": self.series_instance_uid,
             "model": {"name": self.model.name, "version": self.model.version},
+            "slice_spacing_mm": round(self.slice_spacing_mm, 2),
+            "remarks": list(self.remarks),
             "nodes": [f.to_json() for f in self.findings],
         }
 

@@ -93,6 +93,13 @@ class LoadedModel:
         return float(self.card["segmenter"].get("threshold", 0.5))
 
     @property
+    def max_slice_spacing_mm(self) -> float | None:
+        """Slices further apart than this and the model misses small nodes (the card's
+        `limits.max_slice_spacing_mm`, measured); None when the card names no limit."""
+        limit = self.card.get("limits", {}).get("max_slice_spacing_mm")
+        return None if limit is None else float(limit)
+
+    @property
     def necks(self) -> Necks | None:
         """Where a segmented component is split to judge its parts (`inference.necks`); None:
         components are not split."""

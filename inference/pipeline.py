@@ -325,7 +325,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         slices=volume.slices,
         shape=volume.shape,
         affine=volume.affine,
-        model=ModelInfo(model.name, model.version, model.device.type),
+        model=ModelInfo(model.name, model.version, model.device.type, model.max_slice_spacing_mm),
         findings=tuple(findings),
     )
     return Analysis(result, seconds)

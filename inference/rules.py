@@ -23,6 +23,12 @@ FLAG_SCAN_EDGE = "cut by the edge of the scan"
 SCAN_EDGE_REMARK = f"{FLAG_SCAN_EDGE}, measured in part"
 
 
+def thick_slices_remark(spacing_mm: float, limit_mm: float) -> str:
+    """How a result says that its CT's slices lie further apart than its model finds small
+    nodes reliably on (the card's `limits.max_slice_spacing_mm`; ASCII, for the images)."""
+    return f"thick slices ({spacing_mm:.1f} mm apart, over {limit_mm:g}): small nodes may be missed"
+
+
 def size_category(short_axis_mm: float) -> str:
     if short_axis_mm >= 15.0:
         return SIZE_TARGET

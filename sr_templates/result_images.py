@@ -187,7 +187,7 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
         )
 
     # Legend at the bottom: what each label means, with the model that produced it.
-    lines = [*legend_lines([f for _, f in key.findings]), footer_text()]
+    lines = legend(study_findings, key)
     legend_font = _fitting_font(draw, max(lines, key=len), cols - 2 * margin, base_size)
     line_h = draw.textbbox((0, 0), "Ag", font=legend_font)[3] + margin
     y0 = rows - line_h * len(lines) - margin
@@ -195,6 +195,13 @@ def render(sources: SourceSeries, study_findings: StudyFindings, key: KeyImage) 
     for i, line_text in enumerate(lines):
         draw.text((margin, y0 + i * line_h), line_text, font=legend_font, fill=BANNER_COLOR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def legend(study_findings: StudyFindings, key: KeyImage) -> list[str]:
+    """The legend of key image `key`, top to bottom: its nodes (`legend_lines`), what the
+    reader must know about the whole result (`StudyFindings.remarks`: slices too far apart
+    for small nodes), and the software that wrote it."""
+    return [*legend_lines([f for _, f in key.findings]), *study_findings.remarks, footer_text()]
 
 
 def scan_edge_line(label: str | None) -> str:

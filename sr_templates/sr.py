@@ -206,10 +206,11 @@ def finding_groups(
 
 
 def no_findings_group(
-    result_uids: ResultUIDs, algorithm: hd.sr.AlgorithmIdentification
+    result_uids: ResultUIDs, algorithm: hd.sr.AlgorithmIdentification, remarks: Sequence[str] = ()
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group stating that no lymph node was found."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    """TID 1501 group stating that no lymph node was found; with `remarks` (the study's,
+    `StudyFindings.remarks`: slices too far apart for small nodes) a Comment that says them."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result_uids(uids.NO_FINDINGS_TRACKING), identifier=NO_FINDINGS_IDENTIFIER
         ),
@@ -217,6 +218,15 @@ def no_findings_group(
         algorithm_id=algorithm,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE_OF_PROPERTY, codes.ABSENT)],
     )
+    if remarks:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.COMMENT,
+                value="; ".join(remarks),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
 
 
 def _referenced_instances(items: Sequence[Dataset]) -> set[str]:
@@ -294,7 +304,7 @@ def measurement_report(
                 )
             )
     else:
-        groups = [no_findings_group(result_uids, algorithm)]
+        groups = [no_findings_group(result_uids, algorithm, study_findings.remarks)]
     if extra is None:
         return _report(study_findings, groups)
     groups.extend(extra.groups)

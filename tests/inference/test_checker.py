@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from inference import phantoms
+from inference import phantoms, rules
 from inference.classify import CROP, crop_channels, crop_probabilities
 from inference.evaluate import phantom_volume
 from inference.model_store import DEFAULT_MODEL_DIR, ModelCardError, add_checker, load_model
@@ -96,8 +96,12 @@ def test_a_checker_on_both_crops_is_fitted_and_scored_on_four_channels():
 def test_the_checker_is_pinned_in_the_card_and_the_pipeline_applies_it(model_dir):
     spec = phantoms.PhantomSpec(rows=200, columns=200, pixel_spacing_mm=1.6, slices=40, slice_spacing_mm=3.0)
     volume = phantom_volume(phantoms.generate(11, spec))
-    found = analyse(volume, load_model(model_dir, "cpu")).findings.findings
+    first = analyse(volume, load_model(model_dir, "cpu")).findings
+    found = first.findings
     assert found
+    # the card's limit (2.5 mm) reaches the results of this CT, whose slices are 3 mm apart
+    assert first.model.max_slice_spacing_mm == 2.5
+    assert first.remarks == (rules.thick_slices_remark(3.0, 2.5),)
 
     torch.manual_seed(0)
     net = NodeClassifier(16).eval()

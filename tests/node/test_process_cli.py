@@ -34,6 +34,7 @@ def test_finds_the_nodes(processed):
     ph, root, res = processed
     doc = json.loads((root / "out" / "findings.json").read_text())
     assert {"study_instance_uid", "series_instance_uid", "model", "nodes"} <= set(doc)
+    assert doc["slice_spacing_mm"] == 2.5 and doc["remarks"] == []  # at the model's limit: no remark
     found = np.array([n["centroid_lps_mm"] for n in doc["nodes"]]).reshape(-1, 3)
     for node in ph.nodes:
         if node.short_axis_mm < 8:

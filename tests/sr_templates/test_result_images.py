@@ -19,6 +19,7 @@ from sr_templates.result_images import (
     banner_text,
     footer_text,
     key_images,
+    legend,
     legend_lines,
 )
 from sr_templates.seg import segment_rgb
@@ -121,3 +122,22 @@ def test_a_full_legend_keeps_each_node_whole_and_counts_the_nodes_left_out(case)
     whole = [dataclasses.replace(f, label=f"LN-{n}") for n in range(1, 8)]  # seven, none cut
     assert legend_lines(whole)[-1] == "... and 2 more (see the SR)"
     assert len(legend_lines(whole)) == MAX_LEGEND_LINES
+
+
+def test_the_legend_says_when_the_slices_are_too_far_apart_for_small_nodes(case) -> None:
+    """Slices further apart than the model's card says it finds small nodes on (the test
+    CT's are 2.5 mm apart): a line above the footer says so; at or under the limit, or with
+    no limit, nothing is said."""
+    key = key_images(case.findings)[0]
+    plain = legend(case.findings, key)
+    assert plain[-1] == footer_text()
+    for limit in (None, 2.5, 3.0):
+        sf = dataclasses.replace(case.findings, model=dataclasses.replace(MODEL, max_slice_spacing_mm=limit))
+        assert legend(sf, key) == plain and sf.remarks == ()
+    thin = dataclasses.replace(case.findings, model=dataclasses.replace(MODEL, max_slice_spacing_mm=2.0))
+    said = "thick slices (2.5 mm apart, over 2): small nodes may be missed"
+    assert thin.remarks == (said,) and said.isascii()
+    assert legend(thin, key) == [*plain[:-1], said, footer_text()]
+    doc = thin.to_json()
+    assert doc["slice_spacing_mm"] == 2.5 and doc["remarks"] == [said]
+    assert case.findings.to_json()["remarks"] == []

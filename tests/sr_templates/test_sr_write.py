@@ -191,6 +191,25 @@ def test_no_findings_gives_an_sr_that_says_so(tmp_path: Path) -> None:
     assert len(sr.get_evidence()) == len(case.datasets)
 
 
+@needs_dciodvfy
+def test_no_findings_on_slices_too_far_apart_says_small_nodes_may_be_missed(tmp_path: Path) -> None:
+    """ "No lymph nodes found" on CT whose slices lie further apart than the model finds small
+    nodes on (the card's limit): the group's Comment says so, and the SR stays valid."""
+    import dataclasses
+
+    case = make_case(tmp_path, nodes=())
+    model = dataclasses.replace(MODEL, max_slice_spacing_mm=2.0)  # the test CT: 2.5 mm apart
+    findings = dataclasses.replace(case.findings, model=model)
+    paths = write_results(case.datasets, findings, tmp_path / "out", result_images=False)
+    (group,) = hd.sr.srread(paths[0]).content.get_image_measurement_groups()
+    assert _text(group[0], "121106") == ["thick slices (2.5 mm apart, over 2): small nodes may be missed"]
+    assert _evaluations(group) == {"121052": "272519000"}  # presence: absent, as before
+    assert dciodvfy(paths[0])[0] == []
+    plain = write_results(case.datasets, case.findings, tmp_path / "plain", result_images=False)
+    (group,) = hd.sr.srread(plain[0]).content.get_image_measurement_groups()
+    assert _text(group[0], "121106") == []
+
+
 @needs_dsrdump
 def test_dsrdump_reads_the_sr(written) -> None:
     run = subprocess.run([str(DSRDUMP), str(written["sr.dcm"])], capture_output=True, text=True, check=False)
