@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -96,7 +97,7 @@ class LoadedModel:
     def max_slice_spacing_mm(self) -> float | None:
         """Slices further apart than this and the model misses small nodes (the card's
         `limits.max_slice_spacing_mm`, measured); None when the card names no limit."""
-        limit = self.card.get("limits", {}).get("max_slice_spacing_mm")
+        limit = (self.card.get("limits") or {}).get("max_slice_spacing_mm")
         return None if limit is None else float(limit)
 
     @property
@@ -169,6 +170,11 @@ def read_card(model_dir: Path) -> dict:
     missing = [k for k in REQUIRED_FIELDS if k not in card]
     if missing:
         raise ModelCardError(f"{card_path} lacks the field(s) {', '.join(missing)}")
+    limit = (card.get("limits") or {}).get("max_slice_spacing_mm")
+    if limit is not None and not (isinstance(limit, int | float) and math.isfinite(limit) and limit > 0):
+        raise ModelCardError(
+            f"{card_path}: limits.max_slice_spacing_mm must be a number above 0, not {limit!r}"
+        )
     for role in ("segmenter", "classifier", *(OPTIONAL_ROLES & card["weights"].keys())):
         entry = card["weights"].get(role)
         if not entry or "file" not in entry or "sha256" not in entry:

@@ -26,7 +26,10 @@ SCAN_EDGE_REMARK = f"{FLAG_SCAN_EDGE}, measured in part"
 def thick_slices_remark(spacing_mm: float, limit_mm: float) -> str:
     """How a result says that its CT's slices lie further apart than its model finds small
     nodes reliably on (the card's `limits.max_slice_spacing_mm`; ASCII, for the images)."""
-    return f"thick slices ({spacing_mm:.1f} mm apart, over {limit_mm:g}): small nodes may be missed"
+    apart = (
+        f"{spacing_mm:.1f}" if round(spacing_mm, 1) > limit_mm else f"{spacing_mm:.2f}"
+    )  # never "2.5, over 2.5"
+    return f"thick slices ({apart} mm apart, over {limit_mm:g}): small nodes may be missed"
 
 
 def size_category(short_axis_mm: float) -> str:

@@ -10,7 +10,7 @@ draw it (for a gone node: the current slice where the prior node would be, circl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -37,8 +37,10 @@ def changed(n: NodeChange) -> bool:
     )
 
 
-def gone_text(n: NodeChange) -> tuple[str, list[str]]:
-    """Title and lines of the current panel of a prior node the model did not find now."""
+def gone_text(n: NodeChange, remarks: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """Title and lines of the current panel of a prior node the model did not find now, with
+    the current study's `remarks` last (`StudyFindings.remarks`: slices too far apart for
+    small nodes, as on the key images)."""
     was = f"was short {n.short_axis_mm_prior:.1f} mm"
     if n.short_axis_mm_current is not None:
         return (
@@ -46,14 +48,15 @@ def gone_text(n: NodeChange) -> tuple[str, list[str]]:
             [
                 f"{n.prior_label}: measured at its place: short {n.short_axis_mm_current:.1f} mm ({was})",
                 *_cut(n.prior_label, n.look is not None and n.look.at_scan_edge),
+                *remarks,
             ],
         )
     if n.look is not None and n.look.outcome == UNCLEAR:
         return (
             f"CURRENT - {n.prior_label} NOT FOUND BY THE MODEL",
-            [f"{n.prior_label}: soft tissue still at its place, not measurable apart ({was})"],
+            [f"{n.prior_label}: soft tissue still at its place, not measurable apart ({was})", *remarks],
         )
-    return f"CURRENT - {n.prior_label} GONE", [f"{n.prior_label}: not found now ({was})"]
+    return f"CURRENT - {n.prior_label} GONE", [f"{n.prior_label}: not found now ({was})", *remarks]
 
 
 def prior_lines(n: NodeChange, date: str) -> list[str]:
@@ -99,7 +102,7 @@ def side_by_side(
             here = matrix[:3, :3] @ np.asarray(n.prior_centroid_lps_mm) + matrix[:3, 3]
             k, row, col = _voxel(study_findings.affine, here, study_findings.shape)
             key = ri.KeyImage(k, ())
-            title, text = gone_text(n)
+            title, text = gone_text(n, study_findings.remarks)
             current = _panel(ri.window(ri.slice_hu(sources, k)), (row, col), title, text, study_findings)
         else:
             f = study_findings.findings[index[n.current_label]]  # type: ignore[index]

@@ -43,6 +43,18 @@ def test_missing_card_is_refused(model_copy):
         read_card(model_copy)
 
 
+@pytest.mark.parametrize("limit", [0, -1, "2.5", float("nan"), [2.5]])
+def test_a_cards_slice_spacing_limit_must_be_a_number_above_0(model_copy, limit):
+    card = json.loads((model_copy / "model_card.json").read_text())
+    card["limits"]["max_slice_spacing_mm"] = limit
+    (model_copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match=r"limits\.max_slice_spacing_mm must be a number above 0"):
+        read_card(model_copy)
+    card["limits"] = None  # no limit: no remark
+    (model_copy / "model_card.json").write_text(json.dumps(card))
+    assert load_model(model_copy, "cpu").max_slice_spacing_mm is None
+
+
 def test_missing_field_is_refused(model_copy):
     card = json.loads((model_copy / "model_card.json").read_text())
     del card["intended_use"]

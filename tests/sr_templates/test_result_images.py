@@ -141,3 +141,5 @@ def test_the_legend_says_when_the_slices_are_too_far_apart_for_small_nodes(case)
     doc = thin.to_json()
     assert doc["slice_spacing_mm"] == 2.5 and doc["remarks"] == [said]
     assert case.findings.to_json()["remarks"] == []
+    # a spacing that would print as the limit itself is printed finer
+    assert rules.thick_slices_remark(2.53, 2.5).startswith("thick slices (2.53 mm apart, over 2.5)")

@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from inference import rules
 from inference.dicom_volume import load_series
 from inference.followup import FROM_SR, PriorNode, PriorStudy, compare
 from sr_templates import build_results, codes, read_prior_nodes, write_results
@@ -185,6 +186,8 @@ def test_the_images_say_which_sizes_the_scan_edge_cut(looked, at_edge) -> None:
     cut_gone = dataclasses.replace(gone, look=dataclasses.replace(gone.look, at_scan_edge=True))
     cut_new = dataclasses.replace(new, prior_at_scan_edge=True)  # what the comparison sets for a cut look
     assert gone_text(cut_gone)[1][1:] == [f"LN-3: {remark}"]
+    thick = rules.thick_slices_remark(5.0, 2.5)  # the current study's remark comes last
+    assert gone_text(cut_gone, (thick,))[1][1:] == [f"LN-3: {remark}", thick]
     assert prior_lines(cut_new, PRIOR_DATE)[1:] == [f"LN-2: {remark}"]
     matched = next(n for n in at_edge[1].nodes if n.prior_label == "LN-1" and n.current_label)
     assert matched.prior_at_scan_edge and prior_lines(matched, PRIOR_DATE)[1:] == [f"LN-1: {remark}"]
