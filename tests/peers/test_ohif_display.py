@@ -11,7 +11,9 @@ OHIF itself holds (its services and Cornerstone's state), not on pixels:
   axis) and its values: the call and size class, both axes, the volume, the probability;
 * no uncaught error in the page;
 * a node cut by the edge of the scan (the CT made to end inside it) has, in OHIF too, the
-  comment that says it is measured in part.
+  comment that says it is measured in part;
+* a study without nodes on slices 5 mm apart: OHIF holds the SR's group with the remark
+  that small nodes may be missed.
 
 Screenshots for a person go to var/ohif/ (the README's come from there).
 """
@@ -35,6 +37,7 @@ import requests
 
 from inference import phantoms
 from tests.helpers.ohif import (
+    SR_STATE_JS,
     display_sets,
     frame,
     missing,
@@ -208,6 +211,33 @@ def cut_node(tmp_path_factory) -> dict:
     return seen
 
 
+@pytest.fixture(scope="module")
+def no_nodes(tmp_path_factory) -> dict:
+    """A phantom without nodes, scanned with slices 5 mm apart (the demo model's card says
+    it finds small nodes on slices up to 2.5 mm apart): nodal's findings.json, and what OHIF
+    holds of the SR once the radiologist opens it."""
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("ohif-none")
+    spec = dataclasses.replace(SPEC, slices=20, slice_spacing_mm=5.0, nodes=(0, 0))
+    phantoms.write_phantom(phantoms.generate(1_500_003, spec), root / "ct")
+    _process(root / "ct", root / "out")
+    seen: dict = {"page_errors": [], "console_errors": []}
+    seen["doc"] = json.loads((root / "out" / "findings.json").read_text())
+    files = [*sorted((root / "ct").glob("*.dcm")), *sorted((root / "out").glob("*.dcm"))]
+    with _viewer(files, tmp_path_factory.mktemp("orthanc-ohif-none"), seen) as page:
+        uid = display_sets(page)["SR"]
+        page.dblclick(f"#thumbnail-{uid}")
+        page.wait_for_function(
+            "(uid) => (window.services.displaySetService.getDisplaySetByUID(uid).measurements || [])"
+            ".length > 0",
+            arg=uid,
+        )
+        seen["sr"] = settled(page, SR_STATE_JS, uid)
+    return seen
+
+
 def _findings(processed: Path) -> list[dict]:
     return json.loads((processed / "out" / "findings.json").read_text())["nodes"]
 
@@ -315,3 +345,15 @@ def test_a_node_cut_by_the_edge_of_the_scan_says_so_in_ohif(cut_node) -> None:
     others = [lines[0] for uid, lines in shown.items() if uid not in flagged]
     assert not any(remark in line for line in others)
     assert cut_node["page_errors"] == []
+
+
+def test_no_nodes_on_thick_slices_says_small_nodes_may_be_missed_in_ohif(no_nodes) -> None:
+    """ "No lymph nodes found" on slices 5 mm apart: OHIF holds the SR's one group with the
+    remark as its label. It draws nothing for it (the group has no coordinates: the SR
+    viewport stays empty), so the key images carry the same line (docs/results.md)."""
+    remark = "thick slices (5.0 mm apart, over 2.5): small nodes may be missed"
+    assert no_nodes["doc"]["nodes"] == [] and no_nodes["doc"]["remarks"] == [remark]
+    (measurement,) = no_nodes["sr"]["measurements"]
+    assert [e["label"] for e in measurement["labels"]] == [remark]
+    assert measurement["lines"] == [] and no_nodes["sr"]["annotations"] == []
+    assert no_nodes["page_errors"] == []
