@@ -97,7 +97,7 @@ class LoadedModel:
     def max_slice_spacing_mm(self) -> float | None:
         """Slices further apart than this and the model misses small nodes (the card's
         `limits.max_slice_spacing_mm`, measured); None when the card names no limit."""
-        limit = (self.card.get("limits") or {}).get("max_slice_spacing_mm")
+        limit = _slice_spacing_limit(self.card)
         return None if limit is None else float(limit)
 
     @property
@@ -105,6 +105,11 @@ class LoadedModel:
         """Where a segmented component is split to judge its parts (`inference.necks`); None:
         components are not split."""
         return Necks.from_card(self.card["segmenter"].get("necks"))
+
+
+def _slice_spacing_limit(card: dict):
+    """The card's `limits.max_slice_spacing_mm` as written (None: no limit)."""
+    return (card.get("limits") or {}).get("max_slice_spacing_mm")
 
 
 def sha256(path: Path) -> str:
@@ -170,7 +175,7 @@ def read_card(model_dir: Path) -> dict:
     missing = [k for k in REQUIRED_FIELDS if k not in card]
     if missing:
         raise ModelCardError(f"{card_path} lacks the field(s) {', '.join(missing)}")
-    limit = (card.get("limits") or {}).get("max_slice_spacing_mm")
+    limit = _slice_spacing_limit(card)
     if limit is not None and not (isinstance(limit, int | float) and math.isfinite(limit) and limit > 0):
         raise ModelCardError(
             f"{card_path}: limits.max_slice_spacing_mm must be a number above 0, not {limit!r}"

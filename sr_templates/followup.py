@@ -170,12 +170,13 @@ def _values(
         qualitative_evaluations=list(_role(n)),
     )
     edge = _edge_text() if prior and n.prior_at_scan_edge else ""
-    _note(group, "; ".join(t for t in (_look_text(n), edge) if t))
+    add_comment(group, "; ".join(t for t in (_look_text(n), edge) if t))
     return group
 
 
-def _note(group, text: str) -> None:
-    """A Comment (DCM 121106) in the group, where there is something to say."""
+def add_comment(group, text: str) -> None:
+    """A Comment (DCM 121106, TEXT, CONTAINS) in a TID 1501 group, where there is something
+    to say (here and for the no-findings group, `sr.no_findings_group`)."""
     if text:
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
@@ -229,7 +230,7 @@ def _gone_prior_values(
         measurements=_prior_measurements(n),
         qualitative_evaluations=list(_role(n)),
     )
-    _note(group, _edge_text() if n.prior_at_scan_edge else "")
+    add_comment(group, _edge_text() if n.prior_at_scan_edge else "")
     return group
 
 

@@ -218,14 +218,7 @@ def no_findings_group(
         algorithm_id=algorithm,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE_OF_PROPERTY, codes.ABSENT)],
     )
-    if remarks:
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.COMMENT,
-                value="; ".join(remarks),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
+    followup.add_comment(group, "; ".join(remarks))
     return group
 
 
