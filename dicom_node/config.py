@@ -233,10 +233,28 @@ def _default_rules() -> list[RoutingRule]:
     ]
 
 
+# Kernels (and descriptions) of sharp reconstructions: lung and bone by name; Siemens kernels
+# of sharpness 50 and above (B60f, Br64, Bl57, I70f, Hr60); Canon FC5x-FC9x (lung, bone).
+SHARP_KERNELS = ["(?i)lung|bone|sharp|edge|detail", "^[A-Z][a-z]?[5-9][0-9]", "^FC[5-9][0-9]"]
+
+
 class RoutingSection(_Section):
     rules: list[RoutingRule] = Field(
         default_factory=_default_rules, description="a series runs if any rule matches"
     )
+    one_per_scan: bool = Field(
+        True,
+        description="of the selected series that reconstruct one scan (same frame of reference, "
+        "overlapping acquisition times), analyse one: original before derived, soft-tissue kernel "
+        "before sharp, then the thinnest slices; the others are skipped with the reason",
+    )
+    sharp_kernels: list[str] = Field(
+        SHARP_KERNELS,
+        description="regexes on Convolution Kernel and Series Description that mark a sharp "
+        "(lung, bone) reconstruction, chosen only when its scan has no other",
+    )
+
+    _regexes = field_validator("sharp_kernels")(_check_regexes)
 
 
 class _Destination(_Section):

@@ -2,10 +2,12 @@
 
 The quiet period is `completion.quiet_seconds`, or the shorter `after_release_seconds`
 once every association (or STOW-RS request) that brought the study has been released
-normally. An aborted association does not count as released. Only series with new
-instances since the last completion are routed again: a late instance in an analysed
-series gives a new job that supersedes the earlier one; our own results coming back from
-the PACS (SEG, SR, secondary capture) are routed, skipped, and trigger nothing else.
+normally. An aborted association does not count as released. The routing rules select
+series, and of the selected series that reconstruct one scan only one is analysed
+(`completion.reconstructions`). Only series with new instances since the last completion
+get a new job: a late instance in an analysed series gives a new job that supersedes the
+earlier one; our own results coming back from the PACS (SEG, SR, secondary capture) are
+routed, skipped, and trigger nothing else.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from collections.abc import Callable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.completion.routing import SeriesSummary, route
-from dicom_node.config import Settings
+from dicom_node.completion.reconstructions import Reconstruction, choose
+from dicom_node.completion.routing import Decision, SeriesSummary, route
+from dicom_node.config import RoutingSection, Settings
 from dicom_node.index.db import Database, Job, JobState, Series, Study
 from dicom_node.jobs.table import supersede_older
 from dicom_node.observe import metrics
@@ -42,11 +45,15 @@ def is_complete(
     return t - released_at >= after_release_seconds  # released after the last instance, and long enough ago
 
 
+def _image_type(series: Series) -> tuple[str, ...]:
+    return tuple(v for v in series.image_type.split("\\") if v)
+
+
 def summary(series: Series) -> SeriesSummary:
     return SeriesSummary(
         modality=series.modality,
         sop_class_uid=series.sop_class_uid,
-        image_type=tuple(v for v in series.image_type.split("\\") if v),
+        image_type=_image_type(series),
         slice_thickness_mm=series.slice_thickness_mm,
         description=series.description,
         slices=series.frame_count,
@@ -94,12 +101,46 @@ def complete_due_studies(
     return created
 
 
+def reconstruction(series: Series) -> Reconstruction:
+    acquired = None
+    if series.acquired_from is not None and series.acquired_to is not None:
+        acquired = (series.acquired_from, series.acquired_to)
+    return Reconstruction(
+        series_uid=series.series_uid,
+        frame_of_reference_uid=series.frame_of_reference_uid,
+        acquired=acquired,
+        image_type=_image_type(series),
+        kernel=series.kernel or "",
+        description=series.description,
+        slice_thickness_mm=series.slice_thickness_mm,
+        slices=series.frame_count,
+    )
+
+
+def decisions(study_series: list[Series], routing: RoutingSection) -> dict[str, Decision]:
+    """The routing decision of each series of one study: its rules, then (with
+    `one_per_scan`) one reconstruction of each scan among the series they select, whether
+    or not those came in this completion (a later, better reconstruction is analysed too;
+    a later, worse one is skipped)."""
+    routed = {series.series_uid: route(summary(series), routing.rules) for series in study_series}
+    if not routing.one_per_scan:
+        return routed
+    selected = [reconstruction(series) for series in study_series if routed[series.series_uid].selected]
+    for uid, chosen in choose(selected, routing.sharp_kernels).items():
+        if chosen.series_uid != uid:
+            routed[uid] = Decision(
+                False, None, f"another reconstruction of the same scan is analysed: {chosen.label()}"
+            )
+    return routed
+
+
 def complete_study(s: Session, study: Study, settings: Settings, t: float) -> list[Job]:
     """Route each series with new instances; one job per series (queued, or skipped with the reason)."""
     jobs = []
-    dirty = s.scalars(select(Series).where(Series.study_uid == study.study_uid, Series.pending.is_(True)))
-    for series in dirty:
-        decision = route(summary(series), settings.routing.rules)
+    study_series = list(s.scalars(select(Series).where(Series.study_uid == study.study_uid)))
+    routed = decisions(study_series, settings.routing)
+    for series in (series for series in study_series if series.pending):
+        decision = routed[series.series_uid]
         job = Job(
             study_uid=study.study_uid,
             series_uid=series.series_uid,

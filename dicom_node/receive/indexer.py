@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -145,6 +145,16 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
     table = Series.__table__
     latest = max(group, key=lambda p: p.t)
     frames = sum(p.header.frames for p in group)
+    scan = _scan(group)
+    kept: dict = {}  # what an earlier batch already knew stays; what it lacked is filled in
+    for key in ("frame_of_reference_uid", "kernel"):
+        if scan[key] is not None:
+            kept[key] = func.coalesce(table.c[key], scan[key])
+    if scan["acquired_from"] is not None:
+        first, last = scan["acquired_from"], scan["acquired_to"]
+        was_first, was_last = table.c.acquired_from, table.c.acquired_to
+        kept["acquired_from"] = case((was_first.is_(None) | (was_first > first), first), else_=was_first)
+        kept["acquired_to"] = case((was_last.is_(None) | (was_last < last), last), else_=was_last)
     done = s.execute(  # type: ignore[attr-defined]
         update(table)  # type: ignore[arg-type]
         .where(table.c.series_uid == uid)
@@ -154,6 +164,7 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
             pending=True,
             last_received_at=latest.t,
             calling_ae=latest.source.calling_ae[:16],
+            **kept,
         )
     ).rowcount
     if not done:
@@ -172,8 +183,23 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
                 pending=True,
                 last_received_at=latest.t,
                 calling_ae=latest.source.calling_ae[:16],
+                **scan,
             )
         )
+
+
+def _scan(group: list[Pending]) -> dict:
+    """What `group` says of the scan its series reconstructs (None where no instance says):
+    the first frame of reference and kernel given, the span of the acquisition times."""
+    headers = [p.header for p in group]
+    times = [h.acquired_at for h in headers if h.acquired_at is not None]
+    frames_of_reference = [h.frame_of_reference_uid for h in headers if h.frame_of_reference_uid]
+    return {
+        "frame_of_reference_uid": frames_of_reference[0] if frames_of_reference else None,
+        "kernel": next((h.kernel for h in headers if h.kernel), None),
+        "acquired_from": min(times) if times else None,
+        "acquired_to": max(times) if times else None,
+    }
 
 
 class Indexer:

@@ -23,13 +23,15 @@ import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from datetime import time as dt_time
 from pathlib import Path
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_dataset, read_partial
 from pydicom.uid import UID
-from pydicom.valuerep import PersonName
+from pydicom.valuerep import DA, DT, TM, PersonName
 
 UID_PATTERN = r"[0-9]+(?:\.[0-9]+)*"  # the one UID pattern: header checks, spool log paths
 UID_RE = re.compile(rf"^{UID_PATTERN}$")
@@ -38,28 +40,38 @@ CHARSET = 0x00080005
 IMAGE_TYPE = 0x00080008
 SOP_CLASS = 0x00080016
 SOP_INSTANCE = 0x00080018
+ACQUISITION_DATE = 0x00080022
+ACQUISITION_DATETIME = 0x0008002A
+ACQUISITION_TIME = 0x00080032
 ACCESSION = 0x00080050
 MODALITY = 0x00080060
 SERIES_DESCRIPTION = 0x0008103E
 PATIENT_NAME = 0x00100010
 PATIENT_ID = 0x00100020
 SLICE_THICKNESS = 0x00180050
+CONVOLUTION_KERNEL = 0x00181210
 STUDY = 0x0020000D
 SERIES = 0x0020000E
+FRAME_OF_REFERENCE = 0x00200052
 FRAMES = 0x00280008  # the last tag read, except for multi-frame instances
 HEADER_TAGS = (
     CHARSET,
     IMAGE_TYPE,
     SOP_CLASS,
     SOP_INSTANCE,
+    ACQUISITION_DATE,
+    ACQUISITION_DATETIME,
+    ACQUISITION_TIME,
     ACCESSION,
     MODALITY,
     SERIES_DESCRIPTION,
     PATIENT_NAME,
     PATIENT_ID,
     SLICE_THICKNESS,
+    CONVOLUTION_KERNEL,
     STUDY,
     SERIES,
+    FRAME_OF_REFERENCE,
     FRAMES,
 )
 _WANTED = frozenset(HEADER_TAGS)
@@ -103,6 +115,10 @@ class InstanceHeader:
     accession_number: str = ""
     patient_name: str = ""  # as text: "Family^Given", component groups joined by "="
     patient_id: str = ""
+    # which scan the instance is a reconstruction of (`completion.reconstructions`)
+    frame_of_reference_uid: str = ""  # "" when absent or malformed
+    acquired_at: float | None = None  # Acquisition DateTime, or Date and Time, in seconds
+    kernel: str = ""  # Convolution Kernel, values joined by "\"
 
 
 def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
@@ -218,6 +234,9 @@ def _header(
             accession_number=_decoded(values.get(ACCESSION), encodings)[:16],
             patient_name=_person_name(values.get(PATIENT_NAME), encodings),
             patient_id=_decoded(values.get(PATIENT_ID), encodings)[:64],
+            frame_of_reference_uid=_optional_uid(values.get(FRAME_OF_REFERENCE)),
+            acquired_at=_acquired_at(values),
+            kernel=_decoded(values.get(CONVOLUTION_KERNEL), encodings)[:64],
         )
     except InvalidInstanceError:
         raise
@@ -239,6 +258,36 @@ def _person_name(raw: bytes | None, encodings: list[str]) -> str:
     if raw.isascii() and 0x1B not in raw:
         return raw.decode("ascii").strip("\0 ")
     return str(PersonName(raw, encodings)).strip("\0 ")
+
+
+def _optional_uid(raw: bytes | None) -> str:
+    """A UID that only informs a choice: malformed reads as absent, never refuses the instance."""
+    try:
+        return check_uid(_text(raw), "UID")
+    except InvalidInstanceError:
+        return ""
+
+
+def _acquired_at(values: Values) -> float | None:
+    """When the instance's data were acquired, in seconds: Acquisition DateTime, else
+    Acquisition Date and Time (the time alone counts from midnight); None when absent or
+    malformed (it only informs a choice, `completion.reconstructions`)."""
+    try:
+        text = _text(values.get(ACQUISITION_DATETIME))
+        if text:
+            at = DT(text)
+            return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+        time_text = _text(values.get(ACQUISITION_TIME)).replace(":", "")  # "10:15:30": before 1993
+        if not time_text:
+            return None
+        t = TM(time_text)
+        seconds = t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
+        date_text = _text(values.get(ACQUISITION_DATE))
+        if date_text:
+            seconds += datetime.combine(DA(date_text), dt_time(), UTC).timestamp()
+        return seconds
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _thickness(text: str, groups: Dataset | None) -> float | None:

@@ -30,10 +30,10 @@ def settings(**over) -> Settings:
     return Settings.model_validate({**base, **over})
 
 
-def receive(receiver, n=4, series="1.2.3.4", first=1, description="Thorax"):
+def receive(receiver, n=4, series="1.2.3.4", first=1, description="Thorax", **extra):
     for i in range(first, first + n):
         receiver.store_bytes(
-            part10(sop=f"{series}.{i}", series=series, SeriesDescription=description),
+            part10(sop=f"{series}.{i}", series=series, SeriesDescription=description, **extra),
             Source("dimse", "a1", "CT1"),
         )
     receiver.flush()

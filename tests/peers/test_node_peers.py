@@ -4,7 +4,8 @@
    back into the same study in Orthanc (reply to the sender) and pass dciodvfy.
 2. STOW-RS into nodal, results by STOW-RS into Orthanc's DICOMweb.
 3. dcmtk as a modality: echoscu, storescu (a short series, skipped by routing with the
-   reason), an unknown calling AE rejected with the reason logged.
+   reason), an unknown calling AE rejected with the reason logged; a thin and a thick
+   reconstruction of one scan, of which the thin one is analysed.
 4. nodal killed mid-job and started again: the job completes, one copy of each result.
 5. PACS down when results are ready: delivered once it is up.
 """
@@ -38,6 +39,9 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 SPEC = phantoms.PhantomSpec(rows=256, columns=256, pixel_spacing_mm=1.45, slices=48, slice_spacing_mm=2.5)
 SHORT = phantoms.PhantomSpec(
     rows=64, columns=64, pixel_spacing_mm=6.0, slices=12, slice_spacing_mm=5.0, nodes=(0, 0)
+)
+TINY = phantoms.PhantomSpec(
+    rows=48, columns=48, pixel_spacing_mm=6.0, slices=24, slice_spacing_mm=5.0, nodes=(0, 0)
 )
 RESULT_MODALITIES = {"SEG", "SR", "OT"}
 # The shipped model finds the phantom's nodes, so a SEG must come back; a development model
@@ -171,6 +175,44 @@ def test_dcmtk_modality_echo_store_and_unknown_caller(tmp_path, nodal_reply):
     )
     assert bad.returncode != 0
     wait_until(lambda: "'INTRUDER' is not in allowed_callers" in nodal.log(), 10, "the rejection in the log")
+
+
+def test_dcmtk_modality_sends_two_reconstructions_of_one_scan_and_one_is_analysed(tmp_path, nodal_reply):
+    """A thin and a thick reconstruction of one acquisition (one frame of reference, one
+    acquisition time) in one association: the thin one is analysed, the thick one skipped
+    with the reason, and the study gets one set of results."""
+    nodal, port = nodal_reply
+    scan = phantoms.generate(4_100_004, TINY)
+    reconstructions = {}
+    for thickness in (5.0, 2.5):
+        folder = tmp_path / f"{thickness:g}mm"
+        uid = f"2.25.4100004{int(thickness * 10)}"
+        description = f"Thorax {thickness:g} B30f"
+        paths = phantoms.write_phantom(
+            scan, folder, series_instance_uid=uid, series_description=description, slice_thickness=thickness
+        )
+        reconstructions[thickness] = (uid, paths)
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    files = [str(p) for _, paths in reconstructions.values() for p in paths]
+    sent = subprocess.run(
+        ["storescu", "-aet", "MODALITY", "-aec", "NODAL", "127.0.0.1", str(port), *files],
+        capture_output=True,
+        text=True,
+    )
+    assert sent.returncode == 0, sent.stderr
+    found = wait_until(lambda: len(jobs := jobs_of(nodal, study_uid)) == 2 and jobs, 60, "two jobs")
+    by_series = {j["series_instance_uid"]: j for j in found}
+    thin_uid, thick_uid = reconstructions[2.5][0], reconstructions[5.0][0]
+    assert by_series[thick_uid]["state"] == "skipped"
+    assert by_series[thick_uid]["reason"] == (
+        f"another reconstruction of the same scan is analysed: series {thin_uid} ('Thorax 2.5 B30f', 2.5 mm)"
+    )
+
+    def states():
+        return {j["series_instance_uid"]: j["state"] for j in jobs_of(nodal, study_uid)}
+
+    wait_until(lambda: states()[thin_uid] in ("done", "failed"), 300, "the thin one analysed")
+    assert states() == {thin_uid: "done", thick_uid: "skipped"}
 
 
 def test_stow_in_and_stow_out_to_orthanc_dicomweb(tmp_path, orthanc):

@@ -136,3 +136,20 @@ def test_0005_adds_the_study_labels_empty_and_downgrade_removes_them(url):
         assert "accession_number" not in columns and "patient_name" not in columns
         assert conn.execute(text("SELECT instance_count FROM studies")).scalar() == 1
     engine.dispose()
+
+
+def test_0007_adds_the_scan_of_a_series_empty_and_downgrade_removes_it(url):
+    engine = _first_revision_with_rows(url)
+    schema.upgrade(engine, "0007")
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT frame_of_reference_uid, acquired_from, acquired_to, kernel FROM series")
+        ).one()
+        assert tuple(row) == (None, None, None, None)  # never grouped with another series
+    with engine.begin() as conn:
+        command.downgrade(schema.alembic_config(conn), "0006")
+    with engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("series")}
+        assert not columns & {"frame_of_reference_uid", "acquired_from", "acquired_to", "kernel"}
+        assert conn.execute(text("SELECT image_type FROM series")).scalar() == "ORIGINAL\\PRIMARY\\AXIAL"
+    engine.dispose()

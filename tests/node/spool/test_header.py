@@ -118,3 +118,28 @@ def test_missing_optional_values_are_empty():
     for h in both(buf.getvalue()):
         assert (h.modality, h.image_type, h.slice_thickness_mm, h.series_description) == ("", (), None, "")
         assert h.sop_instance_uid == "1.2.3.4.5"
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_scan_of_a_reconstruction_read_from_the_header(ts):
+    data = part10(
+        FrameOfReferenceUID="1.2.3.9",
+        AcquisitionDate="20260301",
+        AcquisitionTime="101530.25",
+        ConvolutionKernel=["Br40d", "3"],
+    )
+    for h in both(data, str(ts)):
+        assert h.frame_of_reference_uid == "1.2.3.9"
+        assert h.acquired_at == 1772360130.25  # 2026-03-01 10:15:30.25, read as UTC
+        assert h.kernel == "Br40d\\3"
+    [h, _] = both(part10(AcquisitionDateTime="20260301101530.25", AcquisitionTime="999999"))
+    assert h.acquired_at == 1772360130.25  # Acquisition DateTime first
+    [h, _] = both(part10(AcquisitionTime="10:15:30"))  # the form before 1993, no date
+    assert h.acquired_at == 10 * 3600 + 15 * 60 + 30
+
+
+def test_a_malformed_scan_attribute_reads_as_absent_and_the_instance_is_kept():
+    data = part10(FrameOfReferenceUID="1.2.abc", AcquisitionTime="noon")
+    for h in both(data):
+        assert (h.frame_of_reference_uid, h.acquired_at, h.kernel) == ("", None, "")
+        assert h.sop_instance_uid == "1.2.3.4.5"
