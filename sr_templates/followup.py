@@ -175,8 +175,9 @@ def _values(
 
 
 def add_comment(group, text: str) -> None:
-    """A Comment (DCM 121106, TEXT, CONTAINS) in a TID 1501 group, where there is something
-    to say (here and for the no-findings group, `sr.no_findings_group`)."""
+    """A Comment (DCM 121106, TEXT, CONTAINS) in a TID 1501 group (or `[container]`), where
+    there is something to say (here, for the no-findings group, `sr.no_findings_group`, and
+    in the report's Qualitative Evaluations, `evaluations_container`)."""
     if text:
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
@@ -289,15 +290,19 @@ def _response(comparison: Comparison) -> hd.sr.ContainerContentItem:
     if s.non_target_response in codes.NON_TARGET_RESPONSES:
         pairs.append((codes.CURRENT_RESPONSE, codes.NON_TARGET_RESPONSES[s.non_target_response]))
     contains = hd.sr.RelationshipTypeValues.CONTAINS
-    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
-    container.ContentSequence = hd.sr.ContentSequence(
+    container = evaluations_container(
         [hd.sr.CodeContentItem(name=name, value=value, relationship_type=contains) for name, value in pairs]
-        + [
-            hd.sr.TextContentItem(
-                name=codes.COMMENT, value=summary_text(comparison)[:1024], relationship_type=contains
-            )
-        ]
     )
+    add_comment([container], summary_text(comparison))
+    return container
+
+
+def evaluations_container(items: list) -> hd.sr.ContainerContentItem:
+    """The report's Qualitative Evaluations container (TID 1500 row 12) holding `items`;
+    `add_comment([container], text)` adds a Comment (row 14)."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
 

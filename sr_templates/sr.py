@@ -298,14 +298,17 @@ def measurement_report(
             )
     else:
         groups = [no_findings_group(result_uids, algorithm, study_findings.remarks)]
-    if extra is None:
-        return _report(study_findings, groups)
-    groups.extend(extra.groups)
-    for group in groups:
-        followup.time_point_last(group)
+    if extra is not None:
+        groups.extend(extra.groups)
+        for group in groups:
+            followup.time_point_last(group)
     report = _report(study_findings, groups)
-    if extra.evaluations is not None:
-        report[0].ContentSequence.append(extra.evaluations)  # TID 1500 row 12, after row 6
+    evaluations = None if extra is None else extra.evaluations
+    if study_findings.remarks:  # what the study's findings stand on (thick slices), for every reader
+        evaluations = evaluations or followup.evaluations_container([])
+        followup.add_comment([evaluations], "; ".join(study_findings.remarks))
+    if evaluations is not None:
+        report[0].ContentSequence.append(evaluations)  # TID 1500 row 12, after row 6
     return report
 
 

@@ -391,6 +391,29 @@ def test_time_points_follow_the_values_and_the_first_number_holds_the_lines(foll
             assert names[-2:] == ["C2348792", "126073"], names  # Time Point, Time Point Order
 
 
+@needs_dciodvfy
+def test_a_follow_up_on_thick_slices_says_so_beside_its_response(followup, tmp_path) -> None:
+    """The study's remark joins the response's Qualitative Evaluations container: one
+    container, the response's Comment first."""
+    case, comparison, _ = followup
+    model = dataclasses.replace(case.findings.model, max_slice_spacing_mm=2.0)  # the CT: 2.5 mm apart
+    thick = dataclasses.replace(case.findings, model=model)
+    paths = write_results(
+        case.datasets, thick, tmp_path, comparison=comparison, prior_sources=load_series(case.datasets)
+    )
+    sr = pydicom.dcmread(next(p for p in paths if p.name == "sr.dcm"))
+    [container] = [
+        i
+        for i in sr.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    ]
+    assert [i.TextValue for i in container.ContentSequence if i.ValueType == "TEXT"] == [
+        summary_text(comparison),
+        rules.thick_slices_remark(2.5, 2.0),
+    ]
+    assert dciodvfy(next(p for p in paths if p.name == "sr.dcm"))[0] == []
+
+
 def test_the_response_is_a_qualitative_evaluation_of_the_report(followup) -> None:
     _, comparison, paths = followup
     sr = pydicom.dcmread(paths["sr.dcm"])

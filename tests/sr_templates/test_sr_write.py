@@ -204,10 +204,43 @@ def test_no_findings_on_slices_too_far_apart_says_small_nodes_may_be_missed(tmp_
     (group,) = hd.sr.srread(paths[0]).content.get_image_measurement_groups()
     assert _text(group[0], "121106") == ["thick slices (2.5 mm apart, over 2): small nodes may be missed"]
     assert _evaluations(group) == {"121052": "272519000"}  # presence: absent, as before
+    assert _study_comments(paths[0]) == ["thick slices (2.5 mm apart, over 2): small nodes may be missed"]
     assert dciodvfy(paths[0])[0] == []
     plain = write_results(case.datasets, case.findings, tmp_path / "plain", result_images=False)
     (group,) = hd.sr.srread(plain[0]).content.get_image_measurement_groups()
     assert _text(group[0], "121106") == []
+    assert _study_comments(plain[0]) == []
+
+
+def _study_comments(path: Path) -> list[str]:
+    """The Comments of the report's Qualitative Evaluations container (TID 1500 rows 12, 14)."""
+    sr = pydicom.dcmread(path)
+    containers = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert len(containers) <= 1
+    return [text for container in containers for text in _text(container, "121106")]
+
+
+@needs_dciodvfy
+def test_nodes_found_on_slices_too_far_apart_the_report_says_small_nodes_may_be_missed(
+    case, tmp_path
+) -> None:
+    """With nodes found the remark is the report's: a Comment in its Qualitative Evaluations
+    (TID 1500 row 12), where every SR reader finds it; the node groups are as without it."""
+    import dataclasses
+
+    findings = dataclasses.replace(case.findings, model=dataclasses.replace(MODEL, max_slice_spacing_mm=2.0))
+    paths = write_results(case.datasets, findings, tmp_path / "out", result_images=False)
+    sr_path = next(p for p in paths if p.name == "sr.dcm")
+    assert _study_comments(sr_path) == ["thick slices (2.5 mm apart, over 2): small nodes may be missed"]
+    assert dciodvfy(sr_path)[0] == []
+    groups = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    plain = hd.sr.srread(
+        write_results(case.datasets, case.findings, tmp_path / "plain", result_images=False)[1]
+    )
+    assert [g.tracking_identifier for g in groups] == [
+        g.tracking_identifier for g in plain.content.get_image_measurement_groups()
+    ]
+    assert _study_comments(tmp_path / "plain" / "sr.dcm") == []
 
 
 @needs_dsrdump
