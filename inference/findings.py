@@ -120,10 +120,7 @@ class StudyFindings:
     def remarks(self) -> tuple[str, ...]:
         """What the reader must know about the whole result: slices further apart than the
         model finds small nodes reliably on (`rules.thick_slices_remark`)."""
-        limit = self.model.max_slice_spacing_mm
-        if limit is None or self.slice_spacing_mm <= limit + 0.01:
-            return ()
-        return (rules.thick_slices_remark(self.slice_spacing_mm, limit),)
+        return rules.slice_remarks(self.slice_spacing_mm, self.model.max_slice_spacing_mm)
 
     def to_json(self) -> dict:
         return {

@@ -23,6 +23,14 @@ FLAG_SCAN_EDGE = "cut by the edge of the scan"
 SCAN_EDGE_REMARK = f"{FLAG_SCAN_EDGE}, measured in part"
 
 
+def slice_remarks(spacing_mm: float, limit_mm: float | None) -> tuple[str, ...]:
+    """The remarks a CT's slice spacing calls for: `thick_slices_remark` when its slices lie
+    further apart than `limit_mm` (the card's `limits.max_slice_spacing_mm`; None: no limit)."""
+    if limit_mm is None or spacing_mm <= limit_mm + 0.01:
+        return ()
+    return (thick_slices_remark(spacing_mm, limit_mm),)
+
+
 def thick_slices_remark(spacing_mm: float, limit_mm: float) -> str:
     """How a result says that its CT's slices lie further apart than its model finds small
     nodes reliably on (the card's `limits.max_slice_spacing_mm`; ASCII, for the images)."""

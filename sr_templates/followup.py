@@ -36,6 +36,7 @@ No private code is used: every concept is from DCM, SNOMED CT or UMLS (sr_templa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import highdicom as hd
@@ -135,7 +136,7 @@ def content(
                 axes_time_point=time_point(CURRENT_ORDER, current_date, numbered=False),
                 measurements=tuple(_changes(n)),
                 evaluations=tuple(_role(n)),
-                comment_suffix=_change_text(n, comparison.prior_study_date),
+                comment_suffix=_change_text(n, comparison.prior_study_date, comparison.prior_remarks),
             )
     return FollowUpContent(per_label=per_label, groups=groups, evaluations=_response(comparison))
 
@@ -263,22 +264,26 @@ def _role(n: NodeChange) -> list[hd.sr.QualitativeEvaluation]:
     return [] if role is None else [hd.sr.QualitativeEvaluation(codes.BASELINE_CATEGORY, role)]
 
 
-def _change_text(n: NodeChange, prior_date: str) -> str:
-    """``"; new since 20260105"`` or ``"; SA 14.0 -> 9.8 mm (-4.2 mm, -30 %) since 20260105"``."""
+def _change_text(n: NodeChange, prior_date: str, prior_remarks: Sequence[str] = ()) -> str:
+    """``"; new since 20260105"`` or ``"; SA 14.0 -> 9.8 mm (-4.2 mm, -30 %) since 20260105"``;
+    a new node's ends with the prior CT's remarks (`Comparison.prior_remarks`: its thick
+    slices may have hidden the node)."""
     since = f" since {prior_date}" if prior_date else " since the prior study"
     sa0, sa1 = n.short_axis_mm_prior, n.short_axis_mm_current
+    older = "".join(f"; {remark}" for remark in prior_remarks) if n.status == NEW else ""
     if n.status == NEW and sa0 is None:
         if n.seen_in_prior_image:
             return (
                 f"; not found by the analysis of the prior study, but its place was soft tissue then{since}"
+                + older
             )
-        return f"; new{since}"
+        return f"; new{since}{older}"
     if sa0 is None or sa1 is None:
         return ""
     pct = n.short_axis_change_percent
     pct_text = "" if pct is None else f", {pct:+.0f} %"
     how = " (prior size measured by nodal at its place on the prior CT)" if n.status == NEW else ""
-    return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}{how}"
+    return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}{how}{older}"
 
 
 def _response(comparison: Comparison) -> hd.sr.ContainerContentItem:
@@ -336,6 +341,7 @@ def summary_text(comparison: Comparison) -> str:
         parts.append(s.recist_reason)
     if comparison.registration.note:
         parts.append(comparison.registration.note)
+    parts.extend(comparison.prior_remarks)
     return "; ".join(parts).encode("ascii", "replace").decode("ascii")
 
 

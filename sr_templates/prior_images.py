@@ -59,21 +59,25 @@ def gone_text(n: NodeChange, remarks: Sequence[str] = ()) -> tuple[str, list[str
     return f"CURRENT - {n.prior_label} GONE", [f"{n.prior_label}: not found now ({was})", *remarks]
 
 
-def prior_lines(n: NodeChange, date: str) -> list[str]:
+def prior_lines(n: NodeChange, date: str, prior_remarks: Sequence[str] = ()) -> list[str]:
     """The legend of the prior panel of a changed node: its prior sizes (for a new node, what
-    its place held then), and whether the edge of the prior scan cut what was measured."""
+    its place held then), and whether the edge of the prior scan cut what was measured; the
+    prior CT's remarks last (`Comparison.prior_remarks`, as the current panel ends with the
+    current study's)."""
     if n.status == NEW:
         if n.short_axis_mm_prior is not None:
-            return [
+            lines = [
                 f"{n.current_label}: measured at its place on {date}: short {n.short_axis_mm_prior:.1f} mm",
                 *_cut(n.current_label, n.prior_at_scan_edge),
             ]
-        if n.seen_in_prior_image:
-            return [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]
-        return [f"{n.current_label}: not present on {date}"]
+        elif n.seen_in_prior_image:
+            lines = [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]
+        else:
+            lines = [f"{n.current_label}: not present on {date}"]
+        return [*lines, *prior_remarks]
     change = "" if n.short_axis_change_mm is None else f", change {n.short_axis_change_mm:+.1f} mm"
     sizes = f"short {n.short_axis_mm_prior:.1f} mm, long {n.long_axis_mm_prior:.1f} mm"
-    return [f"{n.prior_label}: {sizes}{change}", *_cut(n.prior_label, n.prior_at_scan_edge)]
+    return [f"{n.prior_label}: {sizes}{change}", *_cut(n.prior_label, n.prior_at_scan_edge), *prior_remarks]
 
 
 def _cut(label: str | None, cut: bool) -> list[str]:
@@ -119,7 +123,7 @@ def side_by_side(
             ri.window(prior.array[k]),
             (row, col),
             f"PRIOR {date}",
-            prior_lines(n, date),
+            prior_lines(n, date, comparison.prior_remarks),
             study_findings,
             current.shape,
         )

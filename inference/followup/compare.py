@@ -158,6 +158,18 @@ def compare(
         prior_series_instance_uid=prior.series_instance_uid,
         prior_frame_of_reference_uid=prior.frame_of_reference_uid
         or (prior.volume.frame_of_reference_uid if prior.volume is not None else ""),
+        prior_remarks=prior_remarks(prior, current),
+    )
+
+
+def prior_remarks(prior: PriorStudy, current: StudyFindings) -> tuple[str, ...]:
+    """The remarks the prior CT calls for, by the current model's limits (none without the
+    prior CT): a node the prior's thick slices hid is called new now."""
+    if prior.volume is None:
+        return ()
+    return tuple(
+        f"prior CT: {remark}"
+        for remark in rules.slice_remarks(prior.volume.spacing[0], current.model.max_slice_spacing_mm)
     )
 
 

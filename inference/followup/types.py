@@ -292,6 +292,9 @@ class Comparison:
     #: the prior CT series and its frame of reference ("" if unknown): where a gone node was
     prior_series_instance_uid: str = ""
     prior_frame_of_reference_uid: str = ""
+    #: what the reader must know about the prior CT (`rules.slice_remarks`, "prior CT: "
+    #: before each): slices too far apart for small nodes, so a node called new may be older
+    prior_remarks: tuple[str, ...] = ()
 
     def by_current_label(self) -> dict[str, NodeChange]:
         return {n.current_label: n for n in self.nodes if n.current_label is not None}
@@ -317,6 +320,7 @@ class Comparison:
             "prior_study_date": self.prior_study_date,
             "prior_source": self.prior_source,
             "registration": self.registration.to_json(),
+            "prior_remarks": list(self.prior_remarks),
             "summary": self.summary.to_json(),
             "nodes": [n.to_json() for n in self.nodes],
         }

@@ -394,10 +394,14 @@ def test_time_points_follow_the_values_and_the_first_number_holds_the_lines(foll
 @needs_dciodvfy
 def test_a_follow_up_on_thick_slices_says_so_beside_its_response(followup, tmp_path) -> None:
     """The study's remark joins the response's Qualitative Evaluations container: one
-    container, the response's Comment first."""
+    container, the response's Comment first. The prior CT's remark (its slices too far apart:
+    a new node may be older) ends the response's Comment, the new node's Comment and the
+    prior panels of the prior-beside-current images."""
     case, comparison, _ = followup
     model = dataclasses.replace(case.findings.model, max_slice_spacing_mm=2.0)  # the CT: 2.5 mm apart
     thick = dataclasses.replace(case.findings, model=model)
+    older = f"prior CT: {rules.thick_slices_remark(2.5, 2.0)}"
+    comparison = dataclasses.replace(comparison, prior_remarks=(older,))
     paths = write_results(
         case.datasets, thick, tmp_path, comparison=comparison, prior_sources=load_series(case.datasets)
     )
@@ -411,6 +415,22 @@ def test_a_follow_up_on_thick_slices_says_so_beside_its_response(followup, tmp_p
         summary_text(comparison),
         rules.thick_slices_remark(2.5, 2.0),
     ]
+    assert summary_text(comparison).endswith(f"; {older}")
+    new = next(n for n in comparison.nodes if n.current_label == "LN-2")
+    comments = [
+        _child(g, "121106")[0].TextValue
+        for g in _groups(sr)
+        if _uid(g) == new.current_tracking_uid and _child(g, "121106")
+    ]
+    assert comments and all(c.endswith(f"new since {PRIOR_DATE}; {older}") for c in comments)
+    matched = next(n for n in comparison.nodes if n.current_label == "LN-1")
+    assert not any(
+        older in _child(g, "121106")[0].TextValue
+        for g in _groups(sr)
+        if _uid(g) == matched.prior_tracking_uid and _child(g, "121106")
+    )
+    assert prior_lines(new, PRIOR_DATE, comparison.prior_remarks)[-1] == older
+    assert prior_lines(matched, PRIOR_DATE, comparison.prior_remarks)[-1] == older
     assert dciodvfy(next(p for p in paths if p.name == "sr.dcm"))[0] == []
 
 

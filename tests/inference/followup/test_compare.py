@@ -22,6 +22,7 @@ from inference.followup import (
     compare,
     prior_nodes,
 )
+from inference.followup.compare import prior_remarks
 from sr_templates.synthetic import ellipsoid_finding, study_findings
 
 SHAPE = (40, 96, 96)
@@ -299,3 +300,24 @@ def test_a_gone_target_measured_at_its_place_against_the_scan_edge_is_not_evalua
         assert gone.look is not None and gone.look.outcome == "measured" and gone.look.at_scan_edge is cut
         assert gone.short_axis_mm_current is not None and gone.short_axis_mm_current > 10.0
         assert comparison.summary.recist_response == ("NE" if cut else "SD")
+
+
+def test_a_prior_ct_on_slices_too_far_apart_is_said_so(studies) -> None:
+    """A node the prior's thick slices hid is called new now: the comparison says so when
+    the prior CT's slices lie further apart than the current model finds small nodes on."""
+    study, _, current_volume, current = studies
+    prior_ct, _ = _findings("prior", [])  # slices 2 mm apart
+    limited = replace(current, model=replace(current.model, max_slice_spacing_mm=1.5))
+    with_ct = replace(study, volume=prior_ct)
+    assert prior_remarks(with_ct, limited) == (
+        "prior CT: thick slices (2.0 mm apart, over 1.5): small nodes may be missed",
+    )
+    assert (
+        prior_remarks(with_ct, replace(current, model=replace(current.model, max_slice_spacing_mm=2.0))) == ()
+    )
+    assert (
+        prior_remarks(with_ct, replace(current, model=replace(current.model, max_slice_spacing_mm=None)))
+        == ()
+    )
+    assert prior_remarks(study, limited) == ()  # no prior CT: nothing known of its slices
+    assert compare(study, current_volume, limited).to_json()["prior_remarks"] == []
