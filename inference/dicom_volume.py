@@ -135,6 +135,7 @@ class _Frame:
     ipp: np.ndarray  # (3,)
     iop: np.ndarray  # (6,)
     pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    thickness: float | None  # Slice Thickness in mm; None when absent or unreadable
     rows: int
     columns: int
     slope: float
@@ -219,7 +220,13 @@ def load_series(
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        slice_thickness_mm=_median_thickness(frames),
     )
+
+
+def _median_thickness(frames: list[_Frame]) -> float | None:
+    known = [f.thickness for f in frames if f.thickness is not None]
+    return float(np.median(known)) if known else None
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -365,6 +372,7 @@ def _frames_of(ds: Dataset, n: int) -> list[_Frame]:
                 ipp=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
                 iop=_floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", where),
                 pixel_spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where)),
+                thickness=_thickness(ds.get("SliceThickness")),
                 rows=rows,
                 columns=columns,
                 slope=slope,
@@ -394,6 +402,7 @@ def _frames_of(ds: Dataset, n: int) -> list[_Frame]:
                 ipp=_floats(ipp, 3, "ImagePositionPatient", here),
                 iop=_floats(iop, 6, "ImageOrientationPatient", here),
                 pixel_spacing=tuple(_floats(spacing, 2, "PixelSpacing", here)),
+                thickness=_thickness(_functional_group(ds, f, "PixelMeasuresSequence", "SliceThickness")),
                 rows=rows,
                 columns=columns,
                 slope=slope,
@@ -401,6 +410,16 @@ def _frames_of(ds: Dataset, n: int) -> list[_Frame]:
             )
         )
     return frames
+
+
+def _thickness(value: Any) -> float | None:
+    """Slice Thickness (Type 2: may be empty) in mm, None when absent, empty or not above 0;
+    it only informs the results' remarks, so a malformed value is not an error."""
+    try:
+        thickness = float(value)
+    except (TypeError, ValueError):
+        return None
+    return thickness if thickness > 0 else None
 
 
 def _rescale(ds: Dataset) -> tuple[float, float]:

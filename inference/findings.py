@@ -110,6 +110,7 @@ class StudyFindings:
     affine: np.ndarray = field(repr=False)  # 4x4, (k, j, i, 1) -> LPS mm
     model: ModelInfo
     findings: tuple[Finding, ...]
+    slice_thickness_mm: float | None = None  # the CT's Slice Thickness; None when unknown
 
     @property
     def slice_spacing_mm(self) -> float:
@@ -120,7 +121,9 @@ class StudyFindings:
     def remarks(self) -> tuple[str, ...]:
         """What the reader must know about the whole result: slices further apart than the
         model finds small nodes reliably on (`rules.thick_slices_remark`)."""
-        return rules.slice_remarks(self.slice_spacing_mm, self.model.max_slice_spacing_mm)
+        return rules.slice_remarks(
+            self.slice_spacing_mm, self.model.max_slice_spacing_mm, self.slice_thickness_mm
+        )
 
     def to_json(self) -> dict:
         return {
@@ -128,9 +131,15 @@ class StudyFindings:
             "series_instance_uid": self.series_instance_uid,
             "model": {"name": self.model.name, "version": self.model.version},
             "slice_spacing_mm": round(self.slice_spacing_mm, 2),
+            "slice_thickness_mm": rounded(self.slice_thickness_mm, 2),
             "remarks": list(self.remarks),
             "nodes": [f.to_json() for f in self.findings],
         }
+
+
+def rounded(value: float | None, nd: int) -> float | None:
+    """`value` rounded to `nd` decimals for JSON; None stays None."""
+    return None if value is None else round(float(value), nd)
 
 
 def _round(p, nd: int = 2) -> list[float]:

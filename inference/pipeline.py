@@ -327,6 +327,7 @@ def analyse(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         affine=volume.affine,
         model=ModelInfo(model.name, model.version, model.device.type, model.max_slice_spacing_mm),
         findings=tuple(findings),
+        slice_thickness_mm=volume.slice_thickness_mm,
     )
     return Analysis(result, seconds)
 

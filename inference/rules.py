@@ -23,21 +23,29 @@ FLAG_SCAN_EDGE = "cut by the edge of the scan"
 SCAN_EDGE_REMARK = f"{FLAG_SCAN_EDGE}, measured in part"
 
 
-def slice_remarks(spacing_mm: float, limit_mm: float | None) -> tuple[str, ...]:
-    """The remarks a CT's slice spacing calls for: `thick_slices_remark` when its slices lie
-    further apart than `limit_mm` (the card's `limits.max_slice_spacing_mm`; None: no limit)."""
-    if limit_mm is None or spacing_mm <= limit_mm + 0.01:
+def slice_remarks(
+    spacing_mm: float, limit_mm: float | None, thickness_mm: float | None = None
+) -> tuple[str, ...]:
+    """The remarks a CT's slices call for: `thick_slices_remark` when they lie further apart
+    than `limit_mm` (the card's `limits.max_slice_spacing_mm`; None: no limit), or are
+    thicker than it (Slice Thickness; None: unknown), naming the larger of the two. The
+    limit was measured on CT whose slices are as thick as they are apart, so either
+    exceeding it blurs small nodes."""
+    if limit_mm is None:
         return ()
-    return (thick_slices_remark(spacing_mm, limit_mm),)
+    if thickness_mm is not None and thickness_mm > max(spacing_mm, limit_mm) + 0.01:
+        return (thick_slices_remark(thickness_mm, limit_mm, "thick"),)
+    if spacing_mm > limit_mm + 0.01:
+        return (thick_slices_remark(spacing_mm, limit_mm),)
+    return ()
 
 
-def thick_slices_remark(spacing_mm: float, limit_mm: float) -> str:
-    """How a result says that its CT's slices lie further apart than its model finds small
-    nodes reliably on (the card's `limits.max_slice_spacing_mm`; ASCII, for the images)."""
-    apart = (
-        f"{spacing_mm:.1f}" if round(spacing_mm, 1) > limit_mm else f"{spacing_mm:.2f}"
-    )  # never "2.5, over 2.5"
-    return f"thick slices ({apart} mm apart, over {limit_mm:g}): small nodes may be missed"
+def thick_slices_remark(mm: float, limit_mm: float, how: str = "apart") -> str:
+    """How a result says that its CT's slices lie further apart (or are thicker, `how`
+    "thick") than its model finds small nodes reliably on (the card's
+    `limits.max_slice_spacing_mm`; ASCII, for the images)."""
+    value = f"{mm:.1f}" if round(mm, 1) > limit_mm else f"{mm:.2f}"  # never "2.5, over 2.5"
+    return f"thick slices ({value} mm {how}, over {limit_mm:g}): small nodes may be missed"
 
 
 def size_category(short_axis_mm: float) -> str:

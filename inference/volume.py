@@ -22,6 +22,7 @@ class Volume:
     study_instance_uid: str
     series_instance_uid: str
     frame_of_reference_uid: str
+    slice_thickness_mm: float | None = None  # the series' Slice Thickness; None when unknown
 
     @property
     def shape(self) -> tuple[int, int, int]:

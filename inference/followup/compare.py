@@ -169,7 +169,9 @@ def prior_remarks(prior: PriorStudy, current: StudyFindings) -> tuple[str, ...]:
         return ()
     return tuple(
         f"prior CT: {remark}"
-        for remark in rules.slice_remarks(prior.volume.spacing[0], current.model.max_slice_spacing_mm)
+        for remark in rules.slice_remarks(
+            prior.volume.spacing[0], current.model.max_slice_spacing_mm, prior.volume.slice_thickness_mm
+        )
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from inference import rules
 from inference.findings import Point3, StudyFindings
+from inference.findings import rounded as _r
 
 if TYPE_CHECKING:
     from inference.followup.look import Look
@@ -351,7 +352,3 @@ def _percent(current: float | None, prior: float | None) -> float | None:
     if current is None or prior is None or prior == 0:
         return None
     return 100.0 * (current - prior) / prior
-
-
-def _r(v: float | None, nd: int) -> float | None:
-    return None if v is None else round(float(v), nd)

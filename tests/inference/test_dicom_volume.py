@@ -172,6 +172,21 @@ def test_enhanced_ct_round_trip(tmp_path: Path) -> None:
     assert vol.slices[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.1"
 
 
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_slice_thickness_is_read_and_an_unusable_one_is_unknown(tmp_path: Path, enhanced: bool) -> None:
+    """Slice Thickness (from the functional groups of an Enhanced CT) informs the results'
+    remarks only: absent, empty or zero it is unknown, never an error."""
+    assert load_series(_write(tmp_path, enhanced=enhanced)).slice_thickness_mm == 2.0  # as far apart
+    paths = _write(tmp_path, name="thick", slice_thickness=5.0, enhanced=enhanced)
+    assert load_series(paths).slice_thickness_mm == 5.0
+    if not enhanced:
+        for value in ("", "0", None):
+            paths = _write(tmp_path, name=f"t{value}", slice_thickness=5.0)
+            for p in paths:
+                _edit(p, SliceThickness=value)
+            assert load_series(paths).slice_thickness_mm is None
+
+
 def test_enhanced_ct_per_frame_rescale(tmp_path: Path) -> None:
     arr = _hu()
     (path,) = _write(tmp_path, arr, enhanced=True)

@@ -143,3 +143,23 @@ def test_the_legend_says_when_the_slices_are_too_far_apart_for_small_nodes(case)
     assert case.findings.to_json()["remarks"] == []
     # a spacing that would print as the limit itself is printed finer
     assert rules.thick_slices_remark(2.53, 2.5).startswith("thick slices (2.53 mm apart, over 2.5)")
+    # slices close enough but thicker than the limit (5 mm every 2.5 mm) blur small nodes too
+    slabs = dataclasses.replace(case.findings, slice_thickness_mm=5.0)
+    slabs = dataclasses.replace(slabs, model=dataclasses.replace(MODEL, max_slice_spacing_mm=3.0))
+    assert slabs.remarks == ("thick slices (5.0 mm thick, over 3): small nodes may be missed",)
+    assert slabs.to_json()["slice_thickness_mm"] == 5.0 and doc["slice_thickness_mm"] is None
+    assert dataclasses.replace(slabs, model=thin.model).remarks == (  # the larger of the two is named
+        "thick slices (5.0 mm thick, over 2): small nodes may be missed",
+    )
+
+
+def test_slice_remarks_by_spacing_then_thickness() -> None:
+    assert rules.slice_remarks(2.5, None, 5.0) == ()  # no limit: nothing to say
+    assert rules.slice_remarks(2.5, 2.5, 2.5) == ()
+    assert rules.slice_remarks(2.5, 2.5, None) == ()
+    assert rules.slice_remarks(5.0, 2.5, 5.0) == (
+        "thick slices (5.0 mm apart, over 2.5): small nodes may be missed",
+    )
+    assert rules.slice_remarks(2.0, 2.5, 3.0) == (
+        "thick slices (3.0 mm thick, over 2.5): small nodes may be missed",
+    )
