@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--per-node", action="store_true", help="the same as --node-power 0")
     c.add_argument(
+        "--thick-share",
+        type=float,
+        default=None,
+        help="share of segmenter batches seen as slices 3-5 mm thick would show them",
+    )
+    c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
     )
     c.add_argument(
@@ -416,6 +422,7 @@ def cmd_train(args, settings: Settings) -> int:
         node_share="node_share",
         mined_share="mined_share",
         node_power="node_power",
+        thick_share="thick_share",
         version="version",
         name="name",
     )

@@ -58,6 +58,7 @@ class TrainConfig:
     node_share: float = 0.4  # segmenter patches centred on a node
     hard_share: float = 0.3  # ... on node-like tissue that is not a node
     mined_share: float = 0.0  # ... on the false positives of the `init_from` model (mining)
+    thick_share: float = 0.0  # segmenter batches seen as slices 3-5 mm thick would show them
     node_power: float = 1.0  # node patches: node drawn by voxels ** power (1: each voxel alike, 0: each node)
     init_from: str | None = None  # model directory whose weights both networks start from
     fresh_classifier: bool = False  # with init_from: the classifier starts from random weights
@@ -227,6 +228,23 @@ def _flip(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
+def thick_slices(hu: torch.Tensor, thickness: int, phase: int) -> torch.Tensor:
+    """`hu` (batch, 1, slice, row, column) on the working grid as a CT with slices
+    `thickness` voxels thick and as far apart shows it once resampled to that grid: each
+    slab of `thickness` slices (from `phase`) averaged, then interpolated linearly between
+    the slabs' centres (nearest beyond the first and last)."""
+    slabs = torch.nn.functional.avg_pool3d(
+        hu[:, :, phase:], (thickness, 1, 1), (thickness, 1, 1), ceil_mode=True
+    )
+    n = slabs.shape[2]
+    z = torch.arange(hu.shape[2], dtype=torch.float32)
+    at = ((z - phase - (thickness - 1) / 2) / thickness).clamp(0, n - 1)
+    lo = at.floor().long()
+    hi = (lo + 1).clamp(max=n - 1)
+    w = (at - lo).view(1, 1, -1, 1, 1)
+    return slabs[:, :, lo] * (1 - w) + slabs[:, :, hi] * w
+
+
 def train_segmenter(
     cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray, start: dict | None = None
 ) -> torch.nn.Module:
@@ -249,6 +267,9 @@ def train_segmenter(
         crop: tuple[np.ndarray | slice, ...] = (idx, *(slice(a, a + cfg.train_crop) for a in o))
         hu = torch.from_numpy(imgs[crop].astype(np.float32))[:, None]
         hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
+        if cfg.thick_share and rng.random() < cfg.thick_share:
+            thickness = int(rng.integers(3, 6))
+            hu = thick_slices(hu, thickness, int(rng.integers(0, thickness)))
         x = normalise(hu)
         y = torch.from_numpy(masks[crop].astype(np.float32))[:, None]
         both = _flip(torch.cat([x, y], 1), rng)

@@ -217,3 +217,26 @@ def test_mixed_training_joins_plain_and_variety_samples_each_from_its_own_cache(
     again = collect(cfg, None, tmp_path)
     assert made == [False, True] and again[4] == labels
     assert "plain and domain-randomised" in train_module.family_words(cfg)
+
+
+def test_thick_slices_blur_along_the_slice_axis_only_as_a_resampled_thick_ct_would():
+    """`--thick-share`: a batch seen as slices `t` voxels thick and apart, resampled back to
+    the working grid: a one-slice spot becomes a low, wide bump of the same sum; a ramp along
+    the slices and everything within a slice are kept."""
+    import torch
+
+    from inference.train import thick_slices
+
+    spot = torch.zeros(1, 1, 30, 2, 3)
+    spot[:, :, 15] = 100.0
+    for t in (3, 4, 5):
+        for phase in range(t):
+            out = thick_slices(spot, t, phase)
+            assert out.shape == spot.shape
+            profile = out[0, 0, :, 0, 0]
+            assert float(profile.sum()) == pytest.approx(100.0, rel=1e-5)
+            assert float(profile.max()) <= 100.0 / t + 1e-4  # the slab's mean at most
+            assert torch.equal(out[..., 0, 0], out[..., 1, 2])  # each column alike: no in-plane blur
+    ramp = torch.arange(30.0).view(1, 1, 30, 1, 1).expand(1, 1, 30, 2, 2)
+    inner = thick_slices(ramp, 4, 1)[0, 0, 6:24, 0, 0]
+    assert torch.allclose(inner, torch.arange(6.0, 24.0))
