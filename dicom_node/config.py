@@ -233,8 +233,9 @@ def _default_rules() -> list[RoutingRule]:
     ]
 
 
-# Kernels (and descriptions) of sharp reconstructions: lung and bone by name; Siemens kernels
-# of sharpness 50 and above (B60f, Br64, Bl57, I70f, Hr60); Canon FC5x-FC9x (lung, bone).
+# Kernels of sharp reconstructions (descriptions where a series names no kernel): lung and
+# bone by name; Siemens kernels of sharpness 50 and above (B60f, Br64, Bl57, I70f, Hr60);
+# Canon FC5x-FC9x (lung and high-resolution kernels).
 SHARP_KERNELS = ["(?i)lung|bone|sharp|edge|detail", "^[A-Z][a-z]?[5-9][0-9]", "^FC[5-9][0-9]"]
 
 
@@ -250,8 +251,14 @@ class RoutingSection(_Section):
     )
     sharp_kernels: list[str] = Field(
         SHARP_KERNELS,
-        description="regexes on Convolution Kernel and Series Description that mark a sharp "
-        "(lung, bone) reconstruction, chosen only when its scan has no other",
+        description="regexes on Convolution Kernel (on Series Description where a series names no "
+        "kernel) that mark a sharp (lung, bone) reconstruction, chosen after a soft-tissue one",
+    )
+    thin_slices_mm: float = Field(
+        2.5,
+        gt=0,
+        description="reconstructions up to this Slice Thickness are chosen before thicker ones, "
+        "whatever their kernel: the model card's limits.max_slice_spacing_mm (the demo model's: 2.5)",
     )
 
     _regexes = field_validator("sharp_kernels")(_check_regexes)

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from inference.evaluate import array_volume, hit_rule, match
-from inference.findings import Finding, StudyFindings
+from inference.findings import Finding, StudyFindings, rounded
 from inference.followup import FROM_ANALYSIS, MATCHED, FollowUpSettings, PriorStudy, compare, prior_nodes
 from inference.model_store import LoadedModel
 from inference.phantom_pairs import SCENARIOS, make_pair
@@ -69,11 +69,11 @@ def evaluate_followup(
         "nodes_in_both_truth": in_both,
         "nodes_in_both_found": found,
         "matched_correctly": correct,
-        "matching_accuracy": _r(correct / found if found else None, 4),
+        "matching_accuracy": rounded(correct / found if found else None, 4),
         "sa_change_error_mm": {
-            "median": _r(float(np.median(errors)) if errors else None, 2),
-            "p90": _r(float(np.percentile(errors, 90)) if errors else None, 2),
-            "max": _r(max(errors) if errors else None, 2),
+            "median": rounded(float(np.median(errors)) if errors else None, 2),
+            "p90": rounded(float(np.percentile(errors, 90)) if errors else None, 2),
+            "max": rounded(max(errors) if errors else None, 2),
             "n": len(errors),
         },
         "response_agreement": f"{agree}/{pairs}",
@@ -81,10 +81,10 @@ def evaluate_followup(
         # the look's structures not judged by the model's checker (= response_agreement without one)
         "response_agreement_look_unjudged": f"{agree_unjudged}/{pairs}",
         "registration_error_mm": {
-            "median": _r(float(np.median(reg)) if reg else None, 2),
-            "max": _r(max(reg) if reg else None, 2),
+            "median": rounded(float(np.median(reg)) if reg else None, 2),
+            "max": rounded(max(reg) if reg else None, 2),
         },
-        "seconds_per_pair": _r(float(np.mean([r["seconds"] for r in rows])), 1),
+        "seconds_per_pair": rounded(float(np.mean([r["seconds"] for r in rows])), 1),
         "per_pair": rows,
     }
 
@@ -160,8 +160,8 @@ def _one(
         "matched_correctly": correct,
         "sa_change_errors_mm": [round(e, 2) for e in errors],
         "registration": comparison.registration.method,
-        "bone_residual_mm": _r(comparison.registration.bone_residual_mm, 2),
-        "registration_error_mm": _r(reg_error, 2),
+        "bone_residual_mm": rounded(comparison.registration.bone_residual_mm, 2),
+        "registration_error_mm": rounded(reg_error, 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -175,10 +175,6 @@ def _truth_of(labels: np.ndarray, findings: StudyFindings) -> dict[int, Finding]
         if m.gt and (m.gt not in out or m.dice > out[m.gt][0]):
             out[m.gt] = (m.dice, f)
     return {k: v[1] for k, v in out.items()}
-
-
-def _r(v, nd: int):
-    return None if v is None else round(float(v), nd)
 
 
 __all__ = ["FOLLOWUP_SEED_BASE", "evaluate_followup"]

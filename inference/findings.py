@@ -119,8 +119,8 @@ class StudyFindings:
 
     @property
     def remarks(self) -> tuple[str, ...]:
-        """What the reader must know about the whole result: slices further apart than the
-        model finds small nodes reliably on (`rules.thick_slices_remark`)."""
+        """What the reader must know about the whole result: slices further apart, or
+        thicker, than the model finds small nodes reliably on (`rules.slice_remarks`)."""
         return rules.slice_remarks(
             self.slice_spacing_mm, self.model.max_slice_spacing_mm, self.slice_thickness_mm
         )

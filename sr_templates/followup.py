@@ -266,17 +266,16 @@ def _role(n: NodeChange) -> list[hd.sr.QualitativeEvaluation]:
 
 def _change_text(n: NodeChange, prior_date: str, prior_remarks: Sequence[str] = ()) -> str:
     """``"; new since 20260105"`` or ``"; SA 14.0 -> 9.8 mm (-4.2 mm, -30 %) since 20260105"``;
-    a new node's ends with the prior CT's remarks (`Comparison.prior_remarks`: its thick
-    slices may have hidden the node)."""
+    a small new node's (under 10 mm short axis) ends with the prior CT's remarks
+    (`Comparison.prior_remarks`: its thick slices may have hidden the node)."""
     since = f" since {prior_date}" if prior_date else " since the prior study"
     sa0, sa1 = n.short_axis_mm_prior, n.short_axis_mm_current
-    older = "".join(f"; {remark}" for remark in prior_remarks) if n.status == NEW else ""
+    older = "".join(f"; {remark}" for remark in prior_remarks) if hidden_then(n) else ""
     if n.status == NEW and sa0 is None:
         if n.seen_in_prior_image:
-            return (
-                f"; not found by the analysis of the prior study, but its place was soft tissue then{since}"
-                + older
-            )
+            of = f" of {prior_date}" if prior_date else ""
+            missed = f"; not found by the analysis of the prior study{of}"
+            return f"{missed}, but its place was soft tissue then{older}"
         return f"; new{since}{older}"
     if sa0 is None or sa1 is None:
         return ""
@@ -284,6 +283,12 @@ def _change_text(n: NodeChange, prior_date: str, prior_remarks: Sequence[str] = 
     pct_text = "" if pct is None else f", {pct:+.0f} %"
     how = " (prior size measured by nodal at its place on the prior CT)" if n.status == NEW else ""
     return f"; SA {sa0:.1f} -> {sa1:.1f} mm ({sa1 - sa0:+.1f} mm{pct_text}){since}{how}{older}"
+
+
+def hidden_then(n: NodeChange) -> bool:
+    """Whether the prior CT's thick slices may have hidden node `n`: it is new, and small
+    (under 10 mm short axis now), the size the card's slice limit was measured on."""
+    return n.status == NEW and n.short_axis_mm_current is not None and n.short_axis_mm_current < 10.0
 
 
 def _response(comparison: Comparison) -> hd.sr.ContainerContentItem:
@@ -328,6 +333,7 @@ def summary_text(comparison: Comparison) -> str:
         )
     counts = {st: sum(1 for n in comparison.nodes if n.status == st) for st in (MATCHED, NEW, GONE)}
     parts.append(f"{counts[MATCHED]} matched, {counts[NEW]} new, {counts[GONE]} gone")
+    parts.extend(comparison.prior_remarks)  # early: the Comment is cut at 1024 characters
     looked = [n for n in comparison.nodes if n.look is not None and n.look.outcome != FAT]
     for n in looked:
         label = n.prior_label if n.status == GONE else n.current_label
@@ -341,7 +347,6 @@ def summary_text(comparison: Comparison) -> str:
         parts.append(s.recist_reason)
     if comparison.registration.note:
         parts.append(comparison.registration.note)
-    parts.extend(comparison.prior_remarks)
     return "; ".join(parts).encode("ascii", "replace").decode("ascii")
 
 

@@ -20,6 +20,7 @@ from inference.followup import GONE, MATCHED, NEW, Comparison, NodeChange
 from inference.followup.look import UNCLEAR
 from inference.volume import Volume
 from sr_templates import result_images as ri
+from sr_templates.followup import hidden_then
 from sr_templates.sources import SourceSeries
 
 CHANGED_MM = 2.0
@@ -61,9 +62,9 @@ def gone_text(n: NodeChange, remarks: Sequence[str] = ()) -> tuple[str, list[str
 
 def prior_lines(n: NodeChange, date: str, prior_remarks: Sequence[str] = ()) -> list[str]:
     """The legend of the prior panel of a changed node: its prior sizes (for a new node, what
-    its place held then), and whether the edge of the prior scan cut what was measured; the
-    prior CT's remarks last (`Comparison.prior_remarks`, as the current panel ends with the
-    current study's)."""
+    its place held then), and whether the edge of the prior scan cut what was measured; for
+    a small new node the prior CT's remarks last (`Comparison.prior_remarks`: its thick
+    slices may have hidden the node; `followup.hidden_then`)."""
     if n.status == NEW:
         if n.short_axis_mm_prior is not None:
             lines = [
@@ -74,10 +75,10 @@ def prior_lines(n: NodeChange, date: str, prior_remarks: Sequence[str] = ()) -> 
             lines = [f"{n.current_label}: its place was soft tissue on {date} (not found then)"]
         else:
             lines = [f"{n.current_label}: not present on {date}"]
-        return [*lines, *prior_remarks]
+        return [*lines, *(prior_remarks if hidden_then(n) else ())]
     change = "" if n.short_axis_change_mm is None else f", change {n.short_axis_change_mm:+.1f} mm"
     sizes = f"short {n.short_axis_mm_prior:.1f} mm, long {n.long_axis_mm_prior:.1f} mm"
-    return [f"{n.prior_label}: {sizes}{change}", *_cut(n.prior_label, n.prior_at_scan_edge), *prior_remarks]
+    return [f"{n.prior_label}: {sizes}{change}", *_cut(n.prior_label, n.prior_at_scan_edge)]
 
 
 def _cut(label: str | None, cut: bool) -> list[str]:

@@ -209,7 +209,8 @@ def no_findings_group(
     result_uids: ResultUIDs, algorithm: hd.sr.AlgorithmIdentification, remarks: Sequence[str] = ()
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group stating that no lymph node was found; with `remarks` (the study's,
-    `StudyFindings.remarks`: slices too far apart for small nodes) a Comment that says them."""
+    `StudyFindings.remarks`: slices too far apart or too thick for small nodes) a Comment
+    that says them (the report says them too, `measurement_report`)."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result_uids(uids.NO_FINDINGS_TRACKING), identifier=NO_FINDINGS_IDENTIFIER
@@ -305,8 +306,10 @@ def measurement_report(
     report = _report(study_findings, groups)
     evaluations = None if extra is None else extra.evaluations
     if study_findings.remarks:  # what the study's findings stand on (thick slices), for every reader
-        evaluations = evaluations or followup.evaluations_container([])
-        followup.add_comment([evaluations], "; ".join(study_findings.remarks))
+        if evaluations is None:
+            evaluations = followup.evaluations_container([])
+        which = "" if comparison is None else "current CT: "  # beside the prior CT's, in a follow-up
+        followup.add_comment([evaluations], which + "; ".join(study_findings.remarks))
     if evaluations is not None:
         report[0].ContentSequence.append(evaluations)  # TID 1500 row 12, after row 6
     return report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,7 +23,7 @@ from dicom_node.completion.reconstructions import Reconstruction, choose
 from dicom_node.completion.routing import Decision, SeriesSummary, route
 from dicom_node.config import RoutingSection, Settings
 from dicom_node.index.db import Database, Job, JobState, Series, Study
-from dicom_node.jobs.table import supersede_older
+from dicom_node.jobs.table import latest_jobs, supersede_older, without_results
 from dicom_node.observe import metrics
 from dicom_node.observe.audit import study_key
 
@@ -102,34 +103,46 @@ def complete_due_studies(
 
 
 def reconstruction(series: Series) -> Reconstruction:
-    acquired = None
-    if series.acquired_from is not None and series.acquired_to is not None:
-        acquired = (series.acquired_from, series.acquired_to)
     return Reconstruction(
         series_uid=series.series_uid,
         frame_of_reference_uid=series.frame_of_reference_uid,
-        acquired=acquired,
+        acquired=_span(series.acquired_from, series.acquired_to),
+        extent=_span(series.extent_from, series.extent_to),
         image_type=_image_type(series),
         kernel=series.kernel or "",
         description=series.description,
-        slice_thickness_mm=series.slice_thickness_mm,
+        slice_thickness_mm=series.slice_thickness_mm if (series.slice_thickness_mm or 0) > 0 else None,
         slices=series.frame_count,
     )
 
 
-def decisions(study_series: list[Series], routing: RoutingSection) -> dict[str, Decision]:
+def _span(low: float | None, high: float | None) -> tuple[float, float] | None:
+    return None if low is None or high is None else (low, high)
+
+
+def decisions(
+    study_series: list[Series], routing: RoutingSection, unusable: AbstractSet[str] = frozenset()
+) -> dict[str, Decision]:
     """The routing decision of each series of one study: its rules, then (with
     `one_per_scan`) one reconstruction of each scan among the series they select, whether
     or not those came in this completion (a later, better reconstruction is analysed too;
-    a later, worse one is skipped)."""
+    a later, worse one is skipped). A series in `unusable` (its analysis failed, or the
+    loader refused it, and nothing new came since) is chosen for no scan: the next
+    reconstruction of its scan is."""
     routed = {series.series_uid: route(summary(series), routing.rules) for series in study_series}
     if not routing.one_per_scan:
         return routed
-    selected = [reconstruction(series) for series in study_series if routed[series.series_uid].selected]
-    for uid, chosen in choose(selected, routing.sharp_kernels).items():
+    selected = [
+        reconstruction(series)
+        for series in study_series
+        if routed[series.series_uid].selected and series.series_uid not in unusable
+    ]
+    for uid, chosen in choose(selected, routing.sharp_kernels, routing.thin_slices_mm).items():
         if chosen.series_uid != uid:
             routed[uid] = Decision(
-                False, None, f"another reconstruction of the same scan is analysed: {chosen.label()}"
+                False,
+                routed[uid].rule,
+                f"another reconstruction of the same scan is analysed: {chosen.label()}",
             )
     return routed
 
@@ -138,7 +151,9 @@ def complete_study(s: Session, study: Study, settings: Settings, t: float) -> li
     """Route each series with new instances; one job per series (queued, or skipped with the reason)."""
     jobs = []
     study_series = list(s.scalars(select(Series).where(Series.study_uid == study.study_uid)))
-    routed = decisions(study_series, settings.routing)
+    fresh = {series.series_uid for series in study_series if series.pending}
+    unusable = {uid for uid, job in latest_jobs(s, study.study_uid).items() if without_results(job)} - fresh
+    routed = decisions(study_series, settings.routing, unusable)
     for series in (series for series in study_series if series.pending):
         decision = routed[series.series_uid]
         job = Job(

@@ -25,7 +25,9 @@ class SeriesSummary:
 @dataclass(frozen=True)
 class Decision:
     selected: bool
-    rule: str | None  # the rule that selected the series
+    # the rule that selected the series (also when it is skipped as another reconstruction
+    # of a scan whose chosen one is analysed: `completion.quiet.decisions`)
+    rule: str | None
     reason: str  # why selected, or why every rule refused it
 
 

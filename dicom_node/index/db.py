@@ -96,12 +96,15 @@ class Series(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")  # who sent the latest instance
     routing: Mapped[str | None] = mapped_column(Text, default=None)  # last decision, for the API
     # which scan this series reconstructs (completion.reconstructions): its frame of reference,
-    # the first and last acquisition time of its instances (seconds), its convolution kernel;
-    # NULL when its instances do not say (and for series indexed before revision 0007)
+    # the first and last acquisition time of its instances (seconds), its convolution kernel,
+    # the span of its slices along their normal (mm); NULL when its instances do not say (and
+    # for series indexed before revision 0007)
     frame_of_reference_uid: Mapped[str | None] = mapped_column(UID, default=None)
     acquired_from: Mapped[float | None] = mapped_column(Float, default=None)
     acquired_to: Mapped[float | None] = mapped_column(Float, default=None)
     kernel: Mapped[str | None] = mapped_column(String(64), default=None)
+    extent_from: Mapped[float | None] = mapped_column(Float, default=None)
+    extent_to: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class Instance(Base):

@@ -17,7 +17,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from dicom_node.config import Settings
 from dicom_node.index.db import (
@@ -28,6 +28,7 @@ from dicom_node.index.db import (
     Instance,
     Job,
     JobState,
+    Series,
     Study,
 )
 from dicom_node.jobs.outcome import JobOutcome
@@ -175,6 +176,18 @@ def finish_error(
         return True
 
 
+def latest_jobs(s: Session, study_uid: str) -> dict[str, Job]:
+    """The newest job of each series of a study."""
+    jobs = s.scalars(select(Job).where(Job.study_uid == study_uid).order_by(Job.id))
+    return {j.series_uid: j for j in jobs}
+
+
+def without_results(job: Job) -> bool:
+    """Whether `job` ended without results for its series: failed, or refused by the loader
+    (skipped after an attempt; routing's skips have none)."""
+    return job.state == JobState.FAILED or (job.state == JobState.SKIPPED and job.attempts > 0)
+
+
 def _after_failure(job: Job, error: str, settings: Settings, t: float, final_state: JobState | None) -> None:
     job.lease_owner = job.lease_expires_at = None
     job.last_error = error
@@ -195,6 +208,35 @@ def _after_failure(job: Job, error: str, settings: Settings, t: float, final_sta
         error,
         job.state,
         extra={"event": "job", "job_id": job.id, "state": str(job.state)},
+    )
+    if without_results(job):
+        _route_other_reconstructions_again(job, t)
+
+
+def _route_other_reconstructions_again(job: Job, t: float) -> None:
+    """The series of `job` gets no results: the series of its study that were skipped as
+    other reconstructions of a scan (selected by a rule, skipped before any attempt) are
+    routed again at the study's next completion, which then chooses among the rest
+    (`completion.quiet.decisions`)."""
+    s = object_session(job)
+    assert s is not None
+    others = [
+        uid
+        for uid, j in latest_jobs(s, job.study_uid).items()
+        if j.state == JobState.SKIPPED and j.attempts == 0 and j.rule is not None
+    ]
+    if not others:
+        return
+    for series in s.scalars(select(Series).where(Series.series_uid.in_(others))):
+        series.pending = True
+    study = s.get(Study, job.study_uid)
+    if study is not None:
+        study.pending = True
+    log.info(
+        "job %d ended without results: %d other reconstruction(s) of its study routed again",
+        job.id,
+        len(others),
+        extra={"event": "job", "job_id": job.id},
     )
 
 

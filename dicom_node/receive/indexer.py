@@ -150,11 +150,11 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
     for key in ("frame_of_reference_uid", "kernel"):
         if scan[key] is not None:
             kept[key] = func.coalesce(table.c[key], scan[key])
-    if scan["acquired_from"] is not None:
-        first, last = scan["acquired_from"], scan["acquired_to"]
-        was_first, was_last = table.c.acquired_from, table.c.acquired_to
-        kept["acquired_from"] = case((was_first.is_(None) | (was_first > first), first), else_=was_first)
-        kept["acquired_to"] = case((was_last.is_(None) | (was_last < last), last), else_=was_last)
+    for low, high in (("acquired_from", "acquired_to"), ("extent_from", "extent_to")):
+        if scan[low] is not None:  # the span of the series so far and of this batch
+            was_low, was_high = table.c[low], table.c[high]
+            kept[low] = case((was_low.is_(None) | (was_low > scan[low]), scan[low]), else_=was_low)
+            kept[high] = case((was_high.is_(None) | (was_high < scan[high]), scan[high]), else_=was_high)
     done = s.execute(  # type: ignore[attr-defined]
         update(table)  # type: ignore[arg-type]
         .where(table.c.series_uid == uid)
@@ -190,15 +190,19 @@ def _upsert_series(s: Session, uid: str, group: list[Pending]) -> None:
 
 def _scan(group: list[Pending]) -> dict:
     """What `group` says of the scan its series reconstructs (None where no instance says):
-    the first frame of reference and kernel given, the span of the acquisition times."""
+    the first frame of reference and kernel given, the spans of the acquisition times and
+    of the slice positions."""
     headers = [p.header for p in group]
     times = [h.acquired_at for h in headers if h.acquired_at is not None]
+    positions = [h.position_mm for h in headers if h.position_mm is not None]
     frames_of_reference = [h.frame_of_reference_uid for h in headers if h.frame_of_reference_uid]
     return {
         "frame_of_reference_uid": frames_of_reference[0] if frames_of_reference else None,
         "kernel": next((h.kernel for h in headers if h.kernel), None),
         "acquired_from": min(times) if times else None,
         "acquired_to": max(times) if times else None,
+        "extent_from": min(positions) if positions else None,
+        "extent_to": max(positions) if positions else None,
     }
 
 

@@ -35,6 +35,8 @@ from pydicom.valuerep import DA, DT, TM, PersonName
 
 UID_PATTERN = r"[0-9]+(?:\.[0-9]+)*"  # the one UID pattern: header checks, spool log paths
 UID_RE = re.compile(rf"^{UID_PATTERN}$")
+DATETIME_RE = re.compile(r"^\d{4}(\d{2}){0,5}(\.\d{1,6})?([+-]\d{4})?$")  # DT: YYYY[MMDDHHMMSS][.F][&ZZXX]
+TIME_RE = re.compile(r"^\d{2}(\d{2}){0,2}(\.\d{1,6})?$")  # TM: HH[MM[SS]][.F]
 
 CHARSET = 0x00080005
 IMAGE_TYPE = 0x00080008
@@ -52,6 +54,8 @@ SLICE_THICKNESS = 0x00180050
 CONVOLUTION_KERNEL = 0x00181210
 STUDY = 0x0020000D
 SERIES = 0x0020000E
+IMAGE_POSITION = 0x00200032
+IMAGE_ORIENTATION = 0x00200037
 FRAME_OF_REFERENCE = 0x00200052
 FRAMES = 0x00280008  # the last tag read, except for multi-frame instances
 HEADER_TAGS = (
@@ -71,6 +75,8 @@ HEADER_TAGS = (
     CONVOLUTION_KERNEL,
     STUDY,
     SERIES,
+    IMAGE_POSITION,
+    IMAGE_ORIENTATION,
     FRAME_OF_REFERENCE,
     FRAMES,
 )
@@ -119,6 +125,7 @@ class InstanceHeader:
     frame_of_reference_uid: str = ""  # "" when absent or malformed
     acquired_at: float | None = None  # Acquisition DateTime, or Date and Time, in seconds
     kernel: str = ""  # Convolution Kernel, values joined by "\"
+    position_mm: float | None = None  # Image Position along the slice normal (single-frame)
 
 
 def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
@@ -237,6 +244,7 @@ def _header(
             frame_of_reference_uid=_optional_uid(values.get(FRAME_OF_REFERENCE)),
             acquired_at=_acquired_at(values),
             kernel=_decoded(values.get(CONVOLUTION_KERNEL), encodings)[:64],
+            position_mm=_position(values),
         )
     except InvalidInstanceError:
         raise
@@ -268,18 +276,37 @@ def _optional_uid(raw: bytes | None) -> str:
         return ""
 
 
-def _acquired_at(values: Values) -> float | None:
-    """When the instance's data were acquired, in seconds: Acquisition DateTime, else
-    Acquisition Date and Time (the time alone counts from midnight); None when absent or
-    malformed (it only informs a choice, `completion.reconstructions`)."""
+def _position(values: Values) -> float | None:
+    """Image Position (Patient) along the normal of Image Orientation (Patient): where the
+    slice lies, comparable between series of one orientation; None when absent or malformed."""
     try:
-        text = _text(values.get(ACQUISITION_DATETIME))
-        if text:
-            at = DT(text)
-            return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
-        time_text = _text(values.get(ACQUISITION_TIME)).replace(":", "")  # "10:15:30": before 1993
-        if not time_text:
-            return None
+        position = [float(v) for v in _text(values.get(IMAGE_POSITION)).split("\\")]
+        cosines = [float(v) for v in _text(values.get(IMAGE_ORIENTATION)).split("\\")]
+    except ValueError:
+        return None
+    if len(position) != 3 or len(cosines) != 6:
+        return None
+    (rx, ry, rz), (cx, cy, cz) = cosines[:3], cosines[3:]
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    return sum(p * n for p, n in zip(position, normal, strict=True))
+
+
+def _acquired_at(values: Values) -> float | None:
+    """When the instance's data were acquired, in seconds of the scanner's clock (any UTC
+    offset is left out: series of one scanner are compared, and one may carry an offset that
+    another lacks): Acquisition DateTime, else Acquisition Date and Time (the time alone
+    counts from midnight); None when absent or malformed (it only informs a choice,
+    `completion.reconstructions`)."""
+    text = _text(values.get(ACQUISITION_DATETIME))
+    if DATETIME_RE.match(text):
+        try:
+            return DT(text).replace(tzinfo=UTC).timestamp()
+        except (ValueError, TypeError, AttributeError):
+            pass  # malformed: the Date and Time, if any, say it
+    time_text = _text(values.get(ACQUISITION_TIME)).replace(":", "")  # "10:15:30": before 1993
+    if not TIME_RE.match(time_text):
+        return None
+    try:
         t = TM(time_text)
         seconds = t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
         date_text = _text(values.get(ACQUISITION_DATE))

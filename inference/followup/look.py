@@ -44,7 +44,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from inference import rules
-from inference.findings import Point3
+from inference.findings import Point3, rounded
 from inference.measure import axial_diameters
 from inference.volume import Volume
 
@@ -88,10 +88,10 @@ class Look:
     def to_json(self) -> dict:
         return {
             "outcome": self.outcome,
-            "short_axis_mm": _r(self.short_axis_mm, 2),
-            "long_axis_mm": _r(self.long_axis_mm, 2),
-            "volume_mm3": _r(self.volume_mm3, 1),
-            "soft_tissue_share": _r(self.soft_tissue_share, 3),
+            "short_axis_mm": rounded(self.short_axis_mm, 2),
+            "long_axis_mm": rounded(self.long_axis_mm, 2),
+            "volume_mm3": rounded(self.volume_mm3, 1),
+            "soft_tissue_share": rounded(self.soft_tissue_share, 3),
             "note": self.note,
             "at_scan_edge": self.at_scan_edge,
         }
@@ -238,7 +238,3 @@ def _not_a_node(node: np.ndarray, neck: float, spacing: np.ndarray, short_mm: fl
 def _filled(mask: np.ndarray) -> np.ndarray:
     """Holes closed on each axial slice (a fatty hilum, a necrotic core below the threshold)."""
     return np.stack([ndimage.binary_fill_holes(s) for s in mask])
-
-
-def _r(v: float | None, nd: int) -> float | None:
-    return None if v is None else round(float(v), nd)

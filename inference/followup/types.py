@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from inference import rules
-from inference.findings import Point3, StudyFindings
-from inference.findings import rounded as _r
+from inference.findings import Point3, StudyFindings, rounded
 
 if TYPE_CHECKING:
     from inference.followup.look import Look
@@ -210,28 +209,28 @@ class NodeChange:
             "prior_label": self.prior_label,
             "prior_tracking_uid": self.prior_tracking_uid,
             "recist_role": self.recist_role,
-            "distance_mm": _r(self.distance_mm, 2),
-            "prior_tissue_share": _r(self.prior_tissue_share, 3),
+            "distance_mm": rounded(self.distance_mm, 2),
+            "prior_tissue_share": rounded(self.prior_tissue_share, 3),
             "seen_in_prior_image": self.seen_in_prior_image,
             "prior_at_scan_edge": self.prior_at_scan_edge,
             "look": None if self.look is None else self.look.to_json(),
             "short_axis_mm": {
-                "prior": _r(self.short_axis_mm_prior, 2),
-                "current": _r(self.short_axis_mm_current, 2),
-                "change_mm": _r(self.short_axis_change_mm, 2),
-                "change_percent": _r(self.short_axis_change_percent, 1),
+                "prior": rounded(self.short_axis_mm_prior, 2),
+                "current": rounded(self.short_axis_mm_current, 2),
+                "change_mm": rounded(self.short_axis_change_mm, 2),
+                "change_percent": rounded(self.short_axis_change_percent, 1),
             },
             "long_axis_mm": {
-                "prior": _r(self.long_axis_mm_prior, 2),
-                "current": _r(self.long_axis_mm_current, 2),
-                "change_mm": _r(self.long_axis_change_mm, 2),
-                "change_percent": _r(self.long_axis_change_percent, 1),
+                "prior": rounded(self.long_axis_mm_prior, 2),
+                "current": rounded(self.long_axis_mm_current, 2),
+                "change_mm": rounded(self.long_axis_change_mm, 2),
+                "change_percent": rounded(self.long_axis_change_percent, 1),
             },
             "volume_mm3": {
-                "prior": _r(self.volume_mm3_prior, 1),
-                "current": _r(self.volume_mm3_current, 1),
-                "change_mm3": _r(self.volume_change_mm3, 1),
-                "change_percent": _r(self.volume_change_percent, 1),
+                "prior": rounded(self.volume_mm3_prior, 1),
+                "current": rounded(self.volume_mm3_current, 1),
+                "change_mm3": rounded(self.volume_change_mm3, 1),
+                "change_percent": rounded(self.volume_change_percent, 1),
             },
         }
 
@@ -267,12 +266,12 @@ class ResponseSummary:
             "sum_short_axis_mm": {
                 "prior": round(self.sum_short_axis_prior_mm, 2),
                 "current": round(self.sum_short_axis_current_mm, 2),
-                "change_percent": _r(self.sum_short_axis_change_percent, 1),
+                "change_percent": rounded(self.sum_short_axis_change_percent, 1),
             },
             "spd_mm2": {
                 "prior": round(self.spd_prior_mm2, 1),
                 "current": round(self.spd_current_mm2, 1),
-                "change_percent": _r(self.spd_change_percent, 1),
+                "change_percent": rounded(self.spd_change_percent, 1),
             },
             "new_nodes": self.new_nodes,
             "target_response": self.target_response,

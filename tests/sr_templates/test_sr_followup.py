@@ -394,9 +394,9 @@ def test_time_points_follow_the_values_and_the_first_number_holds_the_lines(foll
 @needs_dciodvfy
 def test_a_follow_up_on_thick_slices_says_so_beside_its_response(followup, tmp_path) -> None:
     """The study's remark joins the response's Qualitative Evaluations container: one
-    container, the response's Comment first. The prior CT's remark (its slices too far apart:
-    a new node may be older) ends the response's Comment, the new node's Comment and the
-    prior panels of the prior-beside-current images."""
+    container, the response's Comment first, the current CT's remark named so. The prior
+    CT's remark (its slices too far apart: a small new node may be older) is in the
+    response's Comment, ends the small new node's Comment and its prior panel."""
     case, comparison, _ = followup
     model = dataclasses.replace(case.findings.model, max_slice_spacing_mm=2.0)  # the CT: 2.5 mm apart
     thick = dataclasses.replace(case.findings, model=model)
@@ -413,9 +413,9 @@ def test_a_follow_up_on_thick_slices_says_so_beside_its_response(followup, tmp_p
     ]
     assert [i.TextValue for i in container.ContentSequence if i.ValueType == "TEXT"] == [
         summary_text(comparison),
-        rules.thick_slices_remark(2.5, 2.0),
+        f"current CT: {rules.thick_slices_remark(2.5, 2.0)}",  # beside the prior CT's: which is which
     ]
-    assert summary_text(comparison).endswith(f"; {older}")
+    assert f"1 matched, 1 new, 1 gone; {older}" in summary_text(comparison)  # before the long parts
     new = next(n for n in comparison.nodes if n.current_label == "LN-2")
     comments = [
         _child(g, "121106")[0].TextValue
@@ -429,8 +429,11 @@ def test_a_follow_up_on_thick_slices_says_so_beside_its_response(followup, tmp_p
         for g in _groups(sr)
         if _uid(g) == matched.prior_tracking_uid and _child(g, "121106")
     )
+    assert new.short_axis_mm_current < 10  # small: the prior's thick slices may have hidden it
     assert prior_lines(new, PRIOR_DATE, comparison.prior_remarks)[-1] == older
-    assert prior_lines(matched, PRIOR_DATE, comparison.prior_remarks)[-1] == older
+    assert older not in prior_lines(matched, PRIOR_DATE, comparison.prior_remarks)
+    big = dataclasses.replace(new, short_axis_mm_current=12.0)  # thick slices hide no 12 mm node
+    assert older not in prior_lines(big, PRIOR_DATE, comparison.prior_remarks)
     assert dciodvfy(next(p for p in paths if p.name == "sr.dcm"))[0] == []
 
 

@@ -3,9 +3,16 @@
 from sqlalchemy import select
 
 from dicom_node.index.db import Job, JobState, Series
-from tests.helpers.node import complete, receive, settings
+from dicom_node.jobs.table import claim, finish_error
+from tests.helpers.node import complete, later, receive, settings
 
-SCAN = {"FrameOfReferenceUID": "1.2.3.99", "AcquisitionDate": "20260301", "ConvolutionKernel": "Br40d"}
+SCAN = {
+    "FrameOfReferenceUID": "1.2.3.99",
+    "AcquisitionDate": "20260301",
+    "ConvolutionKernel": "Br40d",
+    "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+    "ImagePositionPatient": [0, 0, -200],
+}
 THICK = {"series": "1.2.3.4", "description": "Thorax 5.0", "SliceThickness": "5", **SCAN}
 THIN = {"series": "1.2.3.5", "description": "Thorax 1.0", "SliceThickness": "1", **SCAN}
 NOT_THIN = (
@@ -22,7 +29,8 @@ def test_of_a_thin_and_a_thick_reconstruction_the_thin_one_is_analysed(node):
     db, receiver, _ = node
     receive(receiver, n=3, AcquisitionTime="101530", **THICK)
     receive(receiver, n=6, AcquisitionTime="101532", **THIN)
-    receive(receiver, n=3, first=4, AcquisitionTime="101540", **THICK)  # the span: 10:15:30-40
+    later_slices = {**THICK, "ImagePositionPatient": [0, 0, -100]}  # the span: 10:15:30-40, -200 to -100 mm
+    receive(receiver, n=3, first=4, AcquisitionTime="101540", **later_slices)
     complete(db, settings())
     found = jobs(db)
     assert found["1.2.3.5"].state == JobState.QUEUED
@@ -30,6 +38,7 @@ def test_of_a_thin_and_a_thick_reconstruction_the_thin_one_is_analysed(node):
     with db.session() as s:
         thick = s.get(Series, "1.2.3.4")
         assert (thick.acquired_from, thick.acquired_to) == (1772360130.0, 1772360140.0)
+        assert (thick.extent_from, thick.extent_to) == (-200.0, -100.0)
         assert (thick.frame_of_reference_uid, thick.kernel, thick.routing) == ("1.2.3.99", "Br40d", NOT_THIN)
 
 
@@ -62,3 +71,43 @@ def test_one_per_scan_off_analyses_every_selected_reconstruction(node):
     receive(receiver, AcquisitionTime="101530", **THICK)
     complete(db, settings(routing={"rules": [{"name": "ct", "min_slices": 3}], "one_per_scan": False}))
     assert {j.state for j in jobs(db).values()} == {JobState.QUEUED}
+
+
+def test_when_the_chosen_reconstruction_gets_no_results_the_next_one_is_analysed(node):
+    """The thin series is refused by the loader (say a missing slice): the thick one,
+    skipped as another reconstruction, is routed again and analysed; the topogram, which no
+    rule selected, is not routed again; nothing is chosen twice."""
+    db, receiver, _ = node
+    s = settings()
+    receive(receiver, AcquisitionTime="101530", **THICK)
+    receive(receiver, AcquisitionTime="101530", **THIN)
+    receive(receiver, n=1, series="1.2.3.9", description="Topogram")
+    complete(db, s)
+    thick_skip = jobs(db)["1.2.3.4"]
+    assert (thick_skip.state, thick_skip.rule) == (JobState.SKIPPED, "ct")  # selected, then skipped
+    job = claim(db, "h:1:w0", 10, later())
+    assert job.series_uid == "1.2.3.5"
+    finish_error(db, job.id, "h:1:w0", "2 slices missing", s, later(), JobState.SKIPPED)
+    [again] = complete(db, s)
+    found = jobs(db)
+    assert (found["1.2.3.4"].id, found["1.2.3.4"].state) == (again, JobState.QUEUED)
+    assert found["1.2.3.5"].state == JobState.SKIPPED and found["1.2.3.5"].reason == "2 slices missing"
+    assert found["1.2.3.9"].reason.endswith("1 slices, fewer than 3")  # its first and only job
+    assert complete(db, s) == []
+
+
+def test_a_chosen_reconstruction_that_gives_up_hands_over_too_and_fresh_instances_bring_it_back(node):
+    db, receiver, _ = node
+    s = settings()  # 2 attempts
+    receive(receiver, AcquisitionTime="101530", **THICK)
+    receive(receiver, AcquisitionTime="101530", **THIN)
+    complete(db, s)
+    for _ in range(2):
+        job = claim(db, "h:1:w0", 10, later() + 3600)
+        finish_error(db, job.id, "h:1:w0", "worker out of memory", s, later(), None)
+    assert jobs(db)["1.2.3.5"].state == JobState.FAILED
+    complete(db, s)
+    assert jobs(db)["1.2.3.4"].state == JobState.QUEUED
+    receive(receiver, n=1, first=20, AcquisitionTime="101530", **THIN)  # a late instance of the thin one
+    complete(db, s)
+    assert jobs(db)["1.2.3.5"].state == JobState.QUEUED  # preferred again: new instances, new chance

@@ -9,6 +9,7 @@ THIN = Reconstruction(
     series_uid="1.2.3.1",
     frame_of_reference_uid="1.2.3.99",
     acquired=(1000.0, 1012.0),
+    extent=(-400.0, -100.0),
     image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
     kernel="Br40d",
     description="Thorax 1.0 Br40",
@@ -20,8 +21,8 @@ LUNG = replace(THIN, series_uid="1.2.3.3", kernel="Bl57d", description="Lunge 1.
 VENOUS = replace(THIN, series_uid="1.2.3.4", acquired=(1070.0, 1082.0))  # the next phase
 
 
-def chosen(series, sharp=SHARP_KERNELS):
-    return {uid: r.series_uid for uid, r in choose(series, sharp).items()}
+def chosen(series, sharp=SHARP_KERNELS, thin_mm=2.5):
+    return {uid: r.series_uid for uid, r in choose(series, sharp, thin_mm).items()}
 
 
 def test_thin_slices_are_analysed_of_a_thin_and_a_thick_reconstruction():
@@ -29,11 +30,16 @@ def test_thin_slices_are_analysed_of_a_thin_and_a_thick_reconstruction():
     assert chosen([THICK, THIN]) == {THIN.series_uid: THIN.series_uid, THICK.series_uid: THIN.series_uid}
 
 
-def test_soft_tissue_kernel_before_a_lung_kernel_even_when_thicker():
-    assert chosen([LUNG, THICK])[LUNG.series_uid] == THICK.series_uid
-    assert chosen([LUNG, THIN, THICK]) == dict.fromkeys(
-        [LUNG.series_uid, THIN.series_uid, THICK.series_uid], THIN.series_uid
-    )
+def test_thin_before_thick_whatever_the_kernel_then_soft_tissue_before_lung():
+    """The model misses small nodes on thick slices: a thin lung-kernel series is chosen
+    before a thick soft-tissue one; among thin ones the soft-tissue kernel, even if thicker."""
+    assert chosen([LUNG, THICK])[THICK.series_uid] == LUNG.series_uid
+    assert chosen([LUNG, THICK], thin_mm=0.5)[LUNG.series_uid] == THICK.series_uid  # both thick: kernel
+    soft = replace(THIN, series_uid="1.2.3.9", slice_thickness_mm=2.0, description="Thorax 2.0")
+    assert chosen([LUNG, soft])[LUNG.series_uid] == soft.series_uid
+    assert set(chosen([LUNG, THIN, THICK]).values()) == {THIN.series_uid}
+    unknown = replace(THIN, series_uid="1.2.3.10", slice_thickness_mm=None)
+    assert chosen([unknown, THICK])[unknown.series_uid] == THICK.series_uid  # then the thinnest known
 
 
 def test_original_before_derived():
@@ -48,9 +54,21 @@ def test_phases_of_one_session_are_separate_scans():
     assert chosen([THIN, VENOUS]) == {THIN.series_uid: THIN.series_uid, VENOUS.series_uid: VENOUS.series_uid}
 
 
+def test_regions_of_one_spiral_are_separate_scans():
+    """Chest and abdomen reconstructed apart from one acquisition: one frame of reference,
+    one time (some scanners stamp every image with the scan's start), other stretches of body."""
+    abdomen = replace(THICK, series_uid="1.2.3.8", extent=(-700.0, -380.0))
+    assert not same_scan(THIN, abdomen)
+    assert chosen([THIN, abdomen])[abdomen.series_uid] == abdomen.series_uid
+    shorter = replace(THICK, extent=(-350.0, -110.0))  # a thin reconstruction of part of the scan
+    assert same_scan(THIN, shorter)  # all of it within the other's stretch
+    assert not same_scan(THIN, replace(THICK, extent=(-150.0, 90.0)))  # 50 of 240 mm in common
+
+
 def test_series_that_do_not_say_when_or_where_are_never_grouped():
     for unknown in (
         replace(THICK, acquired=None),
+        replace(THICK, extent=None),
         replace(THICK, frame_of_reference_uid=None),
         replace(THICK, frame_of_reference_uid="1.2.3.98"),
     ):
@@ -75,7 +93,8 @@ def test_sharp_kernel_patterns_of_the_common_vendors():
         assert sharp(kernel), kernel
     for kernel in ("B30f", "Br40d\\3", "Bv36", "I31f", "STANDARD", "SOFT", "FC08", "FC18", "B"):
         assert not sharp(kernel), kernel
-    assert sharp("B30f", "Lung 1.0")  # the description counts too
+    assert sharp("", "Lung 1.0")  # the description where the series names no kernel
+    assert not sharp("B30f", "Lung staging 1.0")  # not where it names one: a protocol's name
     assert not is_sharp(replace(THIN, kernel="B70f"), [])  # the patterns are the configuration's
 
 

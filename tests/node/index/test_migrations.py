@@ -143,13 +143,66 @@ def test_0007_adds_the_scan_of_a_series_empty_and_downgrade_removes_it(url):
     schema.upgrade(engine, "0007")
     with engine.connect() as conn:
         row = conn.execute(
-            text("SELECT frame_of_reference_uid, acquired_from, acquired_to, kernel FROM series")
+            text(
+                "SELECT frame_of_reference_uid, acquired_from, acquired_to, kernel, extent_from, extent_to "
+                "FROM series"
+            )
         ).one()
-        assert tuple(row) == (None, None, None, None)  # never grouped with another series
+        assert tuple(row) == (None,) * 6  # never grouped with another series
     with engine.begin() as conn:
         command.downgrade(schema.alembic_config(conn), "0006")
     with engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("series")}
-        assert not columns & {"frame_of_reference_uid", "acquired_from", "acquired_to", "kernel"}
+        assert not columns & {
+            "frame_of_reference_uid",
+            "acquired_from",
+            "acquired_to",
+            "kernel",
+            "extent_from",
+            "extent_to",
+        }
         assert conn.execute(text("SELECT image_type FROM series")).scalar() == "ORIGINAL\\PRIMARY\\AXIAL"
     engine.dispose()
+
+
+def test_a_series_scan_spans_every_batch_of_its_instances(url):
+    """The indexer's upsert keeps the span of acquisition times and slice positions over all
+    batches, and the first frame of reference and kernel, on both databases."""
+    from dicom_node.receive.contract import Source
+    from dicom_node.receive.indexer import Pending, index_batch
+    from dicom_node.spool.header import InstanceHeader
+
+    def batch(first: int, times, positions, kernel="", frame_of_reference=""):
+        return [
+            Pending(
+                InstanceHeader(
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    sop_instance_uid=f"1.2.3.4.{first + n}",
+                    study_instance_uid="1.2.3",
+                    series_instance_uid="1.2.3.4",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    acquired_at=t,
+                    position_mm=z,
+                    kernel=kernel,
+                    frame_of_reference_uid=frame_of_reference,
+                ),
+                f"a/{first + n}.dcm",
+                1,
+                Source("dimse", "a1", "CT1"),
+                100.0,
+            )
+            for n, (t, z) in enumerate(zip(times, positions, strict=True))
+        ]
+
+    db = Database(url)
+    index_batch(db, batch(0, [None], [None]))  # the first instance says nothing
+    index_batch(db, batch(10, [105.0, 103.0], [-50.0, -150.0], kernel="Br40d"))
+    index_batch(db, batch(20, [101.0, None], [-10.0, -300.0], kernel="B70f", frame_of_reference="1.2.3.99"))
+    index_batch(db, batch(30, [104.0], [-100.0]))
+    with db.session() as s:
+        series = s.get(Series, "1.2.3.4")
+        assert (series.acquired_from, series.acquired_to) == (101.0, 105.0)
+        assert (series.extent_from, series.extent_to) == (-300.0, -10.0)
+        assert (series.kernel, series.frame_of_reference_uid) == ("Br40d", "1.2.3.99")
+        assert series.instance_count == 6
+    db.close()

@@ -122,24 +122,34 @@ def test_missing_optional_values_are_empty():
 
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_scan_of_a_reconstruction_read_from_the_header(ts):
+    same = {"AcquisitionDate": "20260301", "AcquisitionTime": "101530"}
     data = part10(
         FrameOfReferenceUID="1.2.3.9",
         AcquisitionDate="20260301",
         AcquisitionTime="101530.25",
         ConvolutionKernel=["Br40d", "3"],
+        ImagePositionPatient=["10", "20", "-300.5"],
+        ImageOrientationPatient=["1", "0", "0", "0", "1", "0"],
     )
     for h in both(data, str(ts)):
         assert h.frame_of_reference_uid == "1.2.3.9"
         assert h.acquired_at == 1772360130.25  # 2026-03-01 10:15:30.25, read as UTC
         assert h.kernel == "Br40d\\3"
-    [h, _] = both(part10(AcquisitionDateTime="20260301101530.25", AcquisitionTime="999999"))
-    assert h.acquired_at == 1772360130.25  # Acquisition DateTime first
-    [h, _] = both(part10(AcquisitionTime="10:15:30"))  # the form before 1993, no date
-    assert h.acquired_at == 10 * 3600 + 15 * 60 + 30
+        assert h.position_mm == -300.5  # along the normal of an axial slice
+    for when, expected in (
+        (
+            {"AcquisitionDateTime": "20260301101530.25", "AcquisitionTime": "235959"},
+            1772360130.25,
+        ),  # DT first
+        ({"AcquisitionDateTime": "20260301101530.25+0100"}, 1772360130.25),  # the scanner's clock
+        ({"AcquisitionDateTime": "2026030110xx", **same}, 1772360130.0),  # malformed: Date and Time
+        ({"AcquisitionTime": "10:15:30"}, 10 * 3600 + 15 * 60 + 30),  # the form before 1993, no date
+    ):
+        assert [h.acquired_at for h in both(part10(**when))] == [expected] * 2, when
 
 
 def test_a_malformed_scan_attribute_reads_as_absent_and_the_instance_is_kept():
-    data = part10(FrameOfReferenceUID="1.2.abc", AcquisitionTime="noon")
+    data = part10(FrameOfReferenceUID="1.2.abc", AcquisitionTime="noon", ImagePositionPatient=["1", "2"])
     for h in both(data):
-        assert (h.frame_of_reference_uid, h.acquired_at, h.kernel) == ("", None, "")
+        assert (h.frame_of_reference_uid, h.acquired_at, h.kernel, h.position_mm) == ("", None, "", None)
         assert h.sop_instance_uid == "1.2.3.4.5"

@@ -1,4 +1,5 @@
-"""series.frame_of_reference_uid, acquired_from, acquired_to, kernel: which scan a series
+"""series.frame_of_reference_uid, acquired_from, acquired_to, kernel, extent_from, extent_to:
+which scan a series
 reconstructs, so that completion analyses one reconstruction of each scan
 (`dicom_node.completion.reconstructions`)
 
@@ -25,10 +26,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("acquired_from", sa.Float(), nullable=True))
         batch.add_column(sa.Column("acquired_to", sa.Float(), nullable=True))
         batch.add_column(sa.Column("kernel", sa.String(length=64), nullable=True))
+        batch.add_column(sa.Column("extent_from", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("extent_to", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("series") as batch:
+        batch.drop_column("extent_to")
+        batch.drop_column("extent_from")
         batch.drop_column("kernel")
         batch.drop_column("acquired_to")
         batch.drop_column("acquired_from")
