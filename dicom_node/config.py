@@ -246,8 +246,9 @@ class RoutingSection(_Section):
     one_per_scan: bool = Field(
         True,
         description="of the selected series that reconstruct one scan (same frame of reference, "
-        "overlapping acquisition times), analyse one: original before derived, soft-tissue kernel "
-        "before sharp, then the thinnest slices; the others are skipped with the reason",
+        "overlapping acquisition times, same stretch of body), analyse one: original before derived, "
+        "slices up to thin_slices_mm before thicker, soft-tissue kernel before sharp, then the "
+        "thinnest; the others are skipped with the reason",
     )
     sharp_kernels: list[str] = Field(
         SHARP_KERNELS,

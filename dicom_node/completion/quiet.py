@@ -96,7 +96,7 @@ def complete_due_studies(
     created: list[int] = []
     with db.session() as s:
         for uid in quiet:
-            study = s.get(Study, uid)
+            study = s.get(Study, uid, with_for_update=True)  # a worker's fallback locks it too
             if study is not None and due(study):  # again: an instance may have come in meanwhile
                 created.extend(j.id for j in complete_study(s, study, settings, t))
     return created

@@ -2,33 +2,35 @@
 (thin and thick slices, soft-tissue and lung kernels, original and derived); nodal analyses
 one of them, so that a study gets one set of results per scan, not several that disagree.
 
-Two series are reconstructions of one scan when they share a Frame of Reference UID, the
-spans of their instances' acquisition times overlap, and they cover the same stretch of the
-body: the overlap of their slices' spans along the slice normal is at least `SAME_REGION`
-of the shorter span. All three must be known: phases of one session (arterial, venous)
-share the frame of reference but not the acquisition time; regions reconstructed apart from
-one spiral (neck and chest, chest and abdomen) share both but not the stretch of body; and a
-series that does not say when or where it was acquired (a multi-frame one: its positions
-are per frame) is never grouped with another one.
+A series is answered for by another (`covers`) when they share a Frame of Reference UID,
+the spans of their instances' acquisition times overlap, and the other's slices span at
+least `SAME_REGION` of its own along the slice normal. All three must be known: phases of
+one session (arterial, venous) share the frame of reference but not the acquisition time;
+regions reconstructed apart from one spiral (neck and chest, chest and abdomen) share both
+but not the stretch of body; a partial reconstruction (the chest of a chest-abdomen scan)
+never answers for the whole; and a series that does not say when or where it was acquired
+(a multi-frame one: its positions are per frame) is answered for by no other.
 
-Of one scan's reconstructions, `choose` keeps, in this order: an ORIGINAL image before a
-DERIVED one; slices up to `thin_mm` thick before thicker ones (or of unknown thickness):
-the model misses small nodes on thick slices; a soft-tissue kernel before a sharp one
-(lung, bone: a kernel matching a `sharp_kernels` pattern, or, where the series names no
-kernel, a description matching one); the thinnest slices; the most slices; then the Series
-Instance UID, so the choice never depends on arrival order.
+`choose` takes the series in this order of preference, each analysed unless one taken
+before covers it: an ORIGINAL image before a DERIVED one; slices up to `thin_mm` thick
+before thicker ones (or of unknown thickness): the model misses small nodes on thick
+slices; a soft-tissue kernel before a sharp one (lung, bone: a kernel matching a
+`sharp_kernels` pattern, or, where the series names no kernel, a description matching one);
+the thinnest slices; the most slices; then the Series Instance UID, so the choice never
+depends on arrival order.
 
 Pure functions of series summaries; `completion.quiet` applies them to a study's series.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-#: the share of the shorter series' span along the slice normal that two reconstructions of
-#: one scan have in common (at least)
+#: the share of a series' span along the slice normal that a reconstruction answering for
+#: it must cover (at least)
 SAME_REGION = 0.8
 
 
@@ -54,16 +56,21 @@ class Reconstruction:
         return f"series {self.series_uid} ({', '.join(parts)})"
 
 
-def same_scan(a: Reconstruction, b: Reconstruction) -> bool:
-    if not a.frame_of_reference_uid or a.frame_of_reference_uid != b.frame_of_reference_uid:
+def covers(chosen: Reconstruction, other: Reconstruction) -> bool:
+    """Whether analysing `chosen` answers for `other`: one frame of reference, overlapping
+    acquisition times, and `chosen`'s slices span at least `SAME_REGION` of `other`'s
+    (a reconstruction of part of the scan, say the chest, never answers for the whole)."""
+    if not chosen.frame_of_reference_uid or chosen.frame_of_reference_uid != other.frame_of_reference_uid:
         return False
-    if a.acquired is None or b.acquired is None or a.extent is None or b.extent is None:
+    if chosen.acquired is None or other.acquired is None or chosen.extent is None or other.extent is None:
         return False
-    if not (a.acquired[0] <= b.acquired[1] and b.acquired[0] <= a.acquired[1]):
+    if not (chosen.acquired[0] <= other.acquired[1] and other.acquired[0] <= chosen.acquired[1]):
         return False
-    common = min(a.extent[1], b.extent[1]) - max(a.extent[0], b.extent[0])
-    shorter = min(a.extent[1] - a.extent[0], b.extent[1] - b.extent[0])
-    return common >= SAME_REGION * shorter
+    length = other.extent[1] - other.extent[0]
+    if not (math.isfinite(length) and length > 0):
+        return False  # one slice position, or none that makes sense: where it lies is unknown
+    common = min(chosen.extent[1], other.extent[1]) - max(chosen.extent[0], other.extent[0])
+    return common >= SAME_REGION * length
 
 
 def is_sharp(r: Reconstruction, sharp_kernels: Iterable[str]) -> bool:
@@ -89,26 +96,16 @@ def _preference(r: Reconstruction, sharp_kernels: list[str], thin_mm: float) -> 
 def choose(
     series: list[Reconstruction], sharp_kernels: list[str], thin_mm: float
 ) -> dict[str, Reconstruction]:
-    """For each series, the reconstruction of its scan to analyse (the series itself when it
-    is that one, or when no other series reconstructs its scan). Scans are the groups that
-    `same_scan` joins, transitively."""
-    parent = {r.series_uid: r.series_uid for r in series}  # union-find over series UIDs
-
-    def root(uid: str) -> str:
-        while parent[uid] != uid:
-            uid = parent[uid]
-        return uid
-
-    for i, a in enumerate(series):
-        for b in series[i + 1 :]:
-            ra, rb = root(a.series_uid), root(b.series_uid)
-            if ra != rb and same_scan(a, b):
-                parent[rb] = ra
-    groups: dict[str, list[Reconstruction]] = {}
-    for r in series:
-        groups.setdefault(root(r.series_uid), []).append(r)
+    """For each series, the reconstruction analysed for it: the series itself, or one
+    preferred to it that `covers` it. Taken in order of preference, a series is analysed
+    unless a series already taken covers it, so nothing of the body goes unanalysed: a thin
+    reconstruction of the chest beside a thick one of chest and abdomen leaves both
+    analysed."""
+    taken: list[Reconstruction] = []
     chosen: dict[str, Reconstruction] = {}
-    for members in groups.values():
-        best = min(members, key=lambda r: _preference(r, sharp_kernels, thin_mm))
-        chosen.update((r.series_uid, best) for r in members)
+    for r in sorted(series, key=lambda r: _preference(r, sharp_kernels, thin_mm)):
+        by = next((t for t in taken if covers(t, r)), None)
+        if by is None:
+            taken.append(r)
+        chosen[r.series_uid] = by or r
     return chosen

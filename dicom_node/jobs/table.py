@@ -215,23 +215,23 @@ def _after_failure(job: Job, error: str, settings: Settings, t: float, final_sta
 
 def _route_other_reconstructions_again(job: Job, t: float) -> None:
     """The series of `job` gets no results: the series of its study that were skipped as
-    other reconstructions of a scan (selected by a rule, skipped before any attempt) are
-    routed again at the study's next completion, which then chooses among the rest
+    answered for by it (selected by a rule, skipped before any attempt, their reason naming
+    it) are routed again at the study's next completion, which then chooses among the rest
     (`completion.quiet.decisions`)."""
     s = object_session(job)
     assert s is not None
+    study = s.get(Study, job.study_uid, with_for_update=True)  # the order completion locks in
+    answered = f"series {job.series_uid} ("  # how the skips name it (completion.reconstructions)
     others = [
         uid
         for uid, j in latest_jobs(s, job.study_uid).items()
-        if j.state == JobState.SKIPPED and j.attempts == 0 and j.rule is not None
+        if j.state == JobState.SKIPPED and j.attempts == 0 and j.rule and answered in (j.reason or "")
     ]
-    if not others:
+    if study is None or not others:
         return
     for series in s.scalars(select(Series).where(Series.series_uid.in_(others))):
         series.pending = True
-    study = s.get(Study, job.study_uid)
-    if study is not None:
-        study.pending = True
+    study.pending = True
     log.info(
         "job %d ended without results: %d other reconstruction(s) of its study routed again",
         job.id,

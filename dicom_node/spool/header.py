@@ -19,6 +19,7 @@ that becomes a file name can leave the spool.
 from __future__ import annotations
 
 import io
+import math
 import re
 import zlib
 from collections.abc import Iterable
@@ -35,7 +36,7 @@ from pydicom.valuerep import DA, DT, TM, PersonName
 
 UID_PATTERN = r"[0-9]+(?:\.[0-9]+)*"  # the one UID pattern: header checks, spool log paths
 UID_RE = re.compile(rf"^{UID_PATTERN}$")
-DATETIME_RE = re.compile(r"^\d{4}(\d{2}){0,5}(\.\d{1,6})?([+-]\d{4})?$")  # DT: YYYY[MMDDHHMMSS][.F][&ZZXX]
+DATETIME_RE = re.compile(r"^\d{12}(\d{2})?(\.\d{1,6})?([+-]\d{4})?$")  # DT down to minutes at least
 TIME_RE = re.compile(r"^\d{2}(\d{2}){0,2}(\.\d{1,6})?$")  # TM: HH[MM[SS]][.F]
 
 CHARSET = 0x00080005
@@ -288,7 +289,9 @@ def _position(values: Values) -> float | None:
         return None
     (rx, ry, rz), (cx, cy, cz) = cosines[:3], cosines[3:]
     normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-    return sum(p * n for p, n in zip(position, normal, strict=True))
+    length = math.sqrt(sum(n * n for n in normal))
+    along = sum(p * n for p, n in zip(position, normal, strict=True))
+    return along / length if math.isfinite(along) and length > 0.5 else None
 
 
 def _acquired_at(values: Values) -> float | None:

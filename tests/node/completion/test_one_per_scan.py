@@ -11,13 +11,18 @@ SCAN = {
     "AcquisitionDate": "20260301",
     "ConvolutionKernel": "Br40d",
     "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
-    "ImagePositionPatient": [0, 0, -200],
 }
 THICK = {"series": "1.2.3.4", "description": "Thorax 5.0", "SliceThickness": "5", **SCAN}
 THIN = {"series": "1.2.3.5", "description": "Thorax 1.0", "SliceThickness": "1", **SCAN}
 NOT_THIN = (
     "another reconstruction of the same scan is analysed: series 1.2.3.5 ('Thorax 1.0', 1 mm, kernel Br40d)"
 )
+
+
+def send(receiver, n=4, first=1, z=-200.0, step=25.0, **kw):
+    """`n` instances of a series, their slices `step` mm apart from `z` down (on 1.2.3.99)."""
+    for i in range(n):
+        receive(receiver, n=1, first=first + i, ImagePositionPatient=[0, 0, z - i * step], **kw)
 
 
 def jobs(db) -> dict[str, Job]:
@@ -27,10 +32,9 @@ def jobs(db) -> dict[str, Job]:
 
 def test_of_a_thin_and_a_thick_reconstruction_the_thin_one_is_analysed(node):
     db, receiver, _ = node
-    receive(receiver, n=3, AcquisitionTime="101530", **THICK)
-    receive(receiver, n=6, AcquisitionTime="101532", **THIN)
-    later_slices = {**THICK, "ImagePositionPatient": [0, 0, -100]}  # the span: 10:15:30-40, -200 to -100 mm
-    receive(receiver, n=3, first=4, AcquisitionTime="101540", **later_slices)
+    send(receiver, n=3, z=-100.0, AcquisitionTime="101530", **THICK)
+    send(receiver, n=6, z=-100.0, AcquisitionTime="101532", **THIN)
+    send(receiver, n=3, first=4, z=-175.0, AcquisitionTime="101540", **THICK)  # 10:15:30-40, -225 to -100 mm
     complete(db, settings())
     found = jobs(db)
     assert found["1.2.3.5"].state == JobState.QUEUED
@@ -38,27 +42,27 @@ def test_of_a_thin_and_a_thick_reconstruction_the_thin_one_is_analysed(node):
     with db.session() as s:
         thick = s.get(Series, "1.2.3.4")
         assert (thick.acquired_from, thick.acquired_to) == (1772360130.0, 1772360140.0)
-        assert (thick.extent_from, thick.extent_to) == (-200.0, -100.0)
+        assert (thick.extent_from, thick.extent_to) == (-225.0, -100.0)
         assert (thick.frame_of_reference_uid, thick.kernel, thick.routing) == ("1.2.3.99", "Br40d", NOT_THIN)
 
 
 def test_a_later_thick_reconstruction_is_skipped_a_later_thin_one_analysed(node):
     db, receiver, _ = node
-    receive(receiver, AcquisitionTime="101530", **THIN)
+    send(receiver, AcquisitionTime="101530", **THIN)
     complete(db, settings())
-    receive(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THICK)
     complete(db, settings())
     assert jobs(db)["1.2.3.4"].reason == NOT_THIN
-    receive(receiver, AcquisitionTime="101530", **{**THIN, "series": "1.2.3.3", "SliceThickness": "0.6"})
+    send(receiver, AcquisitionTime="101530", **{**THIN, "series": "1.2.3.3", "SliceThickness": "0.6"})
     complete(db, settings())
     assert jobs(db)["1.2.3.3"].state == JobState.QUEUED  # the thin one's results stand as sent
 
 
 def test_phases_without_one_per_scan_and_series_that_do_not_say_when_are_all_analysed(node):
     db, receiver, _ = node
-    receive(receiver, AcquisitionTime="101530", **THIN)
-    receive(receiver, AcquisitionTime="101630", **THICK)  # a minute later: the next phase
-    receive(receiver, **{**THIN, "series": "1.2.3.6"})  # no acquisition time
+    send(receiver, AcquisitionTime="101530", **THIN)
+    send(receiver, AcquisitionTime="101630", **THICK)  # a minute later: the next phase
+    send(receiver, **{**THIN, "series": "1.2.3.6"})  # no acquisition time
     complete(db, settings())
     assert {uid: j.state for uid, j in jobs(db).items()} == dict.fromkeys(
         ["1.2.3.4", "1.2.3.5", "1.2.3.6"], JobState.QUEUED
@@ -67,8 +71,8 @@ def test_phases_without_one_per_scan_and_series_that_do_not_say_when_are_all_ana
 
 def test_one_per_scan_off_analyses_every_selected_reconstruction(node):
     db, receiver, _ = node
-    receive(receiver, AcquisitionTime="101530", **THIN)
-    receive(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THIN)
+    send(receiver, AcquisitionTime="101530", **THICK)
     complete(db, settings(routing={"rules": [{"name": "ct", "min_slices": 3}], "one_per_scan": False}))
     assert {j.state for j in jobs(db).values()} == {JobState.QUEUED}
 
@@ -79,8 +83,8 @@ def test_when_the_chosen_reconstruction_gets_no_results_the_next_one_is_analysed
     rule selected, is not routed again; nothing is chosen twice."""
     db, receiver, _ = node
     s = settings()
-    receive(receiver, AcquisitionTime="101530", **THICK)
-    receive(receiver, AcquisitionTime="101530", **THIN)
+    send(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THIN)
     receive(receiver, n=1, series="1.2.3.9", description="Topogram")
     complete(db, s)
     thick_skip = jobs(db)["1.2.3.4"]
@@ -99,8 +103,8 @@ def test_when_the_chosen_reconstruction_gets_no_results_the_next_one_is_analysed
 def test_a_chosen_reconstruction_that_gives_up_hands_over_too_and_fresh_instances_bring_it_back(node):
     db, receiver, _ = node
     s = settings()  # 2 attempts
-    receive(receiver, AcquisitionTime="101530", **THICK)
-    receive(receiver, AcquisitionTime="101530", **THIN)
+    send(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THIN)
     complete(db, s)
     for _ in range(2):
         job = claim(db, "h:1:w0", 10, later() + 3600)
@@ -108,6 +112,44 @@ def test_a_chosen_reconstruction_that_gives_up_hands_over_too_and_fresh_instance
     assert jobs(db)["1.2.3.5"].state == JobState.FAILED
     complete(db, s)
     assert jobs(db)["1.2.3.4"].state == JobState.QUEUED
-    receive(receiver, n=1, first=20, AcquisitionTime="101530", **THIN)  # a late instance of the thin one
+    send(receiver, n=1, first=20, AcquisitionTime="101530", **THIN)  # a late instance of the thin one
     complete(db, s)
     assert jobs(db)["1.2.3.5"].state == JobState.QUEUED  # preferred again: new instances, new chance
+
+
+def test_a_failed_reconstruction_hands_over_only_to_the_skips_it_answered_for(node):
+    """Two phases, each a thin and a thick series: the arterial thin one fails; only the
+    arterial thick one is routed again, the venous pair keeps its jobs."""
+    db, receiver, _ = node
+    s = settings()
+    send(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THIN)
+    venous = {"AcquisitionTime": "101630", "FrameOfReferenceUID": "1.2.3.99"}
+    send(receiver, **{**THICK, **venous, "series": "1.2.3.6"})
+    send(receiver, **{**THIN, **venous, "series": "1.2.3.7"})
+    complete(db, s)
+    before = {uid: j.id for uid, j in jobs(db).items()}
+    assert {uid: j.state for uid, j in jobs(db).items()} == {
+        "1.2.3.4": JobState.SKIPPED,
+        "1.2.3.5": JobState.QUEUED,
+        "1.2.3.6": JobState.SKIPPED,
+        "1.2.3.7": JobState.QUEUED,
+    }
+    job = claim(db, "h:1:w0", 10, later(), job_id=before["1.2.3.5"])
+    finish_error(db, job.id, "h:1:w0", "2 slices missing", s, later(), JobState.FAILED)
+    complete(db, s)
+    after = jobs(db)
+    assert after["1.2.3.4"].state == JobState.QUEUED and after["1.2.3.4"].id != before["1.2.3.4"]
+    assert {uid: after[uid].id for uid in ("1.2.3.6", "1.2.3.7")} == {
+        uid: before[uid] for uid in ("1.2.3.6", "1.2.3.7")
+    }
+
+
+def test_a_slice_thickness_of_zero_is_unknown():
+    from dicom_node.completion.quiet import reconstruction
+    from dicom_node.index.db import Series
+
+    row = Series(series_uid="1.2.3.4", image_type="ORIGINAL\\PRIMARY\\AXIAL", description="", frame_count=3)
+    for value, expected in ((0.0, None), (None, None), (1.25, 1.25)):
+        row.slice_thickness_mm = value
+        assert reconstruction(row).slice_thickness_mm == expected

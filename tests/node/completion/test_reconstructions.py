@@ -2,7 +2,7 @@
 
 from dataclasses import replace
 
-from dicom_node.completion.reconstructions import Reconstruction, choose, is_sharp, same_scan
+from dicom_node.completion.reconstructions import Reconstruction, choose, covers, is_sharp
 from dicom_node.config import SHARP_KERNELS
 
 THIN = Reconstruction(
@@ -26,7 +26,7 @@ def chosen(series, sharp=SHARP_KERNELS, thin_mm=2.5):
 
 
 def test_thin_slices_are_analysed_of_a_thin_and_a_thick_reconstruction():
-    assert same_scan(THIN, THICK)
+    assert covers(THIN, THICK) and covers(THICK, THIN)
     assert chosen([THICK, THIN]) == {THIN.series_uid: THIN.series_uid, THICK.series_uid: THIN.series_uid}
 
 
@@ -38,6 +38,8 @@ def test_thin_before_thick_whatever_the_kernel_then_soft_tissue_before_lung():
     soft = replace(THIN, series_uid="1.2.3.9", slice_thickness_mm=2.0, description="Thorax 2.0")
     assert chosen([LUNG, soft])[LUNG.series_uid] == soft.series_uid
     assert set(chosen([LUNG, THIN, THICK]).values()) == {THIN.series_uid}
+    at_limit = replace(LUNG, slice_thickness_mm=2.5)  # up to the limit counts as thin
+    assert chosen([at_limit, replace(soft, slice_thickness_mm=3.0)])[soft.series_uid] == LUNG.series_uid
     unknown = replace(THIN, series_uid="1.2.3.10", slice_thickness_mm=None)
     assert chosen([unknown, THICK])[unknown.series_uid] == THICK.series_uid  # then the thinnest known
 
@@ -50,7 +52,7 @@ def test_original_before_derived():
 
 
 def test_phases_of_one_session_are_separate_scans():
-    assert not same_scan(THIN, VENOUS)  # same frame of reference, later acquisition
+    assert not covers(THIN, VENOUS)  # same frame of reference, later acquisition
     assert chosen([THIN, VENOUS]) == {THIN.series_uid: THIN.series_uid, VENOUS.series_uid: VENOUS.series_uid}
 
 
@@ -58,11 +60,23 @@ def test_regions_of_one_spiral_are_separate_scans():
     """Chest and abdomen reconstructed apart from one acquisition: one frame of reference,
     one time (some scanners stamp every image with the scan's start), other stretches of body."""
     abdomen = replace(THICK, series_uid="1.2.3.8", extent=(-700.0, -380.0))
-    assert not same_scan(THIN, abdomen)
+    assert not covers(THIN, abdomen) and not covers(abdomen, THIN)
     assert chosen([THIN, abdomen])[abdomen.series_uid] == abdomen.series_uid
-    shorter = replace(THICK, extent=(-350.0, -110.0))  # a thin reconstruction of part of the scan
-    assert same_scan(THIN, shorter)  # all of it within the other's stretch
-    assert not same_scan(THIN, replace(THICK, extent=(-150.0, 90.0)))  # 50 of 240 mm in common
+    part = replace(THICK, extent=(-350.0, -110.0))  # a thick reconstruction of part of the scan
+    assert covers(THIN, part)  # all of it within the thin one's stretch
+    assert not covers(THIN, replace(THICK, extent=(-150.0, 90.0)))  # 50 of its 240 mm
+
+
+def test_a_partial_reconstruction_never_answers_for_the_whole():
+    """A thin lung reconstruction of the chest beside a thick one of chest, abdomen and
+    pelvis: the thin one is preferred, but the thick one is analysed too (the abdomen is in
+    no other series); a thin abdomen beside them changes nothing for the thick one."""
+    body = replace(THICK, series_uid="1.2.3.20", extent=(-700.0, 100.0), slice_thickness_mm=5.0)
+    chest = replace(LUNG, series_uid="1.2.3.21", extent=(-400.0, -100.0))
+    abdomen = replace(THIN, series_uid="1.2.3.22", extent=(-700.0, -380.0))
+    assert covers(body, chest) and not covers(chest, body)
+    for series in ([body, chest], [body, chest, abdomen], [abdomen, chest, body]):
+        assert set(chosen(series).values()) == {s.series_uid for s in series}  # each its own
 
 
 def test_series_that_do_not_say_when_or_where_are_never_grouped():
@@ -71,16 +85,23 @@ def test_series_that_do_not_say_when_or_where_are_never_grouped():
         replace(THICK, extent=None),
         replace(THICK, frame_of_reference_uid=None),
         replace(THICK, frame_of_reference_uid="1.2.3.98"),
+        replace(THICK, extent=(-200.0, -200.0)),  # one slice position: where it lies is unknown
+        replace(THICK, extent=(float("nan"), -100.0)),
     ):
-        assert not same_scan(THIN, unknown)
+        assert not covers(THIN, unknown)
         assert chosen([THIN, unknown])[unknown.series_uid] == unknown.series_uid
 
 
-def test_scans_join_transitively_and_the_choice_does_not_depend_on_order():
+def test_the_choice_does_not_depend_on_order():
     a = replace(THICK, series_uid="1.2.3.6", acquired=(990.0, 1001.0))  # overlaps THIN only
     b = replace(THIN, series_uid="1.2.3.7", acquired=(1011.0, 1030.0), slice_thickness_mm=0.6)  # THIN only
     for order in ([a, THIN, b], [b, a, THIN], [THIN, b, a]):
-        assert set(chosen(order).values()) == {b.series_uid}
+        # b is preferred and answers for THIN; a overlaps b in time only through THIN: analysed too
+        assert chosen(order) == {
+            b.series_uid: b.series_uid,
+            THIN.series_uid: b.series_uid,
+            a.series_uid: a.series_uid,
+        }
     twin = replace(THIN, series_uid="1.2.3.0")  # identical but for its UID
     assert set(chosen([THIN, twin]).values()) == set(chosen([twin, THIN]).values()) == {twin.series_uid}
 

@@ -144,6 +144,7 @@ def test_scan_of_a_reconstruction_read_from_the_header(ts):
         ({"AcquisitionDateTime": "20260301101530.25+0100"}, 1772360130.25),  # the scanner's clock
         ({"AcquisitionDateTime": "2026030110xx", **same}, 1772360130.0),  # malformed: Date and Time
         ({"AcquisitionTime": "10:15:30"}, 10 * 3600 + 15 * 60 + 30),  # the form before 1993, no date
+        ({"AcquisitionDateTime": "20260301", **same}, 1772360130.0),  # a date alone says no time
     ):
         assert [h.acquired_at for h in both(part10(**when))] == [expected] * 2, when
 
@@ -153,3 +154,16 @@ def test_a_malformed_scan_attribute_reads_as_absent_and_the_instance_is_kept():
     for h in both(data):
         assert (h.frame_of_reference_uid, h.acquired_at, h.kernel, h.position_mm) == ("", None, "", None)
         assert h.sop_instance_uid == "1.2.3.4.5"
+
+
+def test_a_slice_position_is_taken_along_the_normal_of_any_orientation():
+    """Sagittal slices (rows along y, columns along -z: the normal along -x) lie where their
+    position projects on that normal; a zero orientation says nothing."""
+    sagittal = {
+        "ImageOrientationPatient": ["0", "1", "0", "0", "0", "-1"],
+        "ImagePositionPatient": ["12.5", "-30", "80"],
+    }
+    for h in both(part10(**sagittal)):
+        assert h.position_mm == -12.5
+    zero = {**sagittal, "ImageOrientationPatient": ["0", "0", "0", "0", "0", "0"]}
+    assert [h.position_mm for h in both(part10(**zero))] == [None, None]
