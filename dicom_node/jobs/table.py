@@ -210,10 +210,10 @@ def _after_failure(job: Job, error: str, settings: Settings, t: float, final_sta
         extra={"event": "job", "job_id": job.id, "state": str(job.state)},
     )
     if without_results(job):
-        _route_other_reconstructions_again(job, t)
+        _route_other_reconstructions_again(job)
 
 
-def _route_other_reconstructions_again(job: Job, t: float) -> None:
+def _route_other_reconstructions_again(job: Job) -> None:
     """The series of `job` gets no results: the series of its study that were skipped as
     answered for by it (selected by a rule, skipped before any attempt, their reason naming
     it) are routed again at the study's next completion, which then chooses among the rest
