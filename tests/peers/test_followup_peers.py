@@ -108,6 +108,11 @@ def delivered(nodal: Nodal, job_id: int) -> bool:
     return bool(deliveries) and all(d["pending"] == 0 and d["failed"] == 0 for d in deliveries.values())
 
 
+def observed(nodal: Nodal, job_id: int) -> bool:
+    events = nodal.api("/api/audit?event=job_finished&limit=500")["events"]
+    return any(e["job_id"] == job_id for e in events)
+
+
 def findings_json(nodal: Nodal, job: dict) -> dict:
     return json.loads(
         (Path(nodal.config["node"]["data_dir"]) / "outbox" / job["result_dir"] / "findings.json").read_text()
@@ -217,6 +222,9 @@ def test_follow_up_compared_with_nodals_own_sr_of_the_baseline(tmp_path, orthanc
         assert_follow_up_objects(orthanc, fu_uid, doc["comparison"], fu["summary"])
         # the prior fetched for the comparison was not taken for a study to analyse
         assert len(nodal.api(f"/api/jobs?study={base_uid}")["jobs"]) == 1
+        # The serve process observes a finished job in the metrics on its next round, then
+        # writes the job's audit event: wait for the event, then the metrics hold the job.
+        wait_until(lambda: observed(nodal, job["id"]), 60, "the serve process to observe the job")
         metrics = requests.get(f"{nodal.http}/metrics", timeout=10).text
         assert 'nodal_followups_total{outcome="compared"} 1.0' in metrics
         assert (
