@@ -32,10 +32,11 @@ from sqlalchemy import func, select
 
 from dicom_node.api.auth import BearerAuth, http_token
 from dicom_node.api.retrieve import retrieve_router
+from dicom_node.completion.quiet import reprocess_study
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Delivery, Job, Series, Study, now
 from dicom_node.jobs.embedded import WorkerPool
-from dicom_node.jobs.table import JobConflict, reprocess, retry
+from dicom_node.jobs.table import JobConflict, reprocess_summary, retry
 from dicom_node.observe import audit
 from dicom_node.observe.probes import Probes, monitoring_router
 from dicom_node.receive.http_limits import UploadGuard
@@ -229,22 +230,21 @@ def create_app(
 
     # issue 18: the reprocess action (the status page's button does the same)
     @app.post("/api/studies/{study_uid}/reprocess")
-    def reprocess_study(study_uid: str, request: Request) -> dict:
+    def reprocess_api(study_uid: str, request: Request) -> dict:
         client = request.client.host if request.client else "-"
         try:
-            jobs = reprocess(db, study_uid, receiver.spool.root, now())
+            jobs = reprocess_study(db, study_uid, receiver.spool.root, settings.routing, now())
         except KeyError:
             raise HTTPException(404, "no such study") from None
         except JobConflict as e:
             audit.user_action(db, "reprocess", "api", audit.FAILURE, str(e), client, study_uid=study_uid)
             raise HTTPException(409, str(e)) from None
-        ids = ", ".join(f"#{j.id}" for j in jobs)
         audit.user_action(
             db,
             "reprocess",
             "api",
             audit.SUCCESS,
-            f"job(s) {ids} queued",
+            reprocess_summary(jobs),
             client,
             study_uid=study_uid,
             count=len(jobs),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,7 +24,7 @@ from dicom_node.completion.reconstructions import Reconstruction, choose
 from dicom_node.completion.routing import Decision, SeriesSummary, route
 from dicom_node.config import RoutingSection, Settings
 from dicom_node.index.db import Database, Job, JobState, Series, Study
-from dicom_node.jobs.table import latest_jobs, supersede_older, without_results
+from dicom_node.jobs.table import latest_jobs, reprocess, supersede_older, without_results
 from dicom_node.observe import metrics
 from dicom_node.observe.audit import study_key
 
@@ -130,21 +131,41 @@ def decisions(
     loader refused it, and nothing new came since) is chosen for no scan: the next
     reconstruction of its scan is."""
     routed = {series.series_uid: route(summary(series), routing.rules) for series in study_series}
-    if not routing.one_per_scan:
-        return routed
     selected = [
-        reconstruction(series)
+        series
         for series in study_series
         if routed[series.series_uid].selected and series.series_uid not in unusable
     ]
-    for uid, chosen in choose(selected, routing.sharp_kernels, routing.thin_slices_mm).items():
-        if chosen.series_uid != uid:
-            routed[uid] = Decision(
-                False,
-                routed[uid].rule,
-                f"another reconstruction of the same scan is analysed: {chosen.label()}",
-            )
+    for uid, reason in answered_for(selected, routing).items():
+        routed[uid] = Decision(False, routed[uid].rule, reason)
     return routed
+
+
+def answered_for(selected: list[Series], routing: RoutingSection) -> dict[str, str]:
+    """Of series selected for analysis, each that another reconstruction of its scan answers
+    for (with `routing.one_per_scan`), and the reason it is skipped."""
+    if not routing.one_per_scan:
+        return {}
+    chosen = choose([reconstruction(x) for x in selected], routing.sharp_kernels, routing.thin_slices_mm)
+    return {
+        uid: f"another reconstruction of the same scan is analysed: {by.label()}"
+        for uid, by in chosen.items()
+        if by.series_uid != uid
+    }
+
+
+def reprocess_study(
+    db: Database, study_uid: str, spool_root: Path, routing: RoutingSection, t: float
+) -> list[Job]:
+    """`jobs.table.reprocess`, one reconstruction of each scan analysed as at completion:
+    where the one chosen got no results and another was analysed in its place, reprocessing
+    tries the chosen one again (and hands over again if it fails again)."""
+
+    def skips(s: Session, series_uids: AbstractSet[str]) -> dict[str, str]:
+        rows = list(s.scalars(select(Series).where(Series.series_uid.in_(series_uids))))
+        return answered_for(rows, routing)
+
+    return reprocess(db, study_uid, spool_root, t, skips)
 
 
 def complete_study(s: Session, study: Study, settings: Settings, t: float) -> list[Job]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
@@ -213,6 +214,17 @@ def _after_failure(job: Job, error: str, settings: Settings, t: float, final_sta
         _route_other_reconstructions_again(job)
 
 
+def names_analysed(reason: str | None, series_uid: str) -> bool:
+    """Whether a routing skip's reason names `series_uid` as the reconstruction of its scan
+    analysed in its place (as `completion.reconstructions.Reconstruction.label` words it)."""
+    return f"series {series_uid} (" in (reason or "")
+
+
+def _reconstruction_skip(job: Job) -> bool:
+    """A series a rule selected, skipped before any attempt: another reconstruction answers for it."""
+    return job.state == JobState.SKIPPED and job.attempts == 0 and bool(job.rule)
+
+
 def _route_other_reconstructions_again(job: Job) -> None:
     """The series of `job` gets no results: the series of its study that were skipped as
     answered for by it (selected by a rule, skipped before any attempt, their reason naming
@@ -221,11 +233,10 @@ def _route_other_reconstructions_again(job: Job) -> None:
     s = object_session(job)
     assert s is not None
     study = s.get(Study, job.study_uid, with_for_update=True)  # the order completion locks in
-    answered = f"series {job.series_uid} ("  # how the skips name it (completion.reconstructions)
     others = [
         uid
         for uid, j in latest_jobs(s, job.study_uid).items()
-        if j.state == JobState.SKIPPED and j.attempts == 0 and j.rule and answered in (j.reason or "")
+        if _reconstruction_skip(j) and names_analysed(j.reason, job.series_uid)
     ]
     if study is None or not others:
         return
@@ -337,8 +348,17 @@ def routed(latest: Job) -> bool:
     return not (latest.state == JobState.SKIPPED and latest.attempts == 0)
 
 
-def reprocess(db: Database, study_uid: str, spool_root: Path, t: float) -> list[Job]:
-    """Analyse the study's routed series again from the spool: one new queued job per series.
+def reprocess(
+    db: Database,
+    study_uid: str,
+    spool_root: Path,
+    t: float,
+    answered_for: Callable[[Session, AbstractSet[str]], dict[str, str]] = lambda s, series: {},
+) -> list[Job]:
+    """Analyse the study's routed series again from the spool: one new job per series,
+    queued, or skipped where `answered_for` (given the routed series) gives the reason: one
+    reconstruction of each scan (`completion.quiet.reprocess_study`), also where the other
+    was analysed only because the one chosen got no results.
 
     The newest job of each series gives way to the new one as after a late instance
     (superseded; its results stay in the outbox and the PACS, its undelivered ones are
@@ -362,15 +382,19 @@ def reprocess(db: Database, study_uid: str, spool_root: Path, t: float) -> list[
         again = _routed_series(s, study_uid)
         if {k: j.id for k, j in again.items()} != {k: j.id for k, j in latest.items()}:
             raise JobConflict("the study's jobs changed meanwhile; reload and try again")
+        skips = answered_for(s, set(again))
         created = []
         for series, old in again.items():
+            skip = skips.get(series)
             job = Job(
                 study_uid=study_uid,
                 series_uid=series,
-                state=JobState.QUEUED,
+                state=JobState.QUEUED if skip is None else JobState.SKIPPED,
                 rule=old.rule,
+                reason=skip,
                 created_at=t,
                 not_before=t,
+                finished_at=None if skip is None else t,
                 reply_ae=old.reply_ae,
                 instance_count=len(paths[series]),
             )
@@ -378,8 +402,24 @@ def reprocess(db: Database, study_uid: str, spool_root: Path, t: float) -> list[
             s.flush()
             supersede_older(s, job, t)
             created.append(job)
-            log.info("job %d queued to reprocess the series of job %d", job.id, old.id)
+            log.info(
+                "job %d %s to reprocess the series of job %d%s",
+                job.id,
+                job.state,
+                old.id,
+                "" if skip is None else f" ({skip})",
+            )
         return created
+
+
+def reprocess_summary(jobs: list[Job]) -> str:
+    """`job(s) #4, #5 queued` and, where reprocessing skipped a series again, `#6 skipped`."""
+    parts = []
+    for state in (JobState.QUEUED, JobState.SKIPPED):
+        ids = [f"#{j.id}" for j in jobs if j.state == state]
+        if ids:
+            parts.append(f"{', '.join(ids)} {state}")
+    return "job(s) " + ", ".join(parts)
 
 
 def reprocess_refusal(purged: bool, waiting: bool, jobs: list[Job]) -> str | None:

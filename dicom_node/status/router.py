@@ -28,9 +28,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
+from dicom_node.completion.quiet import reprocess_study
 from dicom_node.config import Settings
 from dicom_node.index.db import Database, Job, now
-from dicom_node.jobs.table import JobConflict, reprocess, retry
+from dicom_node.jobs.table import JobConflict, reprocess_summary, retry
 from dicom_node.observe import audit, metrics
 from dicom_node.observe.probes import Probes, readiness
 from dicom_node.status import views
@@ -213,23 +214,18 @@ def status_router(
         action: dict = {"action": "reprocess", "study_uid": study_uid}
         client = checked(request, csrf, action)
         try:
-            jobs = reprocess(db, study_uid, spool_root, now())
+            jobs = reprocess_study(db, study_uid, spool_root, settings.routing, now())
         except KeyError:
             raise HTTPException(404, "no such study") from None
         except JobConflict as e:
             _audit(db, client, audit.FAILURE, str(e), **action)
             return study_page(request, study_uid, 409, f"Not reprocessed: {e}")
-        ids = ", ".join(f"#{j.id}" for j in jobs)
-        _audit(db, client, audit.SUCCESS, f"job(s) {ids} queued", count=len(jobs), **action)
+        done = reprocess_summary(jobs)
+        _audit(db, client, audit.SUCCESS, done, count=len(jobs), **action)
         log.info(
-            "study %s reprocessed from the status page by %s: job(s) %s",
-            audit.study_key(study_uid),
-            client,
-            ids,
+            "study %s reprocessed from the status page by %s: %s", audit.study_key(study_uid), client, done
         )
-        target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(
-            f"reprocessing as job(s) {ids}"
-        )
+        target = f"/status/studies/{quote(study_uid, safe='')}?message=" + quote(f"reprocessing: {done}")
         return RedirectResponse(target, status_code=303)
 
     @router.get("/status/jobs/{job_id}/images/{name}")

@@ -2,10 +2,12 @@
 
 from sqlalchemy import select
 
+from dicom_node.completion.quiet import reprocess_study
 from dicom_node.index.db import Job, JobState, Series
-from dicom_node.jobs.table import claim, finish_error
-from tests.helpers.node import complete, later, receive, settings
+from dicom_node.jobs.table import claim, finish_done, finish_error, reprocess_summary
+from tests.helpers.node import complete, later, outcome, receive, settings
 
+STUDY = "1.2.3"  # part10's
 SCAN = {
     "FrameOfReferenceUID": "1.2.3.99",
     "AcquisitionDate": "20260301",
@@ -143,6 +145,53 @@ def test_a_failed_reconstruction_hands_over_only_to_the_skips_it_answered_for(no
     assert {uid: after[uid].id for uid in ("1.2.3.6", "1.2.3.7")} == {
         uid: before[uid] for uid in ("1.2.3.6", "1.2.3.7")
     }
+
+
+def test_reprocessing_tries_the_chosen_reconstruction_again_not_both(node):
+    """After the thin series failed and the thick one was analysed in its place,
+    reprocessing queues the thin one and skips the thick one again (not two result sets);
+    if the thin one fails again, the thick one is analysed again."""
+    db, receiver, _ = node
+    s = settings()
+    send(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THIN)
+    complete(db, s)
+    job = claim(db, "h:1:w0", 10, later())
+    finish_error(db, job.id, "h:1:w0", "worker out of memory", s, later(), JobState.FAILED)
+    [stand_in] = complete(db, s)
+    job = claim(db, "h:1:w0", 10, later(), job_id=stand_in)
+    assert finish_done(db, job.id, "h:1:w0", outcome(job.id), s, later())
+
+    created = reprocess_study(db, STUDY, receiver.spool.root, s.routing, later())
+    by_series = {j.series_uid: j for j in created}
+    assert by_series["1.2.3.5"].state == JobState.QUEUED
+    assert (by_series["1.2.3.4"].state, by_series["1.2.3.4"].reason) == (JobState.SKIPPED, NOT_THIN)
+    assert (
+        reprocess_summary(created)
+        == f"job(s) #{by_series['1.2.3.5'].id} queued, #{by_series['1.2.3.4'].id} skipped"
+    )
+    with db.session() as ses:
+        assert ses.get(Job, stand_in).superseded_by == by_series["1.2.3.4"].id  # its results stay as sent
+
+    job = claim(db, "h:1:w0", 10, later(), job_id=by_series["1.2.3.5"].id)
+    finish_error(db, job.id, "h:1:w0", "worker out of memory", s, later(), JobState.FAILED)
+    [again] = complete(db, s)
+    assert jobs(db)["1.2.3.4"].id == again and jobs(db)["1.2.3.4"].state == JobState.QUEUED
+
+
+def test_reprocessing_with_one_per_scan_off_analyses_both(node):
+    db, receiver, _ = node
+    s = settings(routing={"rules": [{"name": "ct", "min_slices": 3}], "one_per_scan": False})
+    send(receiver, AcquisitionTime="101530", **THIN)
+    send(receiver, AcquisitionTime="101530", **THICK)
+    complete(db, s)
+    while (job := claim(db, "h:1:w0", 10, later())) is not None:
+        assert finish_done(db, job.id, "h:1:w0", outcome(job.id), s, later())
+    created = reprocess_study(db, STUDY, receiver.spool.root, s.routing, later())
+    assert sorted((j.series_uid, j.state) for j in created) == [
+        ("1.2.3.4", JobState.QUEUED),
+        ("1.2.3.5", JobState.QUEUED),
+    ]
 
 
 def test_a_slice_thickness_of_zero_is_unknown():
