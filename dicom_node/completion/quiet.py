@@ -204,10 +204,12 @@ def complete_study(s: Session, study: Study, settings: Settings, t: float) -> li
             decision.reason,
             extra={"event": "job", "job_id": job.id, "state": job.state},
         )
-    metrics.STUDIES_COMPLETED.inc()
-    if study.completions == 0:
-        metrics.RECEIVE_TO_COMPLETE.observe(max(0.0, t - study.first_received_at))
+    if study.completed_at is None or study.last_received_at >= study.completed_at:
+        # a completion, not the reconstructions routed again after the chosen one failed
+        metrics.STUDIES_COMPLETED.inc()
+        if study.completions == 0:
+            metrics.RECEIVE_TO_COMPLETE.observe(max(0.0, t - study.first_received_at))
+        study.completions += 1
     study.pending = False
     study.completed_at = t
-    study.completions += 1
     return jobs

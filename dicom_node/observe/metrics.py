@@ -138,7 +138,7 @@ for _reason in HTTP_REFUSAL_REASONS:  # every known reason exists from the start
     HTTP_REFUSED_BY_REASON.labels(_reason)
 STUDIES_COMPLETED = Counter(
     "nodal_studies_completed_total",
-    "Study completions (a study sent again later completes again)",
+    "Study completions (a study sent again later completes again; a reconstruction routed again is not one)",
     registry=REGISTRY,
 )
 RECEIVE_TO_COMPLETE = Histogram(

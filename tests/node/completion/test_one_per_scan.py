@@ -1,10 +1,13 @@
 """Completion analyses one reconstruction of each scan: instances received, indexed, routed."""
 
+import time
+
 from sqlalchemy import select
 
 from dicom_node.completion.quiet import reprocess_study
-from dicom_node.index.db import Job, JobState, Series
+from dicom_node.index.db import Job, JobState, Series, Study
 from dicom_node.jobs.table import claim, finish_done, finish_error, reprocess_summary
+from dicom_node.observe import metrics
 from tests.helpers.node import complete, later, outcome, receive, settings
 
 STUDY = "1.2.3"  # part10's
@@ -100,6 +103,32 @@ def test_when_the_chosen_reconstruction_gets_no_results_the_next_one_is_analysed
     assert found["1.2.3.5"].state == JobState.SKIPPED and found["1.2.3.5"].reason == "2 slices missing"
     assert found["1.2.3.9"].reason.endswith("1 slices, fewer than 3")  # its first and only job
     assert complete(db, s) == []
+
+
+def test_routing_again_after_a_failure_is_not_a_completion(node):
+    """Completions in real time (a quiet period of 1 ms): the fallback's routing is not counted as
+    the study completing again; instances sent again are."""
+    db, receiver, _ = node
+    s = settings(completion={"quiet_seconds": 0.001, "after_release_seconds": 0.001})
+
+    def now() -> float:
+        time.sleep(0.01)  # past the quiet period
+        return time.time()
+
+    before = metrics.STUDIES_COMPLETED._value.get()
+    send(receiver, AcquisitionTime="101530", **THICK)
+    send(receiver, AcquisitionTime="101530", **THIN)
+    complete(db, s, now())
+    job = claim(db, "h:1:w0", 10, now())
+    finish_error(db, job.id, "h:1:w0", "2 slices missing", s, now(), JobState.SKIPPED)
+    assert len(complete(db, s, now())) == 1  # the thick one, routed again
+    with db.session() as ses:
+        assert ses.get(Study, STUDY).completions == 1
+    send(receiver, n=1, first=20, AcquisitionTime="101530", **THIN)
+    assert len(complete(db, s, now())) == 1
+    with db.session() as ses:
+        assert ses.get(Study, STUDY).completions == 2
+    assert metrics.STUDIES_COMPLETED._value.get() - before == 2
 
 
 def test_a_chosen_reconstruction_that_gives_up_hands_over_too_and_fresh_instances_bring_it_back(node):
