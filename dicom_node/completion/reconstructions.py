@@ -9,7 +9,8 @@ one session (arterial, venous) share the frame of reference but not the acquisit
 regions reconstructed apart from one spiral (neck and chest, chest and abdomen) share both
 but not the stretch of body; a partial reconstruction (the chest of a chest-abdomen scan)
 never answers for the whole; and a series that does not say when or where it was acquired
-(a multi-frame one: its positions are per frame) is answered for by no other.
+is answered for by no other. A multi-frame (Enhanced CT) series says where by its frames'
+positions (`spool.header`), and when by its Acquisition DateTime.
 
 `choose` takes the series in this order of preference, each analysed unless one taken
 before covers it: an ORIGINAL image before a DERIVED one; slices up to `thin_mm` thick

@@ -194,15 +194,15 @@ def _scan(group: list[Pending]) -> dict:
     of the slice positions."""
     headers = [p.header for p in group]
     times = [h.acquired_at for h in headers if h.acquired_at is not None]
-    positions = [h.position_mm for h in headers if h.position_mm is not None]
+    extents = [h.extent_mm for h in headers if h.extent_mm is not None]
     frames_of_reference = [h.frame_of_reference_uid for h in headers if h.frame_of_reference_uid]
     return {
         "frame_of_reference_uid": frames_of_reference[0] if frames_of_reference else None,
         "kernel": next((h.kernel for h in headers if h.kernel), None),
         "acquired_from": min(times) if times else None,
         "acquired_to": max(times) if times else None,
-        "extent_from": min(positions) if positions else None,
-        "extent_to": max(positions) if positions else None,
+        "extent_from": min(low for low, _ in extents) if extents else None,
+        "extent_to": max(high for _, high in extents) if extents else None,
     }
 
 

@@ -5,8 +5,8 @@ The values are read raw (pydicom's element reader, no `Dataset`, no value conver
 to Number of Frames (0028,0008): everything needed lies before it. The labels a person knows
 a study by (accession number, patient name and ID) are read too; the index keeps the
 patient's only when the status page shows them (`receive.indexer`). A multi-frame instance
-without Slice Thickness there (Enhanced CT keeps it in its functional groups) is read on
-up to its pixel data. One decoder (`_header`) turns the raw values into an
+(Enhanced CT) keeps slice thickness, kernel and its frames' positions in its functional
+groups: it is read on up to its pixel data. One decoder (`_header`) turns the raw values into an
 `InstanceHeader`, whichever way the instance came:
 - `read_dataset_header`: a dataset as a C-STORE brings it (no preamble, no file meta), on
   the receiving path of every instance;
@@ -22,7 +22,7 @@ import io
 import math
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from datetime import time as dt_time
@@ -31,6 +31,7 @@ from pathlib import Path
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_dataset, read_partial
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM, PersonName
 
@@ -83,6 +84,8 @@ HEADER_TAGS = (
 )
 _WANTED = frozenset(HEADER_TAGS)
 SHARED_FUNCTIONAL_GROUPS = 0x52009229
+PER_FRAME_FUNCTIONAL_GROUPS = 0x52009230
+FUNCTIONAL_GROUPS = [SHARED_FUNCTIONAL_GROUPS, PER_FRAME_FUNCTIONAL_GROUPS]
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 Values = dict[int, bytes | None]  # raw values by tag
@@ -126,7 +129,7 @@ class InstanceHeader:
     frame_of_reference_uid: str = ""  # "" when absent or malformed
     acquired_at: float | None = None  # Acquisition DateTime, or Date and Time, in seconds
     kernel: str = ""  # Convolution Kernel, values joined by "\"
-    position_mm: float | None = None  # Image Position along the slice normal (single-frame)
+    extent_mm: tuple[float, float] | None = None  # lowest and highest slice position along the normal
 
 
 def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str = "") -> InstanceHeader:
@@ -143,7 +146,7 @@ def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str
         if _needs_functional_groups(values):
             stream.seek(0)
             groups = read_dataset(
-                stream, implicit, little, stop_when=_at_pixel_data, specific_tags=[SHARED_FUNCTIONAL_GROUPS]
+                stream, implicit, little, stop_when=_at_pixel_data, specific_tags=FUNCTIONAL_GROUPS
             )
     except InvalidInstanceError:
         raise
@@ -161,9 +164,7 @@ def read_header(source: bytes | Path) -> InstanceHeader:
             groups = None
             if _needs_functional_groups(values):
                 stream.seek(0)
-                groups = read_partial(
-                    stream, stop_when=_at_pixel_data, specific_tags=[SHARED_FUNCTIONAL_GROUPS]
-                )
+                groups = read_partial(stream, stop_when=_at_pixel_data, specific_tags=FUNCTIONAL_GROUPS)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
     except Exception as e:
@@ -215,7 +216,7 @@ def _frames(values: Values) -> int:
 
 def _needs_functional_groups(values: Values) -> bool:
     try:
-        return _frames(values) > 1 and not _text(values.get(SLICE_THICKNESS))
+        return _frames(values) > 1
     except ValueError:
         return False  # reported by `_header`
 
@@ -244,8 +245,8 @@ def _header(
             patient_id=_decoded(values.get(PATIENT_ID), encodings)[:64],
             frame_of_reference_uid=_optional_uid(values.get(FRAME_OF_REFERENCE)),
             acquired_at=_acquired_at(values),
-            kernel=_decoded(values.get(CONVOLUTION_KERNEL), encodings)[:64],
-            position_mm=_position(values),
+            kernel=(_decoded(values.get(CONVOLUTION_KERNEL), encodings) or _group_kernel(groups))[:64],
+            extent_mm=_extent(values, groups),
         )
     except InvalidInstanceError:
         raise
@@ -277,13 +278,38 @@ def _optional_uid(raw: bytes | None) -> str:
         return ""
 
 
-def _position(values: Values) -> float | None:
+def _extent(values: Values, groups: Dataset | None) -> tuple[float, float] | None:
+    """The lowest and highest slice position along the normal of the image orientation: a
+    single-frame instance's one position; a multi-frame one's frames' (its per-frame
+    functional groups, the orientation shared or the first frame's). None when absent or
+    malformed: it only informs a choice (`completion.reconstructions`)."""
+    if groups is None:
+        position, orientation = (
+            _text(values.get(tag)).split("\\") for tag in (IMAGE_POSITION, IMAGE_ORIENTATION)
+        )
+        along = _along(position, orientation)
+        return None if along is None else (along, along)
+    try:
+        frames = groups.PerFrameFunctionalGroupsSequence
+        shared = (
+            groups.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in groups else None
+        )
+        where = shared if shared is not None and "PlaneOrientationSequence" in shared else frames[0]
+        orientation = where.PlaneOrientationSequence[0].ImageOrientationPatient
+        positions = [_along(f.PlanePositionSequence[0].ImagePositionPatient, orientation) for f in frames]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    found = [p for p in positions if p is not None]
+    return (min(found), max(found)) if found and len(found) == len(positions) else None
+
+
+def _along(position_values: Sequence, orientation_values: Sequence) -> float | None:
     """Image Position (Patient) along the normal of Image Orientation (Patient): where the
     slice lies, comparable between series of one orientation; None when absent or malformed."""
     try:
-        position = [float(v) for v in _text(values.get(IMAGE_POSITION)).split("\\")]
-        cosines = [float(v) for v in _text(values.get(IMAGE_ORIENTATION)).split("\\")]
-    except ValueError:
+        position = [float(v) for v in position_values]
+        cosines = [float(v) for v in orientation_values]
+    except (ValueError, TypeError):
         return None
     if len(position) != 3 or len(cosines) != 6:
         return None
@@ -292,6 +318,20 @@ def _position(values: Values) -> float | None:
     length = math.sqrt(sum(n * n for n in normal))
     along = sum(p * n for p, n in zip(position, normal, strict=True))
     return along / length if math.isfinite(along) and length > 0.5 else None
+
+
+def _group_kernel(groups: Dataset | None) -> str:
+    """Convolution Kernel of an Enhanced CT: its CT Reconstruction functional group, shared
+    or the first frame's."""
+    if groups is None:
+        return ""
+    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            kernel = getattr(groups, name)[0].CTReconstructionSequence[0].ConvolutionKernel
+        except (AttributeError, IndexError, KeyError):
+            continue
+        return "\\".join(map(str, kernel)) if isinstance(kernel, MultiValue) else str(kernel)
+    return ""
 
 
 def _acquired_at(values: Values) -> float | None:

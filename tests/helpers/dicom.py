@@ -39,6 +39,61 @@ def part10(sop="1.2.3.4.5", study="1.2.3", series="1.2.3.4", modality="CT", **ex
     return buf.getvalue()
 
 
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def enhanced_ct(
+    positions_z: list[float],
+    kernel: str | None = "Br40d",
+    thickness: str = "1",
+    orientation_per_frame: bool = False,
+    **extra,
+) -> bytes:
+    """An Enhanced CT instance, its frames axial at `positions_z`: slice thickness, kernel
+    and orientation in the shared functional groups (the orientation per frame if asked),
+    each frame's position in its own; no top-level Slice Thickness or Image Position."""
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    measures = Dataset()
+    measures.SliceThickness = thickness
+    measures.PixelSpacing = ["0.7", "0.7"]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    if not orientation_per_frame:
+        shared.PlaneOrientationSequence = [orientation]
+    if kernel is not None:
+        reconstruction = Dataset()
+        reconstruction.ConvolutionKernel = kernel
+        shared.CTReconstructionSequence = [reconstruction]
+    frames = []
+    for z in positions_z:
+        position = Dataset()
+        position.ImagePositionPatient = ["0", "0", str(z)]
+        frame = Dataset()
+        frame.PlanePositionSequence = [position]
+        if orientation_per_frame:
+            frame.PlaneOrientationSequence = [orientation]
+        frames.append(frame)
+    data = part10(
+        SOPClassUID=ENHANCED_CT,
+        ImageType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
+        NumberOfFrames=len(positions_z),
+        SharedFunctionalGroupsSequence=[shared],
+        PerFrameFunctionalGroupsSequence=frames,
+        Rows=2,
+        Columns=2,
+        BitsAllocated=16,
+        PixelData=b"\0" * (8 * len(positions_z)),
+        **extra,
+    )
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.SliceThickness
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def dataset_and_ts(data: bytes) -> tuple[bytes, str]:
     """Re-encode a test instance in `ts` and split it as a C-STORE would carry it."""
     import struct

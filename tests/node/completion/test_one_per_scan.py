@@ -8,6 +8,8 @@ from dicom_node.completion.quiet import reprocess_study
 from dicom_node.index.db import Job, JobState, Series, Study
 from dicom_node.jobs.table import claim, finish_done, finish_error, reprocess_summary
 from dicom_node.observe import metrics
+from dicom_node.receive.contract import Source
+from tests.helpers.dicom import enhanced_ct
 from tests.helpers.node import complete, later, outcome, receive, settings
 
 STUDY = "1.2.3"  # part10's
@@ -221,6 +223,30 @@ def test_reprocessing_with_one_per_scan_off_analyses_both(node):
         ("1.2.3.4", JobState.QUEUED),
         ("1.2.3.5", JobState.QUEUED),
     ]
+
+
+def test_an_enhanced_ct_reconstruction_is_grouped_with_the_single_frame_ones_of_its_scan(node):
+    """A thin Enhanced CT (one instance, 100 frames 1 mm apart) and a thick single-frame
+    series of the same scan: the Enhanced CT is analysed, the thick series skipped."""
+    db, receiver, _ = node
+    send(receiver, n=5, z=-100.0, AcquisitionTime="101530", **THICK)  # -200 to -100 mm
+    receiver.store_bytes(
+        enhanced_ct(
+            [-100.0 - i for i in range(101)],
+            sop="1.2.3.8.1",
+            series="1.2.3.8",
+            SeriesDescription="Thorax 1.0 enhanced",
+            FrameOfReferenceUID=SCAN["FrameOfReferenceUID"],
+            AcquisitionDateTime="20260301101530",
+        ),
+        Source("dimse", "a1", "CT1"),
+    )
+    receiver.flush()
+    complete(db, settings(routing={"rules": [{"name": "ct", "min_slices": 3, "sop_classes": []}]}))
+    found = jobs(db)
+    assert found["1.2.3.8"].state == JobState.QUEUED, found["1.2.3.8"].reason
+    assert found["1.2.3.4"].state == JobState.SKIPPED
+    assert found["1.2.3.4"].reason.endswith("series 1.2.3.8 ('Thorax 1.0 enhanced', 1 mm, kernel Br40d)")
 
 
 def test_a_slice_thickness_of_zero_is_unknown():

@@ -182,7 +182,7 @@ def test_a_series_scan_spans_every_batch_of_its_instances(url):
                     series_instance_uid="1.2.3.4",
                     transfer_syntax_uid="1.2.840.10008.1.2.1",
                     acquired_at=t,
-                    position_mm=z,
+                    extent_mm=(z, z),
                     kernel=kernel,
                     frame_of_reference_uid=frame_of_reference,
                 ),

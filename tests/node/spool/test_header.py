@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.spool.header import InvalidInstanceError, read_dataset_header, read_header
-from tests.helpers.dicom import dataset_and_ts, in_syntax, part10
+from tests.helpers.dicom import dataset_and_ts, enhanced_ct, in_syntax, part10
 
 
 def both(data: bytes, ts: str = str(ExplicitVRLittleEndian)):
@@ -135,7 +135,7 @@ def test_scan_of_a_reconstruction_read_from_the_header(ts):
         assert h.frame_of_reference_uid == "1.2.3.9"
         assert h.acquired_at == 1772360130.25  # 2026-03-01 10:15:30.25, read as UTC
         assert h.kernel == "Br40d\\3"
-        assert h.position_mm == -300.5  # along the normal of an axial slice
+        assert h.extent_mm == (-300.5, -300.5)  # along the normal of an axial slice
     for when, expected in (
         (
             {"AcquisitionDateTime": "20260301101530.25", "AcquisitionTime": "235959"},
@@ -152,7 +152,7 @@ def test_scan_of_a_reconstruction_read_from_the_header(ts):
 def test_a_malformed_scan_attribute_reads_as_absent_and_the_instance_is_kept():
     data = part10(FrameOfReferenceUID="1.2.abc", AcquisitionTime="noon", ImagePositionPatient=["1", "2"])
     for h in both(data):
-        assert (h.frame_of_reference_uid, h.acquired_at, h.kernel, h.position_mm) == ("", None, "", None)
+        assert (h.frame_of_reference_uid, h.acquired_at, h.kernel, h.extent_mm) == ("", None, "", None)
         assert h.sop_instance_uid == "1.2.3.4.5"
 
 
@@ -164,6 +164,29 @@ def test_a_slice_position_is_taken_along_the_normal_of_any_orientation():
         "ImagePositionPatient": ["12.5", "-30", "80"],
     }
     for h in both(part10(**sagittal)):
-        assert h.position_mm == -12.5
+        assert h.extent_mm == (-12.5, -12.5)
     zero = {**sagittal, "ImageOrientationPatient": ["0", "0", "0", "0", "0", "0"]}
-    assert [h.position_mm for h in both(part10(**zero))] == [None, None]
+    assert [h.extent_mm for h in both(part10(**zero))] == [None, None]
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_an_enhanced_ct_says_its_kernel_thickness_and_the_span_of_its_frames(ts):
+    data = enhanced_ct(
+        [-100.0, -101.0, -102.5], FrameOfReferenceUID="1.2.3.9", AcquisitionDateTime="20260301101530"
+    )
+    for h in both(data, str(ts)):
+        assert (h.frames, h.slice_thickness_mm, h.kernel) == (3, 1.0, "Br40d")
+        assert h.extent_mm == (-102.5, -100.0)
+        assert (h.frame_of_reference_uid, h.acquired_at) == ("1.2.3.9", 1772360130.0)
+    for h in both(enhanced_ct([5.0, 7.0], kernel=None, orientation_per_frame=True)):
+        assert (h.kernel, h.extent_mm) == ("", (5.0, 7.0))
+
+
+def test_an_enhanced_ct_with_a_frame_that_says_no_position_spans_nothing():
+    data = enhanced_ct([1.0, 2.0])
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    for h in both(buf.getvalue()):
+        assert (h.extent_mm, h.kernel, h.frames) == (None, "Br40d", 2)

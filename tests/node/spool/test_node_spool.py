@@ -1,11 +1,9 @@
 """Spool and ingest: UIDs checked before they name files, durable writes, one copy per SOP Instance UID."""
 
-import io
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import func, select
 
@@ -15,7 +13,7 @@ from dicom_node.receive.receiver import Receiver
 from dicom_node.receive.reconcile import reconcile
 from dicom_node.spool.header import InvalidInstanceError, check_uid, read_header
 from dicom_node.spool.store import Spool, relative_path
-from tests.helpers.dicom import part10
+from tests.helpers.dicom import enhanced_ct, part10
 
 
 @pytest.fixture(params=["log", "fsync", "syncfs"])
@@ -58,25 +56,7 @@ def test_header_fields(tmp_path):
 
 def test_header_of_enhanced_ct_reads_thickness_from_functional_groups():
     """The parse stops after Number of Frames, except where the thickness lives further on."""
-    measures = Dataset()
-    measures.SliceThickness = "1.25"
-    measures.PixelSpacing = ["0.7", "0.7"]
-    shared = Dataset()
-    shared.PixelMeasuresSequence = [measures]
-    data = part10(
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.2.1",
-        NumberOfFrames=3,
-        SharedFunctionalGroupsSequence=[shared],
-        Rows=2,
-        Columns=2,
-        BitsAllocated=16,
-        PixelData=b"\0" * 24,
-    )
-    ds = pydicom.dcmread(io.BytesIO(data))
-    del ds.SliceThickness
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    h = read_header(buf.getvalue())
+    h = read_header(enhanced_ct([0.0, 1.0, 2.0], thickness="1.25"))
     assert (h.frames, h.slice_thickness_mm) == (3, 1.25)
     # a later tag after the stopping point is not needed for a single-frame instance
     single = part10(Rows=2, Columns=2, BitsAllocated=16, PixelData=b"\0" * 8)
