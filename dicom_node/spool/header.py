@@ -85,7 +85,6 @@ HEADER_TAGS = (
 _WANTED = frozenset(HEADER_TAGS)
 SHARED_FUNCTIONAL_GROUPS = 0x52009229
 PER_FRAME_FUNCTIONAL_GROUPS = 0x52009230
-FUNCTIONAL_GROUPS = [SHARED_FUNCTIONAL_GROUPS, PER_FRAME_FUNCTIONAL_GROUPS]
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 Values = dict[int, bytes | None]  # raw values by tag
@@ -143,11 +142,9 @@ def read_dataset_header(dataset: bytes, transfer_syntax_uid: str, source_ae: str
         stream = io.BytesIO(dataset)
         values = _collect(data_element_generator(stream, implicit, little, stop_when=_past_header))
         groups = None
-        if _needs_functional_groups(values):
+        if wanted := _functional_groups(values):
             stream.seek(0)
-            groups = read_dataset(
-                stream, implicit, little, stop_when=_at_pixel_data, specific_tags=FUNCTIONAL_GROUPS
-            )
+            groups = read_dataset(stream, implicit, little, stop_when=_at_pixel_data, specific_tags=wanted)
     except InvalidInstanceError:
         raise
     except Exception as e:
@@ -162,9 +159,9 @@ def read_header(source: bytes | Path) -> InstanceHeader:
             ds = read_partial(stream, stop_when=_past_header, specific_tags=list(HEADER_TAGS))
             values = _collect(ds.get_item(tag) for tag in HEADER_TAGS if tag in ds)
             groups = None
-            if _needs_functional_groups(values):
+            if wanted := _functional_groups(values):
                 stream.seek(0)
-                groups = read_partial(stream, stop_when=_at_pixel_data, specific_tags=FUNCTIONAL_GROUPS)
+                groups = read_partial(stream, stop_when=_at_pixel_data, specific_tags=wanted)
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()[:16]
     except Exception as e:
@@ -214,11 +211,18 @@ def _frames(values: Values) -> int:
         return max(1, int(number))
 
 
-def _needs_functional_groups(values: Values) -> bool:
+def _functional_groups(values: Values) -> list[int]:
+    """The functional groups a multi-frame instance is read on for: a CT's shared and
+    per-frame groups (thickness, kernel, its frames' positions); another's shared groups
+    where its thickness is not at the top (a SEG's frames are not read)."""
     try:
-        return _frames(values) > 1
+        if _frames(values) == 1:
+            return []
     except ValueError:
-        return False  # reported by `_header`
+        return []  # reported by `_header`
+    if _text(values.get(MODALITY)) == "CT":
+        return [SHARED_FUNCTIONAL_GROUPS, PER_FRAME_FUNCTIONAL_GROUPS]
+    return [] if _text(values.get(SLICE_THICKNESS)) else [SHARED_FUNCTIONAL_GROUPS]
 
 
 def _header(
