@@ -209,6 +209,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
     c.set_defaults(func=cmd_classifier)
 
+    c = sub.add_parser("segmenter", help="set how a model's segmenter is run (test-time mirror images)")
+    c.add_argument("--model-dir", type=Path, required=True)
+    c.add_argument(
+        "--test-time-flips",
+        required=True,
+        help="the mirror images the probability is averaged over besides the image, comma-separated, "
+        "each the axes it flips (z slices, y rows, x columns): 'x' (left-right), 'x,y', 'x,y,xy'; "
+        "'none': the image alone",
+    )
+    c.add_argument("--version", default=None, help="the card's new version (default: unchanged)")
+    c.set_defaults(func=cmd_segmenter)
+
     c = sub.add_parser(
         "plausibility", help="write the plausibility rules (inference.plausibility) into a model's card"
     )
@@ -528,6 +540,31 @@ def cmd_classifier(args, settings: Settings) -> int:
     command += f" --version {args.version}" if args.version else ""
     classifier = set_classifier(args.model_dir, args.test_time_flips == "on", args.version, command)
     print(json.dumps({"classifier": classifier}))
+    return 0
+
+
+def mirror_axes(text: str) -> list[tuple[int, ...]]:
+    """`nodal segmenter --test-time-flips`: 'none', or groups of axis letters ('x,y,xy')."""
+    if text.strip() == "none":
+        return []
+    axes = {"z": 0, "y": 1, "x": 2}
+    groups = [g.strip() for g in text.split(",")]
+    if not all(groups) or any(c not in axes for g in groups for c in g):
+        raise ValueError(f"--test-time-flips: 'none' or comma-separated groups of z, y, x, not {text!r}")
+    return [tuple(sorted(axes[c] for c in g)) for g in groups]
+
+
+def cmd_segmenter(args, settings: Settings) -> int:
+    from inference.model_store import set_segmenter
+
+    command = f"nodal segmenter --model-dir {args.model_dir} --test-time-flips {args.test_time_flips}"
+    command += f" --version {args.version}" if args.version else ""
+    try:
+        segmenter = set_segmenter(args.model_dir, mirror_axes(args.test_time_flips), args.version, command)
+    except ValueError as e:  # a ModelCardError too
+        print(f"nodal segmenter: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"segmenter": segmenter}))
     return 0
 
 

@@ -88,6 +88,13 @@ class LoadedModel:
         return bool(self.card["classifier"].get("test_time_flips", False))
 
     @property
+    def segmenter_flips(self) -> tuple[tuple[int, ...], ...]:
+        """The mirror images the segmenter's probability is averaged over besides the image
+        itself, each as the working grid's axes it flips (0 slices, 1 rows, 2 columns; the
+        card's `segmenter.test_time_flips`; it is trained with random flips): () for none."""
+        return segmenter_flips(self.card)
+
+    @property
     def threshold(self) -> float:
         """The node probability above which a voxel belongs to a candidate: the threshold its
         checker and verifier were fitted at (the card's `segmenter.threshold`)."""
@@ -105,6 +112,25 @@ class LoadedModel:
         """Where a segmented component is split to judge its parts (`inference.necks`); None:
         components are not split."""
         return Necks.from_card(self.card["segmenter"].get("necks"))
+
+
+def segmenter_flips(card: dict) -> tuple[tuple[int, ...], ...]:
+    """The card's `segmenter.test_time_flips`, checked: a list of distinct non-empty lists
+    of distinct axes 0-2."""
+    flips = card["segmenter"].get("test_time_flips", [])
+    groups = tuple(tuple(group) for group in flips) if isinstance(flips, list) else None
+    if (
+        groups is None
+        or any(
+            not g or len(set(g)) != len(g) or any(not isinstance(a, int) or a not in (0, 1, 2) for a in g)
+            for g in groups
+        )
+        or len(set(map(frozenset, groups))) != len(groups)
+    ):
+        raise ModelCardError(
+            f"segmenter.test_time_flips must be a list of distinct lists of axes 0-2, not {flips!r}"
+        )
+    return groups
 
 
 def _slice_spacing_limit(card: dict):
@@ -158,8 +184,9 @@ def _findings_basis(card: dict) -> str:
     how or when they were set)."""
     checker = {k: v for k, v in card.get("checker", {}).items() if k not in ("set", "taken_from")}
     classifier = {k: v for k, v in card.get("classifier", {}).items() if k != "set"}
-    basis = [card.get(k) for k in ("weights", "working_spacing_mm", "segmenter", "plausibility")]
-    return json.dumps([*basis, classifier, checker], sort_keys=True)
+    segmenter = {k: v for k, v in card.get("segmenter", {}).items() if k != "set"}
+    basis = [card.get(k) for k in ("weights", "working_spacing_mm", "plausibility")]
+    return json.dumps([*basis, segmenter, classifier, checker], sort_keys=True)
 
 
 def read_card(model_dir: Path) -> dict:
@@ -221,6 +248,10 @@ def load_model(model_dir: Path | None = None, device: str = "auto") -> LoadedMod
         Necks.from_card(card["segmenter"].get("necks"))
     except ValueError as e:
         raise ModelCardError(f"{model_dir / CARD_NAME}: segmenter.necks: {e}") from e
+    try:
+        segmenter_flips(card)
+    except ModelCardError as e:
+        raise ModelCardError(f"{model_dir / CARD_NAME}: {e}") from e
     return LoadedModel(
         card=card,
         segmenter=seg,
@@ -375,6 +406,26 @@ def set_classifier(model_dir: Path, flips: bool, version: str | None = None, com
         _set_version(card, version)
         classifier["set"] = {"test_time_flips": bool(flips), **({"command": command} if command else {})}
     return classifier
+
+
+def set_segmenter(
+    model_dir: Path, flips: list[tuple[int, ...]], version: str | None = None, command: str = ""
+) -> dict:
+    """Change how a model's segmenter is run: its probability averaged over the image and
+    the mirror images `flips` (`LoadedModel.segmenter_flips`; [] for the image alone).
+    Returns the card's segmenter entry."""
+    with _changed_card(Path(model_dir)) as card:
+        segmenter = card["segmenter"]
+        segmenter.pop("test_time_flips", None)  # none is the default: a card without it is the same
+        if flips:
+            segmenter["test_time_flips"] = [list(g) for g in flips]
+        segmenter_flips(card)  # checked before it is written
+        _set_version(card, version)
+        segmenter["set"] = {
+            "test_time_flips": [list(g) for g in flips],
+            **({"command": command} if command else {}),
+        }
+    return segmenter
 
 
 #: What the card keeps of an evaluation (`inference.evaluate`, `inference.evaluate_data`).

@@ -87,6 +87,7 @@ def _detect(volume: Volume, model: LoadedModel, settings: PipelineSettings | Non
         roi=s.roi,
         overlap=s.overlap,
         batch_size=s.batch_size,
+        flips=model.segmenter_flips,
     )
     seconds["segment"] = time.perf_counter() - t
 

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from inference.evaluate import HIT_MIN_IOU, hit_rule
 from inference.model_store import (
@@ -21,6 +23,7 @@ from inference.model_store import (
     set_classifier,
     set_necks,
     set_plausibility,
+    set_segmenter,
 )
 from inference.necks import Necks
 from inference.plausibility import Rules
@@ -242,6 +245,58 @@ def test_the_pipeline_scores_nodes_over_mirror_images_when_the_card_says_so(mode
     assert p1 != p8  # the mean of eight views is not the one view's score
     unscored = [{**f.to_json(), "malignancy_probability": None} for f in one]
     assert unscored == [{**f.to_json(), "malignancy_probability": None} for f in eight]  # nothing else
+
+
+def test_segmenter_mirror_images_are_set_in_the_card_checked_and_drop_the_evaluations(model_copy):
+    name = "train family, seeds 1-2"
+    assert load_model(model_copy, "cpu").segmenter_flips == ()  # the shipped card: the image alone
+    record_evaluation(model_copy, name, {"sensitivity": 0.9}, "c", "d")
+    set_segmenter(model_copy, [], command="nodal segmenter ... none")  # as it is: figures kept
+    assert name in read_card(model_copy)["evaluation"]
+
+    entry = set_segmenter(model_copy, [(2,), (1, 2)], version="9.9.9", command="nodal segmenter ... x,xy")
+    assert entry["test_time_flips"] == [[2], [1, 2]] and entry["set"]["command"] == "nodal segmenter ... x,xy"
+    card = read_card(model_copy)
+    assert card["version"] == "9.9.9" and "evaluation" not in card
+    assert load_model(model_copy, "cpu").segmenter_flips == ((2,), (1, 2))
+
+    for bad in ([[3]], [[]], [[2, 2]], [[2], [2]], "x", [["x"]]):
+        with pytest.raises(ModelCardError, match="test_time_flips"):
+            set_segmenter(model_copy, bad)  # type: ignore[arg-type]
+        card = json.loads((model_copy / "model_card.json").read_text())
+        card["segmenter"]["test_time_flips"] = bad
+        (model_copy / "model_card.json").write_text(json.dumps(card))
+        with pytest.raises(ModelCardError, match="test_time_flips"):
+            load_model(model_copy, "cpu")
+    set_segmenter(model_copy, [])
+    assert "test_time_flips" not in read_card(model_copy)["segmenter"]
+
+    from dicom_node.cli import main, mirror_axes
+
+    assert mirror_axes("x, yx,z") == [(2,), (1, 2), (0,)] and mirror_axes("none") == []
+    with pytest.raises(ValueError):
+        mirror_axes("x,,y")
+    assert main(["segmenter", "--model-dir", str(model_copy), "--test-time-flips", "x"]) == 0
+    entry = read_card(model_copy)["segmenter"]
+    assert entry["test_time_flips"] == [[2]] and entry["set"]["command"].startswith("nodal segmenter")
+    assert main(["segmenter", "--model-dir", str(model_copy), "--test-time-flips", "w"]) == 2
+
+
+def test_the_segmenter_probability_is_averaged_over_its_mirror_images():
+    """A network that adds a ramp along the columns to its input: on an image symmetric in x
+    the plain probability is not, and averaged with the left-right mirror image it is."""
+    from inference.segment import node_probability
+
+    class Ramp(torch.nn.Module):
+        def forward(self, x):
+            return x * 0 + torch.linspace(-3, 3, x.shape[-1])
+
+    image = np.zeros((8, 8, 10), np.float32)
+    plain = node_probability(Ramp(), image, torch.device("cpu"), roi=8)
+    mirrored = node_probability(Ramp(), image, torch.device("cpu"), roi=8, flips=((2,),))
+    assert not np.allclose(plain, plain[:, :, ::-1])
+    assert np.allclose(mirrored, mirrored[:, :, ::-1])
+    assert np.allclose(mirrored, (plain + plain[:, :, ::-1]) / 2, atol=1e-6)
 
 
 def test_a_change_that_fails_writes_nothing(model_copy, tmp_path):
