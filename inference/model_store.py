@@ -122,7 +122,7 @@ def segmenter_flips(card: dict) -> tuple[tuple[int, ...], ...]:
     if (
         groups is None
         or any(
-            not g or len(set(g)) != len(g) or any(not isinstance(a, int) or a not in (0, 1, 2) for a in g)
+            not g or len(set(g)) != len(g) or any(type(a) is not int or a not in (0, 1, 2) for a in g)
             for g in groups
         )
         or len(set(map(frozenset, groups))) != len(groups)

@@ -173,7 +173,15 @@ def complete_study(s: Session, study: Study, settings: Settings, t: float) -> li
     jobs = []
     study_series = list(s.scalars(select(Series).where(Series.study_uid == study.study_uid)))
     fresh = {series.series_uid for series in study_series if series.pending}
-    unusable = {uid for uid, job in latest_jobs(s, study.study_uid).items() if without_results(job)} - fresh
+    latest = latest_jobs(s, study.study_uid)
+    unusable = {uid for uid, job in latest.items() if without_results(job)} - fresh
+    # instances no job has seen: a completion, not the reconstructions routed again after
+    # the chosen one got no results (`jobs.table._route_other_reconstructions_again`)
+    received = any(
+        x.series_uid not in latest or latest[x.series_uid].instance_count != x.instance_count
+        for x in study_series
+        if x.pending
+    )
     routed = decisions(study_series, settings.routing, unusable)
     for series in (series for series in study_series if series.pending):
         decision = routed[series.series_uid]
@@ -204,8 +212,7 @@ def complete_study(s: Session, study: Study, settings: Settings, t: float) -> li
             decision.reason,
             extra={"event": "job", "job_id": job.id, "state": job.state},
         )
-    if study.completed_at is None or study.last_received_at >= study.completed_at:
-        # a completion, not the reconstructions routed again after the chosen one failed
+    if received:
         metrics.STUDIES_COMPLETED.inc()
         if study.completions == 0:
             metrics.RECEIVE_TO_COMPLETE.observe(max(0.0, t - study.first_received_at))

@@ -353,10 +353,10 @@ def reprocess(
     study_uid: str,
     spool_root: Path,
     t: float,
-    answered_for: Callable[[Session, AbstractSet[str]], dict[str, str]] = lambda s, series: {},
+    skip_reasons: Callable[[Session, AbstractSet[str]], dict[str, str]] = lambda s, series: {},
 ) -> list[Job]:
     """Analyse the study's routed series again from the spool: one new job per series,
-    queued, or skipped where `answered_for` (given the routed series) gives the reason: one
+    queued, or skipped where `skip_reasons` (given the routed series) gives the reason: one
     reconstruction of each scan (`completion.quiet.reprocess_study`), also where the other
     was analysed only because the one chosen got no results.
 
@@ -382,7 +382,7 @@ def reprocess(
         again = _routed_series(s, study_uid)
         if {k: j.id for k, j in again.items()} != {k: j.id for k, j in latest.items()}:
             raise JobConflict("the study's jobs changed meanwhile; reload and try again")
-        skips = answered_for(s, set(again))
+        skips = skip_reasons(s, set(again))
         created = []
         for series, old in again.items():
             skip = skips.get(series)
@@ -401,6 +401,8 @@ def reprocess(
             s.add(job)
             s.flush()
             supersede_older(s, job, t)
+            if skip is not None and (row := s.get(Series, series)) is not None:
+                row.routing = skip  # as completion words it
             created.append(job)
             log.info(
                 "job %d %s to reprocess the series of job %d%s",

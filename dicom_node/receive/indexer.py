@@ -193,14 +193,14 @@ def _scan(group: list[Pending]) -> dict:
     the first frame of reference and kernel given, the spans of the acquisition times and
     of the slice positions."""
     headers = [p.header for p in group]
-    times = [h.acquired_at for h in headers if h.acquired_at is not None]
+    spans = [h.acquired for h in headers if h.acquired is not None]
     extents = [h.extent_mm for h in headers if h.extent_mm is not None]
     frames_of_reference = [h.frame_of_reference_uid for h in headers if h.frame_of_reference_uid]
     return {
         "frame_of_reference_uid": frames_of_reference[0] if frames_of_reference else None,
         "kernel": next((h.kernel for h in headers if h.kernel), None),
-        "acquired_from": min(times) if times else None,
-        "acquired_to": max(times) if times else None,
+        "acquired_from": min(low for low, _ in spans) if spans else None,
+        "acquired_to": max(high for _, high in spans) if spans else None,
         "extent_from": min(low for low, _ in extents) if extents else None,
         "extent_to": max(high for _, high in extents) if extents else None,
     }

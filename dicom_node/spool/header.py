@@ -5,8 +5,10 @@ The values are read raw (pydicom's element reader, no `Dataset`, no value conver
 to Number of Frames (0028,0008): everything needed lies before it. The labels a person knows
 a study by (accession number, patient name and ID) are read too; the index keeps the
 patient's only when the status page shows them (`receive.indexer`). A multi-frame instance
-(Enhanced CT) keeps slice thickness, kernel and its frames' positions in its functional
-groups: it is read on up to its pixel data. One decoder (`_header`) turns the raw values into an
+(Enhanced CT) keeps slice thickness, kernel and its frames' positions and times in its
+functional groups: it is read on up to its pixel data (a multi-frame CT's per-frame groups
+take about 0.1 ms a frame to parse, on the receiving thread; another modality's are not
+read). One decoder (`_header`) turns the raw values into an
 `InstanceHeader`, whichever way the instance came:
 - `read_dataset_header`: a dataset as a C-STORE brings it (no preamble, no file meta), on
   the receiving path of every instance;
@@ -126,7 +128,7 @@ class InstanceHeader:
     patient_id: str = ""
     # which scan the instance is a reconstruction of (`completion.reconstructions`)
     frame_of_reference_uid: str = ""  # "" when absent or malformed
-    acquired_at: float | None = None  # Acquisition DateTime, or Date and Time, in seconds
+    acquired: tuple[float, float] | None = None  # first and last acquisition time of its data, s
     kernel: str = ""  # Convolution Kernel, values joined by "\"
     extent_mm: tuple[float, float] | None = None  # lowest and highest slice position along the normal
 
@@ -248,7 +250,7 @@ def _header(
             patient_name=_person_name(values.get(PATIENT_NAME), encodings),
             patient_id=_decoded(values.get(PATIENT_ID), encodings)[:64],
             frame_of_reference_uid=_optional_uid(values.get(FRAME_OF_REFERENCE)),
-            acquired_at=_acquired_at(values),
+            acquired=_acquired(values, groups),
             kernel=(_decoded(values.get(CONVOLUTION_KERNEL), encodings) or _group_kernel(groups))[:64],
             extent_mm=_extent(values, groups),
         )
@@ -285,9 +287,10 @@ def _optional_uid(raw: bytes | None) -> str:
 def _extent(values: Values, groups: Dataset | None) -> tuple[float, float] | None:
     """The lowest and highest slice position along the normal of the image orientation: a
     single-frame instance's one position; a multi-frame one's frames' (its per-frame
-    functional groups, the orientation shared or the first frame's). None when absent or
-    malformed: it only informs a choice (`completion.reconstructions`)."""
-    if groups is None:
+    functional groups, the orientation shared or the first frame's; without per-frame
+    groups, the one position at the top). None when absent or malformed: it only informs a
+    choice (`completion.reconstructions`)."""
+    if groups is None or "PerFrameFunctionalGroupsSequence" not in groups:
         position, orientation = (
             _text(values.get(tag)).split("\\") for tag in (IMAGE_POSITION, IMAGE_ORIENTATION)
         )
@@ -325,31 +328,60 @@ def _along(position_values: Sequence, orientation_values: Sequence) -> float | N
 
 
 def _group_kernel(groups: Dataset | None) -> str:
-    """Convolution Kernel of an Enhanced CT: its CT Reconstruction functional group, shared
-    or the first frame's."""
-    if groups is None:
-        return ""
+    """Convolution Kernel of an Enhanced CT: its CT Reconstruction functional group."""
+    return "" if groups is None else _in_groups(groups, "CTReconstructionSequence", "ConvolutionKernel")
+
+
+def _in_groups(groups: Dataset, group: str, keyword: str) -> str:
+    """A value of a functional group, shared or else the first frame's, as text ("" when
+    neither holds it)."""
     for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         try:
-            kernel = getattr(groups, name)[0].CTReconstructionSequence[0].ConvolutionKernel
-        except (AttributeError, IndexError, KeyError):
+            value = getattr(groups, name)[0][group].value[0][keyword].value
+        except (AttributeError, IndexError, KeyError, TypeError):
             continue
-        return "\\".join(map(str, kernel)) if isinstance(kernel, MultiValue) else str(kernel)
+        if value is not None and value != "":
+            return "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
     return ""
 
 
-def _acquired_at(values: Values) -> float | None:
-    """When the instance's data were acquired, in seconds of the scanner's clock (any UTC
-    offset is left out: series of one scanner are compared, and one may carry an offset that
-    another lacks): Acquisition DateTime, else Acquisition Date and Time (the time alone
-    counts from midnight); None when absent or malformed (it only informs a choice,
-    `completion.reconstructions`)."""
-    text = _text(values.get(ACQUISITION_DATETIME))
-    if DATETIME_RE.match(text):
+def _acquired(values: Values, groups: Dataset | None) -> tuple[float, float] | None:
+    """When the instance's data were acquired, first and last, in seconds of the scanner's
+    clock (any UTC offset is left out: series of one scanner are compared, and one may carry
+    an offset that another lacks): a multi-frame instance's frames' Frame Acquisition
+    DateTime where every frame says it, else Acquisition DateTime, else Acquisition Date and
+    Time (the time alone counts from midnight); None when absent or malformed (it only
+    informs a choice, `completion.reconstructions`)."""
+    if groups is not None and "PerFrameFunctionalGroupsSequence" in groups:
         try:
-            return DT(text).replace(tzinfo=UTC).timestamp()
-        except (ValueError, TypeError, AttributeError):
-            pass  # malformed: the Date and Time, if any, say it
+            frames = [
+                _datetime(str(f.FrameContentSequence[0].FrameAcquisitionDateTime))
+                for f in groups.PerFrameFunctionalGroupsSequence
+            ]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            frames = []
+        found = [t for t in frames if t is not None]
+        if found and len(found) == len(frames):
+            return min(found), max(found)
+    t = _acquired_at(values)
+    return None if t is None else (t, t)
+
+
+def _datetime(text: str) -> float | None:
+    """A DT down to minutes at least, in seconds (its UTC offset left out); None otherwise."""
+    if not DATETIME_RE.match(text):
+        return None
+    try:
+        return DT(text).replace(tzinfo=UTC).timestamp()
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _acquired_at(values: Values) -> float | None:
+    """Acquisition DateTime, else Acquisition Date and Time, in seconds (`_acquired`)."""
+    at = _datetime(_text(values.get(ACQUISITION_DATETIME)))
+    if at is not None:
+        return at  # a malformed one: the Date and Time, if any, say it
     time_text = _text(values.get(ACQUISITION_TIME)).replace(":", "")  # "10:15:30": before 1993
     if not TIME_RE.match(time_text):
         return None
@@ -365,12 +397,10 @@ def _acquired_at(values: Values) -> float | None:
 
 
 def _thickness(text: str, groups: Dataset | None) -> float | None:
-    """Slice Thickness, or the one in the shared functional groups (Enhanced CT)."""
+    """Slice Thickness, or the one in the functional groups, shared or the first frame's
+    (Enhanced CT)."""
     if not text and groups is not None:
-        try:
-            text = str(groups.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness)
-        except (AttributeError, IndexError):
-            return None
+        text = _in_groups(groups, "PixelMeasuresSequence", "SliceThickness")
     try:
         return float(text)
     except ValueError:

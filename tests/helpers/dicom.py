@@ -47,11 +47,13 @@ def enhanced_ct(
     kernel: str | None = "Br40d",
     thickness: str = "1",
     orientation_per_frame: bool = False,
+    frame_times: list[str] | None = None,
     **extra,
 ) -> bytes:
     """An Enhanced CT instance, its frames axial at `positions_z`: slice thickness, kernel
     and orientation in the shared functional groups (the orientation per frame if asked),
-    each frame's position in its own; no top-level Slice Thickness or Image Position."""
+    each frame's position (and Frame Acquisition DateTime, `frame_times`) in its own; no
+    top-level Slice Thickness or Image Position."""
     orientation = Dataset()
     orientation.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     measures = Dataset()
@@ -66,11 +68,15 @@ def enhanced_ct(
         reconstruction.ConvolutionKernel = kernel
         shared.CTReconstructionSequence = [reconstruction]
     frames = []
-    for z in positions_z:
+    for i, z in enumerate(positions_z):
         position = Dataset()
         position.ImagePositionPatient = ["0", "0", str(z)]
         frame = Dataset()
         frame.PlanePositionSequence = [position]
+        if frame_times is not None:
+            content = Dataset()
+            content.FrameAcquisitionDateTime = frame_times[i]
+            frame.FrameContentSequence = [content]
         if orientation_per_frame:
             frame.PlaneOrientationSequence = [orientation]
         frames.append(frame)

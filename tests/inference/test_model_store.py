@@ -298,6 +298,18 @@ def test_the_segmenter_probability_is_averaged_over_its_mirror_images():
     assert np.allclose(mirrored, mirrored[:, :, ::-1])
     assert np.allclose(mirrored, (plain + plain[:, :, ::-1]) / 2, atol=1e-6)
 
+    class Identity(torch.nn.Module):  # the input as logits: each mirror image flipped back agrees
+        def forward(self, x):
+            return x
+
+    ramp = np.broadcast_to(np.linspace(-200, 200, 10, dtype=np.float32), (8, 8, 10))
+    plain = node_probability(Identity(), ramp, torch.device("cpu"), roi=8)
+    assert not np.allclose(plain, plain[:, :, ::-1])
+    for flips in (((2,),), ((2,), (0, 1), (0, 1, 2))):
+        assert np.allclose(
+            node_probability(Identity(), ramp, torch.device("cpu"), roi=8, flips=flips), plain, atol=1e-6
+        )
+
 
 def test_a_change_that_fails_writes_nothing(model_copy, tmp_path):
     without = tmp_path / "without-checker"

@@ -203,6 +203,7 @@ def test_reprocessing_tries_the_chosen_reconstruction_again_not_both(node):
     )
     with db.session() as ses:
         assert ses.get(Job, stand_in).superseded_by == by_series["1.2.3.4"].id  # its results stay as sent
+        assert ses.get(Series, "1.2.3.4").routing == NOT_THIN
 
     job = claim(db, "h:1:w0", 10, later(), job_id=by_series["1.2.3.5"].id)
     finish_error(db, job.id, "h:1:w0", "worker out of memory", s, later(), JobState.FAILED)
@@ -226,8 +227,9 @@ def test_reprocessing_with_one_per_scan_off_analyses_both(node):
 
 
 def test_an_enhanced_ct_reconstruction_is_grouped_with_the_single_frame_ones_of_its_scan(node):
-    """A thin Enhanced CT (one instance, 100 frames 1 mm apart) and a thick single-frame
-    series of the same scan: the Enhanced CT is analysed, the thick series skipped."""
+    """A thin Enhanced CT (one instance, 101 frames 1 mm apart, acquired over 10:15:29.5-31.5
+    by its frames, though its Acquisition DateTime says 10:15:29) and a thick single-frame
+    series of the same scan (10:15:30): the Enhanced CT is analysed, the thick one skipped."""
     db, receiver, _ = node
     send(receiver, n=5, z=-100.0, AcquisitionTime="101530", **THICK)  # -200 to -100 mm
     receiver.store_bytes(
@@ -237,7 +239,8 @@ def test_an_enhanced_ct_reconstruction_is_grouped_with_the_single_frame_ones_of_
             series="1.2.3.8",
             SeriesDescription="Thorax 1.0 enhanced",
             FrameOfReferenceUID=SCAN["FrameOfReferenceUID"],
-            AcquisitionDateTime="20260301101530",
+            AcquisitionDateTime="20260301101529",
+            frame_times=["20260301101529.5", *["20260301101530.5"] * 99, "20260301101531.5"],
         ),
         Source("dimse", "a1", "CT1"),
     )
@@ -247,6 +250,15 @@ def test_an_enhanced_ct_reconstruction_is_grouped_with_the_single_frame_ones_of_
     assert found["1.2.3.8"].state == JobState.QUEUED, found["1.2.3.8"].reason
     assert found["1.2.3.4"].state == JobState.SKIPPED
     assert found["1.2.3.4"].reason.endswith("series 1.2.3.8 ('Thorax 1.0 enhanced', 1 mm, kernel Br40d)")
+
+
+def test_a_skip_names_the_reconstruction_analysed_as_the_fallback_finds_it():
+    from dicom_node.completion.quiet import reconstruction
+    from dicom_node.jobs.table import names_analysed
+
+    row = Series(series_uid="1.2.3.5", image_type="ORIGINAL", description="Thorax (1)", frame_count=3)
+    reason = f"another reconstruction of the same scan is analysed: {reconstruction(row).label()}"
+    assert names_analysed(reason, "1.2.3.5") and not names_analysed(reason, "1.2.3")
 
 
 def test_a_slice_thickness_of_zero_is_unknown():

@@ -133,7 +133,7 @@ def test_scan_of_a_reconstruction_read_from_the_header(ts):
     )
     for h in both(data, str(ts)):
         assert h.frame_of_reference_uid == "1.2.3.9"
-        assert h.acquired_at == 1772360130.25  # 2026-03-01 10:15:30.25, read as UTC
+        assert h.acquired == (1772360130.25,) * 2  # 2026-03-01 10:15:30.25, read as UTC
         assert h.kernel == "Br40d\\3"
         assert h.extent_mm == (-300.5, -300.5)  # along the normal of an axial slice
     for when, expected in (
@@ -146,13 +146,13 @@ def test_scan_of_a_reconstruction_read_from_the_header(ts):
         ({"AcquisitionTime": "10:15:30"}, 10 * 3600 + 15 * 60 + 30),  # the form before 1993, no date
         ({"AcquisitionDateTime": "20260301", **same}, 1772360130.0),  # a date alone says no time
     ):
-        assert [h.acquired_at for h in both(part10(**when))] == [expected] * 2, when
+        assert [h.acquired for h in both(part10(**when))] == [(expected, expected)] * 2, when
 
 
 def test_a_malformed_scan_attribute_reads_as_absent_and_the_instance_is_kept():
     data = part10(FrameOfReferenceUID="1.2.abc", AcquisitionTime="noon", ImagePositionPatient=["1", "2"])
     for h in both(data):
-        assert (h.frame_of_reference_uid, h.acquired_at, h.kernel, h.extent_mm) == ("", None, "", None)
+        assert (h.frame_of_reference_uid, h.acquired, h.kernel, h.extent_mm) == ("", None, "", None)
         assert h.sop_instance_uid == "1.2.3.4.5"
 
 
@@ -177,9 +177,56 @@ def test_an_enhanced_ct_says_its_kernel_thickness_and_the_span_of_its_frames(ts)
     for h in both(data, str(ts)):
         assert (h.frames, h.slice_thickness_mm, h.kernel) == (3, 1.0, "Br40d")
         assert h.extent_mm == (-102.5, -100.0)
-        assert (h.frame_of_reference_uid, h.acquired_at) == ("1.2.3.9", 1772360130.0)
-    for h in both(enhanced_ct([5.0, 7.0], kernel=None, orientation_per_frame=True)):
+        assert (h.frame_of_reference_uid, h.acquired) == ("1.2.3.9", (1772360130.0, 1772360130.0))
+    for h in both(enhanced_ct([5.0, 7.0], kernel=None, orientation_per_frame=True), str(ts)):
         assert (h.kernel, h.extent_mm) == ("", (5.0, 7.0))
+    times = ["20260301101529.5", "20260301101531.5", "20260301101530"]
+    data = enhanced_ct([1.0, 2.0, 3.0], frame_times=times, AcquisitionDateTime="20260301101529")
+    for h in both(data, str(ts)):
+        assert h.acquired == (1772360129.5, 1772360131.5)  # the frames' span, not the start
+    data = enhanced_ct(
+        [1.0, 2.0], frame_times=["20260301101529.5", "noon"], AcquisitionDateTime="20260301101529"
+    )
+    for h in both(data, str(ts)):
+        assert h.acquired == (1772360129.0, 1772360129.0)  # a frame that does not say: the start
+
+
+def test_a_multi_frame_ct_says_in_its_first_frame_what_its_shared_groups_do_not():
+    data = enhanced_ct([1.0, 2.0])
+    ds = pydicom.dcmread(io.BytesIO(data))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    first = ds.PerFrameFunctionalGroupsSequence[0]
+    first.PixelMeasuresSequence, first.CTReconstructionSequence = (
+        shared.PixelMeasuresSequence,
+        shared.CTReconstructionSequence,
+    )
+    first.PixelMeasuresSequence[0].SliceThickness = "0.75"
+    del shared.PixelMeasuresSequence, shared.CTReconstructionSequence
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    for h in both(buf.getvalue()):
+        assert (h.slice_thickness_mm, h.kernel, h.extent_mm) == (0.75, "Br40d", (1.0, 2.0))
+
+
+def test_a_multi_frame_instance_without_per_frame_groups_lies_at_its_one_position():
+    data = enhanced_ct(
+        [1.0, 2.0],
+        ImagePositionPatient=["0", "0", "-4"],
+        ImageOrientationPatient=["1", "0", "0", "0", "1", "0"],
+    )
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.PerFrameFunctionalGroupsSequence
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    for h in both(buf.getvalue()):
+        assert (h.extent_mm, h.slice_thickness_mm) == ((-4.0, -4.0), 1.0)
+
+
+def test_the_frames_of_a_multi_frame_instance_other_than_ct_are_not_read():
+    """A SEG coming back from the PACS: its shared groups give the thickness; its frames'
+    positions are not parsed on receipt."""
+    for h in both(enhanced_ct([1.0, 2.0], modality="SEG")):
+        assert (h.modality, h.slice_thickness_mm, h.extent_mm) == ("SEG", 1.0, None)
 
 
 def test_an_enhanced_ct_with_a_frame_that_says_no_position_spans_nothing():

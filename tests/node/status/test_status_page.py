@@ -450,3 +450,52 @@ def test_study_page_shows_what_became_of_the_follow_up(node):
     html = node.get(f"/status/studies/{DOWN}").text
     assert "Follow-up: query failed: C-FIND &lt;refused&gt;" in html  # escaped like every value
     assert "Follow-up" not in node.get(f"/status/studies/{SKIPPED}").text
+
+
+def test_reprocess_in_the_api_analyses_one_reconstruction_of_a_scan(node):
+    """Both reconstructions of one scan were analysed (the thin one had failed, the thick one
+    stood in, then the thin one was sent again): reprocessing queues the thin one and skips
+    the thick one, as completion would with the configured routing."""
+    study = "1.2.88"
+    scan = {"FrameOfReferenceUID": "1.2.88.9", "AcquisitionDate": "20260301", "AcquisitionTime": "101530"}
+    scan |= {"ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"]}
+    for series, thickness, n in ((f"{study}.1", "1", 6), (f"{study}.2", "5", 3)):
+        for i in range(n):
+            node.receiver.store_bytes(
+                part10(
+                    sop=f"{series}.{i}",
+                    study=study,
+                    series=series,
+                    SliceThickness=thickness,
+                    ImagePositionPatient=["0", "0", str(-100.0 - i * 5 * 6 / n)],
+                    **scan,
+                ),
+                Source("dimse", "t-" + study),
+            )
+    assert node.receiver.flush(10)
+    with node.db.session() as s:
+        s.get(Study, study).pending = False
+        for series, n in ((f"{study}.1", 6), (f"{study}.2", 3)):
+            s.get(Series, series).pending = False
+            s.add(
+                Job(
+                    study_uid=study,
+                    series_uid=series,
+                    state="done",
+                    rule="ct-axial",
+                    created_at=now(),
+                    instance_count=n,
+                )
+            )
+    r = node.post(f"/api/studies/{study}/reprocess")
+    assert r.status_code == 200, r.text
+    jobs = {j["series_instance_uid"]: j for j in r.json()["jobs"]}
+    assert (jobs[f"{study}.1"]["state"], jobs[f"{study}.2"]["state"]) == ("queued", "skipped")
+    with node.db.session() as s:
+        routing = s.get(Series, f"{study}.2").routing
+    assert routing.startswith(f"another reconstruction of the same scan is analysed: series {study}.1 (")
+    [event] = node.get("/api/audit?event=user_action").json()["events"]
+    assert (
+        event["detail"]["result"]
+        == f"job(s) #{jobs[f'{study}.1']['id']} queued, #{jobs[f'{study}.2']['id']} skipped"
+    )
