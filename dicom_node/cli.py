@@ -18,6 +18,7 @@ log = logging.getLogger("nodal")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for `invocation`
     try:
         settings = load_settings(args.config)
     except ConfigError as e:
@@ -446,7 +447,7 @@ def cmd_train(args, settings: Settings) -> int:
         variety=args.variety,
         mixed=args.mixed,
     )
-    command = "nodal " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nodal") else ""
+    command = invocation(args, "train")
     out = train(args.out, cfg, args.data, command=command, cache_dir=settings.node.data_dir / "train-cache")
     print(f"model written to {out}")
     if args.verifier_cases and args.data is None:
@@ -627,18 +628,33 @@ def cmd_evaluate(args, settings: Settings) -> int:
         from inference.model_store import evaluation_name
 
         for r in results.values():
-            record(settings, evaluation_name(r), r)
+            record(args, settings, evaluation_name(r), r)
     return 0
 
 
-def record(settings: Settings, name: str, result: dict) -> None:
+def invocation(args, name: str, leave_out: tuple[str, ...] = ()) -> str:
+    """How a command was run, written as `nodal NAME ...` whether it ran as `nodal`, as
+    `python -m dicom_node.cli` or through `main(argv)`: the arguments from the command's
+    name on, without `--config` and its value (a local path) and the flags `leave_out`."""
+    argv = args.argv[args.argv.index(name) + 1 :] if name in args.argv else []
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--config":
+            skip = True
+        elif not a.startswith("--config=") and a not in leave_out:
+            kept.append(a)
+    return " ".join(["nodal", name, *kept])
+
+
+def record(args, settings: Settings, name: str, result: dict) -> None:
     """`--record`: the evaluation's figures into the evaluated model's card."""
     import datetime
 
     from inference.model_store import record_evaluation
 
-    argv = sys.argv[sys.argv.index("evaluate") :] if "evaluate" in sys.argv else ["evaluate"]
-    command = " ".join(["nodal", *(a for a in argv if a != "--record")])  # without --config: a local path
+    command = invocation(args, "evaluate", leave_out=("--record",))
     record_evaluation(settings.inference.model_dir, name, result, command, datetime.date.today().isoformat())
 
 
@@ -671,7 +687,7 @@ def evaluate_data(args, settings: Settings) -> int:
     result = evaluate_dataset(load_model(settings), dataset, args.split, pipeline_settings(settings))
     print(json.dumps(result, indent=None if args.json else 2))
     if args.record:
-        record(settings, f"dataset {args.data.resolve().name}, {result['data']['split']} split", result)
+        record(args, settings, f"dataset {args.data.resolve().name}, {result['data']['split']} split", result)
     return 0
 
 

@@ -13,6 +13,50 @@ class _Stop(Exception):
     pass
 
 
+def test_the_training_command_is_recorded_however_nodal_was_run(tmp_path: Path, monkeypatch) -> None:
+    """`nodal train`, `python -m dicom_node.cli train` and `main([...])` record one command
+    (the card's `training.command`), without the configuration file's local path."""
+    import sys
+
+    import inference.train as train_module
+
+    seen = {}
+
+    def fake_train(out, cfg, data, **kwargs):
+        seen["command"] = kwargs["command"]
+        raise _Stop
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    config = tmp_path / "nodal.yaml"
+    config.write_text("{}\n")
+    out = str(tmp_path / "m")
+    expected = f"nodal train --out {out} --cases 3 --verifier-cases 0"
+    for argv in (
+        ["train", "--out", out, "--cases", "3", "--verifier-cases", "0"],
+        [
+            "--config",
+            str(config),
+            "train",
+            "--out",
+            out,
+            "--cases",
+            "3",
+            "--config",
+            str(config),
+            "--verifier-cases",
+            "0",
+        ],
+    ):
+        for program in ("/usr/local/bin/nodal", "/x/dicom_node/cli.py"):  # the entry point, or -m
+            monkeypatch.setattr(sys, "argv", [program, *argv])
+            with pytest.raises(_Stop):
+                main()
+            assert seen.pop("command") == expected
+        with pytest.raises(_Stop):
+            main(argv)
+        assert seen.pop("command") == expected
+
+
 def test_train_defaults_are_train_configs(tmp_path: Path, monkeypatch) -> None:
     import inference.train as train_module
 
