@@ -381,7 +381,8 @@ def _acquired_at(values: Values) -> float | None:
     """Acquisition DateTime, else Acquisition Date and Time, in seconds (`_acquired`)."""
     at = _datetime(_text(values.get(ACQUISITION_DATETIME)))
     if at is not None:
-        return at  # a malformed one: the Date and Time, if any, say it
+        return at
+    # absent or malformed: the Date and Time, if any, say it
     time_text = _text(values.get(ACQUISITION_TIME)).replace(":", "")  # "10:15:30": before 1993
     if not TIME_RE.match(time_text):
         return None
