@@ -6,7 +6,12 @@ import io
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicom_node.spool.header import InvalidInstanceError, read_dataset_header, read_header
 from tests.helpers.dicom import dataset_and_ts, enhanced_ct, in_syntax, part10
@@ -169,7 +174,10 @@ def test_a_slice_position_is_taken_along_the_normal_of_any_orientation():
     assert [h.extent_mm for h in both(part10(**zero))] == [None, None]
 
 
-@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    "ts",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian],
+)
 def test_an_enhanced_ct_says_its_kernel_thickness_and_the_span_of_its_frames(ts):
     data = enhanced_ct(
         [-100.0, -101.0, -102.5], FrameOfReferenceUID="1.2.3.9", AcquisitionDateTime="20260301101530"
