@@ -558,8 +558,7 @@ def mirror_axes(text: str) -> list[tuple[int, ...]]:
 def cmd_segmenter(args, settings: Settings) -> int:
     from inference.model_store import set_segmenter
 
-    command = f"nodal segmenter --model-dir {args.model_dir} --test-time-flips {args.test_time_flips}"
-    command += f" --version {args.version}" if args.version else ""
+    command = invocation(args, "segmenter")
     try:
         segmenter = set_segmenter(args.model_dir, mirror_axes(args.test_time_flips), args.version, command)
     except ValueError as e:  # a ModelCardError too

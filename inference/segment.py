@@ -31,7 +31,8 @@ def node_probability(
     for axes in flips:
         mirrored = _probability(segmenter, np.flip(image_hu_w, axes), device, roi, overlap, batch_size)
         total += np.flip(mirrored, axes)
-    total /= 1 + len(flips)
+    if flips:
+        total /= 1 + len(flips)
     return total
 
 

@@ -296,14 +296,13 @@ def _extent(values: Values, groups: Dataset | None) -> tuple[float, float] | Non
         )
         along = _along(position, orientation)
         return None if along is None else (along, along)
+    plane = _group_item(groups, "PlaneOrientationSequence")
+    if plane is None:
+        return None
     try:
+        cosines = plane.ImageOrientationPatient
         frames = groups.PerFrameFunctionalGroupsSequence
-        shared = (
-            groups.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in groups else None
-        )
-        where = shared if shared is not None and "PlaneOrientationSequence" in shared else frames[0]
-        orientation = where.PlaneOrientationSequence[0].ImageOrientationPatient
-        positions = [_along(f.PlanePositionSequence[0].ImagePositionPatient, orientation) for f in frames]
+        positions = [_along(f.PlanePositionSequence[0].ImagePositionPatient, cosines) for f in frames]
     except (AttributeError, IndexError, KeyError, TypeError):
         return None
     found = [p for p in positions if p is not None]
@@ -332,17 +331,27 @@ def _group_kernel(groups: Dataset | None) -> str:
     return "" if groups is None else _in_groups(groups, "CTReconstructionSequence", "ConvolutionKernel")
 
 
+def _group_item(groups: Dataset, group: str, keyword: str | None = None) -> Dataset | None:
+    """The item of a functional group (holding `keyword`, where given) in the shared groups,
+    or else in the first frame's; None when neither holds it."""
+    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            item = getattr(groups, name)[0][group].value[0]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            continue
+        if keyword is None or item.get(keyword) not in (None, ""):
+            return item
+    return None
+
+
 def _in_groups(groups: Dataset, group: str, keyword: str) -> str:
     """A value of a functional group, shared or else the first frame's, as text ("" when
     neither holds it)."""
-    for name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        try:
-            value = getattr(groups, name)[0][group].value[0][keyword].value
-        except (AttributeError, IndexError, KeyError, TypeError):
-            continue
-        if value is not None and value != "":
-            return "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
-    return ""
+    item = _group_item(groups, group, keyword)
+    if item is None:
+        return ""
+    value = item[keyword].value
+    return "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
 
 
 def _acquired(values: Values, groups: Dataset | None) -> tuple[float, float] | None:
