@@ -116,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
         help="share of segmenter batches seen as slices 3-5 mm thick would show them",
     )
     c.add_argument(
+        "--augment",
+        type=float,
+        default=None,
+        help="probability of each of nnU-Net's augmentations (rotation and scaling, noise, blur) per "
+        "segmenter item",
+    )
+    c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"
     )
     c.add_argument(
@@ -436,6 +443,7 @@ def cmd_train(args, settings: Settings) -> int:
         mined_share="mined_share",
         node_power="node_power",
         thick_share="thick_share",
+        augment="augment",
         version="version",
         name="name",
     )

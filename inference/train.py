@@ -59,6 +59,7 @@ class TrainConfig:
     hard_share: float = 0.3  # ... on node-like tissue that is not a node
     mined_share: float = 0.0  # ... on the false positives of the `init_from` model (mining)
     thick_share: float = 0.0  # segmenter batches seen as slices 3-5 mm thick would show them
+    augment: float = 0.0  # probability of each of nnU-Net's augmentations per segmenter item (augmenters)
     node_power: float = 1.0  # node patches: node drawn by voxels ** power (1: each voxel alike, 0: each node)
     init_from: str | None = None  # model directory whose weights both networks start from
     fresh_classifier: bool = False  # with init_from: the classifier starts from random weights
@@ -245,6 +246,51 @@ def thick_slices(hu: torch.Tensor, thickness: int, phase: int) -> torch.Tensor:
     return slabs[:, :, lo] * (1 - w) + slabs[:, :, hi] * w
 
 
+def augmenters(p: float, seed: int) -> tuple:
+    """nnU-Net's augmentations of a segmenter item (channel-first HU `hu` and its `mask`),
+    each applied with probability `p`: (spatial, on the stored patch before the crop: rotated
+    up to 30 degrees about each axis and scaled 0.75-1.25, the mask with it; intensity, on the
+    crop: Gaussian noise of sd up to 15 HU, then a blur of sigma 0.5-1 voxel per axis).
+    MONAI's dictionary transforms, their random state from `seed`."""
+    from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandGaussianSmoothd
+
+    spatial = Compose(
+        [
+            RandAffined(
+                keys=("hu", "mask"),
+                prob=p,
+                rotate_range=(math.pi / 6,) * 3,
+                scale_range=(0.25,) * 3,
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            )
+        ]
+    )
+    intensity = Compose(
+        [
+            RandGaussianNoised(keys="hu", prob=p, std=15.0, sample_std=True),
+            RandGaussianSmoothd(
+                keys="hu", prob=p, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)
+            ),
+        ]
+    )
+    spatial.set_random_state(seed=seed)
+    intensity.set_random_state(seed=seed + 1)
+    return spatial, intensity
+
+
+def _each(transform, hu: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`transform` applied to every item of a batch (batch, 1, ...) of CT and mask."""
+    from monai.utils import convert_to_tensor
+
+    out = [transform({"hu": h, "mask": m}) for h, m in zip(hu, mask, strict=True)]
+
+    def stacked(key: str) -> torch.Tensor:
+        return torch.stack([convert_to_tensor(o[key], track_meta=False) for o in out])
+
+    return stacked("hu"), stacked("mask")
+
+
 def train_segmenter(
     cfg: TrainConfig, imgs: np.ndarray, masks: np.ndarray, start: dict | None = None
 ) -> torch.nn.Module:
@@ -259,19 +305,25 @@ def train_segmenter(
         opt, max_lr=cfg.seg_lr, total_steps=cfg.seg_steps, pct_start=0.1
     )
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    augment = augmenters(cfg.augment, cfg.seed) if cfg.augment else None
     net.train()
     t0 = time.time()
     for step in progress(range(cfg.seg_steps), cfg.seg_steps, "segmenter"):
         idx = rng.integers(0, len(imgs), cfg.seg_batch)
         o = rng.integers(0, cfg.patch - cfg.train_crop + 1, 3)
-        crop: tuple[np.ndarray | slice, ...] = (idx, *(slice(a, a + cfg.train_crop) for a in o))
-        hu = torch.from_numpy(imgs[crop].astype(np.float32))[:, None]
+        crop = (slice(None), slice(None), *(slice(a, a + cfg.train_crop) for a in o))
+        hu = torch.from_numpy(imgs[idx].astype(np.float32))[:, None]
+        y = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
+        if augment:
+            hu, y = _each(augment[0], hu, y)
+            hu, y = _each(augment[1], hu[crop], y[crop])
+        else:
+            hu, y = hu[crop], y[crop]
         hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
         if cfg.thick_share and rng.random() < cfg.thick_share:
             thickness = int(rng.integers(3, 6))
             hu = thick_slices(hu, thickness, int(rng.integers(0, thickness)))
         x = normalise(hu)
-        y = torch.from_numpy(masks[crop].astype(np.float32))[:, None]
         both = _flip(torch.cat([x, y], 1), rng)
         x, y = both[:, :1], both[:, 1:]
         opt.zero_grad()
