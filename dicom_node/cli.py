@@ -530,11 +530,7 @@ def cmd_train_checker(args, settings: Settings) -> int:
 def cmd_checker(args, settings: Settings) -> int:
     from inference.model_store import set_checker
 
-    command = f"nodal checker --model-dir {args.model_dir}"
-    command += f" --from {args.source}" if args.source is not None else ""
-    command += f" --threshold {args.threshold}" if args.threshold is not None else ""
-    command += " --without-verifier" if args.without_verifier else ""
-    command += f" --version {args.version}" if args.version else ""
+    command = invocation(args, "checker")
     checker = set_checker(
         args.model_dir, args.threshold, args.without_verifier, args.version, command, args.source
     )
@@ -545,8 +541,7 @@ def cmd_checker(args, settings: Settings) -> int:
 def cmd_classifier(args, settings: Settings) -> int:
     from inference.model_store import set_classifier
 
-    command = f"nodal classifier --model-dir {args.model_dir} --test-time-flips {args.test_time_flips}"
-    command += f" --version {args.version}" if args.version else ""
+    command = invocation(args, "classifier")
     classifier = set_classifier(args.model_dir, args.test_time_flips == "on", args.version, command)
     print(json.dumps({"classifier": classifier}))
     return 0

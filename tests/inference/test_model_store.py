@@ -227,7 +227,15 @@ def test_classifier_mirror_images_are_set_in_the_card_and_drop_the_evaluations(m
 
     assert main(["classifier", "--model-dir", str(model_copy), "--test-time-flips", "on"]) == 0
     entry = read_card(model_copy)["classifier"]
-    assert entry["test_time_flips"] is True and entry["set"]["command"].startswith("nodal classifier")
+    assert entry["test_time_flips"] is True
+    assert entry["set"]["command"] == f"nodal classifier --model-dir {model_copy} --test-time-flips on"
+    config = model_copy.parent / "node.yaml"
+    config.write_text("{}\n")
+    argv = ["--config", str(config), "classifier", "--model-dir", str(model_copy), "--test-time-flips", "off"]
+    assert main([*argv, "--version", "9.9.9"]) == 0  # the config's local path is not recorded
+    assert read_card(model_copy)["classifier"]["set"]["command"] == (
+        f"nodal classifier --model-dir {model_copy} --test-time-flips off --version 9.9.9"
+    )
 
 
 def test_the_pipeline_scores_nodes_over_mirror_images_when_the_card_says_so(model_copy):
