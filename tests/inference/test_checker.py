@@ -271,7 +271,7 @@ def test_nodal_checker_sets_the_threshold_and_lets_the_checker_judge_without_the
     assert "verifier" not in card["weights"] and "verifier" not in card
     assert not (model_dir / "verifier.json").exists()
     assert card["checker"]["threshold"] == 1e-9 and card["checker"]["fit"] == {"threshold": 1.01}
-    assert card["checker"]["set"]["command"].endswith("--threshold 1e-09 --without-verifier --version 9.9.9")
+    assert card["checker"]["set"]["command"].endswith("--threshold 1e-9 --without-verifier --version 9.9.9")
     model = load_model(model_dir, "cpu")
     assert model.verifier is None and model.version == "9.9.9"
     alone = analyse(volume, model)
