@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import monai
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
@@ -246,49 +247,54 @@ def thick_slices(hu: torch.Tensor, thickness: int, phase: int) -> torch.Tensor:
     return slabs[:, :, lo] * (1 - w) + slabs[:, :, hi] * w
 
 
+#: voxels of the crop's own edge replicated around it while it is blurred (MONAI's Gaussian
+#: kernel reaches 4 sigma, sigma at most 1 voxel), so that the blur does not draw in zeros
+BLUR_EDGE = 4
+
+
 def augmenters(p: float, seed: int) -> tuple:
     """nnU-Net's augmentations of a segmenter item (channel-first HU `hu` and its `mask`),
-    each applied with probability `p`: (spatial, on the stored patch before the crop: rotated
-    up to 30 degrees about each axis and scaled 0.75-1.25, the mask with it; intensity, on the
-    crop: Gaussian noise of sd up to 15 HU, then a blur of sigma 0.5-1 voxel per axis).
-    MONAI's dictionary transforms, their random state from `seed`."""
+    a subset of its defaults, each applied with probability `p`: (spatial, on the stored patch
+    before the crop: rotated up to 30 degrees about each axis and its sampling grid scaled
+    by 0.75-1.25 along each axis apart (the CT 0.8-1.33 times its size), the mask with it;
+    intensity, on the crop: Gaussian noise of sd up to 15 HU, then a blur of sigma 0.5-1
+    voxel per axis). MONAI's dictionary transforms, each with a random stream of its own
+    from `seed` (shared with the transform it wraps)."""
     from monai.transforms import Compose, RandAffined, RandGaussianNoised, RandGaussianSmoothd
 
-    spatial = Compose(
-        [
-            RandAffined(
-                keys=("hu", "mask"),
-                prob=p,
-                rotate_range=(math.pi / 6,) * 3,
-                scale_range=(0.25,) * 3,
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            )
-        ]
+    spatial = RandAffined(
+        keys=("hu", "mask"),
+        prob=p,
+        rotate_range=(math.pi / 6,) * 3,
+        scale_range=(0.25,) * 3,
+        mode=("bilinear", "nearest"),
+        padding_mode="border",
     )
-    intensity = Compose(
-        [
-            RandGaussianNoised(keys="hu", prob=p, std=15.0, sample_std=True),
-            RandGaussianSmoothd(
-                keys="hu", prob=p, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)
-            ),
-        ]
-    )
-    spatial.set_random_state(seed=seed)
-    intensity.set_random_state(seed=seed + 1)
+    noise = RandGaussianNoised(keys="hu", prob=p, std=15.0, sample_std=True)
+    blur = RandGaussianSmoothd(keys="hu", prob=p, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0))
+    intensity = Compose([noise, blur])  # (a Compose seeds its transforms when made: set theirs after)
+    for i, transform in enumerate((spatial, noise, blur)):
+        transform.set_random_state(state=np.random.RandomState([seed, i]))
     return spatial, intensity
 
 
-def _each(transform, hu: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`transform` applied to every item of a batch (batch, 1, ...) of CT and mask."""
+def _each(transform, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`transform` applied to every item of the batches (batch, 1, ...) given by key."""
     from monai.utils import convert_to_tensor
 
-    out = [transform({"hu": h, "mask": m}) for h, m in zip(hu, mask, strict=True)]
+    out = [transform(dict(zip(batch, items, strict=True))) for items in zip(*batch.values(), strict=True)]
+    return {key: torch.stack([convert_to_tensor(o[key], track_meta=False) for o in out]) for key in batch}
 
-    def stacked(key: str) -> torch.Tensor:
-        return torch.stack([convert_to_tensor(o[key], track_meta=False) for o in out])
 
-    return stacked("hu"), stacked("mask")
+def augmented(augment: tuple, hu: torch.Tensor, mask: torch.Tensor, crop: tuple) -> tuple:
+    """Stored patches (batch, 1, z, y, x) of CT and mask through `augmenters`: the spatial
+    transform on each patch, then the `crop`, then noise and blur on the crop with its edge
+    replicated `BLUR_EDGE` voxels around it."""
+    moved = _each(augment[0], hu=hu, mask=mask)
+    hu, mask = moved["hu"][crop], moved["mask"][crop]
+    e = BLUR_EDGE
+    padded = torch.nn.functional.pad(hu, (e,) * 6, mode="replicate")
+    return _each(augment[1], hu=padded)["hu"][..., e:-e, e:-e, e:-e], mask
 
 
 def train_segmenter(
@@ -315,8 +321,7 @@ def train_segmenter(
         hu = torch.from_numpy(imgs[idx].astype(np.float32))[:, None]
         y = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
         if augment:
-            hu, y = _each(augment[0], hu, y)
-            hu, y = _each(augment[1], hu[crop], y[crop])
+            hu, y = augmented(augment, hu, y, crop)
         else:
             hu, y = hu[crop], y[crop]
         hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
@@ -478,6 +483,7 @@ def train(
             "initialised_from": parent,
             "config": {k: v for k, v in cfg.__dict__.items()},
             "torch": torch.__version__,
+            "monai": monai.__version__,
         },
     }
     return save_model(out_dir, card, seg, cls)

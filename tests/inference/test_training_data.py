@@ -254,28 +254,51 @@ def test_augmenters_move_the_mask_with_the_image_and_change_only_the_ct_in_inten
     hu[:, :, 12:28, 14:26, 10:30] = 60.0
     mask = (hu > 0).float()
     spatial, intensity = augmenters(1.0, seed=3)
-    moved_hu, moved_mask = _each(spatial, hu, mask)
-    assert moved_hu.shape == hu.shape and moved_mask.shape == mask.shape
-    assert set(moved_mask.unique().tolist()) <= {0.0, 1.0}
-    for h, m, m0 in zip(moved_hu, moved_mask, mask, strict=True):
+    moved = _each(spatial, hu=hu, mask=mask)
+    assert moved["hu"].shape == hu.shape and moved["mask"].shape == mask.shape
+    assert type(moved["hu"]) is torch.Tensor  # not MONAI's MetaTensor
+    assert set(moved["mask"].unique().tolist()) <= {0.0, 1.0}
+    for h, m, m0 in zip(moved["hu"], moved["mask"], mask, strict=True):
         assert not torch.equal(m, m0)  # rotated and scaled
-        assert 0.4 < float(m.sum() / m0.sum()) < 2.5  # scaled by 0.75-1.25 per axis
-        inside = h[m > 0]
-        assert float((inside > 0).float().mean()) > 0.9  # the cube's CT lies under its mask
+        assert 0.4 < float(m.sum() / m0.sum()) < 2.5  # 0.8-1.33 times along each axis
+        assert float((h[m > 0] > 0).float().mean()) > 0.9  # the cube's CT lies under its mask
         assert float((h[m == 0] > 0).float().mean()) < 0.05
-    noisy_hu, same_mask = _each(intensity, hu, mask)
-    assert torch.equal(same_mask, mask) and not torch.equal(noisy_hu, hu)
-    assert float((noisy_hu - hu).abs().mean()) < 40.0
-    off_hu, off_mask = _each(augmenters(0.0, seed=3)[0], hu, mask)
-    assert torch.equal(off_hu, hu) and torch.equal(off_mask, mask)
-    again_hu, again_mask = _each(augmenters(1.0, seed=3)[0], hu, mask)
-    assert torch.equal(again_hu, moved_hu) and torch.equal(again_mask, moved_mask)
+    noisy = _each(intensity, hu=hu, mask=mask)
+    assert torch.equal(noisy["mask"], mask) and not torch.equal(noisy["hu"], hu)
+    assert float((noisy["hu"] - hu).abs().mean()) < 40.0
+    for off in augmenters(0.0, seed=3):
+        unchanged = _each(off, hu=hu, mask=mask)
+        assert torch.equal(unchanged["hu"], hu) and torch.equal(unchanged["mask"], mask)
+    again = _each(augmenters(1.0, seed=3)[0], hu=hu, mask=mask)
+    assert torch.equal(again["hu"], moved["hu"]) and torch.equal(again["mask"], moved["mask"])
 
 
-def test_the_segmenter_trains_the_same_with_augment_off_and_otherwise_with_it():
+def test_an_augmented_crop_is_blurred_without_drawing_zeros_in_at_its_edge():
+    """The blur sees the crop's own edge replicated around it: a crop of fat stays fat up to
+    its faces and corners (blurred against zero padding, its faces would read about -70 HU
+    and its corners -33)."""
+    import torch
+
+    from inference.train import augmented, augmenters
+
+    hu = torch.full((8, 1, 64, 64, 64), -100.0)
+    mask = torch.zeros_like(hu)
+    crop = (slice(None), slice(None), *(slice(8, 56),) * 3)
+    out, out_mask = augmented(augmenters(1.0, seed=5), hu, mask, crop)
+    assert out.shape == (8, 1, 48, 48, 48) and out_mask.shape == out.shape
+    assert not torch.equal(out, hu[crop])  # noise and blur applied
+    for face in (out[..., 0, :, :], out[..., -1, :, :], out[..., :, 0, :], out[..., :, :, -1]):
+        assert float(face.mean()) == pytest.approx(-100.0, abs=3.0)
+    corners = out[..., [0, -1]][..., [0, -1], :][..., [0, -1], :, :]
+    assert float(corners.mean()) == pytest.approx(-100.0, abs=10.0)
+
+
+def test_the_segmenter_trains_as_without_augment_when_nothing_is_drawn_and_otherwise_not():
     """With `--augment` the segmenter's weights differ from a training without it, and both
-    are reproducible from the seed. (Without it the weights are those of the code before the
-    option, checked once by hand: the random draws are made in the same order.)"""
+    are reproducible from the seed; with a probability so small that no augmentation is ever
+    drawn, the augmented path (each item through MONAI, the crop, the replicated edge) gives
+    exactly the weights of the plain one. (Without the option the weights are those of the
+    code before it, checked once by hand: the random draws are made in the same order.)"""
     import numpy as np
     import torch
 
@@ -293,4 +316,5 @@ def test_the_segmenter_trains_the_same_with_augment_off_and_otherwise_with_it():
 
     plain, augmented = weights(0.0), weights(1.0)
     assert torch.equal(plain, weights(0.0)) and torch.equal(augmented, weights(1.0))
+    assert torch.equal(plain, weights(1e-12))
     assert not torch.equal(plain, augmented)
