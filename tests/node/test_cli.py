@@ -80,6 +80,13 @@ def test_train_defaults_are_train_configs(tmp_path: Path, monkeypatch) -> None:
         with pytest.raises(_Stop):
             main(["train", "--out", str(tmp_path / "m"), *flags, "--verifier-cases", "0"])
         assert seen["cfg"] == train_module.TrainConfig(node_power=power)
+    for flags, given in (
+        (["--augment", "0.2"], {"augment": 0.2}),
+        (["--thick-share", "0.25"], {"thick_share": 0.25}),
+    ):
+        with pytest.raises(_Stop):
+            main(["train", "--out", str(tmp_path / "m"), *flags, "--verifier-cases", "0"])
+        assert seen["cfg"] == train_module.TrainConfig(**given)
     seen.clear()
     assert main(["train", "--out", str(tmp_path / "m"), "--mixed", "--variety"]) == 2
     assert main(["train", "--out", str(tmp_path / "m"), "--per-node", "--node-power", "0.5"]) == 2
