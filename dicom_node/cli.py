@@ -119,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         "--augment",
         type=float,
         default=None,
-        help="probability of each of nnU-Net's augmentations (rotation and scaling, noise, blur) per "
-        "segmenter item",
+        help="probability of each of a subset of nnU-Net's augmentations (rotation and scaling, noise, "
+        "blur) per segmenter item",
     )
     c.add_argument(
         "--init-from", type=Path, default=None, help="model directory to continue training from (fine-tuning)"

@@ -317,13 +317,13 @@ def train_segmenter(
     for step in progress(range(cfg.seg_steps), cfg.seg_steps, "segmenter"):
         idx = rng.integers(0, len(imgs), cfg.seg_batch)
         o = rng.integers(0, cfg.patch - cfg.train_crop + 1, 3)
-        crop = (slice(None), slice(None), *(slice(a, a + cfg.train_crop) for a in o))
-        hu = torch.from_numpy(imgs[idx].astype(np.float32))[:, None]
-        y = torch.from_numpy(masks[idx].astype(np.float32))[:, None]
+        window = tuple(slice(a, a + cfg.train_crop) for a in o)
+        # the whole stored patch only where the spatial augmentation needs it
+        picked: tuple[np.ndarray | slice, ...] = (idx,) if augment else (idx, *window)
+        hu = torch.from_numpy(imgs[picked].astype(np.float32))[:, None]
+        y = torch.from_numpy(masks[picked].astype(np.float32))[:, None]
         if augment:
-            hu, y = augmented(augment, hu, y, crop)
-        else:
-            hu, y = hu[crop], y[crop]
+            hu, y = augmented(augment, hu, y, (slice(None), slice(None), *window))
         hu = hu * float(rng.uniform(0.97, 1.03)) + float(rng.normal(0, 8))
         if cfg.thick_share and rng.random() < cfg.thick_share:
             thickness = int(rng.integers(3, 6))
