@@ -224,8 +224,12 @@ def evaluate(
         "family": family,
         "cases": cases,
         "seeds": [seed, seed + cases - 1],
-        # the training generator's revision (`phantoms.REVISION`): one seed, other phantoms
-        **({"generator_revision": phantoms.REVISION} if family in ("train", "variety") else {}),
+        # the training generator's revision (`phantoms.revision`): one seed, other phantoms
+        **(
+            {"generator_revision": phantoms.revision(family == "variety")}
+            if family in ("train", "variety")
+            else {}
+        ),
         **headline,
         "hit_rule": hit_rule(),
         "threshold_baseline": {

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -34,8 +34,13 @@ from scipy import ndimage
 
 #: The generator's revision, part of every cache key of phantom-made samples: 2 paints no
 #: isolated short piece of a tube clipped to its region (`_Canvas.tube`); 3 continues the
-#: pulmonary artery beyond the hilum into the lung (`_lobar_arteries`).
-REVISION = 3
+#: pulmonary artery beyond the hilum into the lung (`_lobar_arteries`); 4 makes each slice of
+#: a domain-randomised phantom the mean of thin sub-slices across its thickness (`slab_count`).
+REVISION = 4
+PLAIN_REVISION = 3  # the last revision that changed a phantom without `variety`
+#: Revision 4: a domain-randomised phantom is painted on sub-slices at most this thick, and
+#: each slice is their mean (a box slice profile, as a CT reconstructs a thick slice).
+SUB_SLICE_MM = 1.0
 MIN_PIECE_DIAMETERS = 3.0  # a tube's piece shorter than this many diameters is a blob, not a tube
 
 #: The pulmonary artery beyond the hilum (revision 3): the interlobar artery, then the upper,
@@ -49,10 +54,22 @@ LOBAR_ARTERIES = (
 )
 
 
-def revision_tag() -> str:
-    """The part of a cache key that names the generator's revision ("" for revision 1, whose
-    recorded cache entries keep their names)."""
-    return "" if REVISION == 1 else f"-r{REVISION}"
+def slab_count(spec: PhantomSpec) -> int:
+    """How many sub-slices make one slice of `spec`: 1 without `variety` (a slice is painted
+    at its centre), else enough for each to be at most `SUB_SLICE_MM` thick."""
+    return max(1, math.ceil(spec.slice_spacing_mm / SUB_SLICE_MM - 1e-9)) if spec.variety else 1
+
+
+def revision(variety: bool) -> int:
+    """The generator's revision that made the phantoms with or without `variety` as they are."""
+    return REVISION if variety else PLAIN_REVISION
+
+
+def revision_tag(variety: bool) -> str:
+    """The part of a cache key that names the generator's revision of the phantoms with or
+    without `variety` ("" for revision 1, whose recorded cache entries keep their names)."""
+    rev = revision(variety)
+    return "" if rev == 1 else f"-r{rev}"
 
 
 # Tissue codes of the label map that the generator keeps beside the image.
@@ -355,7 +372,9 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     else:
         z0 = -height * rng.uniform(0.3, 0.7)
     affine = phantom_affine(spec, z0)
-    cv = _Canvas(spec, affine)
+    n_sub = slab_count(spec)  # painted on n_sub sub-slices per slice, centred in its slab
+    fine = replace(spec, slices=spec.slices * n_sub, slice_spacing_mm=spec.slice_spacing_mm / n_sub)
+    cv = _Canvas(fine, phantom_affine(fine, z0 + (0.5 / n_sub - 0.5) * spec.slice_spacing_mm))
     zlo, zhi = z0 - 30, z0 + height + 30
     phase = str(rng.choice(list(PHASES)))
     phase = phase if spec.phase == "auto" else spec.phase
@@ -467,6 +486,9 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     if hilum is not None:  # painted after the nodes: no random draw and no node moves
         _lobar_arteries(cv, hilum, ven)
 
+    if n_sub > 1:  # each slice the mean of its sub-slices; a node's voxel is its where it fills half
+        cv, labels = _slab_mean(cv, labels, spec, affine, n_sub)
+
     # Texture, partial-volume blur and correlated noise.
     hu = cv.hu
     fat = np.isin(cv.tissue, FAT_CODES)
@@ -476,6 +498,8 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     if extra is not None and extra.random() < VARIETY["metal_share"]:
         _metal_streaks(extra, cv, hu, sy)
     pv = (0.7 / 1.0, 0.6, 0.6) if spec.slice_spacing_mm <= 1.5 else (0.45, 0.6, 0.6)
+    if n_sub > 1:  # the sub-slices' mean is the slice profile
+        pv = (0.0, 0.6, 0.6)
     hu = ndimage.gaussian_filter(hu, pv)
     noise_corr, noise_hu = 0.7, spec.noise_hu
     if extra is not None:  # reconstruction kernel: extra blur or edge enhancement, noise texture
@@ -692,6 +716,28 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
         else:
             near = None
     return nodes
+
+
+def _slab_mean(fine: _Canvas, labels: np.ndarray, spec: PhantomSpec, affine: np.ndarray, n: int):
+    """The canvas of `spec`'s slices from one painted on `n` sub-slices each: the image their
+    mean, the tissue the middle sub-slice's, a node's label where it fills at least half of them."""
+    k, rows, cols = spec.slices, spec.rows, spec.columns
+    cv = _Canvas(spec, affine)
+    cv.hu = fine.hu.reshape(k, n, rows, cols).mean(axis=1, dtype=np.float32)
+    cv.tissue = np.ascontiguousarray(fine.tissue[n // 2 :: n])
+    thick = np.zeros((k, rows, cols), dtype=np.uint8)
+    filled = np.zeros((k, rows, cols), dtype=np.int16)  # sub-slices of the node kept there
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        zs = slice(box[0].start // n, -(-box[0].stop // n))
+        part = labels[zs.start * n : zs.stop * n, box[1], box[2]]
+        count = (part == index).reshape(zs.stop - zs.start, n, *part.shape[1:]).sum(axis=1)
+        where = (zs, box[1], box[2])
+        take = (2 * count >= n) & (count > filled[where])
+        thick[where][take] = index
+        filled[where][take] = count[take]
+    return cv, thick
 
 
 def _touches_edge(sl, shape) -> bool:

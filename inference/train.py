@@ -161,7 +161,7 @@ def collect(cfg: TrainConfig, data_dir: Path | None, cache_dir: Path | None = No
             key += f"-np{cfg.node_power}"
         if cfg.mined_share:  # mined patches depend on the model that made the mistakes
             key += f"-m{cfg.mined_share}-{_parent_segmenter_sha(cfg)[:12]}"
-        key += phantoms.revision_tag()
+        key += phantoms.revision_tag(cfg.variety)
         cache = Path(cache_dir) / f"samples-{key}.pkl"
         if cache.is_file():
             log.info("using cached training samples %s", cache)

@@ -101,11 +101,12 @@ def phantom_parts(
         "checker-1" if CROP_KIND == "candidate" else f"checker-1 {CROP_KIND}"
     )  # the candidate crop's cache stays
     basis = f"{weights['segmenter']['sha256']} {verifier_sha} {version}"
-    key = hashlib.sha256(basis.encode()).hexdigest()[:16] + phantoms.revision_tag()
+    key = hashlib.sha256(basis.encode()).hexdigest()[:16]
     parts = []
     for n in progress(range(cases), cases, "checker phantoms"):
         for variety in (False, True):
-            cached = cache_dir / f"checker-{key}-{seed + n}-{int(variety)}.npz" if cache_dir else None
+            name = f"checker-{key}{phantoms.revision_tag(variety)}-{seed + n}-{int(variety)}.npz"
+            cached = cache_dir / name if cache_dir else None
             if cached is not None and cached.is_file():
                 with np.load(cached) as z:
                     part = Part(seed + n, z["crops"], z["axes_mm"], z["node"], z["kept"])

@@ -153,7 +153,7 @@ def cache_file(cache_dir: Path, model: LoadedModel, seed: int, variety: bool) ->
     the verifier's feature names, so that another segmenter or feature set never reads them."""
     features_key = hashlib.sha256(" ".join(verify.FEATURES).encode()).hexdigest()[:8]
     segmenter = model.card["weights"]["segmenter"]["sha256"][:16]
-    key = f"{segmenter}-{features_key}" + ("-variety" if variety else "") + phantoms.revision_tag()
+    key = f"{segmenter}-{features_key}" + ("-variety" if variety else "") + phantoms.revision_tag(variety)
     return Path(cache_dir) / f"verifier-{key}-{seed}.npz"
 
 

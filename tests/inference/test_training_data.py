@@ -212,7 +212,7 @@ def test_mixed_training_joins_plain_and_variety_samples_each_from_its_own_cache(
     assert labels == [False, True] and scalars == [(1.0, 1.0), (2.0, 2.0)] and len(masks) == 4
     caches = sorted(p.name for p in tmp_path.glob("samples-*.pkl"))
     # the key ends with the generator's revision (phantoms.revision_tag)
-    assert caches == ["samples-s5-n2-p64x48-w1.0-r3.pkl", "samples-s5-n2-p64x48-w1.0-variety-r3.pkl"]
+    assert caches == ["samples-s5-n2-p64x48-w1.0-r3.pkl", "samples-s5-n2-p64x48-w1.0-variety-r4.pkl"]
     # the second run reads both entries back and generates nothing
     again = collect(cfg, None, tmp_path)
     assert made == [False, True] and again[4] == labels
