@@ -60,6 +60,14 @@ def slab_count(spec: PhantomSpec) -> int:
     return max(1, math.ceil(spec.slice_spacing_mm / SUB_SLICE_MM - 1e-9)) if spec.variety else 1
 
 
+def painting_grid(spec: PhantomSpec, z0: float) -> tuple[PhantomSpec, np.ndarray]:
+    """The grid a phantom of `spec` whose first slice is at `z0` is painted on: its slices,
+    or `slab_count` sub-slices per slice, the j-th of slice k at z_k - ss/2 + (j + 1/2) ss/n."""
+    n = slab_count(spec)
+    fine = replace(spec, slices=spec.slices * n, slice_spacing_mm=spec.slice_spacing_mm / n)
+    return fine, phantom_affine(fine, z0 + (0.5 / n - 0.5) * spec.slice_spacing_mm)
+
+
 def revision(variety: bool) -> int:
     """The generator's revision that made the phantoms with or without `variety` as they are."""
     return REVISION if variety else PLAIN_REVISION
@@ -373,8 +381,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
         z0 = -height * rng.uniform(0.3, 0.7)
     affine = phantom_affine(spec, z0)
     n_sub = slab_count(spec)  # painted on n_sub sub-slices per slice, centred in its slab
-    fine = replace(spec, slices=spec.slices * n_sub, slice_spacing_mm=spec.slice_spacing_mm / n_sub)
-    cv = _Canvas(fine, phantom_affine(fine, z0 + (0.5 / n_sub - 0.5) * spec.slice_spacing_mm))
+    cv = _Canvas(*painting_grid(spec, z0))
     zlo, zhi = z0 - 30, z0 + height + 30
     phase = str(rng.choice(list(PHASES)))
     phase = phase if spec.phase == "auto" else spec.phase
@@ -720,7 +727,8 @@ def _place_nodes(rng, cv: _Canvas, labels: np.ndarray, spec: PhantomSpec, node_e
 
 def _slab_mean(fine: _Canvas, labels: np.ndarray, spec: PhantomSpec, affine: np.ndarray, n: int):
     """The canvas of `spec`'s slices from one painted on `n` sub-slices each: the image their
-    mean, the tissue the middle sub-slice's, a node's label where it fills at least half of them."""
+    mean, the tissue the middle sub-slice's (of an even count, the upper of the two), a node's
+    label where it fills at least half of them (of two nodes filling half, the first)."""
     k, rows, cols = spec.slices, spec.rows, spec.columns
     cv = _Canvas(spec, affine)
     cv.hu = fine.hu.reshape(k, n, rows, cols).mean(axis=1, dtype=np.float32)

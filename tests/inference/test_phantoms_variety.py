@@ -59,6 +59,23 @@ def test_a_varied_slice_is_the_mean_of_its_sub_slices():
     assert cv.hu[0, 0, 0] == -100.0
     assert thick[:, 1, 1].tolist() == [1, 0] and not thick[:, 2, 2].any()
     assert cv.tissue[:, 1, 1].tolist() == [phantoms.NODE, phantoms.FAT]  # the middle sub-slice's
+    spec2 = replace(spec, slices=1)
+    fine2 = phantoms._Canvas(replace(spec2, slices=2, slice_spacing_mm=1.5), affine)
+    halves = np.array([1, 2], np.uint8)[:, None, None] * np.ones((2, 4, 4), np.uint8)
+    _, thick2 = phantoms._slab_mean(fine2, halves, spec2, affine, 2)  # two nodes, half each
+    assert (thick2 == 1).all()  # the first keeps the voxel
+
+
+def test_the_sub_slices_are_centred_in_their_slab():
+    spec = replace(TINY, variety=True, slice_spacing_mm=4.5, slices=3)
+    fine, affine = phantoms.painting_grid(spec, 10.0)
+    assert (fine.slices, fine.slice_spacing_mm) == (15, 0.9) and affine[2, 0] == pytest.approx(0.9)
+    z = (affine[2, 3] + np.arange(15) * affine[2, 0]).reshape(3, 5)
+    assert z.mean(axis=1) == pytest.approx([10.0, 14.5, 19.0])  # each slab's mean at its slice
+    assert z[:, 0] == pytest.approx([10.0 - 2.25 + 0.45, 14.5 - 2.25 + 0.45, 19.0 - 2.25 + 0.45])
+    plain, plain_affine = phantoms.painting_grid(replace(spec, variety=False), 10.0)
+    assert plain == replace(spec, variety=False)
+    assert np.array_equal(plain_affine, phantoms.phantom_affine(plain, 10.0))
 
 
 def test_thick_varied_slices_keep_each_node_where_it_is():
