@@ -493,7 +493,7 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     if hilum is not None:  # painted after the nodes: no random draw and no node moves
         _lobar_arteries(cv, hilum, ven)
 
-    if n_sub > 1:  # each slice the mean of its sub-slices; a node's voxel is its where it fills half
+    if n_sub > 1:  # each slice the mean of its sub-slices; a node's voxels where it fills half the slab
         cv, labels = _slab_mean(cv, labels, spec, affine, n_sub)
 
     # Texture, partial-volume blur and correlated noise.
@@ -504,9 +504,9 @@ def generate(seed: int, spec: PhantomSpec | None = None) -> Phantom:
     hu += np.where(lung, 1.0, 0.0) * _smooth_noise(rng, cv.shape, 1.5, 40.0)
     if extra is not None and extra.random() < VARIETY["metal_share"]:
         _metal_streaks(extra, cv, hu, sy)
-    pv = (0.7 / 1.0, 0.6, 0.6) if spec.slice_spacing_mm <= 1.5 else (0.45, 0.6, 0.6)
-    if n_sub > 1:  # the sub-slices' mean is the slice profile
-        pv = (0.0, 0.6, 0.6)
+    # along z: none where the sub-slices' mean is the slice profile
+    pv_z = 0.0 if n_sub > 1 else 0.7 if spec.slice_spacing_mm <= 1.5 else 0.45
+    pv = (pv_z, 0.6, 0.6)
     hu = ndimage.gaussian_filter(hu, pv)
     noise_corr, noise_hu = 0.7, spec.noise_hu
     if extra is not None:  # reconstruction kernel: extra blur or edge enhancement, noise texture
